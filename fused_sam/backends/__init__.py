@@ -1,0 +1,78 @@
+"""Backend registry: resolves ``backend=`` names to one Backend instance per (device, dtype).
+
+Backends are imported lazily, so ``import fused_sam`` never imports Triton or loads the C++ extension.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .base import Backend, Perturbation, Span
+
+__all__ = [
+    "Backend", "BackendUnavailable", "Perturbation", "Span", "BACKEND_NAMES", "available_backends",
+    "resolve_backend",
+]
+
+# name -> (module, class); a backend whose module fails to import is unavailable, with that reason.
+_REGISTRY: Dict[str, Tuple[str, str]] = {
+    "reference": ("fused_sam.backends.reference", "ReferenceBackend"),
+    "triton": ("fused_sam.backends.triton", "TritonBackend"),
+    "native": ("fused_sam.backends.native", "NativeBackend"),
+}
+# Fastest first, per device type; "reference" runs everywhere and ends every list.
+_AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cuda": ("triton", "native", "reference"),
+    "cpu": ("native", "reference"),
+}
+BACKEND_NAMES = ("auto",) + tuple(_REGISTRY)
+
+_instances: Dict[str, Backend] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why."""
+
+
+def _load(name: str) -> Tuple[Optional[Backend], Optional[str]]:
+    if name in _instances:
+        return _instances[name], None
+    module_name, class_name = _REGISTRY[name]
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except Exception as exc:  # an optional dependency missing or broken: report, never crash auto
+        return None, f"{module_name} could not be imported ({type(exc).__name__}: {exc})"
+    _instances[name] = cls()
+    return _instances[name], None
+
+
+def _reason(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[Optional[Backend], Optional[str]]:
+    backend, reason = _load(name)
+    if backend is None:
+        return None, reason
+    reason = backend.unavailable_reason(device, dtype)
+    return (None, reason) if reason else (backend, None)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that runs parameters of ``dtype`` on ``device`` for ``backend=name``."""
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            backend, _ = _reason(candidate, device, dtype)
+            if backend is not None:
+                return backend
+        return _load("reference")[0]
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    backend, reason = _reason(name, device, dtype)
+    if backend is None:
+        raise BackendUnavailable(f"backend {name!r} is unavailable for {dtype} parameters on {device}: {reason}")
+    return backend
+
+
+def available_backends(device="cpu", dtype: torch.dtype = torch.float32) -> List[str]:
+    """Names of the backends that can run ``dtype`` parameters on ``device`` in this environment."""
+    device = torch.device(device)
+    return [name for name in _REGISTRY if _reason(name, device, dtype)[0] is not None]

@@ -1,0 +1,22 @@
+"""The ``fused-sam`` command: ``fused-sam bench`` and ``fused-sam demo``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="fused-sam", description=__doc__)
+    parser.add_argument("command", choices=["bench", "demo"], help="what to run; `fused-sam COMMAND -h` for its options")
+    args, rest = parser.parse_known_args(argv[:1])
+    if args.command == "bench":
+        from .bench.cli import main as run
+    else:
+        from .demo.cli import main as run
+    return run(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Flat storage: the parameters of one param group on one (device, dtype) live in one contiguous buffer.
+
+Each parameter's ``.data`` and ``.grad`` become views into the segment's weight and gradient buffers, so
+the optimizer touches every parameter with one operation over the buffer. Each parameter starts on an
+ALIGN-element boundary (aligned vector loads in kernels); the padding is zero and stays zero. Views keep
+the parameter's strides (channels_last stays channels_last).
+"""
+from __future__ import annotations
+
+from itertools import groupby
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from .backends.base import Span
+
+ALIGN = 16
+
+
+def _padded(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True if ``t`` covers exactly ``t.numel()`` elements of memory, each once (any dim order)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class FlatSegment:
+    """The parameters of one param group that share a device and dtype, with their flat buffers.
+
+    Holds the weight, gradient and backup buffers, the optimizer state buffers (created on first use,
+    in float32, or float64 for float64 parameters) and a per-parameter count of base updates.
+    """
+
+    def __init__(self, group_index: int, params: Sequence[torch.Tensor]):
+        self.group_index = group_index
+        self.params: List[torch.Tensor] = list(params)
+        first = self.params[0]
+        self.device, self.dtype = first.device, first.dtype
+        self.state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.offsets: List[int] = []
+        offset = 0
+        for p in self.params:
+            self.offsets.append(offset)
+            offset += _padded(p.numel())
+        self.numel = offset
+        self.weights = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        self.grads = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        self.backup = torch.empty_like(self.weights)
+        self.state: dict = {}
+        self.steps: List[int] = [0] * len(self.params)
+        self.weight_views = [self._view(self.weights, i) for i in range(len(self.params))]
+        self.grad_views = [self._view(self.grads, i) for i in range(len(self.params))]
+        torch._foreach_copy_(self.weight_views, [p.detach() for p in self.params])
+        existing = [(v, p.grad) for v, p in zip(self.grad_views, self.params) if p.grad is not None]
+        if existing:
+            torch._foreach_copy_([v for v, _ in existing], [g for _, g in existing])
+        for p, w, g in zip(self.params, self.weight_views, self.grad_views):
+            p.data = w
+            if p.grad is not None or p.requires_grad:
+                p.grad = g
+        self.weight_ptrs = [w.data_ptr() for w in self.weight_views]
+        self.grad_ptrs = [g.data_ptr() for g in self.grad_views]
+
+    def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        p = self.params[i]
+        return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + self.offsets[i])
+
+    def _end(self, i: int) -> int:
+        return self.offsets[i] + _padded(self.params[i].numel())
+
+    # --- per-step bookkeeping -------------------------------------------------------------------
+
+    def storage_moved(self) -> Optional[str]:
+        """The name-less description of the first parameter whose storage is no longer our view."""
+        ptrs = [p.data_ptr() for p in self.params]
+        if ptrs == self.weight_ptrs:
+            return None
+        for i, (p, ptr) in enumerate(zip(self.params, self.weight_ptrs)):
+            if p.data_ptr() != ptr:
+                return f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}, now {p.dtype} on {p.device})"
+        return None
+
+    def link_grads(self) -> List[bool]:
+        """Bring every gradient into the flat buffer; return which parameters have one.
+
+        A ``.grad`` replaced by a fresh tensor (``model.zero_grad()``, create_graph, user assignment) is
+        copied into the buffer in one batched copy and the view is linked back.
+        """
+        grads = [p.grad for p in self.params]
+        active = [g is not None for g in grads]
+        stale = [
+            i for i, (g, ptr) in enumerate(zip(grads, self.grad_ptrs))
+            if g is not None and g.data_ptr() != ptr
+        ]
+        if stale:
+            for i in stale:
+                g = grads[i]
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"FusedSAM does not support sparse gradients (parameter {i} of param group {self.group_index})"
+                    )
+                if g.shape != self.params[i].shape or g.dtype != self.dtype or g.device != self.device:
+                    raise RuntimeError(
+                        f"gradient of parameter {i} of param group {self.group_index} has shape {tuple(g.shape)}, "
+                        f"{g.dtype} on {g.device}; expected {tuple(self.params[i].shape)}, {self.dtype} on {self.device}"
+                    )
+            torch._foreach_copy_([self.grad_views[i] for i in stale], [grads[i] for i in stale])
+            for i in stale:
+                self.params[i].grad = self.grad_views[i]
+        return active
+
+    def zero_grad(self) -> None:
+        """Zero the gradient buffer in one operation and (re)link every gradient view."""
+        self.grads.zero_()
+        for p, g, ptr in zip(self.params, self.grad_views, self.grad_ptrs):
+            if p.grad is None:
+                if p.requires_grad:
+                    p.grad = g
+            elif p.grad.data_ptr() != ptr:
+                p.grad = g
+
+    def ensure_state(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in self.state:
+                self.state[name] = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
+
+    def spans(self, active: Sequence[bool]) -> Iterator[tuple]:
+        """Yield (first, stop, Span) for each maximal run of active parameters with equal step counts."""
+        if all(active) and self.steps[0] == self.steps[-1] and len(set(self.steps)) == 1:
+            yield 0, len(self.params), self._span(0, self.numel, self.steps[0])
+            return
+        i = 0
+        for (is_active, step), run in groupby(zip(active, self.steps)):
+            n = sum(1 for _ in run)
+            if is_active:
+                yield i, i + n, self._span(self.offsets[i], self._end(i + n - 1), step)
+            i += n
+
+    def _span(self, start: int, stop: int, step: int) -> Span:
+        return Span(
+            weights=self.weights[start:stop],
+            grads=self.grads[start:stop],
+            backup=self.backup[start:stop],
+            state={name: buf[start:stop] for name, buf in self.state.items()},
+            step=step,
+        )
+
+    # --- state export / import (state_dict, re-layout) ---------------------------------------------
+
+    def export_state(self, i: int) -> dict:
+        """torch.optim-style state of parameter ``i``: cloned tensors shaped like the parameter, and 'step'."""
+        if self.steps[i] == 0:
+            return {}
+        state = {name: self._view(buf, i).clone() for name, buf in self.state.items()}
+        state["step"] = torch.tensor(float(self.steps[i]), dtype=torch.float32)
+        return state
+
+    def import_state(self, i: int, state: dict) -> None:
+        p = self.params[i]
+        for buf in self.state.values():
+            self._view(buf, i).zero_()
+        for name, value in state.items():
+            if name == "step" or value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.numel() != p.numel():
+                raise ValueError(
+                    f"state {name!r} of parameter {i} of param group {self.group_index} does not match its "
+                    f"{p.numel()} elements"
+                )
+            self.ensure_state([name])
+            self._view(self.state[name], i).copy_(value.reshape(p.shape))
+        step = state.get("step", 0)
+        self.steps[i] = int(step.item() if isinstance(step, torch.Tensor) else step)
+        if self.steps[i] == 0 and any(k != "step" and v is not None for k, v in state.items()):
+            self.steps[i] = 1  # a torch.optim.SGD momentum buffer carries no step: it has had one
+
+    def mark_updated(self, first: int, stop: int) -> None:
+        for i in range(first, stop):
+            self.steps[i] += 1
