@@ -97,12 +97,12 @@ class FlatSegment:
         active = [g is not None for g in grads]
         stale = [
             i for i, (g, ptr) in enumerate(zip(grads, self.grad_ptrs))
-            if g is not None and g.data_ptr() != ptr
+            if g is not None and (g.layout != torch.strided or g.data_ptr() != ptr)
         ]
         if stale:
             for i in stale:
                 g = grads[i]
-                if g.is_sparse:
+                if g.layout != torch.strided:
                     raise RuntimeError(
                         f"FusedSAM does not support sparse gradients (parameter {i} of param group {self.group_index})"
                     )
@@ -123,7 +123,7 @@ class FlatSegment:
             if p.grad is None:
                 if p.requires_grad:
                     p.grad = g
-            elif p.grad.data_ptr() != ptr:
+            elif p.grad.layout != torch.strided or p.grad.data_ptr() != ptr:
                 p.grad = g
 
     def ensure_state(self, names: Sequence[str]) -> None:

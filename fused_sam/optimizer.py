@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .backends import BACKEND_NAMES, Perturbation, resolve_backend
+from .backends import Perturbation, check_backend_name, resolve_backend
 from .flat import FlatSegment, is_dense
 from .updates import fused_kind, update_from_group
 
@@ -67,8 +67,7 @@ class FusedSAM(torch.optim.Optimizer):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             hint = " (pass the class, not an instance)" if isinstance(base_optimizer, torch.optim.Optimizer) else ""
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass{hint}, got {base_optimizer!r}")
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+        check_backend_name(backend)
         _check_sam_settings({"rho": rho, "eta": eta}, "constructor")
         if eps is not None and "base_eps" not in base_kwargs and "eps" in inspect.signature(base_optimizer).parameters:
             warnings.warn(
@@ -267,6 +266,8 @@ class FusedSAM(torch.optim.Optimizer):
                     segment.backend.restore(span)
             self.base_optimizer.step()
         self._perturbed = None
+        # What an LR scheduler's wrapper of step() records; users of first/second_step never call step().
+        self._opt_called = self.base_optimizer._opt_called = True
         if zero_grad:
             self.zero_grad()
 

@@ -12,8 +12,8 @@ import torch
 from .base import Backend, Perturbation, Span
 
 __all__ = [
-    "Backend", "BackendUnavailable", "Perturbation", "Span", "BACKEND_NAMES", "available_backends",
-    "resolve_backend",
+    "Backend", "BackendUnavailable", "Perturbation", "Span", "available_backends", "backend_names",
+    "check_backend_name", "resolve_backend",
 ]
 
 # name -> (module, class); a backend whose module fails to import is unavailable, with that reason.
@@ -27,13 +27,21 @@ _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("triton", "native", "reference"),
     "cpu": ("native", "reference"),
 }
-BACKEND_NAMES = ("auto",) + tuple(_REGISTRY)
-
 _instances: Dict[str, Backend] = {}
 
 
 class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why."""
+
+
+def backend_names() -> tuple:
+    """Every name ``backend=`` accepts."""
+    return ("auto",) + tuple(_REGISTRY)
+
+
+def check_backend_name(name) -> None:
+    if name not in backend_names():
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(backend_names())}")
 
 
 def _load(name: str) -> Tuple[Optional[Backend], Optional[str]]:
@@ -64,8 +72,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
             if backend is not None:
                 return backend
         return _load("reference")[0]
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    check_backend_name(name)
     backend, reason = _reason(name, device, dtype)
     if backend is None:
         raise BackendUnavailable(f"backend {name!r} is unavailable for {dtype} parameters on {device}: {reason}")

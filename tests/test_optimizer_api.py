@@ -1,0 +1,338 @@
+"""FusedSAM's contract beyond the math: schedulers, checkpoints, gradients, storage changes, bad input."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fused_sam
+from fused_sam import BackendUnavailable, FusedSAM
+from fused_sam import backends as backend_registry
+from fused_sam.classic import ClassicSAM
+
+from models import batches, loss_of, mlp, sam_train
+from test_optimizer_parity import assert_twins_close
+
+TESTS = os.path.dirname(__file__)
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+
+
+# --- drop-in API ---------------------------------------------------------------------------------
+
+def test_exports_and_shared_param_groups():
+    model = mlp()
+    opt = fused_sam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    assert fused_sam.SAM is FusedSAM
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert isinstance(opt.base_optimizer, torch.optim.SGD)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.param_groups[0]["rho"] == 0.05 and opt.param_groups[0]["momentum"] == 0.9
+    assert opt.backends == {"cpu torch.float32": "reference"} or "cpu torch.float32" in opt.backends
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")  # ClassicSAM's
+@pytest.mark.parametrize("attach_to_base", [False, True])
+def test_lr_scheduler_changes_the_applied_lr(attach_to_base):
+    model = mlp()
+    twin = copy.deepcopy(model)
+    fused = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="reference")
+    classic = ClassicSAM(twin.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(fused.base_optimizer if attach_to_base else fused, 1, gamma=0.5)
+    classic_sched = torch.optim.lr_scheduler.StepLR(classic, 1, gamma=0.5)
+    for step in range(4):
+        sam_train(model, fused, 1, seed=step)
+        sam_train(twin, classic, 1, seed=step)
+        sched.step()
+        classic_sched.step()
+    assert fused.param_groups[0]["lr"] == pytest.approx(0.1 / 16)
+    assert_twins_close(twin, model, torch.float32)
+
+
+def test_tensor_lr_is_accepted():
+    model = mlp()
+    twin = copy.deepcopy(model)
+    fused = FusedSAM(model.parameters(), torch.optim.Adam, lr=torch.tensor(0.01))
+    classic = ClassicSAM(twin.parameters(), torch.optim.Adam, lr=0.01)
+    sam_train(model, fused, 3)
+    sam_train(twin, classic, 3)
+    assert_twins_close(twin, model, torch.float32)
+
+
+def test_sam_eps_and_base_eps_are_kept_apart():
+    model = mlp()
+    with pytest.warns(UserWarning, match="base_eps"):
+        FusedSAM(model.parameters(), torch.optim.Adam, eps=1e-8)
+    opt = FusedSAM(mlp().parameters(), torch.optim.Adam, eps=1e-10, base_eps=1e-6)
+    assert opt.sam_eps == 1e-10 and opt.param_groups[0]["eps"] == 1e-6
+
+
+def test_add_param_group_after_construction():
+    model = mlp()
+    twin = copy.deepcopy(model)
+    fused = FusedSAM(model[0].parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    classic = ClassicSAM(twin[0].parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    for opt, m in ((fused, model), (classic, twin)):
+        opt.add_param_group({"params": list(m[2].parameters()) + list(m[4].parameters()), "lr": 0.05, "rho": 0.1})
+    sam_train(model, fused, 5)
+    sam_train(twin, classic, 5)
+    assert_twins_close(twin, model, torch.float32)
+
+
+# --- gradients and storage -----------------------------------------------------------------------
+
+def test_parameters_and_grads_are_views_into_flat_buffers():
+    model = mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    (segment,) = opt._segments
+    for p, off in zip(model.parameters(), segment.offsets):
+        assert p.data_ptr() == segment.weights.data_ptr() + off * 4
+        assert p.grad.data_ptr() == segment.grads.data_ptr() + off * 4
+        assert off % 16 == 0
+
+
+def test_zero_grad_keeps_views_even_with_set_to_none():
+    model = mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    loss_of(model, *next(batches(model, 1))).backward()
+    grads = [p.grad for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    for p, g in zip(model.parameters(), grads):
+        assert p.grad is g and not p.grad.any()
+
+
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
+def test_replaced_grads_are_gathered(base):
+    """model.zero_grad() sets .grad to None, so autograd allocates fresh tensors every backward."""
+    model = mlp()
+    twin = copy.deepcopy(model)
+    fused = FusedSAM(model.parameters(), base, lr=0.01, weight_decay=1e-2)
+    classic = ClassicSAM(twin.parameters(), base, lr=0.01, weight_decay=1e-2)
+    for m, opt in ((model, fused), (twin, classic)):
+        for x, y in batches(m, 6):
+            m.zero_grad()
+            loss_of(m, x, y).backward()
+            opt.first_step()
+            m.zero_grad()
+            loss_of(m, x, y).backward()
+            opt.second_step()
+    assert_twins_close(twin, model, torch.float32)
+    (segment,) = fused._segments
+    assert all(p.grad.data_ptr() == ptr for p, ptr in zip(model.parameters(), segment.grad_ptrs))
+
+
+def test_moved_parameters_are_reflattened_keeping_state():
+    """model.double() after construction: the next step re-flattens; the result equals a checkpoint move."""
+    model = mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    sam_train(model, opt, 3)
+    twin = copy.deepcopy(model).double()
+    twin_opt = FusedSAM(twin.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    twin_opt.load_state_dict(opt.state_dict())
+    model.double()
+    before = snapshot(model)
+    sam_train(model, opt, 1, dtype=torch.float64)
+    sam_train(twin, twin_opt, 1, dtype=torch.float64)
+    assert opt.backends == {"cpu torch.float64": "reference"}
+    (segment,) = opt._segments
+    assert model[0].weight.data_ptr() == segment.weights.data_ptr()
+    assert not torch.equal(model[0].weight, before["0.weight"]), "the model's new storage was not updated"
+    assert all(s["step"] == 4 for s in opt.state_dict()["state"].values())
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_storage_change_between_first_and_second_step_is_an_error():
+    model = mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = next(batches(model, 1))
+    loss_of(model, x, y).backward()
+    opt.first_step()
+    model[2].weight.data = model[2].weight.data.clone()
+    with pytest.raises(RuntimeError, match="parameter 2 of param group 0.*changed storage"):
+        opt.second_step()
+
+
+# --- the non-finite guard --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_nonfinite_norm_skips_the_perturbation(bad):
+    model = mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = next(batches(model, 1))
+    loss_of(model, x, y).backward()
+    model[2].weight.grad[0, 0] = bad
+    before = snapshot(model)
+    opt.first_step(zero_grad=True)
+    assert_unchanged(model, before)
+    assert opt.nonfinite_steps == 1
+    loss_of(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.state_dict()["sam"]["nonfinite_steps"] == 1
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+RESUME = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from fused_sam import FusedSAM
+    from models import mlp, sam_train
+    model = mlp()
+    model.load_state_dict(torch.load({path!r} + ".model"))
+    opt = FusedSAM(model.parameters(), {base}, **{kwargs!r})
+    opt.load_state_dict(torch.load({path!r} + ".opt"))
+    sam_train(model, opt, 5, seed=2)
+    torch.save(model.state_dict(), {path!r} + ".resumed")
+""")
+
+
+@pytest.mark.parametrize("base, kwargs", [
+    ("torch.optim.SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    ("torch.optim.AdamW", dict(lr=1e-2, amsgrad=True, weight_decay=1e-2)),
+    ("torch.optim.RMSprop", dict(lr=1e-3, momentum=0.5)),
+])
+def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path, base, kwargs):
+    base_cls = eval(base)
+    model = mlp()
+    opt = FusedSAM(model.parameters(), base_cls, **kwargs)
+    sam_train(model, opt, 5, seed=1)
+    path = str(tmp_path / "ckpt")
+    torch.save(model.state_dict(), path + ".model")
+    torch.save(opt.state_dict(), path + ".opt")
+    sam_train(model, opt, 5, seed=2)
+    script = RESUME.format(tests=TESTS, path=path, base=base, kwargs=kwargs)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    resumed = torch.load(path + ".resumed")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, resumed[name]), f"{name} differs after resume"
+
+
+def test_state_dict_is_torch_format_and_loads_into_a_fresh_optimizer():
+    model = mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.Adam, lr=1e-2)
+    sam_train(model, opt, 2)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups", "sam"}
+    assert set(sd["state"][0]) == {"exp_avg", "exp_avg_sq", "step"}
+    assert sd["state"][0]["exp_avg"].shape == model[0].weight.shape
+    assert sd["param_groups"][0]["params"] == list(range(6))
+    other = FusedSAM(mlp(seed=3).parameters(), torch.optim.Adam, lr=5.0)
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["lr"] == 1e-2
+    assert torch.equal(other.state_dict()["state"][4]["exp_avg_sq"], sd["state"][4]["exp_avg_sq"])
+
+
+def test_load_state_dict_rejects_a_different_layout():
+    opt = FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+    with pytest.raises(ValueError, match="param group 0 has 6 parameters, the state dict 5"):
+        opt.load_state_dict(sd)
+
+
+# --- bad input: a clear error and nothing changed --------------------------------------------------
+
+def _construct(params_of, **kwargs):
+    model = mlp()
+    before = snapshot(model)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    return model, before, ptrs, lambda: FusedSAM(params_of(model), **kwargs)
+
+
+@pytest.mark.parametrize("params_of, kwargs, error, match", [
+    (lambda m: [], {}, ValueError, "empty parameter list"),
+    (lambda m: [m[0].weight, m[0].weight], {}, ValueError, "same tensor as parameter 0"),
+    (lambda m: m.parameters(), dict(rho=-0.1), ValueError, "rho must be a non-negative"),
+    (lambda m: [{"params": m.parameters(), "rho": -1}], {}, ValueError, "param group 0"),
+    (lambda m: m.parameters(), dict(eps=0.0), ValueError, "eps must be a positive"),
+    (lambda m: m.parameters(), dict(eta=-1.0), ValueError, "eta must be a non-negative"),
+    (lambda m: m.parameters(), dict(backend="cuda-magic"), ValueError, "unknown backend 'cuda-magic'"),
+    (lambda m: m.parameters(), dict(base_optimizer=object), TypeError, "torch.optim.Optimizer subclass"),
+    (lambda m: m.parameters(), dict(base_optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)),
+     TypeError, "not an instance"),
+    (lambda m: list(m.parameters()) + [torch.zeros(2, dtype=torch.complex64, requires_grad=True)], {}, TypeError,
+     "complex"),
+    (lambda m: list(m.parameters()) + [torch.zeros(2, dtype=torch.int64)], {}, TypeError, "floating-point"),
+    (lambda m: list(m.parameters()) + [torch.zeros(4, 4, requires_grad=True)[:, :2]], {}, ValueError, "dense"),
+    (lambda m: m.parameters(), dict(lr=-1.0), ValueError, "Invalid learning rate"),
+])
+def test_bad_construction_raises_and_changes_nothing(params_of, kwargs, error, match):
+    model, before, ptrs, construct = _construct(params_of, **kwargs)
+    with pytest.raises(error, match=match):
+        construct()
+    assert_unchanged(model, before)
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+
+
+def test_unavailable_backend_says_which_and_why(monkeypatch):
+    monkeypatch.setitem(backend_registry._REGISTRY, "triton", ("fused_sam.no_such_module", "Missing"))
+    monkeypatch.setattr(backend_registry, "_instances", {})
+    model, before, ptrs, construct = _construct(lambda m: m.parameters(), backend="triton")
+    with pytest.raises(BackendUnavailable, match="backend 'triton' is unavailable .* could not be imported"):
+        construct()
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert "triton" not in fused_sam.available_backends("cpu")
+
+
+def test_auto_falls_back_to_reference_without_error(monkeypatch):
+    monkeypatch.setitem(backend_registry._REGISTRY, "native", ("fused_sam.no_such_module", "Missing"))
+    monkeypatch.setattr(backend_registry, "_instances", {})
+    opt = FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, backend="auto")
+    assert opt.backends == {"cpu torch.float32": "reference"}
+
+
+def test_sparse_gradient_raises_and_changes_nothing():
+    """With the flat gradient view linked, autograd accumulates densely; a fresh sparse .grad is refused."""
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = FusedSAM(emb.parameters(), torch.optim.SGD, lr=0.1)
+    emb.zero_grad(set_to_none=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    assert emb.weight.grad.is_sparse
+    before = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.first_step()
+    assert torch.equal(emb.weight, before)
+
+
+def test_call_order_errors():
+    model = mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="second_step\\(\\) called before first_step\\(\\)"):
+        opt.second_step()
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        opt.step()
+    x, y = next(batches(model, 1))
+    loss_of(model, x, y).backward()
+    opt.first_step()
+    perturbed = snapshot(model)
+    with pytest.raises(RuntimeError, match="first_step\\(\\) called twice"):
+        opt.first_step()
+    with pytest.raises(RuntimeError, match="between first_step\\(\\) and second_step\\(\\)"):
+        opt.state_dict()
+    assert_unchanged(model, perturbed)
+
+
+def test_rho_changed_to_negative_at_runtime_is_caught_before_any_change():
+    model = mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    loss_of(model, *next(batches(model, 1))).backward()
+    opt.param_groups[0]["rho"] = -1.0
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="rho must be a non-negative"):
+        opt.first_step()
+    assert_unchanged(model, before)
