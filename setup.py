@@ -1,4 +1,183 @@
-"""Build script: package metadata lives in pyproject.toml; this file adds the optional C++/CUDA extension."""
+"""Build script: package metadata lives in pyproject.toml; this file adds the optional C++/CUDA extension
+``fused_sam._C`` (the "native" backend's operators).
+
+Environment variables:
+  FUSED_SAM_NATIVE=0   build no extension at all (pure-Python install; backends reference/triton only).
+  FUSED_SAM_NATIVE=1   the extension is required: a failed build fails the install.
+  FUSED_SAM_CUDA=0     build the CPU operators only.
+  FUSED_SAM_CUDA=1     the CUDA operators are required: no CUDA build of torch, no nvcc, or a failed
+                       build fails the install.
+  (unset)              CPU operators always; CUDA operators too when torch is a CUDA build and nvcc is
+                       found. A failed build then only warns (first retrying without CUDA), and the package
+                       works without the extension.
+  TORCH_CUDA_ARCH_LIST default "8.0;9.0+PTX".
+  CUDA_HOME / CUDA_PATH  the CUDA toolkit; otherwise found from nvcc on PATH (wrappers are resolved).
+  FUSED_SAM_CPU_ARCH   e.g. "native" to add -march=native to the CPU kernels (not portable; default off).
+  MAX_JOBS             parallel compile jobs (ninja).
+"""
+import copy
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
 from setuptools import setup
 
-setup()
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+
+def _flag(name):
+    """'0', '1' or None (unset/empty) for a FUSED_SAM_* switch."""
+    value = os.environ.get(name, "").strip()
+    if value in ("", "auto"):
+        return None
+    if value not in ("0", "1"):
+        raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+    return value
+
+
+NATIVE = _flag("FUSED_SAM_NATIVE")
+CUDA = _flag("FUSED_SAM_CUDA")
+
+
+def _log(msg):
+    print(f"fused_sam setup: {msg}", file=sys.stderr, flush=True)
+
+
+def _find_cuda_home():
+    """The CUDA toolkit root: $CUDA_HOME/$CUDA_PATH, else the toolkit of the nvcc on PATH.
+
+    torch.utils.cpp_extension takes dirname(dirname(which nvcc)), which is wrong when nvcc is a wrapper
+    script or a symlink (e.g. /usr/local/bin/nvcc); so resolve it here, before cpp_extension is imported.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # nvcc itself knows where it lives: "#$ _HERE_=/usr/local/cuda-13.0/bin"
+            out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+            found = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
+            if found:
+                candidates.append(os.path.dirname(os.path.realpath(found.group(1))))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
+            return home
+    return None
+
+
+def _pip_nvidia_include_dirs():
+    """Include folders of the pip ``nvidia-*`` packages torch depends on (cublas, cusparse, ... headers that
+    a slim toolkit lacks but torch's CUDA headers include), found through the installed ``nvidia``
+    namespace package."""
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return []
+    dirs = []
+    for root in list(getattr(nvidia, "__path__", [])):
+        for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            if os.path.isdir(inc) and inc not in dirs:
+                dirs.append(inc)
+    return dirs
+
+
+def _extensions():
+    if NATIVE == "0":
+        if CUDA == "1":
+            raise SystemExit("FUSED_SAM_NATIVE=0 and FUSED_SAM_CUDA=1 contradict each other")
+        _log("FUSED_SAM_NATIVE=0: building no C++ extension")
+        return [], {}
+    want_cuda = CUDA != "0"
+    if want_cuda and not os.environ.get("CUDA_HOME"):
+        home = _find_cuda_home()
+        if home:
+            os.environ["CUDA_HOME"] = home  # read when torch.utils.cpp_extension is imported
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        if NATIVE == "1" or CUDA == "1":
+            raise SystemExit(f"building fused_sam._C needs torch installed first ({exc}); "
+                             "install with --no-build-isolation")
+        _log(f"torch is not importable ({exc}): building no C++ extension")
+        return [], {}
+
+    cuda_reason = None
+    if CUDA == "0":
+        cuda_reason = "FUSED_SAM_CUDA=0"
+    elif torch.version.cuda is None:
+        cuda_reason = f"torch {torch.__version__} is not a CUDA build"
+    elif cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        cuda_reason = "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    with_cuda = cuda_reason is None
+    if not with_cuda:
+        if CUDA == "1":
+            raise SystemExit(f"FUSED_SAM_CUDA=1 but the CUDA operators cannot be built: {cuda_reason}")
+        _log(f"building the CPU operators only: {cuda_reason}")
+    else:
+        _log(f"building the CPU and CUDA operators (CUDA_HOME={cpp_extension.CUDA_HOME})")
+
+    cxx = ["-O3", "-fno-math-errno"]
+    if os.environ.get("FUSED_SAM_CPU_ARCH"):
+        cxx.append(f"-march={os.environ['FUSED_SAM_CPU_ARCH']}")
+    macros = [("FUSED_SAM_CUDA_REQUIRED", "1" if CUDA == "1" else "0")]
+    sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "cpu_kernels.cpp")]
+    include_dirs = [os.path.join(PACKAGE_DIR, CSRC)]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        _log(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        ext = cpp_extension.CUDAExtension(
+            "fused_sam._C",
+            sources + [os.path.join(CSRC, "cuda_kernels.cu")],
+            include_dirs=include_dirs + _pip_nvidia_include_dirs(),
+            define_macros=macros + [("FUSED_SAM_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "fused_sam._C", sources, include_dirs=include_dirs, define_macros=macros,
+            extra_compile_args={"cxx": cxx},
+        )
+    ext._fused_sam_cuda = with_cuda
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """Builds fused_sam._C; when the extension is optional, a failed build warns instead of failing."""
+
+        def build_extension(self, extension):
+            required = NATIVE == "1" or CUDA == "1"
+            try:
+                return super().build_extension(extension)
+            except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
+                if required:
+                    raise
+                _log(f"WARNING: building {extension.name} failed ({type(exc).__name__}: {exc})")
+                if getattr(extension, "_fused_sam_cuda", False):
+                    _log("retrying with the CPU operators only")
+                    cpu = copy.copy(extension)
+                    cpu.sources = [s for s in extension.sources if not s.endswith(".cu")]
+                    cpu.define_macros = [m for m in extension.define_macros if m[0] != "FUSED_SAM_WITH_CUDA"]
+                    cpu.libraries = [l for l in extension.libraries if "cuda" not in l and l != "cudart"]
+                    cpu._fused_sam_cuda = False
+                    try:
+                        return super().build_extension(cpu)
+                    except Exception as exc2:  # noqa: BLE001
+                        exc = exc2
+                        _log(f"WARNING: the CPU-only build failed too ({type(exc2).__name__}: {exc2})")
+                _log("WARNING: installing without fused_sam._C; backend='native' will say why it is unavailable")
+
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
