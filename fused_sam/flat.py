@@ -44,6 +44,8 @@ class FlatSegment:
         first = self.params[0]
         self.device, self.dtype = first.device, first.dtype
         self.state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        # The layout as built: a later .data assignment may change a parameter's shape or strides.
+        self.layout = [(p.shape, p.stride()) for p in self.params]
         self.offsets: List[int] = []
         offset = 0
         for p in self.params:
@@ -69,11 +71,11 @@ class FlatSegment:
         self.grad_ptrs = [g.data_ptr() for g in self.grad_views]
 
     def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        p = self.params[i]
-        return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + self.offsets[i])
+        shape, stride = self.layout[i]
+        return flat.as_strided(shape, stride, flat.storage_offset() + self.offsets[i])
 
     def _end(self, i: int) -> int:
-        return self.offsets[i] + _padded(self.params[i].numel())
+        return self.offsets[i + 1] if i + 1 < len(self.offsets) else self.numel
 
     # --- per-step bookkeeping -------------------------------------------------------------------
 
@@ -163,19 +165,19 @@ class FlatSegment:
         return state
 
     def import_state(self, i: int, state: dict) -> None:
-        p = self.params[i]
+        shape = self.layout[i][0]
         for buf in self.state.values():
             self._view(buf, i).zero_()
         for name, value in state.items():
             if name == "step" or value is None:
                 continue
-            if not isinstance(value, torch.Tensor) or value.numel() != p.numel():
+            if not isinstance(value, torch.Tensor) or value.shape != shape:
                 raise ValueError(
-                    f"state {name!r} of parameter {i} of param group {self.group_index} does not match its "
-                    f"{p.numel()} elements"
+                    f"state {name!r} of parameter {i} of param group {self.group_index} has shape "
+                    f"{tuple(getattr(value, 'shape', ()))}, the parameter {tuple(shape)}"
                 )
             self.ensure_state([name])
-            self._view(self.state[name], i).copy_(value.reshape(p.shape))
+            self._view(self.state[name], i).copy_(value)
         step = state.get("step", 0)
         self.steps[i] = int(step.item() if isinstance(step, torch.Tensor) else step)
         if self.steps[i] == 0 and any(k != "step" and v is not None for k, v in state.items()):
