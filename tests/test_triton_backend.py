@@ -1,0 +1,300 @@
+"""The triton backend against the reference backend: kernel by kernel (the shared harness) and through the
+optimizer (twin models). Without a GPU the kernels run on CPU tensors in Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py), so sizes stay small; tests/test_triton_gpu.py repeats the
+parity on CUDA tensors."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from backend_harness import (  # noqa: E402
+    PERTURBATIONS, REFERENCE, check_all_ops, check_perturb, check_sq_norm, make_span,
+)
+from models import batches, loss_of, mlp  # noqa: E402
+
+from fused_sam import BackendUnavailable, FusedSAM  # noqa: E402
+from fused_sam.backends import triton as triton_backend  # noqa: E402
+from fused_sam.backends.base import Span  # noqa: E402
+from fused_sam.backends.triton import BLOCK, MAX_PARTIALS, TritonBackend  # noqa: E402
+from fused_sam.updates import SGDUpdate  # noqa: E402
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = "cpu"
+    if TritonBackend.unavailable_reason(torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("no GPU and Triton's interpreter is off (TRITON_INTERPRET != 1)", allow_module_level=True)
+
+BACKEND = TritonBackend()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TWIN_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+# --- availability ---------------------------------------------------------------------------------------
+
+def test_available_for_supported_dtypes():
+    for dtype in DTYPES:
+        assert TritonBackend.unavailable_reason(torch.device(DEVICE), dtype) is None
+
+
+def test_refuses_float64_and_other_devices_with_a_sentence(monkeypatch):
+    reason = TritonBackend.unavailable_reason(torch.device(DEVICE), torch.float64)
+    assert reason and "float64" in reason
+    assert "CUDA" in TritonBackend.unavailable_reason(torch.device("meta"), torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "CUDA" in TritonBackend.unavailable_reason(torch.device("cpu"), torch.float32)
+
+
+def test_optimizer_refuses_float64_by_name():
+    with pytest.raises(BackendUnavailable, match="float64"):
+        FusedSAM(mlp(torch.float64).to(DEVICE).parameters(), torch.optim.SGD, lr=0.1, backend="triton")
+
+
+def meta_span(numel):
+    t = torch.empty(numel, device="meta")
+    return Span(weights=t, grads=t, backup=t)
+
+
+def test_partials_len_is_capped():
+    assert [BACKEND.partials_len(meta_span(n)) for n in (1, BLOCK, BLOCK + 1)] == [1, 1, 2]
+    assert BACKEND.partials_len(meta_span(BLOCK * MAX_PARTIALS * 3)) == MAX_PARTIALS
+
+
+# --- every operation against the reference (shared harness) ---------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, 7, BLOCK - 1, BLOCK + 1])
+def test_all_ops_match_reference(numel, dtype):
+    check_all_ops(BACKEND, numel, dtype, DEVICE)
+
+
+def test_all_ops_match_reference_large_span():
+    """~25 blocks: several programs, a partial last block, grid-stride loops of more than one iteration."""
+    check_all_ops(BACKEND, 100_003, torch.float32, DEVICE)
+
+
+def test_norm_programs_loop_over_several_blocks(monkeypatch):
+    """With the partials cap at 3, each norm and perturb program strides over several blocks."""
+    monkeypatch.setattr(triton_backend, "MAX_PARTIALS", 3)
+    monkeypatch.setattr(triton_backend, "PERTURB_MAX_PROGRAMS", 2)
+    numel = 7 * BLOCK + 5
+    assert BACKEND.partials_len(meta_span(numel)) == 3
+    for k, perturbation in enumerate(PERTURBATIONS):
+        span = make_span(numel, torch.bfloat16, DEVICE, seed=k)
+        check_sq_norm(BACKEND, span, perturbation)
+        partials = torch.empty(3, device=DEVICE)
+        BACKEND.sq_norm_partials(span, perturbation, partials)
+        check_perturb(BACKEND, span, perturbation, partials)
+
+
+# --- the shared partials buffer ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float64], ids=str)
+def test_spans_of_several_dtypes_and_backends_share_one_partials_buffer(buffer_dtype):
+    """Three spans write disjoint slices of one poisoned buffer; each perturb re-reduces all of it."""
+    perturbation = PERTURBATIONS[1]
+    spans = [make_span(2 * BLOCK + 3, torch.float32, DEVICE, seed=1), make_span(BLOCK + 9, torch.bfloat16, DEVICE, seed=2)]
+    other = make_span(100, torch.float16, DEVICE, seed=3)  # its partial comes from the reference backend
+    lens = [BACKEND.partials_len(s) for s in spans]
+    buf = torch.full((sum(lens) + 1 + 2,), math.nan, dtype=buffer_dtype, device=DEVICE)
+    BACKEND.sq_norm_partials(spans[0], perturbation, buf[0:lens[0]])
+    BACKEND.sq_norm_partials(spans[1], perturbation, buf[lens[0]:lens[0] + lens[1]])
+    REFERENCE.sq_norm_partials(other, perturbation, buf[sum(lens):sum(lens) + 1])
+    assert torch.isnan(buf[-2:]).all(), "a span wrote outside its slice"
+    partials = buf[:-2]
+    assert torch.isfinite(partials).all()
+    expected = 0.0
+    for s in spans + [other]:
+        ref = torch.empty(1, dtype=buffer_dtype, device=DEVICE)
+        REFERENCE.sq_norm_partials(s, perturbation, ref)
+        expected += ref.item()
+    assert partials.sum().item() == pytest.approx(expected, rel=1e-5)
+    for s in spans:
+        check_perturb(BACKEND, s, perturbation, partials)
+
+
+def test_harness_catches_an_unwritten_partial():
+    """A backend claiming more partials than it writes leaves NaN poison, which the harness rejects."""
+
+    class Sloppy(TritonBackend):
+        def partials_len(self, span):
+            return super().partials_len(span) + 1
+
+        def sq_norm_partials(self, span, perturbation, out):
+            BACKEND.sq_norm_partials(span, perturbation, out[:-1])
+
+    with pytest.raises(AssertionError, match="unwritten"):
+        check_sq_norm(Sloppy(), make_span(BLOCK + 1, torch.float32, DEVICE), PERTURBATIONS[0])
+
+
+def test_nonfinite_counter_is_incremented_once_per_step():
+    span = make_span(3 * BLOCK, torch.float32, DEVICE)
+    count = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    partials = torch.tensor([1.0, math.inf], device=DEVICE)
+    before = span.weights.clone()
+    for _ in range(2):
+        BACKEND.perturb(span, PERTURBATIONS[0], partials, count)
+    assert count.item() == 2
+    assert torch.equal(span.weights, before) and torch.equal(span.backup, before)
+
+
+# --- through the optimizer ------------------------------------------------------------------------------
+
+BASES = {
+    "sgd-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
+    "sgd-nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+    "adam-amsgrad": (torch.optim.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=1e-3)),
+    "rmsprop-fallback": (torch.optim.RMSprop, dict(lr=1e-3, momentum=0.9)),
+}
+
+
+def train_twins(base, sam_kwargs, steps=4, dtype=torch.float32, make_model=mlp):
+    cls, kwargs = BASES[base]
+    ref_model = make_model(dtype).to(DEVICE)
+    tri_model = copy.deepcopy(ref_model)
+    ref = FusedSAM(ref_model.parameters(), cls, backend="reference", **sam_kwargs, **kwargs)
+    tri = FusedSAM(tri_model.parameters(), cls, backend="triton", **sam_kwargs, **kwargs)
+    assert set(tri.backends.values()) == {"triton"}
+    for model, opt in ((ref_model, ref), (tri_model, tri)):
+        train(model, opt, steps, dtype)
+    return ref_model, tri_model, tri
+
+
+def train(model, opt, steps, dtype):
+    """models.sam_train, with the batches moved to DEVICE."""
+    for x, y in batches(model, steps, dtype):
+        x, y = x.to(DEVICE), y.to(DEVICE)
+        loss_of(model, x, y).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+
+
+def assert_models_close(a, b, **tol):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, **(tol or TWIN_TOL), msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("base", list(BASES))
+def test_twin_mlp_matches_reference_backend(base, adaptive):
+    ref_model, tri_model, tri = train_twins(base, dict(rho=0.05, adaptive=adaptive))
+    assert_models_close(ref_model, tri_model)
+    assert tri.nonfinite_steps == 0
+
+
+@pytest.mark.parametrize("sam_kwargs", [dict(rho=0.5, adaptive=True, eta=0.01), dict(rho=0.05, normalize=False)],
+                         ids=["asam-eta", "usam"])
+def test_twin_mlp_asam_eta_and_usam(sam_kwargs):
+    ref_model, tri_model, _ = train_twins("sgd-momentum", sam_kwargs)
+    assert_models_close(ref_model, tri_model)
+
+
+def test_twin_mlp_bfloat16_parameters():
+    ref_model, tri_model, _ = train_twins("adamw", dict(rho=0.05), steps=3, dtype=torch.bfloat16)
+    assert_models_close(ref_model, tri_model, rtol=1e-2, atol=1e-3)
+
+
+def test_mixed_dtypes_and_param_groups_share_the_norm():
+    """A bfloat16 and a float32 param group (two segments, one partials buffer) and per-group rho."""
+    def build():
+        torch.manual_seed(0)
+        head = torch.nn.Linear(8, 4).to(DEVICE)
+        body = torch.nn.Linear(16, 8).to(DEVICE, torch.bfloat16)
+        return body, head
+
+    def groups(body, head):
+        return [{"params": body.parameters(), "rho": 0.1}, {"params": head.parameters(), "adaptive": True}]
+
+    results = []
+    for backend in ("reference", "triton"):
+        body, head = build()
+        opt = FusedSAM(groups(body, head), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x = torch.randn(4, 16, generator=gen).to(DEVICE, torch.bfloat16)
+            for stage in (opt.first_step, opt.second_step):
+                head(body(x).float()).square().mean().backward()
+                stage(zero_grad=True)
+        results.append([p.detach().float() for p in (*body.parameters(), *head.parameters())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-3)
+
+
+def test_thousand_tiny_tensors_in_many_spans():
+    """1000 tiny parameters; a third lack a gradient on odd steps, so spans split and step counts differ."""
+    torch.manual_seed(0)
+    shapes = [(1,), (3,), (17,), (2, 5)] * 250
+    init = [torch.randn(s) for s in shapes]
+    targets = [torch.randn(s).to(DEVICE) for s in shapes]
+    results = []
+    for backend in ("reference", "triton"):
+        params = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in init]
+        opt = FusedSAM(params, torch.optim.Adam, lr=1e-2, backend=backend)
+        for step in range(3):
+            skip = step % 2 == 1
+            live = [(p, t) for i, (p, t) in enumerate(zip(params, targets)) if not (skip and i % 3 == 0)]
+            for stage in (opt.first_step, opt.second_step):
+                opt.zero_grad()
+                if skip:
+                    for p in params[::3]:
+                        p.grad = None
+                sum(((p - t) ** 2 * p).sum() for p, t in live).backward()
+                stage()
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **TWIN_TOL)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_nonfinite_gradient_skips_the_perturbation_like_the_reference():
+    models, opts = [], []
+    for backend in ("reference", "triton"):
+        model = mlp().to(DEVICE)
+        opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+        x = torch.randn(4, 10, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        model(x).sum().backward()
+        next(model.parameters()).grad[0, 0] = math.inf
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.first_step()
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), backend
+        opt.second_step(zero_grad=True)
+        models.append(model)
+        opts.append(opt)
+    assert [o.nonfinite_steps for o in opts] == [1, 1]
+
+
+def test_two_identical_runs_are_bitwise_identical():
+    runs = []
+    for _ in range(2):
+        _, model, _ = train_twins("sgd-momentum", dict(rho=0.05, adaptive=True), steps=3)
+        runs.append(model.state_dict())
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def test_sgd_first_step_initialises_momentum_to_the_gradient():
+    span = make_span(BLOCK + 1, torch.float32, DEVICE, SGDUpdate(lr=0.1, momentum=0.9), step=0)
+    span.backup.copy_(span.weights)
+    BACKEND.restore_and_update(span, SGDUpdate(lr=0.1, momentum=0.9))
+    assert torch.equal(span.state["momentum_buffer"], span.grads)
+
+
+def test_gpu_bench_script_runs_in_smoke_mode(capsys):
+    """bench/gpu_triton.py --smoke: the GPU benchmark's code paths (parity check, tables) on tiny sizes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_triton.py"
+    spec = importlib.util.spec_from_file_location("gpu_triton_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "parity: triton matches reference" in out and "restore_and_update" in out

@@ -1,0 +1,228 @@
+"""The triton backend on CUDA tensors: harness parity (incl. bfloat16), twin models, determinism, a CUDA
+graph of the SAM step, no recompilation across steps, and a span of more than 2^31 elements. Skipped
+without a GPU (tests/test_triton_backend.py covers the same kernels through Triton's interpreter)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+
+pytestmark = [requires_cuda, pytest.mark.cuda]
+
+triton = pytest.importorskip("triton")
+
+from backend_harness import PERTURBATIONS, REFERENCE, check_all_ops, check_perturb  # noqa: E402
+from models import batches, conv_net, loss_of, mlp  # noqa: E402
+
+from fused_sam import FusedSAM  # noqa: E402
+from fused_sam.backends import triton_kernels  # noqa: E402
+from fused_sam.backends.base import Span  # noqa: E402
+from fused_sam.backends.triton import BLOCK, TritonBackend  # noqa: E402
+from fused_sam.updates import AdamUpdate, SGDUpdate  # noqa: E402
+
+BACKEND = TritonBackend()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CUDA = "cuda"
+
+
+def train(model, opt, steps, dtype=torch.float32, seed=1):
+    for x, y in batches(model, steps, dtype, seed):
+        x, y = x.to(CUDA), y.to(CUDA)
+        loss_of(model, x, y).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+
+
+def twins(make_model, base_cls, base_kwargs, sam_kwargs, steps, dtype=torch.float32):
+    ref_model = make_model(dtype).to(CUDA)
+    tri_model = copy.deepcopy(ref_model)
+    ref = FusedSAM(ref_model.parameters(), base_cls, backend="reference", **sam_kwargs, **base_kwargs)
+    tri = FusedSAM(tri_model.parameters(), base_cls, backend="triton", **sam_kwargs, **base_kwargs)
+    train(ref_model, ref, steps, dtype)
+    train(tri_model, tri, steps, dtype)
+    return ref_model, tri_model, tri
+
+
+def assert_models_close(a, b, **tol):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(y, x, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_picks_triton_on_cuda():
+    opt = FusedSAM(mlp().to(CUDA).parameters(), torch.optim.SGD, lr=0.1)
+    assert set(opt.backends.values()) == {"triton"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, 7, BLOCK - 1, BLOCK + 1, 3 * BLOCK * 512 + 5, (1 << 22) + 3])
+def test_all_ops_match_reference_on_cuda(numel, dtype):
+    check_all_ops(BACKEND, numel, dtype, CUDA)
+
+
+BASES = {
+    "sgd-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
+    "sgd-nesterov-maximize": (torch.optim.SGD, dict(lr=0.01, momentum=0.9, nesterov=True, maximize=True)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+    "adam-amsgrad": (torch.optim.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=1e-3)),
+}
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("base", list(BASES))
+def test_twin_models_match_reference_on_cuda(base, adaptive):
+    cls, kwargs = BASES[base]
+    ref_model, tri_model, tri = twins(mlp, cls, kwargs, dict(rho=0.05, adaptive=adaptive), steps=5)
+    assert_models_close(ref_model, tri_model, rtol=1e-5, atol=1e-6)
+    assert tri.nonfinite_steps == 0
+
+
+@pytest.mark.parametrize("base", ["sgd-momentum", "adamw"])
+def test_twin_bfloat16_models_match_reference_on_cuda(base):
+    cls, kwargs = BASES[base]
+    ref_model, tri_model, _ = twins(mlp, cls, kwargs, dict(rho=0.05), steps=5, dtype=torch.bfloat16)
+    assert_models_close(ref_model, tri_model, rtol=2e-2, atol=1e-3)
+
+
+def test_two_runs_are_bitwise_identical_on_cuda():
+    """An MLP (cuBLAS matmuls are run-to-run deterministic; conv/pool backward need not be)."""
+    runs = []
+    for _ in range(2):
+        _, model, _ = twins(mlp, torch.optim.SGD, dict(lr=0.05, momentum=0.9), dict(rho=0.05, adaptive=True), 5)
+        runs.append(model.state_dict())
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def _compiled_variants():
+    total = 0
+    for name in ("sq_norm_partials_kernel", "perturb_kernel", "sgd_kernel", "adam_kernel", "copy_kernel"):
+        caches = getattr(getattr(triton_kernels, name), "device_caches", None)
+        if caches is None:
+            pytest.skip("this Triton version keeps its kernel cache elsewhere")
+        total += sum(len(entry[0]) for entry in caches.values())
+    return total
+
+
+def test_changing_lr_and_steps_do_not_recompile():
+    model = mlp().to(CUDA)
+    opt = FusedSAM(model.parameters(), torch.optim.AdamW, lr=1e-2, backend="triton")
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.7)
+    train(model, opt, 2)
+    before = _compiled_variants()
+    for _ in range(3):
+        train(model, opt, 1)
+        sched.step()
+    assert _compiled_variants() == before
+
+
+def test_cuda_graph_of_the_sam_step_matches_eager():
+    """Capture first_step + second_step (SGD momentum) after warm-up; replays match an eager twin."""
+    torch.manual_seed(0)
+    model = conv_net().to(CUDA)
+    twin = copy.deepcopy(model)
+    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, rho=0.05, backend="triton")
+    graphed = FusedSAM(model.parameters(), torch.optim.SGD, **kwargs)
+    eager = FusedSAM(twin.parameters(), torch.optim.SGD, **kwargs)
+    params, twin_params = list(model.parameters()), list(twin.parameters())
+    gen = torch.Generator(device=CUDA).manual_seed(1)
+    grads = [[torch.randn(p.shape, device=CUDA, generator=gen) for p in params] for _ in range(8)]
+
+    def set_grads(ps, gs):
+        for p, g in zip(ps, gs):
+            p.grad.copy_(g)  # in place: .grad stays the view into the flat buffer
+
+    def sam_step(opt):
+        opt.first_step()
+        opt.second_step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for gs in grads[:3]:
+            set_grads(params, gs)
+            sam_step(graphed)
+    torch.cuda.current_stream().wait_stream(side)
+    for gs in grads[:3]:
+        set_grads(twin_params, gs)
+        sam_step(eager)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sam_step(graphed)
+    # capturing does not run the step: the graphed model is still where the warm-up left it
+    for gs in grads[3:]:
+        set_grads(params, gs)
+        graph.replay()
+        set_grads(twin_params, gs)
+        sam_step(eager)
+    torch.cuda.synchronize()
+    for p, q in zip(params, twin_params):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert graphed.nonfinite_steps == 0
+
+
+def test_span_longer_than_2_to_the_31_elements():
+    """Every kernel on a float32 span of 2^31 + 2 blocks + 5 elements; the tail (past 2^31) is checked
+    against the reference backend run on that slice."""
+    numel = 2**31 + 2 * BLOCK + 5
+    props = torch.cuda.get_device_properties(0)
+    need = numel * 4 * 4 + (2 << 30)  # w, g, backup, momentum, + slack
+    if props.total_memory < need or torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
+    tail = 3 * BLOCK + 11  # straddles the 2^31 boundary's last blocks
+    try:
+        w = torch.empty(numel, device=CUDA)
+        g = torch.empty(numel, device=CUDA)
+        backup = torch.empty(numel, device=CUDA)
+        buf = torch.zeros(numel, device=CUDA)
+        w.fill_(0.5)
+        g.fill_(1.0)
+        gen = torch.Generator(device=CUDA).manual_seed(0)
+        w[-tail:] = torch.randn(tail, device=CUDA, generator=gen)
+        g[-tail:] = torch.randn(tail, device=CUDA, generator=gen)
+        span = Span(weights=w, grads=g, backup=backup, state={"momentum_buffer": buf}, step=0)
+        perturbation = PERTURBATIONS[0]
+
+        n = BACKEND.partials_len(span)
+        partials = torch.empty(n, device=CUDA)
+        BACKEND.sq_norm_partials(span, perturbation, partials)
+        expected = float(numel - tail) + g[-tail:].double().square().sum().item()
+        assert partials.double().sum().item() == pytest.approx(expected, rel=1e-6)
+
+        tail_span = lambda: Span(weights=w[-tail:].clone(), grads=g[-tail:].clone(),  # noqa: E731
+                                 backup=backup[-tail:].clone(), state={"momentum_buffer": buf[-tail:].clone()}, step=0)
+        ref = tail_span()
+        REFERENCE.perturb(ref, perturbation, partials, None)
+        head_before = w[:BLOCK].clone()
+        BACKEND.perturb(span, perturbation, partials, None)
+        assert torch.equal(backup[-tail:], ref.backup)
+        torch.testing.assert_close(w[-tail:], ref.weights, rtol=2e-6, atol=1e-7)
+        assert not torch.equal(w[:BLOCK], head_before)
+
+        update = SGDUpdate(lr=0.1, momentum=0.9, weight_decay=1e-4)
+        ref = tail_span()
+        REFERENCE.restore_and_update(ref, update)
+        BACKEND.restore_and_update(span, update)
+        torch.testing.assert_close(w[-tail:], ref.weights, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(buf[-tail:], ref.state["momentum_buffer"], rtol=2e-6, atol=1e-7)
+
+        w[-tail:].fill_(float("nan"))
+        BACKEND.restore(span)
+        assert torch.equal(w[-tail:], backup[-tail:])
+    finally:
+        w = g = backup = buf = span = None
+        torch.cuda.empty_cache()
+
+
+def test_adam_on_a_large_bfloat16_span_matches_reference():
+    """A few blocks of bfloat16 Adam with float32 state on the GPU (fast path of the mixed-dtype kernels)."""
+    from backend_harness import check_restore_and_update, make_span
+    update = AdamUpdate(lr=1e-3, weight_decay=1e-2, decoupled=True, amsgrad=True)
+    check_restore_and_update(BACKEND, make_span(5 * BLOCK + 3, torch.bfloat16, CUDA, update, step=7), update)
+    span = make_span(5 * BLOCK + 3, torch.bfloat16, CUDA)
+    partials = torch.rand(1000, device=CUDA, dtype=torch.float64)
+    check_perturb(BACKEND, span, PERTURBATIONS[1], partials)
