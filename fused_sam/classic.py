@@ -25,14 +25,19 @@ class ClassicSAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):
-        with_grad = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         home = self.param_groups[0]["params"][0].device
-        norm = torch.stack([(self._scaled(g, p) * p.grad).norm(p=2).to(home) for g, p in with_grad]).norm(p=2)
-        for group, p in with_grad:
-            scale = group["rho"] / (norm + self.eps) if group["normalize"] else group["rho"]
-            t = self._scaled(group, p)
-            self.state[p]["old_p"] = p.data.clone()
-            p.add_(t * t * p.grad * (scale.to(p) if torch.is_tensor(scale) else scale))
+        norm = torch.stack([
+            (self._scaled(g, p) * p.grad).norm(p=2).to(home)
+            for g in self.param_groups for p in g["params"] if p.grad is not None
+        ]).norm(p=2)
+        for group in self.param_groups:
+            scale = group["rho"] / (norm + self.eps) if group["normalize"] else torch.tensor(group["rho"], dtype=torch.float64)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                t = self._scaled(group, p)
+                self.state[p]["old_p"] = p.data.clone()
+                p.add_(t * t * p.grad * scale.to(p))
         if zero_grad:
             self.zero_grad()
 

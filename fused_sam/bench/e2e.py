@@ -1,0 +1,207 @@
+"""End-to-end training steps on two small real models, with random data of the right shapes.
+
+- ``cnn``: a ResNet-style CNN (3 stages of residual blocks, BatchNorm) on CIFAR-shaped batches
+  (3x32x32, 10 classes), trained with SGD-momentum.
+- ``gpt``: a small GPT-style causal transformer (pre-LayerNorm blocks, tied embeddings) on random
+  tokens, trained with AdamW.
+
+For each model: ``plain`` (the base optimizer alone, fused=True where torch supports it; one forward and
+backward per step), ``classic`` (ClassicSAM) and ``fused`` (FusedSAM, backend="auto"), both with two
+forwards and backwards per step. Reported: steps per second (median step time) and each method's step
+time as a multiple of the plain step; SAM's ideal is just over 2x (two forward/backward passes, plus the
+optimizer work).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..classic import ClassicSAM
+from ..optimizer import FusedSAM
+from .measure import summarize, sync, time_steps
+from .methods import OPTIMIZERS, RHO, base_impl
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (x if self.short is None else self.short(x)))
+
+
+class ResNetCNN(nn.Module):
+    """A ResNet-style CNN for 32x32 images: stem, stages of ``blocks`` residual blocks, pool, linear."""
+
+    def __init__(self, width: int = 32, blocks: int = 1, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for i, cout in enumerate((width, 2 * width, 4 * width)):
+            for b in range(blocks):
+                layers.append(_Block(cin, cout, 2 if (i > 0 and b == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _GPTBlock(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = _Attention(d, heads)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """A GPT-style decoder: token + position embeddings, pre-LN blocks, final LN, tied output layer."""
+
+    def __init__(self, vocab: int = 2048, ctx: int = 128, d: int = 256, layers: int = 4, heads: int = 4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        self.blocks = nn.Sequential(*[_GPTBlock(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.ln(self.blocks(x)) @ self.tok.weight.t()
+
+
+def _configs(device: torch.device, quick: bool) -> Dict[str, dict]:
+    if quick:
+        return {
+            "cnn": dict(model=dict(width=8, blocks=1), batch=4, optimizer="sgd"),
+            "gpt": dict(model=dict(vocab=128, ctx=16, d=32, layers=1, heads=2), batch=2, optimizer="adamw"),
+        }
+    if device.type == "cuda":
+        return {
+            "cnn": dict(model=dict(width=64, blocks=2), batch=256, optimizer="sgd"),
+            "gpt": dict(model=dict(vocab=8192, ctx=256, d=512, layers=6, heads=8), batch=16, optimizer="adamw"),
+        }
+    return {
+        "cnn": dict(model=dict(width=16, blocks=1), batch=32, optimizer="sgd"),
+        "gpt": dict(model=dict(vocab=1024, ctx=64, d=128, layers=2, heads=4), batch=8, optimizer="adamw"),
+    }
+
+
+def _model_and_batch(kind: str, cfg: dict, device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if kind == "cnn":
+        model = ResNetCNN(**cfg["model"]).to(device)
+        x = torch.randn(cfg["batch"], 3, 32, 32, generator=gen, device=device)
+        y = torch.randint(0, 10, (cfg["batch"],), generator=gen, device=device)
+        return model, lambda: F.cross_entropy(model(x), y)
+    m = cfg["model"]
+    model = TinyGPT(**m).to(device)
+    idx = torch.randint(0, m["vocab"], (cfg["batch"], m["ctx"] + 1), generator=gen, device=device)
+    return model, lambda: F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+
+
+def _train_step(method: str, model: nn.Module, loss_fn, opt):
+    if method == "plain":
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    opt.first_step(zero_grad=True)
+    closure()
+    opt.second_step()
+    return loss
+
+
+def run_e2e(device: torch.device, warmup: int, repeats: int, quick: bool = False, progress=None,
+            models: Optional[List[str]] = None) -> List[dict]:
+    configs = _configs(device, quick)
+    models = models or list(configs)
+    plan = [(kind, method) for kind in models for method in ("plain", "classic", "fused")]
+    bar = progress(total=len(plan), desc="end-to-end", unit="run") if progress else None
+    rows = []
+    for kind in models:
+        cfg = configs[kind]
+        base_cls, kwargs = OPTIMIZERS[cfg["optimizer"]]
+        kind_rows = []
+        for method in ("plain", "classic", "fused"):
+            if bar:
+                bar.set_postfix_str(f"{kind} {method}")
+            row = dict(model=kind, method=method, optimizer=cfg["optimizer"], batch=cfg["batch"], error=None)
+            try:
+                model, loss_fn = _model_and_batch(kind, cfg, device)
+                params = [p for p in model.parameters() if p.requires_grad]
+                row["params"] = sum(p.numel() for p in params)
+                if method == "plain":
+                    impl = base_impl(base_cls, device, params[0].dtype)
+                    opt = base_cls(params, **kwargs, **{impl: True})
+                    row["info"] = f"{base_cls.__name__}({impl}=True)"
+                elif method == "classic":
+                    opt = ClassicSAM(params, base_cls, rho=RHO, **kwargs)
+                    row["info"] = "ClassicSAM"
+                else:
+                    opt = FusedSAM(params, base_cls, rho=RHO, **kwargs)
+                    row["info"] = "FusedSAM " + ", ".join(sorted(set(opt.backends.values())))
+                for _ in range(warmup):
+                    _train_step(method, model, loss_fn, opt)
+                sync(device)
+                times = time_steps(lambda: _train_step(method, model, loss_fn, opt), device, repeats)
+                loss = float(_train_step(method, model, loss_fn, opt).detach())
+                row.update(summarize(times), loss=loss, finite=math.isfinite(loss))
+                row["steps_per_s"] = 1e3 / row["median_ms"]
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            kind_rows.append(row)
+            if bar:
+                bar.update(1)
+        plain = next((r for r in kind_rows if r["method"] == "plain" and not r["error"]), None)
+        for r in kind_rows:
+            r["x_plain"] = r["median_ms"] / plain["median_ms"] if plain and not r["error"] else None
+        rows += kind_rows
+    if bar:
+        bar.close()
+    return rows

@@ -1,0 +1,208 @@
+"""Measurements: step timing, copy bandwidth, the minimum-bytes model, launch / op counts, extra memory.
+
+Minimum-bytes model (bytes a SAM step must move at least, per parameter; P = bytes of one parameter
+element, S = bytes of one optimizer-state element):
+
+  first_step   read g for the norm                                       P
+               read w, g; write backup, w (w + e)                         4P
+  second_step  SGD-momentum: read backup, g, buf; write w, buf            3P + 2S
+               AdamW:        read backup, g, m, v; write w, m, v          3P + 4S
+
+  SGD-momentum: 8P + 2S   fp32: 40 B/param    bf16 params, fp32 state: 24   bf16 params and state: 20
+  AdamW:        8P + 4S   fp32: 48 B/param    bf16 params, fp32 state: 32   bf16 params and state: 24
+
+The restore is exact (w comes back from the backup, not w - e), so second_step reads the backup and never
+the perturbed w; the perturbed w is simply overwritten. AdamW's decoupled weight decay scales the restored
+w, so it costs no extra traffic. Scalars (norm, step counts) are ignored. FusedSAM keeps optimizer state in
+float32 for bf16 parameters; torch.optim keeps it in the parameter dtype; each method is charged the
+bytes of its own state dtype.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+def min_bytes_per_param(optimizer: str, param_bytes: int, state_bytes: int) -> int:
+    """The minimum-bytes model above, per parameter element."""
+    first = 5 * param_bytes
+    n_state = {"sgd": 1, "adamw": 2}[optimizer]
+    second = 3 * param_bytes + 2 * n_state * state_bytes
+    return first + second
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CacheFlusher:
+    """Writes a buffer larger than the last-level cache before each timed step, so every method starts
+    cold (as triton.testing.do_bench does). 256 MiB on CUDA, 64 MiB on CPU."""
+
+    def __init__(self, device: torch.device, nbytes: Optional[int] = None):
+        if nbytes is None:
+            nbytes = 256 * 2**20 if device.type == "cuda" else 64 * 2**20
+        self.buf = torch.empty(nbytes // 4, dtype=torch.int32, device=device) if nbytes else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.zero_()
+
+
+def time_steps(step: Callable[[], None], device: torch.device, repeats: int,
+               flush: Optional[CacheFlusher] = None) -> List[float]:
+    """Seconds per call of ``step``, ``repeats`` times: CUDA events on CUDA, perf_counter on CPU."""
+    times = []
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for i in range(repeats):
+            if flush:
+                flush()
+            starts[i].record()
+            step()
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+    else:
+        for _ in range(repeats):
+            if flush:
+                flush()
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: List[float]) -> Dict[str, float]:
+    """median, quartiles, min and max, in milliseconds."""
+    ms = sorted(t * 1e3 for t in times)
+    if len(ms) >= 2:
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = ms[0]
+    return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+            "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
+
+
+def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, repeats: int = 20) -> Dict[str, float]:
+    """Bandwidth of one large tensor copy (bytes read + bytes written per second), median of repeats."""
+    if nbytes is None:
+        nbytes = 1024 * 2**20 if device.type == "cuda" else 128 * 2**20
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    times = time_steps(lambda: dst.copy_(src), device, repeats)
+    med = statistics.median(times)
+    return {"bytes": nbytes, "median_ms": med * 1e3, "gbps": 2 * nbytes / med / 1e9}
+
+
+# --- counting dispatched aten ops, and tracking memory allocated by them --------------------------------
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def _load_mallinfo():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.mallinfo2
+        fn.restype = _MallInfo2
+        fn()
+        return fn
+    except Exception:  # not glibc >= 2.33
+        return None
+
+
+_MALLINFO = _load_mallinfo()
+
+
+def host_bytes_in_use() -> Optional[int]:
+    """Bytes malloc has handed out and not taken back (glibc mallinfo2: uordblks + hblkhd), or None."""
+    if _MALLINFO is None:
+        return None
+    info = _MALLINFO()
+    return info.uordblks + info.hblkhd
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten operations dispatched while active. With ``track_memory`` it also samples the host
+    allocator (glibc mallinfo2) after every op and keeps the peak: the CPU counterpart of
+    torch.cuda.max_memory_allocated, at op granularity (scratch space allocated and freed inside one op
+    is not seen)."""
+
+    def __init__(self, track_memory: bool = False):
+        super().__init__()
+        self.ops = 0
+        self.names: Dict[str, int] = {}
+        self.track = track_memory and _MALLINFO is not None
+        self.start_bytes = host_bytes_in_use() if self.track else None
+        self.peak_bytes = self.start_bytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        name = str(func.overloadpacket)
+        self.names[name] = self.names.get(name, 0) + 1
+        if self.track:
+            self.peak_bytes = max(self.peak_bytes, host_bytes_in_use())
+        return out
+
+    @property
+    def transient_peak_bytes(self) -> Optional[int]:
+        """Peak host bytes in use above the level when counting started (None if not tracked)."""
+        return None if self.start_bytes is None else self.peak_bytes - self.start_bytes
+
+
+def count_ops(step: Callable[[], None], track_memory: bool = False) -> OpCounter:
+    gc.collect()
+    counter = OpCounter(track_memory=track_memory)
+    with counter:
+        step()
+    return counter
+
+
+def count_cuda_kernels(step: Callable[[], None], device: torch.device) -> Dict[str, Optional[int]]:
+    """GPU work of one call of ``step``, from torch.profiler: {'kernels': kernel launches, 'copies': memcpy and
+    memset activities}; None values if the profiler could not count them."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize(device)
+        events = prof.events()
+        gpu = [e.name for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+        copies = sum(1 for n in gpu if n.startswith(("Memcpy", "Memset")))
+        kernels = len(gpu) - copies
+        if not gpu:  # no device events recorded: count the launch calls the host made
+            kernels = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                          "cudaLaunchKernelExC"))
+            copies = sum(1 for e in events if e.name in ("cudaMemcpyAsync", "cudaMemsetAsync"))
+        return {"kernels": kernels or None, "copies": copies}
+    except Exception:
+        return {"kernels": None, "copies": None}
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    seen = {}
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
