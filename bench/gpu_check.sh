@@ -12,23 +12,25 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 status() { printf '%-34s %s\n' "$1" "$2" >>"$OUT/summary.txt"; }
-: >"$OUT/summary.txt"
-
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/summary.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
-    | tee -a "$OUT/gpu.txt"
+    | tee -a "$OUT/summary.txt"
 
+TESTS="tests/test_triton_gpu.py"
 start=$SECONDS
-if FUSED_SAM_CUDA=1 FUSED_SAM_NATIVE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+if [ "${NATIVE:-1}" = 0 ]; then
+    status "build _C (CPU+CUDA ops)" "skipped (NATIVE=0)"
+elif FUSED_SAM_CUDA=1 FUSED_SAM_NATIVE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
     $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
     status "build _C (CPU+CUDA ops)" "ok in $((SECONDS - start)) s"
+    TESTS="$TESTS tests/test_native_gpu.py"
 else
     status "build _C (CPU+CUDA ops)" "FAILED (see build.log)"
     tail -30 "$OUT/build.log"
 fi
 
 start=$SECONDS
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py tests/test_native_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+timeout 300 $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 status "GPU tests" "$(tail -1 "$OUT/gpu_tests.log") ($((SECONDS - start)) s)"
 
 start=$SECONDS
@@ -43,4 +45,4 @@ status "bench/gpu_triton.py" "exit $? ($((SECONDS - start)) s)"
 echo
 echo "===== fused-sam bench ====="; cat "$OUT/bench.txt"
 echo "===== triton operations ====="; tail -25 "$OUT/triton_ops.txt"
-echo "===== summary ====="; cat "$OUT/gpu.txt" "$OUT/summary.txt"
+echo "===== summary ====="; cat "$OUT/summary.txt"
