@@ -7,6 +7,7 @@ the parameter's strides (channels_last stays channels_last).
 """
 from __future__ import annotations
 
+import operator
 from itertools import groupby
 from typing import Iterator, List, Optional, Sequence
 
@@ -15,6 +16,8 @@ import torch
 from .backends.base import Span
 
 ALIGN = 16
+_GRAD = operator.attrgetter("grad")
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _padded(n: int) -> int:
@@ -56,7 +59,9 @@ class FlatSegment:
         self.grads = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         self.backup = torch.empty_like(self.weights)
         self.state: dict = {}
-        self.steps: List[int] = [0] * len(self.params)
+        # Base updates per parameter: one shared count while they agree (the usual case), else a list.
+        self._uniform_step: Optional[int] = 0
+        self._steps: List[int] = []
         self.weight_views = [self._view(self.weights, i) for i in range(len(self.params))]
         self.grad_views = [self._view(self.grads, i) for i in range(len(self.params))]
         torch._foreach_copy_(self.weight_views, [p.detach() for p in self.params])
@@ -81,21 +86,22 @@ class FlatSegment:
 
     def storage_moved(self) -> Optional[str]:
         """The name-less description of the first parameter whose storage is no longer our view."""
-        ptrs = [p.data_ptr() for p in self.params]
-        if ptrs == self.weight_ptrs:
+        if list(map(_DATA_PTR, self.params)) == self.weight_ptrs:
             return None
         for i, (p, ptr) in enumerate(zip(self.params, self.weight_ptrs)):
             if p.data_ptr() != ptr:
                 return f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}, now {p.dtype} on {p.device})"
         return None
 
-    def link_grads(self) -> List[bool]:
-        """Bring every gradient into the flat buffer; return which parameters have one.
+    def link_grads(self) -> Optional[List[bool]]:
+        """Bring every gradient into the flat buffer; return which parameters have one (None: all do).
 
         A ``.grad`` replaced by a fresh tensor (``model.zero_grad()``, create_graph, user assignment) is
         copied into the buffer in one batched copy and the view is linked back.
         """
-        grads = [p.grad for p in self.params]
+        grads = list(map(_GRAD, self.params))
+        if all(map(operator.is_, grads, self.grad_views)):
+            return None
         active = [g is not None for g in grads]
         stale = [
             i for i, (g, ptr) in enumerate(zip(grads, self.grad_ptrs))
@@ -133,13 +139,14 @@ class FlatSegment:
             if name not in self.state:
                 self.state[name] = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
 
-    def spans(self, active: Sequence[bool]) -> Iterator[tuple]:
+    def spans(self, active: Optional[Sequence[bool]]) -> Iterator[tuple]:
         """Yield (first, stop, Span) for each maximal run of active parameters with equal step counts."""
-        if all(active) and self.steps[0] == self.steps[-1] and len(set(self.steps)) == 1:
-            yield 0, len(self.params), self._span(0, self.numel, self.steps[0])
+        if (active is None or all(active)) and self._uniform_step is not None:
+            yield 0, len(self.params), self._span(0, self.numel, self._uniform_step)
             return
+        active = [True] * len(self.params) if active is None else active
         i = 0
-        for (is_active, step), run in groupby(zip(active, self.steps)):
+        for (is_active, step), run in groupby(zip(active, self.steps())):
             n = sum(1 for _ in run)
             if is_active:
                 yield i, i + n, self._span(self.offsets[i], self._end(i + n - 1), step)
@@ -158,10 +165,11 @@ class FlatSegment:
 
     def export_state(self, i: int) -> dict:
         """torch.optim-style state of parameter ``i``: cloned tensors shaped like the parameter, and 'step'."""
-        if self.steps[i] == 0:
+        step = self.step_of(i)
+        if step == 0:
             return {}
         state = {name: self._view(buf, i).clone() for name, buf in self.state.items()}
-        state["step"] = torch.tensor(float(self.steps[i]), dtype=torch.float32)
+        state["step"] = torch.tensor(float(step), dtype=torch.float32)
         return state
 
     def import_state(self, i: int, state: dict) -> None:
@@ -179,10 +187,30 @@ class FlatSegment:
             self.ensure_state([name])
             self._view(self.state[name], i).copy_(value)
         step = state.get("step", 0)
-        self.steps[i] = int(step.item() if isinstance(step, torch.Tensor) else step)
-        if self.steps[i] == 0 and any(k != "step" and v is not None for k, v in state.items()):
-            self.steps[i] = 1  # a torch.optim.SGD momentum buffer carries no step: it has had one
+        step = int(step.item() if isinstance(step, torch.Tensor) else step)
+        if step == 0 and any(k != "step" and v is not None for k, v in state.items()):
+            step = 1  # a torch.optim.SGD momentum buffer carries no step: it has had one
+        steps = self.steps()
+        steps[i] = step
+        self._set_steps(steps)
+
+    # --- step counts -------------------------------------------------------------------------------
+
+    def steps(self) -> List[int]:
+        """A fresh list of every parameter's count of base updates."""
+        return [self._uniform_step] * len(self.params) if self._uniform_step is not None else list(self._steps)
+
+    def step_of(self, i: int) -> int:
+        return self._uniform_step if self._uniform_step is not None else self._steps[i]
+
+    def _set_steps(self, steps: List[int]) -> None:
+        self._uniform_step = steps[0] if len(set(steps)) == 1 else None
+        self._steps = [] if self._uniform_step is not None else steps
 
     def mark_updated(self, first: int, stop: int) -> None:
-        for i in range(first, stop):
-            self.steps[i] += 1
+        if self._uniform_step is not None and (first, stop) == (0, len(self.params)):
+            self._uniform_step += 1
+            return
+        steps = self.steps()
+        steps[first:stop] = [s + 1 for s in steps[first:stop]]
+        self._set_steps(steps)
