@@ -61,14 +61,15 @@ def _find_cuda_home():
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
         try:  # nvcc itself knows where it lives: "#$ _HERE_=/usr/local/cuda-13.0/bin"
-            out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+            out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
             found = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
             if found:
                 candidates.append(os.path.dirname(os.path.realpath(found.group(1))))
         except (OSError, subprocess.SubprocessError):
             pass
     candidates.append("/usr/local/cuda")
-    for home in candidates:
+    for home in dict.fromkeys(candidates):
         if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
             os.path.join(home, "include", "cuda_runtime.h")
         ):
@@ -99,13 +100,14 @@ def _extensions():
         _log("FUSED_SAM_NATIVE=0: building no C++ extension")
         return [], {}
     want_cuda = CUDA != "0"
-    if want_cuda and not os.environ.get("CUDA_HOME"):
-        home = _find_cuda_home()
-        if home:
-            os.environ["CUDA_HOME"] = home  # read when torch.utils.cpp_extension is imported
+    home = _find_cuda_home() if want_cuda else None
+    if home and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = home  # read when torch.utils.cpp_extension is imported
     try:
         import torch
         from torch.utils import cpp_extension
+        if home and cpp_extension.CUDA_HOME != home:  # imported earlier, with its own guess
+            cpp_extension.CUDA_HOME = home
     except ImportError as exc:
         if NATIVE == "1" or CUDA == "1":
             raise SystemExit(f"building fused_sam._C needs torch installed first ({exc}); "
@@ -128,7 +130,7 @@ def _extensions():
     else:
         _log(f"building the CPU and CUDA operators (CUDA_HOME={cpp_extension.CUDA_HOME})")
 
-    cxx = ["-O3", "-fno-math-errno"]
+    cxx = ["-O3", "-fno-wrapv", "-fno-math-errno", "-fno-trapping-math"]
     if os.environ.get("FUSED_SAM_CPU_ARCH"):
         cxx.append(f"-march={os.environ['FUSED_SAM_CPU_ARCH']}")
     macros = [("FUSED_SAM_CUDA_REQUIRED", "1" if CUDA == "1" else "0")]
@@ -151,11 +153,38 @@ def _extensions():
         )
     ext._fused_sam_cuda = with_cuda
 
+    required = NATIVE == "1" or CUDA == "1"
+
+    def cpu_only(extension):
+        """A copy of the extension without its CUDA sources, macro and libraries."""
+        cpu = copy.copy(extension)
+        cpu.sources = [s for s in extension.sources if not s.endswith(".cu")]
+        cpu.define_macros = [m for m in extension.define_macros if m[0] != "FUSED_SAM_WITH_CUDA"]
+        cpu.libraries = [lib for lib in extension.libraries if "cuda" not in lib]
+        cpu.extra_compile_args = copy.deepcopy(extension.extra_compile_args)
+        cpu._fused_sam_cuda = False
+        return cpu
+
     class BuildExt(cpp_extension.BuildExtension):
-        """Builds fused_sam._C; when the extension is optional, a failed build warns instead of failing."""
+        """Builds fused_sam._C; when the extension is optional, a failed build warns instead of failing
+        (after retrying without the CUDA operators)."""
+
+        def build_extensions(self):
+            originals = [copy.copy(e) for e in self.extensions]
+            try:
+                return super().build_extensions()
+            except Exception as exc:  # noqa: BLE001 - torch's pre-build checks (e.g. nvcc/torch CUDA mismatch)
+                if required:
+                    raise
+                _log(f"WARNING: cannot build the CUDA operators ({type(exc).__name__}: {exc}); "
+                     "building the CPU operators only")
+                self.extensions = [cpu_only(e) for e in originals]
+                try:
+                    return super().build_extensions()
+                except Exception as exc2:  # noqa: BLE001
+                    _log(f"WARNING: installing without fused_sam._C ({type(exc2).__name__}: {exc2})")
 
         def build_extension(self, extension):
-            required = NATIVE == "1" or CUDA == "1"
             try:
                 return super().build_extension(extension)
             except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
@@ -164,15 +193,9 @@ def _extensions():
                 _log(f"WARNING: building {extension.name} failed ({type(exc).__name__}: {exc})")
                 if getattr(extension, "_fused_sam_cuda", False):
                     _log("retrying with the CPU operators only")
-                    cpu = copy.copy(extension)
-                    cpu.sources = [s for s in extension.sources if not s.endswith(".cu")]
-                    cpu.define_macros = [m for m in extension.define_macros if m[0] != "FUSED_SAM_WITH_CUDA"]
-                    cpu.libraries = [l for l in extension.libraries if "cuda" not in l and l != "cudart"]
-                    cpu._fused_sam_cuda = False
                     try:
-                        return super().build_extension(cpu)
+                        return super().build_extension(cpu_only(extension))
                     except Exception as exc2:  # noqa: BLE001
-                        exc = exc2
                         _log(f"WARNING: the CPU-only build failed too ({type(exc2).__name__}: {exc2})")
                 _log("WARNING: installing without fused_sam._C; backend='native' will say why it is unavailable")
 

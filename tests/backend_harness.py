@@ -17,10 +17,13 @@ from fused_sam.updates import AdamUpdate, SGDUpdate
 REFERENCE = ReferenceBackend()
 
 # (rtol, atol) per parameter dtype, for weights after one operation. Low-precision weights may differ by
-# one rounding of the final cast when the float32 math differs in its last bits.
+# one rounding of the final cast when the float32 math differs in its last bits. GPU compilers contract
+# w + s * g into one fused multiply-add, which differs from torch's two roundings by an ulp of the e term
+# (up to ~2.4e-7 for the O(1) random data here); where w + e cancels to near zero that ulp is a large
+# relative error, hence the float32 atol. A wrong formula is off by orders of magnitude more.
 TOLERANCE = {
     torch.float64: (1e-12, 1e-14),
-    torch.float32: (2e-6, 1e-7),
+    torch.float32: (2e-6, 1e-6),
     torch.bfloat16: (1e-2, 1e-5),
     torch.float16: (1e-3, 1e-6),
 }

@@ -1,0 +1,167 @@
+"""CPU benchmark of the native backend (not a test): the SAM step against the memory-bandwidth floor.
+
+    python bench/cpu_native.py [--threads N] [--iters N] [--quick]
+
+1. ResNet-50 parameter shapes (161 tensors, 25,557,032 float32 parameters), SGD with momentum: the SAM
+   step without forward/backward (first_step + second_step) for backend native and reference. The floor is
+   40 bytes/param (norm: read g; perturb: read w, g, write backup, w; restore+update: read backup, g, buf,
+   write buf, w) divided by the copy bandwidth measured in this run (a large tensor copy, read + write
+   bytes counted). Target: native within 1.15x of the floor.
+2. 1000 tensors of 1,000 elements: native FusedSAM against the classic per-tensor loop (ClassicSAM).
+   Target: >= 30x faster.
+3. Each native operation alone on the ResNet-50 buffer, against its own byte floor.
+
+Prints a table of medians. Runs in well under two minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from fused_sam import FusedSAM
+from fused_sam.backends.native import NativeBackend
+from fused_sam.classic import ClassicSAM
+
+
+def resnet50_shapes():
+    """torchvision resnet50's parameter shapes, in model order: 161 tensors, 25,557,032 elements."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, inplanes, 1, 1), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            shapes += [(width * 4, width, 1, 1), (width * 4,), (width * 4,)]
+            if b == 0:
+                shapes += [(width * 4, inplanes, 1, 1), (width * 4,), (width * 4,)]
+            inplanes = width * 4
+    shapes += [(1000, 2048), (1000,)]
+    return shapes
+
+
+def make_params(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=gen) * 0.05)
+        p.grad = torch.randn(s, generator=gen) * 1e-3
+        params.append(p)
+    return params
+
+
+def median_time(fn, iters, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(numel=64 * 1024 * 1024, iters=9):
+    """Bytes per second of a large float32 tensor copy, read + write counted."""
+    src = torch.randn(numel)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), iters)
+    return 2 * numel * 4 / t
+
+
+def sam_step(opt):
+    def step():
+        opt.first_step()
+        opt.second_step()
+    return step
+
+
+def make_opt(kind, params):
+    kw = dict(rho=0.05, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    if kind == "classic":
+        return ClassicSAM(params, torch.optim.SGD, **kw)
+    return FusedSAM(params, torch.optim.SGD, backend=kind, **kw)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--iters", type=int, default=25, help="timed iterations per native row (median reported)")
+    ap.add_argument("--quick", action="store_true", help="a few iterations only (smoke run)")
+    args = ap.parse_args(argv)
+    reason = NativeBackend.unavailable_reason(torch.device("cpu"), torch.float32)
+    if reason:
+        print(f"native backend unavailable: {reason}")
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    iters = 3 if args.quick else args.iters
+    t_start = time.perf_counter()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {iters} timed iterations per row")
+
+    bw = copy_bandwidth(iters=5 if args.quick else 9)
+    shapes = resnet50_shapes()
+    n = sum(torch.Size(s).numel() for s in shapes)
+    floor = 40 * n / bw
+    print(f"copy bandwidth {bw / 1e9:.2f} GB/s (read+write); ResNet-50: {len(shapes)} tensors, {n:,} params; "
+          f"floor 40 B/param = {floor * 1e3:.2f} ms")
+
+    rows = []
+    # 1. ResNet-50 SAM step.
+    results = {}
+    for kind in ("native", "reference", "classic"):
+        if kind == "classic" and args.quick:
+            continue
+        opt = make_opt(kind, make_params(shapes))
+        t = median_time(sam_step(opt), max(3, iters // (3 if kind != "native" else 1)))
+        results[kind] = t
+        rows.append((f"resnet50 SAM step, {kind}", t, t / floor))
+        del opt
+
+    # 2. 1000 x 1k tensors, native vs classic.
+    small = [(1000,)] * 1000
+    n_small = 1000 * 1000
+    floor_small = 40 * n_small / bw
+    t_native_small = median_time(sam_step(make_opt("native", make_params(small))), iters * 2)
+    t_classic_small = median_time(sam_step(make_opt("classic", make_params(small))), max(3, iters // 2))
+    rows.append(("1000x1k SAM step, native", t_native_small, t_native_small / floor_small))
+    rows.append(("1000x1k SAM step, classic", t_classic_small, t_classic_small / floor_small))
+
+    # 3. Native operations alone on a ResNet-50-sized flat buffer.
+    ops = torch.ops.fused_sam
+    w, g = torch.randn(n), torch.randn(n)
+    bk, buf = torch.empty(n), torch.zeros(n)
+    partials = torch.empty(NativeBackend().partials_len(type("S", (), {"numel": n, "device": torch.device("cpu")})()))
+    op_rows = [
+        ("op sq_norm_partials", 4, lambda: ops.sq_norm_partials(g, w, False, 0.0, partials)),
+        ("op perturb", 16, lambda: ops.perturb(w, g, bk, partials, None, 0.05, False, 0.0, True, 1e-12)),
+        ("op restore_sgd (momentum)", 20,
+         lambda: ops.restore_sgd(w, bk, g, buf, 0.1, 0.9, 0.0, 5e-4, False, False, False)),
+        ("op restore", 8, lambda: ops.restore(w, bk)),
+    ]
+    for name, bytes_per, fn in op_rows:
+        t = median_time(fn, iters)
+        rows.append((name, t, t / (bytes_per * n / bw)))
+
+    print()
+    print(f"{'case':<32} {'median ms':>10} {'x floor':>8}")
+    print("-" * 52)
+    for name, t, ratio in rows:
+        print(f"{name:<32} {t * 1e3:>10.2f} {ratio:>8.2f}")
+    print()
+    ratio = results["native"] / floor
+    speedup = t_classic_small / t_native_small
+    print(f"ResNet-50 native SAM step: {ratio:.2f}x the 40 B/param floor (target <= 1.15): "
+          f"{'OK' if ratio <= 1.15 else 'MISSED'}")
+    print(f"1000x1k native vs classic: {speedup:.1f}x faster (target >= 30): {'OK' if speedup >= 30 else 'MISSED'}")
+    if "reference" in results:
+        print(f"ResNet-50 native vs reference: {results['reference'] / results['native']:.1f}x faster")
+    print(f"total time {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

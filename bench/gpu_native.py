@@ -1,0 +1,136 @@
+"""GPU benchmark of the native backend (not a test): SAM step time against the copy-bandwidth floor.
+
+    python bench/gpu_native.py [--iters N] [--dtype fp32|bf16]
+
+Cases: ResNet-50 parameter shapes (161 tensors, 25.6M params) and one 100M-element tensor; SGD with
+momentum; the SAM step without forward/backward (first_step + second_step). Methods: FusedSAM with
+backend native and reference, and the classic per-tensor SAM. The floor is the step's bytes (40 per
+float32 parameter: norm reads g; perturb reads w, g and writes backup, w; restore+update reads backup,
+g, buf and writes buf, w; half that for the parameter streams in bf16) over the device copy bandwidth
+measured in the same run (read + write counted). Also times each native operation alone.
+Prints medians (CUDA events). Runs in well under a minute on an H100. Without CUDA it says so and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_native import resnet50_shapes  # noqa: E402
+
+from fused_sam import FusedSAM  # noqa: E402
+from fused_sam.backends.native import NativeBackend  # noqa: E402
+from fused_sam.classic import ClassicSAM  # noqa: E402
+
+
+def cuda_median_ms(fn, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(numel=256 * 1024 * 1024):
+    src = torch.randn(numel, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_median_ms(lambda: dst.copy_(src), 20)
+    del src, dst
+    return 2 * numel * 4 / (ms / 1e3)
+
+
+def make_params(shapes, dtype):
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype) * 0.05)
+        p.grad = torch.randn(s, device="cuda", dtype=dtype) * 1e-3
+        params.append(p)
+    return params
+
+
+def make_opt(kind, params):
+    kw = dict(rho=0.05, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    if kind == "classic":
+        return ClassicSAM(params, torch.optim.SGD, **kw)
+    return FusedSAM(params, torch.optim.SGD, backend=kind, **kw)
+
+
+def step_fn(opt):
+    def step():
+        opt.first_step()
+        opt.second_step()
+    return step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_native.py needs a CUDA GPU; none is available here (nothing measured)")
+        return 0
+    reason = NativeBackend.unavailable_reason(torch.device("cuda"), torch.float32)
+    if reason:
+        print(f"native CUDA kernels unavailable: {reason}")
+        return 1
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    t0 = time.perf_counter()
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s "
+          f"(read+write), parameters {dtype}")
+    pbytes = torch.tensor([], dtype=dtype).element_size()
+    bytes_per_param = 8 * pbytes + 8  # 8 parameter-dtype streams + momentum read/write in float32
+
+    cases = [("resnet50", resnet50_shapes()), ("single100m", [(100_000_000,)])]
+    rows = []
+    for case, shapes in cases:
+        n = sum(torch.Size(s).numel() for s in shapes)
+        floor_ms = bytes_per_param * n / bw * 1e3
+        for kind in ("native", "reference", "classic"):
+            opt = make_opt(kind, make_params(shapes, dtype))
+            ms = cuda_median_ms(step_fn(opt), args.iters if kind != "classic" else max(5, args.iters // 3))
+            rows.append((f"{case} {kind}", ms, floor_ms / ms * 100))
+            del opt
+            torch.cuda.empty_cache()
+        # each native op alone on this case's flat size
+        ops = torch.ops.fused_sam
+        w = torch.randn(n, device="cuda", dtype=dtype)
+        g, bk = torch.randn_like(w), torch.empty_like(w)
+        buf = torch.zeros(n, device="cuda")
+        partials = torch.empty(NativeBackend().partials_len(type("S", (), {"numel": n, "device": w.device})()),
+                               device="cuda")
+        for name, nbytes, fn in (
+            ("sq_norm_partials", pbytes, lambda: ops.sq_norm_partials(g, w, False, 0.0, partials)),
+            ("perturb", 4 * pbytes, lambda: ops.perturb(w, g, bk, partials, None, 0.05, False, 0.0, True, 1e-12)),
+            ("restore_sgd", 3 * pbytes + 8,
+             lambda: ops.restore_sgd(w, bk, g, buf, 0.1, 0.9, 0.0, 5e-4, False, False, False)),
+        ):
+            ms = cuda_median_ms(fn, args.iters)
+            rows.append((f"{case} op {name}", ms, nbytes * n / bw * 1e3 / ms * 100))
+        del w, g, bk, buf
+        torch.cuda.empty_cache()
+
+    print()
+    print(f"{'case':<34} {'median ms':>10} {'% of copy BW':>13}")
+    print("-" * 59)
+    for name, ms, pct in rows:
+        print(f"{name:<34} {ms:>10.3f} {pct:>12.0f}%")
+    print(f"\ntotal time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

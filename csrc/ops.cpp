@@ -1,0 +1,101 @@
+// ops.cpp: the fused_sam operator schemas, their Meta (fake-tensor) implementations, and the Python module
+// fused_sam._C (importing it registers the operators with the dispatcher).
+//
+// Every operator mutates flat 1-D buffers in place and returns nothing; mutated arguments carry alias
+// annotations (Tensor(a!)) so functionalization (torch.compile) and torch.library.opcheck see the
+// mutation. CPU implementations: cpu_kernels.cpp; CUDA: cuda_kernels.cu.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "fused_sam_math.h"
+#include "op_checks.h"
+
+namespace fused_sam {
+namespace {
+
+// Meta kernels check what can be checked without data and write nothing (the ops return nothing).
+void sq_norm_partials_meta(const at::Tensor& grads, const at::Tensor& weights, bool, double,
+                           const at::Tensor& out) {
+  check_sq_norm_args(grads, weights, out, -1);
+}
+
+void perturb_meta(const at::Tensor& weights, const at::Tensor& grads, const at::Tensor& backup,
+                  const std::optional<at::Tensor>& partials, const std::optional<at::Tensor>& nonfinite_count,
+                  double, bool, double, bool, double) {
+  check_perturb_args(weights, grads, backup, partials, nonfinite_count);
+}
+
+void restore_meta(const at::Tensor& weights, const at::Tensor& backup) { check_restore_args(weights, backup); }
+
+void restore_sgd_meta(const at::Tensor& weights, const at::Tensor& backup, const at::Tensor& grads,
+                      const std::optional<at::Tensor>& momentum_buffer, double, double momentum, double, double,
+                      bool, bool, bool) {
+  check_sgd_args(weights, backup, grads, momentum_buffer, momentum);
+}
+
+void restore_adam_meta(const at::Tensor& weights, const at::Tensor& backup, const at::Tensor& grads,
+                       const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                       const std::optional<at::Tensor>& max_exp_avg_sq, double, double, double, double, double,
+                       bool, bool, double, double) {
+  check_adam_args(weights, backup, grads, exp_avg, exp_avg_sq, max_exp_avg_sq);
+}
+
+}  // namespace
+}  // namespace fused_sam
+
+TORCH_LIBRARY(fused_sam, m) {
+  m.def(
+      "sq_norm_partials(Tensor grads, Tensor weights, bool adaptive, float eta, Tensor(a!) out) -> ()");
+  m.def(
+      "perturb(Tensor(a!) weights, Tensor grads, Tensor(b!) backup, Tensor? partials, "
+      "Tensor(c!)? nonfinite_count, float rho, bool adaptive, float eta, bool normalize, float eps) -> ()");
+  m.def("restore(Tensor(a!) weights, Tensor backup) -> ()");
+  m.def(
+      "restore_sgd(Tensor(a!) weights, Tensor backup, Tensor grads, Tensor(b!)? momentum_buffer, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
+  m.def(
+      "restore_adam(Tensor(a!) weights, Tensor backup, Tensor grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? max_exp_avg_sq, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled, bool maximize, float step_size, float bias_correction2_sqrt) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fused_sam, Meta, m) {
+  m.impl("sq_norm_partials", &fused_sam::sq_norm_partials_meta);
+  m.impl("perturb", &fused_sam::perturb_meta);
+  m.impl("restore", &fused_sam::restore_meta);
+  m.impl("restore_sgd", &fused_sam::restore_sgd_meta);
+  m.impl("restore_adam", &fused_sam::restore_adam_meta);
+}
+
+// --- the Python module ------------------------------------------------------------------------------------
+
+#ifndef FUSED_SAM_WITH_CUDA
+#define FUSED_SAM_WITH_CUDA 0
+#endif
+#ifndef FUSED_SAM_CUDA_REQUIRED
+#define FUSED_SAM_CUDA_REQUIRED 0
+#endif
+
+static struct PyModuleDef fused_sam_module = {
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "fused_sam's compiled operators (torch.ops.fused_sam.*), registered on import.",
+    -1,
+    nullptr,
+};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&fused_sam_module);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(m, "CPU_NORM_CHUNK", fused_sam::CPU_NORM_CHUNK) < 0 ||
+      PyModule_AddIntConstant(m, "CPU_STREAM_MIN_ELEMS", fused_sam::CPU_STREAM_MIN_ELEMS) < 0 ||
+      PyModule_AddIntConstant(m, "CUDA_NORM_BLOCK_ELEMS", fused_sam::CUDA_NORM_BLOCK_ELEMS) < 0 ||
+      PyModule_AddIntConstant(m, "CUDA_NORM_MAX_BLOCKS", fused_sam::CUDA_NORM_MAX_BLOCKS) < 0 ||
+      PyModule_AddIntConstant(m, "WITH_CUDA", FUSED_SAM_WITH_CUDA) < 0 ||
+      PyModule_AddIntConstant(m, "CUDA_REQUIRED_AT_BUILD", FUSED_SAM_CUDA_REQUIRED) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -1,0 +1,113 @@
+"""The native backend: the SAM step's arithmetic as compiled C++/CUDA operators (``torch.ops.fused_sam``).
+
+The operators live in the optional extension ``fused_sam._C`` (built by setup.py from csrc/), registered
+with the dispatcher for CPU and, when built with CUDA, for CUDA devices. Each method below is one operator
+call, one pass over the span. Without the extension the backend is unavailable and says why.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..updates import AdamUpdate, SGDUpdate
+from .base import Backend, Perturbation, Span
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+try:
+    from .. import _C  # registers torch.ops.fused_sam.*
+except Exception as exc:  # not built, or built against another torch: the package works without it
+    _C = None
+    _IMPORT_ERROR: Optional[str] = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = None
+    # The overloads themselves: calling them skips the packet's overload resolution on every call.
+    _sq_norm_partials = torch.ops.fused_sam.sq_norm_partials.default
+    _perturb = torch.ops.fused_sam.perturb.default
+    _restore = torch.ops.fused_sam.restore.default
+    _restore_sgd = torch.ops.fused_sam.restore_sgd.default
+    _restore_adam = torch.ops.fused_sam.restore_adam.default
+
+
+def extension_unavailable_reason() -> Optional[str]:
+    """None if fused_sam._C is loaded, else why not."""
+    if _C is None:
+        return (
+            f"the compiled extension fused_sam._C could not be loaded ({_IMPORT_ERROR}); "
+            "reinstall fused_sam with a C++ compiler available (pip install --no-build-isolation .)"
+        )
+    return None
+
+
+def has_cuda_kernels() -> bool:
+    return _C is not None and bool(_C.WITH_CUDA)
+
+
+class NativeBackend(Backend):
+    name = "native"
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        reason = extension_unavailable_reason()
+        if reason:
+            return reason
+        device = torch.device(device)
+        if dtype not in _SUPPORTED_DTYPES:
+            return f"the native kernels support float32, float64, bfloat16 and float16 parameters, not {dtype}"
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda":
+            if not _C.WITH_CUDA:
+                return (
+                    "fused_sam._C was built without CUDA kernels (torch without CUDA or no nvcc at build time, "
+                    "or FUSED_SAM_CUDA=0); rebuild with FUSED_SAM_CUDA=1 to get them"
+                )
+            return None
+        return f"the native kernels run on CPU and CUDA devices, not {device.type}"
+
+    def partials_len(self, span: Span) -> int:
+        n = span.numel
+        if span.device.type == "cuda":
+            blocks = -(-n // _C.CUDA_NORM_BLOCK_ELEMS)
+            return max(1, min(blocks, _C.CUDA_NORM_MAX_BLOCKS))
+        return max(1, -(-n // _C.CPU_NORM_CHUNK))
+
+    def sq_norm_partials(self, span: Span, perturbation: Perturbation, out: torch.Tensor) -> None:
+        _sq_norm_partials(span.grads, span.weights, perturbation.adaptive, perturbation.eta, out)
+
+    def perturb(
+        self,
+        span: Span,
+        perturbation: Perturbation,
+        partials: Optional[torch.Tensor],
+        nonfinite_count: Optional[torch.Tensor],
+    ) -> None:
+        _perturb(
+            span.weights, span.grads, span.backup, partials, nonfinite_count if partials is not None else None,
+            perturbation.rho, perturbation.adaptive, perturbation.eta, perturbation.normalize, perturbation.eps,
+        )
+
+    def restore(self, span: Span) -> None:
+        _restore(span.weights, span.backup)
+
+    def restore_and_update(self, span: Span, update) -> None:
+        if isinstance(update, SGDUpdate):
+            _restore_sgd(
+                span.weights, span.backup, span.grads,
+                span.state.get("momentum_buffer") if update.momentum != 0 else None,
+                update.lr, update.momentum, update.dampening, update.weight_decay, update.nesterov,
+                update.maximize, span.step == 0,
+            )
+        elif isinstance(update, AdamUpdate):
+            step = span.step + 1
+            step_size = update.lr / (1 - update.beta1**step)
+            bias_correction2_sqrt = (1 - update.beta2**step) ** 0.5
+            _restore_adam(
+                span.weights, span.backup, span.grads, span.state["exp_avg"], span.state["exp_avg_sq"],
+                span.state["max_exp_avg_sq"] if update.amsgrad else None,
+                update.lr, update.beta1, update.beta2, update.eps, update.weight_decay, update.decoupled,
+                update.maximize, step_size, bias_correction2_sqrt,
+            )
+        else:
+            raise TypeError(f"unknown base update {type(update).__name__}")
