@@ -22,7 +22,7 @@ except Exception as exc:  # not built, or built against another torch: the packa
     _IMPORT_ERROR: Optional[str] = f"{type(exc).__name__}: {exc}"
 else:
     _IMPORT_ERROR = None
-    # The overloads themselves: calling them skips the packet's overload resolution on every call.
+    # The overloads themselves: calling them skips the OpOverloadPacket's overload resolution on every call.
     _sq_norm_partials = torch.ops.fused_sam.sq_norm_partials.default
     _perturb = torch.ops.fused_sam.perturb.default
     _restore = torch.ops.fused_sam.restore.default
