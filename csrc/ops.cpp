@@ -6,6 +6,7 @@
 // mutation. CPU implementations: cpu_kernels.cpp; CUDA: cuda_kernels.cu.
 #include <Python.h>
 
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include "fused_sam_math.h"
@@ -77,12 +78,53 @@ TORCH_LIBRARY_IMPL(fused_sam, Meta, m) {
 #define FUSED_SAM_CUDA_REQUIRED 0
 #endif
 
+// views_intact(params, data_ptrs, grad_views) -> bool: does every parameter still store its data at the
+// expected address and hold the expected tensor as its .grad? The optimizer asks this twice per SAM step for
+// every parameter; in Python that costs ~0.15 us per parameter, here a few ns. Anything unexpected answers
+// False, and the optimizer's Python path then works out what changed and reports it.
+static PyObject* views_intact(PyObject*, PyObject* args) {
+  PyObject *params, *data_ptrs, *grad_views;
+  if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &params, &PyList_Type, &data_ptrs, &PyList_Type,
+                        &grad_views)) {
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  if (PyList_GET_SIZE(data_ptrs) != n || PyList_GET_SIZE(grad_views) != n) {
+    PyErr_SetString(PyExc_ValueError, "views_intact: params, data_ptrs and grad_views differ in length");
+    return nullptr;
+  }
+  try {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* param = PyList_GET_ITEM(params, i);
+      PyObject* view = PyList_GET_ITEM(grad_views, i);
+      if (!THPVariable_Check(param) || !THPVariable_Check(view)) Py_RETURN_FALSE;
+      const at::Tensor& p = THPVariable_Unpack(param);
+      void* expected = PyLong_AsVoidPtr(PyList_GET_ITEM(data_ptrs, i));
+      if (expected == nullptr && PyErr_Occurred()) return nullptr;
+      if (p.layout() != at::kStrided || p.data_ptr() != expected) Py_RETURN_FALSE;
+      const at::Tensor& g = p.grad();
+      if (!g.defined() || g.unsafeGetTensorImpl() != THPVariable_Unpack(view).unsafeGetTensorImpl()) {
+        Py_RETURN_FALSE;
+      }
+    }
+  } catch (...) {  // e.g. a tensor without storage: not our view
+    Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+}
+
+static PyMethodDef fused_sam_methods[] = {
+    {"views_intact", views_intact, METH_VARARGS,
+     "views_intact(params, data_ptrs, grad_views) -> bool: parameters and gradients are still the flat views"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 static struct PyModuleDef fused_sam_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "fused_sam's compiled operators (torch.ops.fused_sam.*), registered on import.",
     -1,
-    nullptr,
+    fused_sam_methods,
 };
 
 PyMODINIT_FUNC PyInit__C(void) {

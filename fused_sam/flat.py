@@ -19,6 +19,11 @@ ALIGN = 16
 _GRAD = operator.attrgetter("grad")
 _DATA_PTR = torch.Tensor.data_ptr
 
+try:  # the compiled extension answers the per-step "are the views still ours?" question ~20x faster
+    from ._C import views_intact as _views_intact
+except Exception:  # not built, or built against another torch
+    _views_intact = None
+
 
 def _padded(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
@@ -83,6 +88,12 @@ class FlatSegment:
         return self.offsets[i + 1] if i + 1 < len(self.offsets) else self.numel
 
     # --- per-step bookkeeping -------------------------------------------------------------------
+
+    def intact(self) -> bool:
+        """True if every parameter's data and gradient are still the views into this segment's buffers."""
+        if _views_intact is not None:
+            return _views_intact(self.params, self.weight_ptrs, self.grad_views)
+        return self.storage_moved() is None and all(map(operator.is_, map(_GRAD, self.params), self.grad_views))
 
     def storage_moved(self) -> Optional[str]:
         """The name-less description of the first parameter whose storage is no longer our view."""

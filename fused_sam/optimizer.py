@@ -195,13 +195,14 @@ class FusedSAM(torch.optim.Optimizer):
         """Save w exactly and move to w + e(w) using the gradients now in ``.grad``."""
         if self._perturbed is not None:
             raise RuntimeError("first_step() called twice; call second_step() before the next first_step()")
-        for segment in self._segments:
-            moved = segment.storage_moved()
+        intact = [segment.intact() for segment in self._segments]
+        if not all(intact):
+            moved = next(filter(None, (s.storage_moved() for s in self._segments)), None)
             if moved:
                 self._relayout(moved)
-                break
+                intact = [False] * len(self._segments)
         perturbations = self._perturbations()
-        active = [segment.link_grads() for segment in self._segments]
+        active = [None if ok else segment.link_grads() for segment, ok in zip(self._segments, intact)]
         work = [
             (segment, span) for segment, act in zip(self._segments, active) for _, _, span in segment.spans(act)
         ]
@@ -244,12 +245,13 @@ class FusedSAM(torch.optim.Optimizer):
         if self._perturbed is None:
             raise RuntimeError("second_step() called before first_step()")
         for segment in self._segments:
+            if segment.intact():
+                continue
             moved = segment.storage_moved()
             if moved:
                 raise RuntimeError(
                     f"{moved} changed storage between first_step() and second_step(); the weights cannot be restored"
                 )
-        for segment, _ in self._perturbed:
             segment.link_grads()
         if self._fused_kind:
             base_cls = type(self.base_optimizer)

@@ -14,12 +14,23 @@ import torch
 import fused_sam
 from fused_sam import BackendUnavailable, FusedSAM
 from fused_sam import backends as backend_registry
+from fused_sam import flat
 from fused_sam.classic import ClassicSAM
 
 from models import batches, conv_net, loss_of, mlp, sam_train
 from test_optimizer_parity import assert_twins_close
 
 TESTS = os.path.dirname(__file__)
+
+
+@pytest.fixture(params=["compiled", "python"])
+def view_check(request, monkeypatch):
+    """Run a test with the compiled per-step view check (when built) and with the pure-Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(flat, "_views_intact", None)
+    elif flat._views_intact is None:
+        pytest.skip("fused_sam._C is not built: only the Python view check exists")
+    return request.param
 
 
 def snapshot(model):
@@ -115,7 +126,7 @@ def test_zero_grad_keeps_views_even_with_set_to_none():
 
 
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
-def test_replaced_grads_are_gathered(base):
+def test_replaced_grads_are_gathered(base, view_check):
     """model.zero_grad() sets .grad to None, so autograd allocates fresh tensors every backward."""
     model = mlp()
     twin = copy.deepcopy(model)
@@ -138,7 +149,7 @@ def test_replaced_grads_are_gathered(base):
     (mlp, lambda m: m.double(), torch.float64),
     (conv_net, lambda m: m.to(memory_format=torch.channels_last), torch.float32),
 ])
-def test_moved_parameters_are_reflattened_keeping_state(make_model, move, dtype):
+def test_moved_parameters_are_reflattened_keeping_state(make_model, move, dtype, view_check):
     """A model moved after construction continues exactly like one moved through a checkpoint."""
     model = make_model()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
@@ -161,7 +172,7 @@ def test_moved_parameters_are_reflattened_keeping_state(make_model, move, dtype)
         assert torch.equal(a, b), name
 
 
-def test_storage_change_between_first_and_second_step_is_an_error():
+def test_storage_change_between_first_and_second_step_is_an_error(view_check):
     model = mlp()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
     x, y = next(batches(model, 1))
@@ -302,7 +313,7 @@ def test_auto_falls_back_to_reference_without_error(monkeypatch):
     assert opt.backends == {"cpu torch.float32": "reference"}
 
 
-def test_sparse_gradient_raises_and_changes_nothing():
+def test_sparse_gradient_raises_and_changes_nothing(view_check):
     """With the flat gradient view linked, autograd accumulates densely; a fresh sparse .grad is refused."""
     emb = torch.nn.Embedding(10, 4, sparse=True)
     opt = FusedSAM(emb.parameters(), torch.optim.SGD, lr=0.1)
