@@ -24,23 +24,8 @@ import torch
 
 from fused_sam import FusedSAM
 from fused_sam.backends.native import NativeBackend
+from fused_sam.bench.cases import resnet50_shapes
 from fused_sam.classic import ClassicSAM
-
-
-def resnet50_shapes():
-    """torchvision resnet50's parameter shapes, in model order: 161 tensors, 25,557,032 elements."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    inplanes = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            shapes += [(width, inplanes, 1, 1), (width,), (width,)]
-            shapes += [(width, width, 3, 3), (width,), (width,)]
-            shapes += [(width * 4, width, 1, 1), (width * 4,), (width * 4,)]
-            if b == 0:
-                shapes += [(width * 4, inplanes, 1, 1), (width * 4,), (width * 4,)]
-            inplanes = width * 4
-    shapes += [(1000, 2048), (1000,)]
-    return shapes
 
 
 def make_params(shapes, seed=0):

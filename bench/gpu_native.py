@@ -21,11 +21,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_native import resnet50_shapes  # noqa: E402
+from cpu_native import make_opt, resnet50_shapes, sam_step  # noqa: E402
 
-from fused_sam import FusedSAM  # noqa: E402
 from fused_sam.backends.native import NativeBackend  # noqa: E402
-from fused_sam.classic import ClassicSAM  # noqa: E402
 
 
 def cuda_median_ms(fn, iters, warmup=3):
@@ -60,20 +58,6 @@ def make_params(shapes, dtype):
     return params
 
 
-def make_opt(kind, params):
-    kw = dict(rho=0.05, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    if kind == "classic":
-        return ClassicSAM(params, torch.optim.SGD, **kw)
-    return FusedSAM(params, torch.optim.SGD, backend=kind, **kw)
-
-
-def step_fn(opt):
-    def step():
-        opt.first_step()
-        opt.second_step()
-    return step
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=30)
@@ -101,7 +85,7 @@ def main(argv=None):
         floor_ms = bytes_per_param * n / bw * 1e3
         for kind in ("native", "reference", "classic"):
             opt = make_opt(kind, make_params(shapes, dtype))
-            ms = cuda_median_ms(step_fn(opt), args.iters if kind != "classic" else max(5, args.iters // 3))
+            ms = cuda_median_ms(sam_step(opt), args.iters if kind != "classic" else max(5, args.iters // 3))
             rows.append((f"{case} {kind}", ms, floor_ms / ms * 100))
             del opt
             torch.cuda.empty_cache()

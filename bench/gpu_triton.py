@@ -38,6 +38,7 @@ if SMOKE and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 from fused_sam import FusedSAM  # noqa: E402
+from fused_sam.bench.cases import resnet50_shapes  # noqa: E402
 from fused_sam.backends import triton as triton_backend  # noqa: E402
 from fused_sam.backends.base import Perturbation, Span  # noqa: E402
 from fused_sam.classic import ClassicSAM  # noqa: E402
@@ -51,22 +52,6 @@ def bytes_per_param(dtype: torch.dtype) -> int:
     """SGD-momentum SAM step: norm (g) + perturb (g, w, backup, w) + update (backup, g, buf, w, buf)."""
     p = torch.tensor([], dtype=dtype).element_size()
     return p + 4 * p + 3 * p + 2 * 4
-
-
-def resnet50_shapes():
-    """torchvision resnet50's parameter shapes, in model order: 161 tensors, 25,557,032 elements."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    inplanes = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            shapes += [(width, inplanes, 1, 1), (width,), (width,)]
-            shapes += [(width, width, 3, 3), (width,), (width,)]
-            shapes += [(width * 4, width, 1, 1), (width * 4,), (width * 4,)]
-            if b == 0:
-                shapes += [(width * 4, inplanes, 1, 1), (width * 4,), (width * 4,)]
-            inplanes = width * 4
-    shapes += [(1000, 2048), (1000,)]
-    return shapes
 
 
 def cases(smoke: bool):
