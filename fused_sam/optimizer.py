@@ -190,6 +190,13 @@ class FusedSAM(torch.optim.Optimizer):
             out.append(Perturbation(float(g["rho"]), bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self.sam_eps))
         return out
 
+    def _base_updates(self) -> list:
+        """The fused base update of each param group at this step (empty when the base is not fused)."""
+        if not self._fused_kind:
+            return []
+        base_cls = type(self.base_optimizer)
+        return [update_from_group(self._fused_kind, base_cls, g) for g in self.param_groups]
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save w exactly and move to w + e(w) using the gradients now in ``.grad``."""
@@ -202,6 +209,7 @@ class FusedSAM(torch.optim.Optimizer):
                 self._relayout(moved)
                 intact = [False] * len(self._segments)
         perturbations = self._perturbations()
+        self._base_updates()  # a base setting second_step() would refuse must fail before w moves
         active = [None if ok else segment.link_grads() for segment, ok in zip(self._segments, intact)]
         work = [
             (segment, span) for segment, act in zip(self._segments, active) for _, _, span in segment.spans(act)
@@ -209,12 +217,15 @@ class FusedSAM(torch.optim.Optimizer):
         partials = None
         if any(p.normalize for p in perturbations) and work:
             partials = self._norm_partials(work, perturbations)
-        counter = self._nonfinite if partials is not None else None
+        counter = self._nonfinite if partials is not None else None  # incremented once per step
         for segment, span in work:
-            count = counter if counter is not None and span.device == counter.device else None
+            owns_counter = counter is not None and span.device == counter.device
             device_partials = None if partials is None else partials[span.device]
-            segment.backend.perturb(span, perturbations[segment.group_index], device_partials, count)
-            counter = None if count is not None else counter
+            segment.backend.perturb(
+                span, perturbations[segment.group_index], device_partials, counter if owns_counter else None
+            )
+            if owns_counter:
+                counter = None
         self._perturbed = list(zip(self._segments, active))
         if zero_grad:
             self.zero_grad()
@@ -254,8 +265,7 @@ class FusedSAM(torch.optim.Optimizer):
                 )
             segment.link_grads()
         if self._fused_kind:
-            base_cls = type(self.base_optimizer)
-            updates = [update_from_group(self._fused_kind, base_cls, g) for g in self.param_groups]
+            updates = self._base_updates()
             for segment, active in self._perturbed:
                 update = updates[segment.group_index]
                 segment.ensure_state(update.needed_state())

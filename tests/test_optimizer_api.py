@@ -344,6 +344,17 @@ def test_call_order_errors():
     assert_unchanged(model, perturbed)
 
 
+def test_refused_base_setting_is_caught_before_the_weights_move():
+    model = mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    loss_of(model, *next(batches(model, 1))).backward()
+    opt.param_groups[0]["differentiable"] = True
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        opt.first_step()
+    assert_unchanged(model, before)
+
+
 def test_rho_changed_to_negative_at_runtime_is_caught_before_any_change():
     model = mlp()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
