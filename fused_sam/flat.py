@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from .backends.base import Span
+from .backends.base import Span, math_dtype
 
 ALIGN = 16
 _GRAD = operator.attrgetter("grad")
@@ -51,7 +51,7 @@ class FlatSegment:
         self.params: List[torch.Tensor] = list(params)
         first = self.params[0]
         self.device, self.dtype = first.device, first.dtype
-        self.state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.state_dtype = math_dtype(self.dtype)
         # The layout as built: a later .data assignment may change a parameter's shape or strides.
         self.layout = [(p.shape, p.stride()) for p in self.params]
         self.offsets: List[int] = []
@@ -78,7 +78,6 @@ class FlatSegment:
             if p.grad is not None or p.requires_grad:
                 p.grad = g
         self.weight_ptrs = [w.data_ptr() for w in self.weight_views]
-        self.grad_ptrs = [g.data_ptr() for g in self.grad_views]
 
     def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         shape, stride = self.layout[i]
@@ -96,7 +95,7 @@ class FlatSegment:
         return self.storage_moved() is None and all(map(operator.is_, map(_GRAD, self.params), self.grad_views))
 
     def storage_moved(self) -> Optional[str]:
-        """The name-less description of the first parameter whose storage is no longer our view."""
+        """Describe the first parameter whose data is no longer its view into this segment; None if none."""
         if list(map(_DATA_PTR, self.params)) == self.weight_ptrs:
             return None
         for i, (p, ptr) in enumerate(zip(self.params, self.weight_ptrs)):
@@ -114,10 +113,7 @@ class FlatSegment:
         if all(map(operator.is_, grads, self.grad_views)):
             return None
         active = [g is not None for g in grads]
-        stale = [
-            i for i, (g, ptr) in enumerate(zip(grads, self.grad_ptrs))
-            if g is not None and (g.layout != torch.strided or g.data_ptr() != ptr)
-        ]
+        stale = [i for i, (g, view) in enumerate(zip(grads, self.grad_views)) if g is not None and g is not view]
         if stale:
             for i in stale:
                 g = grads[i]
@@ -138,11 +134,8 @@ class FlatSegment:
     def zero_grad(self) -> None:
         """Zero the gradient buffer in one operation and (re)link every gradient view."""
         self.grads.zero_()
-        for p, g, ptr in zip(self.params, self.grad_views, self.grad_ptrs):
-            if p.grad is None:
-                if p.requires_grad:
-                    p.grad = g
-            elif p.grad.layout != torch.strided or p.grad.data_ptr() != ptr:
+        for p, g in zip(self.params, self.grad_views):
+            if p.grad is not g and (p.grad is not None or p.requires_grad):
                 p.grad = g
 
     def ensure_state(self, names: Sequence[str]) -> None:
@@ -183,7 +176,8 @@ class FlatSegment:
         state["step"] = torch.tensor(float(step), dtype=torch.float32)
         return state
 
-    def import_state(self, i: int, state: dict) -> None:
+    def import_state(self, i: int, state: dict) -> int:
+        """Copy torch.optim-style state into parameter ``i``'s slices; return its step count."""
         shape = self.layout[i][0]
         for buf in self.state.values():
             self._view(buf, i).zero_()
@@ -201,9 +195,7 @@ class FlatSegment:
         step = int(step.item() if isinstance(step, torch.Tensor) else step)
         if step == 0 and any(k != "step" and v is not None for k, v in state.items()):
             step = 1  # a torch.optim.SGD momentum buffer carries no step: it has had one
-        steps = self.steps()
-        steps[i] = step
-        self._set_steps(steps)
+        return step
 
     # --- step counts -------------------------------------------------------------------------------
 
@@ -214,7 +206,7 @@ class FlatSegment:
     def step_of(self, i: int) -> int:
         return self._uniform_step if self._uniform_step is not None else self._steps[i]
 
-    def _set_steps(self, steps: List[int]) -> None:
+    def set_steps(self, steps: List[int]) -> None:
         self._uniform_step = steps[0] if len(set(steps)) == 1 else None
         self._steps = [] if self._uniform_step is not None else steps
 
@@ -224,4 +216,4 @@ class FlatSegment:
             return
         steps = self.steps()
         steps[first:stop] = [s + 1 for s in steps[first:stop]]
-        self._set_steps(steps)
+        self.set_steps(steps)

@@ -372,5 +372,6 @@ class FusedSAM(torch.optim.Optimizer):
         """Copy per-parameter state (keyed by this optimizer's parameter index) into the flat buffers."""
         index = self._param_index()
         for segment in self._segments:
-            for i, p in enumerate(segment.params):
-                segment.import_state(i, state.get(index[id(p)], {}))
+            segment.set_steps(
+                [segment.import_state(i, state.get(index[id(p)], {})) for i, p in enumerate(segment.params)]
+            )

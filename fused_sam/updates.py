@@ -31,8 +31,6 @@ class SGDUpdate:
     nesterov: bool = False
     maximize: bool = False
 
-    state_names = ("momentum_buffer",)
-
     def needed_state(self) -> tuple:
         return ("momentum_buffer",) if self.momentum != 0 else ()
 

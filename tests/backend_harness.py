@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from fused_sam.backends.base import Perturbation, Span
+from fused_sam.backends.base import Perturbation, Span, math_dtype
 from fused_sam.backends.reference import ReferenceBackend
 from fused_sam.updates import AdamUpdate, SGDUpdate
 
@@ -52,7 +52,7 @@ def make_span(numel: int, dtype: torch.dtype, device, update=None, step: int = 0
               seed: int = 0) -> Span:
     """A span of random data (state buffers too, when ``update`` needs them); backup poisoned."""
     gen = torch.Generator().manual_seed(seed)
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    state_dtype = math_dtype(dtype)
 
     def rand(dt, scale=1.0):
         return (torch.randn(numel, generator=gen, dtype=torch.float64) * scale).to(dt).to(device)
@@ -89,8 +89,7 @@ def exact_sq_norm(span: Span, perturbation: Perturbation) -> torch.Tensor:
 def check_sq_norm(backend, span: Span, perturbation: Perturbation) -> None:
     """Sum of the candidate's partials equals the squared norm (float32 accumulation: rtol 1e-5)."""
     n = backend.partials_len(span)
-    out = torch.full((n,), float("nan"), dtype=torch.float32 if span.weights.dtype != torch.float64 else torch.float64,
-                     device=span.device)
+    out = torch.full((n,), float("nan"), dtype=span.state_dtype, device=span.device)
     backend.sq_norm_partials(span, perturbation, out)
     assert not torch.isnan(out).any(), "sq_norm_partials left partials unwritten (NaN poison survived)"
     rtol = 1e-10 if out.dtype == torch.float64 else 1e-5
@@ -132,7 +131,7 @@ def check_restore_and_update(backend, span: Span, update) -> None:
 
 def norm_partials_for(span: Span, perturbation: Perturbation, extra: float = 0.0) -> torch.Tensor:
     """Reference partials for ``span`` plus ``extra`` (to test inf/nan totals), as a perturb input."""
-    ref = torch.empty(1, dtype=torch.float64 if span.weights.dtype == torch.float64 else torch.float32,
+    ref = torch.empty(1, dtype=span.state_dtype,
                       device=span.device)
     REFERENCE.sq_norm_partials(span, perturbation, ref)
     return torch.cat([ref, torch.tensor([extra], dtype=ref.dtype, device=span.device)])

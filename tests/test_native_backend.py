@@ -18,7 +18,7 @@ from backend_harness import PERTURBATIONS, REFERENCE, TOLERANCE, UPDATES, check_
 from fused_sam import BackendUnavailable, FusedSAM
 from fused_sam.backends import native as native_module
 from fused_sam.backends import resolve_backend
-from fused_sam.backends.base import Perturbation
+from fused_sam.backends.base import Perturbation, math_dtype
 from fused_sam.backends.native import NativeBackend
 from fused_sam.backends.reference import ReferenceBackend
 
@@ -212,7 +212,7 @@ def test_norm_partials_bitwise_across_thread_counts(dtype, adaptive):
     backend = NativeBackend()
     span = make_span(7 * CHUNK + 1234, dtype, CPU, seed=3)
     perturbation = PERTURBATIONS[1] if adaptive else PERTURBATIONS[0]
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    state_dtype = math_dtype(dtype)
     results = []
     threads = torch.get_num_threads()
     try:

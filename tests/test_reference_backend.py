@@ -3,6 +3,8 @@ the twin-model tests)."""
 import pytest
 import torch
 
+from fused_sam.backends.base import math_dtype
+
 from backend_harness import PERTURBATIONS, REFERENCE, TOLERANCE, check_sq_norm, exact_sq_norm, make_span
 
 
@@ -17,7 +19,7 @@ def test_norm_and_perturbation_follow_the_formula(perturbation, numel, dtype):
     norm = exact_sq_norm(span, perturbation).sqrt()
     scale = perturbation.rho / (norm + perturbation.eps) if perturbation.normalize else perturbation.rho
     expected = (w + scale * t2 * g).to(dtype)
-    partials = torch.empty(1, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    partials = torch.empty(1, dtype=math_dtype(dtype))
     REFERENCE.sq_norm_partials(span, perturbation, partials)
     REFERENCE.perturb(span, perturbation, partials, None)
     assert torch.equal(span.backup, w.to(dtype))

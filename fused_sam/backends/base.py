@@ -23,6 +23,11 @@ import torch
 from ..updates import AdamUpdate, BaseUpdate, SGDUpdate  # noqa: F401  (re-exported for backends)
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the math and of the optimizer state for parameters of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class Span:
     """Contiguous 1-D slices of one flat segment: the unit every backend operation works on.
@@ -49,7 +54,7 @@ class Span:
 
     @property
     def state_dtype(self) -> torch.dtype:
-        return torch.float64 if self.weights.dtype == torch.float64 else torch.float32
+        return math_dtype(self.weights.dtype)
 
 
 @dataclass(frozen=True)
