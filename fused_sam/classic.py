@@ -11,9 +11,9 @@ class ClassicSAM(torch.optim.Optimizer):
     """Per-tensor SAM/ASAM/USAM with the same constructor and methods as the widely used SAM class."""
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, eta=0.0,
-                 normalize=True, eps=1e-12, **kwargs):
+                 normalize=True, perturb_eps=1e-12, **kwargs):
         super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, **kwargs))
-        self.eps = eps
+        self.perturb_eps = perturb_eps
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
@@ -31,7 +31,7 @@ class ClassicSAM(torch.optim.Optimizer):
             for g in self.param_groups for p in g["params"] if p.grad is not None
         ]).norm(p=2)
         for group in self.param_groups:
-            scale = group["rho"] / (norm + self.eps) if group["normalize"] else torch.tensor(group["rho"], dtype=torch.float64)
+            scale = group["rho"] / (norm + self.perturb_eps) if group["normalize"] else torch.tensor(group["rho"], dtype=torch.float64)
             for p in group["params"]:
                 if p.grad is None:
                     continue

@@ -43,7 +43,8 @@ class FlatSegment:
     """The parameters of one param group that share a device and dtype, with their flat buffers.
 
     Holds the weight, gradient and backup buffers, the optimizer state buffers (created on first use,
-    in float32, or float64 for float64 parameters) and a per-parameter count of base updates.
+    in float32, or float64 for float64 parameters) and a per-parameter count of base updates (a CPU
+    tensor, so that ``optimizer.state[p]['step']`` can be a view of it).
     """
 
     def __init__(self, group_index: int, params: Sequence[torch.Tensor]):
@@ -64,9 +65,8 @@ class FlatSegment:
         self.grads = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         self.backup = torch.empty_like(self.weights)
         self.state: dict = {}
-        # Base updates per parameter: one shared count while they agree (the usual case), else a list.
-        self._uniform_step: Optional[int] = 0
-        self._steps: List[int] = []
+        self.steps = torch.zeros(len(self.params), dtype=torch.float32)
+        self.published = False  # optimizer.state[p] holds views into this segment's state
         self.weight_views = [self._view(self.weights, i) for i in range(len(self.params))]
         self.grad_views = [self._view(self.grads, i) for i in range(len(self.params))]
         torch._foreach_copy_(self.weight_views, [p.detach() for p in self.params])
@@ -78,6 +78,8 @@ class FlatSegment:
             if p.grad is not None or p.requires_grad:
                 p.grad = g
         self.weight_ptrs = [w.data_ptr() for w in self.weight_views]
+        # Gradients present at construction were not produced after the optimizer last looked at them.
+        self.seen_grads_version = -1 if existing else self.grads._version
 
     def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         shape, stride = self.layout[i]
@@ -137,23 +139,46 @@ class FlatSegment:
         for p, g in zip(self.params, self.grad_views):
             if p.grad is not g and (p.grad is not None or p.requires_grad):
                 p.grad = g
+        self.mark_grads_seen()
 
-    def ensure_state(self, names: Sequence[str]) -> None:
-        for name in names:
-            if name not in self.state:
-                self.state[name] = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
+    def mark_grads_seen(self) -> None:
+        """Remember the gradient buffer's version: any later write to it (a backward) shows as fresh."""
+        self.seen_grads_version = self.grads._version
 
-    def spans(self, active: Optional[Sequence[bool]]) -> Iterator[tuple]:
-        """Yield (first, stop, Span) for each maximal run of active parameters with equal step counts."""
-        if (active is None or all(active)) and self._uniform_step is not None:
-            yield 0, len(self.params), self._span(0, self.numel, self._uniform_step)
-            return
-        active = [True] * len(self.params) if active is None else active
+    def grads_fresh(self) -> bool:
+        """True if a gradient was written since ``mark_grads_seen``: autograd accumulating into the views
+        bumps the buffer's version counter, and a fresh ``.grad`` tensor is not one of the views."""
+        if self.grads._version != self.seen_grads_version:
+            return True
+        return any(g is not None and g is not v for g, v in zip(map(_GRAD, self.params), self.grad_views))
+
+    def ensure_state(self, names: Sequence[str]) -> bool:
+        """Create the named state buffers that do not exist yet; True if any was created."""
+        missing = [name for name in names if name not in self.state]
+        for name in missing:
+            self.state[name] = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
+        return bool(missing)
+
+    def state_views(self, i: int) -> dict:
+        """Parameter ``i``'s optimizer state in torch.optim's shape: views into the flat buffers, and
+        'step' as a 0-d view of the step counts (in-place edits reach the optimizer)."""
+        views = {name: self._view(buf, i) for name, buf in self.state.items()}
+        views["step"] = self.steps[i]
+        return views
+
+    def whole_span(self) -> Span:
+        """The whole segment as one span, when its parameters share one step count; else None."""
+        steps = self.steps
+        return self._span(0, self.numel, int(steps[0])) if bool((steps == steps[0]).all()) else None
+
+    def spans(self, *masks: Optional[Sequence[bool]]) -> Iterator[tuple]:
+        """Yield (first, stop, flags, Span) for each maximal run of parameters with equal mask values and
+        step counts; ``flags`` holds the run's value of each mask (a None mask is all True)."""
+        columns = [[True] * len(self.params) if m is None else m for m in masks]
         i = 0
-        for (is_active, step), run in groupby(zip(active, self.steps())):
+        for (*flags, step), run in groupby(zip(*columns, map(int, self.steps.tolist()))):
             n = sum(1 for _ in run)
-            if is_active:
-                yield i, i + n, self._span(self.offsets[i], self._end(i + n - 1), step)
+            yield i, i + n, tuple(flags), self._span(self.offsets[i], self._end(i + n - 1), step)
             i += n
 
     def _span(self, start: int, stop: int, step: int) -> Span:
@@ -169,7 +194,7 @@ class FlatSegment:
 
     def export_state(self, i: int) -> dict:
         """torch.optim-style state of parameter ``i``: cloned tensors shaped like the parameter, and 'step'."""
-        step = self.step_of(i)
+        step = int(self.steps[i])
         if step == 0:
             return {}
         state = {name: self._view(buf, i).clone() for name, buf in self.state.items()}
@@ -197,23 +222,23 @@ class FlatSegment:
             step = 1  # a torch.optim.SGD momentum buffer carries no step: it has had one
         return step
 
+    def backup_of(self, i: int) -> torch.Tensor:
+        """A copy of parameter ``i``'s restore point (w while the weights are at w + e)."""
+        return self._view(self.backup, i).clone()
+
+    def set_backup(self, i: int, value: torch.Tensor) -> None:
+        shape = self.layout[i][0]
+        if not isinstance(value, torch.Tensor) or value.shape != shape:
+            raise ValueError(
+                f"restore point of parameter {i} of param group {self.group_index} has shape "
+                f"{tuple(getattr(value, 'shape', ()))}, the parameter {tuple(shape)}"
+            )
+        self._view(self.backup, i).copy_(value)
+
     # --- step counts -------------------------------------------------------------------------------
 
-    def steps(self) -> List[int]:
-        """A fresh list of every parameter's count of base updates."""
-        return [self._uniform_step] * len(self.params) if self._uniform_step is not None else list(self._steps)
-
-    def step_of(self, i: int) -> int:
-        return self._uniform_step if self._uniform_step is not None else self._steps[i]
-
     def set_steps(self, steps: List[int]) -> None:
-        self._uniform_step = steps[0] if len(set(steps)) == 1 else None
-        self._steps = [] if self._uniform_step is not None else steps
+        self.steps.copy_(torch.tensor(steps, dtype=torch.float32))
 
     def mark_updated(self, first: int, stop: int) -> None:
-        if self._uniform_step is not None and (first, stop) == (0, len(self.params)):
-            self._uniform_step += 1
-            return
-        steps = self.steps()
-        steps[first:stop] = [s + 1 for s in steps[first:stop]]
-        self.set_steps(steps)
+        self.steps[first:stop] += 1

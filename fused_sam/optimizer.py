@@ -5,8 +5,6 @@ each step goes to a backend (``fused_sam.backends``) chosen per (device, dtype).
 """
 from __future__ import annotations
 
-import inspect
-import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -16,8 +14,8 @@ from .flat import FlatSegment, is_dense
 from .updates import fused_kind, update_from_group
 
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
-DEFAULT_EPS = 1e-12
-STATE_DICT_FORMAT = 1
+MODES = ("paired", "alternate")
+STATE_DICT_FORMAT = 2  # 1: SAM's epsilon was saved as 'eps'
 
 
 def _tensor_of(entry):
@@ -33,6 +31,23 @@ def _check_sam_settings(settings: dict, where: str) -> None:
         raise ValueError(f"eta must be a non-negative number, got {eta!r} ({where})")
 
 
+class _SAMState:
+    """Everything FusedSAM changes after construction, in one object that is never rebound.
+
+    Trainer wrappers (Lightning's LightningOptimizer) copy the optimizer's ``__dict__`` and run its
+    methods on the copy; both then hold this same object, so a re-layout, the perturbed phase and the
+    counters are seen alike through the optimizer and through any wrapper.
+    """
+
+    def __init__(self, perturb_eps: float):
+        self.perturb_eps = perturb_eps
+        self.segments: List[FlatSegment] = []
+        # Between first_step and second_step: per segment, which parameters had a gradient and were
+        # perturbed (None: all of them). None outside a SAM step.
+        self.perturbed: Optional[List[Optional[List[bool]]]] = None
+        self.nonfinite: Optional[torch.Tensor] = None  # device counter of first_steps with a non-finite norm
+
+
 class FusedSAM(torch.optim.Optimizer):
     """SAM (Foret et al., 2021), ASAM and un-normalized SAM, fused over flat parameter buffers.
 
@@ -44,9 +59,12 @@ class FusedSAM(torch.optim.Optimizer):
         base_optimizer: a ``torch.optim.Optimizer`` class. SGD, Adam and AdamW are fused; any other class
             runs its own ``step()`` after the fused perturb/restore.
         rho: neighbourhood radius. adaptive: ASAM scaling T = |w| + eta. normalize: False gives USAM, e = rho g.
-        eps: SAM's epsilon in rho / (||g|| + eps). The base optimizer's own ``eps`` (Adam) is ``base_eps``.
+        perturb_eps: SAM's epsilon in rho / (||g|| + perturb_eps).
+        mode: "paired" (both gradients of a SAM step from one batch: ``first_step``/``second_step`` or
+            ``step(closure)``) or "alternate" (each ``step()`` call takes one half of a SAM step, for
+            trainers that call ``step()`` once per batch without a closure).
         backend: "auto", "reference", or a kernel backend (see ``fused_sam.available_backends``).
-        **base_kwargs: passed to ``base_optimizer``.
+        **base_kwargs: passed to ``base_optimizer``, ``eps`` included, as the classic SAM class does.
 
     Parameters' ``.data`` and ``.grad`` become views into flat buffers; ``zero_grad`` zeroes the buffer
     and keeps the views, also for ``set_to_none=True``.
@@ -60,7 +78,8 @@ class FusedSAM(torch.optim.Optimizer):
         adaptive: bool = False,
         eta: float = 0.0,
         normalize: bool = True,
-        eps: Optional[float] = None,
+        perturb_eps: float = 1e-12,
+        mode: str = "paired",
         backend: str = "auto",
         **base_kwargs,
     ):
@@ -69,30 +88,27 @@ class FusedSAM(torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass{hint}, got {base_optimizer!r}")
         check_backend_name(backend)
         _check_sam_settings({"rho": rho, "eta": eta}, "constructor")
-        if eps is not None and "base_eps" not in base_kwargs and "eps" in inspect.signature(base_optimizer).parameters:
-            warnings.warn(
-                f"eps={eps} sets SAM's epsilon in rho / (||g|| + eps); the classic SAM passed eps to "
-                f"{base_optimizer.__name__}. Pass base_eps= for the base optimizer's epsilon.",
-                stacklevel=2,
-            )
-        self.sam_eps = DEFAULT_EPS if eps is None else eps
-        if not isinstance(self.sam_eps, (int, float)) or not self.sam_eps > 0:
-            raise ValueError(f"eps must be a positive number, got {self.sam_eps!r}")
         if "base_eps" in base_kwargs:
-            base_kwargs["eps"] = base_kwargs.pop("base_eps")
+            raise TypeError("base_eps= is gone: eps= goes to the base optimizer, SAM's own epsilon is perturb_eps=")
+        if isinstance(perturb_eps, bool) or not isinstance(perturb_eps, (int, float)) or not perturb_eps > 0:
+            raise ValueError(f"perturb_eps must be a positive number, got {perturb_eps!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
         groups = self._check_params(params)
         self.backend_name = backend
+        self.mode = mode
         self.base_optimizer = None
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, **base_kwargs)
         super().__init__(groups, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # One param-group list and one state mapping, shared with the base optimizer (LR schedulers may be
+        # attached to either; opt.state[p] is opt.base_optimizer.state[p]).
         self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         self._fused_kind = fused_kind(base_optimizer)
-        self._segments: List[FlatSegment] = []
-        self._perturbed: Optional[List[tuple]] = None
-        self._nonfinite = None
+        self._sam = _SAMState(float(perturb_eps))
         self._build_segments(range(len(self.param_groups)))
 
     # --- construction -----------------------------------------------------------------------------
@@ -138,7 +154,7 @@ class FusedSAM(torch.optim.Optimizer):
         if getattr(self, "base_optimizer", None) is None:  # called by Optimizer.__init__
             super().add_param_group(param_group)
             return
-        if self._perturbed is not None:
+        if self._sam.perturbed is not None:
             raise RuntimeError("add_param_group() between first_step() and second_step()")
         seen = {id(p): f"a parameter of param group {gi}" for gi, g in enumerate(self.param_groups) for p in g["params"]}
         (group,) = self._check_params([param_group])
@@ -159,25 +175,27 @@ class FusedSAM(torch.optim.Optimizer):
                     buckets.setdefault((p.device, p.dtype), []).append(p)
             for (device, dtype), params in buckets.items():
                 plans.append((gi, params, resolve_backend(self.backend_name, device, dtype)))
+        sam = self._sam
         for gi, params, backend in plans:
             segment = FlatSegment(gi, params)
             segment.backend = backend
-            self._segments.append(segment)
-        if self._nonfinite is None and self._segments:
-            self._nonfinite = torch.zeros(1, dtype=torch.int32, device=self._segments[0].device)
+            sam.segments.append(segment)
+        home = sam.segments[0].device if sam.segments else None
+        if sam.nonfinite is None and home is not None:
+            sam.nonfinite = torch.zeros(1, dtype=torch.int32, device=home)
+        elif sam.nonfinite is not None and sam.nonfinite.device != home:
+            sam.nonfinite = sam.nonfinite.to(home)
 
     def _relayout(self, moved: str) -> None:
         """Parameters were moved or re-typed after construction: flatten them anew, keeping the state."""
-        if self._perturbed is not None:
+        sam = self._sam
+        if sam.perturbed is not None:
             raise RuntimeError(
                 f"{moved} changed storage between first_step() and second_step(); the weights cannot be restored"
             )
         state = self.state_dict()["state"] if self._fused_kind else None
-        nonfinite = self.nonfinite_steps
-        self._segments = []
-        self._nonfinite = None
+        sam.segments.clear()
         self._build_segments(range(len(self.param_groups)))
-        self._nonfinite.fill_(nonfinite)
         if state is not None:
             self._load_fused_state(state)
 
@@ -187,7 +205,9 @@ class FusedSAM(torch.optim.Optimizer):
         out = []
         for gi, g in enumerate(self.param_groups):
             _check_sam_settings(g, f"param group {gi}")
-            out.append(Perturbation(float(g["rho"]), bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self.sam_eps))
+            out.append(
+                Perturbation(float(g["rho"]), bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps)
+            )
         return out
 
     def _base_updates(self) -> list:
@@ -197,27 +217,37 @@ class FusedSAM(torch.optim.Optimizer):
         base_cls = type(self.base_optimizer)
         return [update_from_group(self._fused_kind, base_cls, g) for g in self.param_groups]
 
+    def _linked_grads(self) -> List[Optional[List[bool]]]:
+        """Link every gradient into the flat buffers; per segment, which parameters have one (None: all)."""
+        return [None if segment.intact() else segment.link_grads() for segment in self._sam.segments]
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Save w exactly and move to w + e(w) using the gradients now in ``.grad``."""
-        if self._perturbed is not None:
+        """Save w exactly and move to w + e(w) using the gradients now in ``.grad``.
+
+        A parameter whose ``.grad`` is None is not perturbed (it has no first gradient) but is still
+        updated by ``second_step`` if it has a gradient then, as in the classic SAM.
+        """
+        sam = self._sam
+        if sam.perturbed is not None:
             raise RuntimeError("first_step() called twice; call second_step() before the next first_step()")
-        intact = [segment.intact() for segment in self._segments]
-        if not all(intact):
-            moved = next(filter(None, (s.storage_moved() for s in self._segments)), None)
+        if not all(segment.intact() for segment in sam.segments):
+            moved = next(filter(None, (s.storage_moved() for s in sam.segments)), None)
             if moved:
                 self._relayout(moved)
-                intact = [False] * len(self._segments)
         perturbations = self._perturbations()
         self._base_updates()  # a base setting second_step() would refuse must fail before w moves
-        active = [None if ok else segment.link_grads() for segment, ok in zip(self._segments, intact)]
+        active = self._linked_grads()
         work = [
-            (segment, span) for segment, act in zip(self._segments, active) for _, _, span in segment.spans(act)
+            (segment, span)
+            for segment, mask in zip(sam.segments, active)
+            for _, _, (has_grad,), span in segment.spans(mask)
+            if has_grad
         ]
         partials = None
         if any(p.normalize for p in perturbations) and work:
             partials = self._norm_partials(work, perturbations)
-        counter = self._nonfinite if partials is not None else None  # incremented once per step
+        counter = sam.nonfinite if partials is not None else None  # incremented once per step
         for segment, span in work:
             owns_counter = counter is not None and span.device == counter.device
             device_partials = None if partials is None else partials[span.device]
@@ -226,7 +256,9 @@ class FusedSAM(torch.optim.Optimizer):
             )
             if owns_counter:
                 counter = None
-        self._perturbed = list(zip(self._segments, active))
+        sam.perturbed = active
+        for segment in sam.segments:
+            segment.mark_grads_seen()
         if zero_grad:
             self.zero_grad()
 
@@ -245,86 +277,159 @@ class FusedSAM(torch.optim.Optimizer):
                 start += n
             partials[device] = buf
         if len(partials) > 1:
-            home = self._nonfinite.device
+            home = self._sam.nonfinite.device
             total = sum(buf.sum(dtype=torch.float64).to(home) for buf in partials.values())
             partials = {device: total.to(device).reshape(1) for device in partials}
         return partials
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Restore w exactly, then take the base optimizer's step with the gradient taken at w + e."""
-        if self._perturbed is None:
+        """Restore w exactly, then take the base optimizer's step with the gradients taken at w + e.
+
+        Every parameter with a gradient now is updated, also one that had none at ``first_step``; a
+        parameter perturbed at ``first_step`` but without a gradient now is restored and not updated.
+        """
+        sam = self._sam
+        if sam.perturbed is None:
             raise RuntimeError("second_step() called before first_step()")
-        for segment in self._segments:
-            if segment.intact():
-                continue
+        for segment in sam.segments:
             moved = segment.storage_moved()
             if moved:
                 raise RuntimeError(
                     f"{moved} changed storage between first_step() and second_step(); the weights cannot be restored"
                 )
-            segment.link_grads()
+        active = self._linked_grads()
         if self._fused_kind:
             updates = self._base_updates()
-            for segment, active in self._perturbed:
+            for segment, perturbed, has_grad in zip(sam.segments, sam.perturbed, active):
                 update = updates[segment.group_index]
-                segment.ensure_state(update.needed_state())
-                for first, stop, span in list(segment.spans(active)):
-                    segment.backend.restore_and_update(span, update)
-                    segment.mark_updated(first, stop)
+                if segment.ensure_state(update.needed_state()) or not segment.published:
+                    self._publish_state(segment)
+                for first, stop, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
+                    if updated:
+                        if not was_perturbed:  # its gradient appeared only at w + e: w itself is the restore point
+                            span.backup.copy_(span.weights)
+                        segment.backend.restore_and_update(span, update)
+                        segment.mark_updated(first, stop)
+                    elif was_perturbed:
+                        segment.backend.restore(span)
         else:
-            for segment, active in self._perturbed:
-                for _, _, span in segment.spans(active):
-                    segment.backend.restore(span)
+            for segment, perturbed in zip(sam.segments, sam.perturbed):
+                for _, _, (was_perturbed,), span in segment.spans(perturbed):
+                    if was_perturbed:
+                        segment.backend.restore(span)
             self.base_optimizer.step()
-        self._perturbed = None
+        sam.perturbed = None
+        for segment in sam.segments:
+            segment.mark_grads_seen()
         # What an LR scheduler's wrapper of step() records; users of first/second_step never call step().
         self._opt_called = self.base_optimizer._opt_called = True
         if zero_grad:
             self.zero_grad()
 
+    def _grads_fresh(self) -> bool:
+        """True if a backward (or any write to a gradient) happened since the last step or zero_grad."""
+        return any(segment.grads_fresh() for segment in self._sam.segments)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
-        """Classic SAM usage: the first backward is done; re-evaluate the model at w + e via ``closure``."""
+        """One SAM step, in either closure convention; returns the loss at w.
+
+        - torch.optim's (Lightning's automatic optimization): no backward has run since the last step,
+          so the closure is called at w for the first gradient, then at w + e for the second.
+        - the classic SAM class's: the first backward already ran, so the closure runs once, at w + e.
+
+        Without a closure, between ``first_step`` and ``second_step`` this is the second step (what a
+        trainer's ``optimizer.step()`` after a hand-written first pass does). With ``mode="alternate"``
+        each call is one half of a SAM step: perturb, then restore and update (see the class docstring).
+        """
+        sam = self._sam
+        if self.mode == "alternate":
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if sam.perturbed is None:
+                self.first_step()
+            else:
+                self.second_step()
+            return loss
         if closure is None:
+            if sam.perturbed is not None:
+                self.second_step()
+                return None
             raise RuntimeError(
-                "FusedSAM.step() needs a closure that runs forward and backward; "
-                "or call first_step() and second_step() yourself"
+                "FusedSAM.step() needs a closure that runs forward and backward; or call first_step() and "
+                "second_step() yourself; or construct FusedSAM(..., mode='alternate') for a trainer that calls "
+                "step() once per batch"
             )
+        if sam.perturbed is not None:
+            raise RuntimeError("step(closure) between first_step() and second_step(); call second_step() first")
+        loss = None
+        if not self._grads_fresh():
+            with torch.enable_grad():
+                loss = closure()
         self.first_step(zero_grad=True)
         with torch.enable_grad():
-            loss = closure()
+            loss_at_perturbed = closure()
         self.second_step()
-        return loss
+        return loss_at_perturbed if loss is None else loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient buffer in one operation each; views stay linked even with set_to_none."""
-        for segment in self._segments:
+        for segment in self._sam.segments:
             segment.zero_grad()
+
+    @property
+    def perturbed(self) -> bool:
+        """True between first_step and second_step: the weights are at w + e."""
+        return self._sam.perturbed is not None
+
+    @property
+    def perturb_eps(self) -> float:
+        return self._sam.perturb_eps
 
     @property
     def nonfinite_steps(self) -> int:
         """How many first_steps saw a non-finite gradient norm and did not perturb (reads the device)."""
-        return 0 if self._nonfinite is None else int(self._nonfinite.item())
+        counter = self._sam.nonfinite
+        return 0 if counter is None else int(counter.item())
 
     @property
     def backends(self) -> Dict[str, str]:
         """Backend name per parameter storage, e.g. {'cuda:0 torch.bfloat16': 'triton'}."""
-        return {f"{s.device} {s.dtype}": s.backend.name for s in self._segments}
+        return {f"{s.device} {s.dtype}": s.backend.name for s in self._sam.segments}
 
-    # --- checkpoints -------------------------------------------------------------------------------
+    # --- optimizer state ---------------------------------------------------------------------------
+
+    def _publish_state(self, segment: FlatSegment) -> None:
+        """Point ``self.state[p]`` of the segment's parameters at views into its flat state buffers.
+
+        Each entry dict is updated in place, so one a user holds stays current.
+        """
+        for i, p in enumerate(segment.params):
+            entry = self.state[p]
+            entry.clear()
+            entry.update(segment.state_views(i))
+        segment.published = True
 
     def _param_index(self) -> Dict[int, int]:
         return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     def state_dict(self) -> dict:
-        """torch.optim-format state (per-parameter tensors, 'step') plus the param groups and SAM's own."""
-        if self._perturbed is not None:
+        """torch.optim-format state (per-parameter tensors, 'step') plus the param groups and SAM's own.
+
+        In ``mode="alternate"`` a state dict taken between the two halves of a SAM step also holds the
+        restore point (w of every perturbed parameter): the model's own state dict then holds w + e, and
+        a resumed run restores and updates exactly as the uninterrupted one.
+        """
+        sam = self._sam
+        if sam.perturbed is not None and self.mode != "alternate":
             raise RuntimeError("state_dict() between first_step() and second_step(): the weights are perturbed")
+        index = self._param_index()
         if self._fused_kind:
-            index = self._param_index()
             state = {}
-            for segment in self._segments:
+            for segment in sam.segments:
                 for i, p in enumerate(segment.params):
                     exported = segment.export_state(i)
                     if exported:
@@ -332,7 +437,14 @@ class FusedSAM(torch.optim.Optimizer):
             base = {"state": state, "param_groups": self._packed_groups(index)}
         else:
             base = self.base_optimizer.state_dict()
-        base["sam"] = {"format": STATE_DICT_FORMAT, "eps": self.sam_eps, "nonfinite_steps": self.nonfinite_steps}
+        base["sam"] = {"format": STATE_DICT_FORMAT, "perturb_eps": sam.perturb_eps, "nonfinite_steps": self.nonfinite_steps}
+        if sam.perturbed is not None:
+            base["sam"]["restore_point"] = {
+                index[id(p)]: segment.backup_of(i)
+                for segment, perturbed in zip(sam.segments, sam.perturbed)
+                for i, p in enumerate(segment.params)
+                if perturbed is None or perturbed[i]
+            }
         return base
 
     def _packed_groups(self, index: Dict[int, int]) -> List[dict]:
@@ -343,7 +455,8 @@ class FusedSAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a FusedSAM (or matching torch.optim) state dict; the layouts must match."""
-        if self._perturbed is not None:
+        sam = self._sam
+        if sam.perturbed is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         groups = state_dict.get("param_groups")
         if groups is None or "state" not in state_dict:
@@ -355,23 +468,48 @@ class FusedSAM(torch.optim.Optimizer):
                 raise ValueError(
                     f"param group {gi} has {len(group['params'])} parameters, the state dict {len(saved['params'])}"
                 )
-        sam = state_dict.get("sam", {})
+        saved_sam = state_dict.get("sam", {})
+        restore_point = saved_sam.get("restore_point")
+        if restore_point is not None and self.mode != "alternate":
+            raise ValueError("this state dict was taken between the two halves of a mode='alternate' SAM step; "
+                             "load it into FusedSAM(..., mode='alternate')")
+        order = [i for g in groups for i in g["params"]]
         if self._fused_kind:
-            order = [i for g in groups for i in g["params"]]
             self._load_fused_state({new: state_dict["state"][old] for new, old in enumerate(order) if old in state_dict["state"]})
             for saved, group in zip(groups, self.param_groups):
                 group.update({k: v for k, v in saved.items() if k != "params"})
         else:
-            self.base_optimizer.load_state_dict({"state": state_dict["state"], "param_groups": groups})
-            self.param_groups = self.base_optimizer.param_groups
-        self.sam_eps = sam.get("eps", self.sam_eps)
-        if self._nonfinite is not None:
-            self._nonfinite.fill_(int(sam.get("nonfinite_steps", 0)))
+            base = self.base_optimizer
+            base.load_state_dict({"state": state_dict["state"], "param_groups": groups})
+            # torch.optim rebinds its state and param_groups: refill the shared objects instead.
+            loaded_state, loaded_groups = base.state, base.param_groups
+            self.state.clear()
+            self.state.update(loaded_state)
+            self.param_groups[:] = loaded_groups
+            base.state, base.param_groups = self.state, self.param_groups
+        sam.perturb_eps = float(saved_sam.get("perturb_eps", saved_sam.get("eps", sam.perturb_eps)))
+        if sam.nonfinite is not None:
+            sam.nonfinite.fill_(int(saved_sam.get("nonfinite_steps", 0)))
+        if restore_point is not None:
+            self._load_restore_point({new: restore_point[old] for new, old in enumerate(order) if old in restore_point})
+
+    def _load_restore_point(self, restore_point: dict) -> None:
+        """Resume between the halves of an alternate-mode SAM step: w of each perturbed parameter."""
+        index = self._param_index()
+        masks = []
+        for segment in self._sam.segments:
+            mask = [index[id(p)] in restore_point for p in segment.params]
+            for i, p in enumerate(segment.params):
+                if mask[i]:
+                    segment.set_backup(i, restore_point[index[id(p)]])
+            masks.append(None if all(mask) else mask)
+        self._sam.perturbed = masks
 
     def _load_fused_state(self, state: dict) -> None:
         """Copy per-parameter state (keyed by this optimizer's parameter index) into the flat buffers."""
         index = self._param_index()
-        for segment in self._segments:
+        for segment in self._sam.segments:
             segment.set_steps(
                 [segment.import_state(i, state.get(index[id(p)], {})) for i, p in enumerate(segment.params)]
             )
+            self._publish_state(segment)

@@ -83,12 +83,27 @@ def test_tensor_lr_is_accepted():
     assert_twins_close(twin, model, torch.float32)
 
 
-def test_sam_eps_and_base_eps_are_kept_apart():
+def test_eps_goes_to_the_base_optimizer_and_perturb_eps_to_sam():
+    """As in the classic class, every keyword SAM does not know (eps included) is the base optimizer's."""
+    opt = FusedSAM(mlp().parameters(), torch.optim.Adam, eps=1e-3, perturb_eps=1e-10)
+    assert opt.param_groups[0]["eps"] == 1e-3 and opt.perturb_eps == 1e-10
+    assert FusedSAM(mlp().parameters(), torch.optim.Adam).perturb_eps == 1e-12
+    with pytest.raises(TypeError, match="perturb_eps"):
+        FusedSAM(mlp().parameters(), torch.optim.Adam, base_eps=1e-6)
+    with pytest.raises(ValueError, match="perturb_eps must be a positive number"):
+        FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, perturb_eps=0.0)
+
+
+def test_adam_eps_reaches_the_update():
+    """eps=1e-1 through FusedSAM must give the same run as the classic class passing eps=1e-1 to Adam."""
     model = mlp()
-    with pytest.warns(UserWarning, match="base_eps"):
-        FusedSAM(model.parameters(), torch.optim.Adam, eps=1e-8)
-    opt = FusedSAM(mlp().parameters(), torch.optim.Adam, eps=1e-10, base_eps=1e-6)
-    assert opt.sam_eps == 1e-10 and opt.param_groups[0]["eps"] == 1e-6
+    twin = copy.deepcopy(model)
+    fused = FusedSAM(model.parameters(), torch.optim.Adam, lr=1e-2, eps=1e-1)
+    classic = ClassicSAM(twin.parameters(), torch.optim.Adam, lr=1e-2, eps=1e-1)
+    sam_train(model, fused, 4)
+    sam_train(twin, classic, 4)
+    assert_twins_close(twin, model, torch.float32)
+    assert fused.base_optimizer.defaults["eps"] == 1e-1
 
 
 def test_add_param_group_after_construction():
@@ -108,7 +123,7 @@ def test_add_param_group_after_construction():
 def test_parameters_and_grads_are_views_into_flat_buffers():
     model = mlp()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    (segment,) = opt._segments
+    (segment,) = opt._sam.segments
     for p, off in zip(model.parameters(), segment.offsets):
         assert p.data_ptr() == segment.weights.data_ptr() + off * 4
         assert p.grad.data_ptr() == segment.grads.data_ptr() + off * 4
@@ -141,7 +156,7 @@ def test_replaced_grads_are_gathered(base, view_check):
             loss_of(m, x, y).backward()
             opt.second_step()
     assert_twins_close(twin, model, torch.float32)
-    (segment,) = fused._segments
+    (segment,) = fused._sam.segments
     assert all(p.grad is view for p, view in zip(model.parameters(), segment.grad_views))
 
 
@@ -163,7 +178,7 @@ def test_moved_parameters_are_reflattened_keeping_state(make_model, move, dtype,
     sam_train(model, opt, 1, dtype=dtype)
     sam_train(twin, twin_opt, 1, dtype=dtype)
     assert list(opt.backends) == [f"cpu {dtype}"]
-    (segment,) = opt._segments
+    (segment,) = opt._sam.segments
     assert model[0].weight.data_ptr() == segment.weights.data_ptr()
     assert [p.stride() for p in model.parameters()] == strides
     assert not torch.equal(model[0].weight, before["0.weight"]), "the model's new storage was not updated"
@@ -276,7 +291,8 @@ def _construct(params_of, **kwargs):
     (lambda m: [m[0].weight, m[0].weight], {}, ValueError, "same tensor as parameter 0"),
     (lambda m: m.parameters(), dict(rho=-0.1), ValueError, "rho must be a non-negative"),
     (lambda m: [{"params": m.parameters(), "rho": -1}], {}, ValueError, "param group 0"),
-    (lambda m: m.parameters(), dict(eps=0.0), ValueError, "eps must be a positive"),
+    (lambda m: m.parameters(), dict(perturb_eps=0.0), ValueError, "perturb_eps must be a positive"),
+    (lambda m: m.parameters(), dict(mode="twice"), ValueError, "mode must be one of"),
     (lambda m: m.parameters(), dict(eta=-1.0), ValueError, "eta must be a non-negative"),
     (lambda m: m.parameters(), dict(backend="cuda-magic"), ValueError, "unknown backend 'cuda-magic'"),
     (lambda m: m.parameters(), dict(base_optimizer=object), TypeError, "torch.optim.Optimizer subclass"),

@@ -130,7 +130,7 @@ def _optimizer_state_tensors(opt: torch.optim.Optimizer) -> List[torch.Tensor]:
 
 def _fused_held(opt: FusedSAM) -> List[torch.Tensor]:
     held = []
-    for segment in opt._segments:  # the flat buffers: weights, grads, backup, state (with padding)
+    for segment in opt._sam.segments:  # the flat buffers: weights, grads, backup, state (with padding)
         held += [segment.weights, segment.grads, segment.backup] + list(segment.state.values())
     return held
 
@@ -161,7 +161,7 @@ def build(name: str, params: Sequence[torch.Tensor], optimizer: str):
     base_cls, kwargs = OPTIMIZERS[optimizer]
     params = list(params)
     if name == "classic":
-        opt = ClassicSAM(params, base_cls, rho=RHO, eps=SAM_EPS, **kwargs)
+        opt = ClassicSAM(params, base_cls, rho=RHO, perturb_eps=SAM_EPS, **kwargs)
         # foreach=None: torch.optim picks foreach on CUDA and its per-tensor for-loop on CPU.
         impl = "foreach" if params[0].device.type == "cuda" else "for-loop"
         info = {"base": f"{base_cls.__name__}(default: {impl})"}
