@@ -150,6 +150,8 @@ class FlatSegment:
         bumps the buffer's version counter, and a fresh ``.grad`` tensor is not one of the views."""
         if self.grads._version != self.seen_grads_version:
             return True
+        if self.intact():
+            return False
         return any(g is not None and g is not v for g, v in zip(map(_GRAD, self.params), self.grad_views))
 
     def ensure_state(self, names: Sequence[str]) -> bool:
