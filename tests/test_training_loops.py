@@ -168,6 +168,18 @@ def test_dict_copying_wrapper_sees_relayout_phase_and_state():
 
 # --- 3. step(closure) in both conventions ----------------------------------------------------------
 
+def torch_closure(opt, model, x, y, calls=None):
+    """torch.optim's closure: zero the gradients, forward, backward, return the loss."""
+    def closure():
+        if calls is not None:
+            calls.append(1)
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+    return closure
+
+
 def classic_run(model, steps, dtype, cls=torch.optim.SGD, **kwargs):
     opt = ClassicSAM(model.parameters(), cls, rho=0.05, **kwargs)
     for x, y in batches(model, steps, dtype):
@@ -195,14 +207,8 @@ def test_step_closure_torch_convention_is_true_sam(base):
     opt = FusedSAM(model.parameters(), cls, rho=0.05, **kwargs)
     calls = []
     for x, y in batches(model, 8, torch.float64):
-        def closure():
-            calls.append(1)
-            opt.zero_grad()
-            loss = loss_of(model, x, y)
-            loss.backward()
-            return loss
         loss_at_w = loss_of(model, x, y).detach()
-        assert torch.equal(opt.step(closure), loss_at_w)
+        assert torch.equal(opt.step(torch_closure(opt, model, x, y, calls)), loss_at_w)
     assert len(calls) == 16
     classic_run(oracle, 8, torch.float64, cls, **kwargs)
     plain_run(sgd, 8, torch.float64, cls, **kwargs)
@@ -232,12 +238,7 @@ def test_step_closure_never_perturbs_with_a_stale_gradient():
     oracle = copy.deepcopy(model)
     opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     for x, y in batches(model, 6, torch.float64):
-        def closure():
-            opt.zero_grad()
-            loss = loss_of(model, x, y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(torch_closure(opt, model, x, y))
     classic_run(oracle, 6, torch.float64, lr=0.1)
     assert_twins_close(oracle, model, torch.float64)
 
@@ -320,13 +321,8 @@ def test_alternate_mode_runs_a_closure_once_per_call():
     oracle = copy.deepcopy(model)
     opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.05, mode="alternate", lr=0.1)
     for x, y in batches(model, 6, torch.float64):
-        def closure():
-            opt.zero_grad()
-            loss = loss_of(model, x, y)
-            loss.backward()
-            return loss
         expected = loss_of(model, x, y).detach()
-        assert torch.equal(opt.step(closure), expected)
+        assert torch.equal(opt.step(torch_closure(opt, model, x, y)), expected)
     alternate_reference(oracle, 6, torch.float64, torch.optim.SGD, dict(lr=0.1))
     assert_twins_close(oracle, model, torch.float64)
 
