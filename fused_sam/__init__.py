@@ -1,8 +1,12 @@
 """fused_sam: Sharpness-Aware Minimization for PyTorch, fused over flat parameter buffers."""
 from .backends import BackendUnavailable, available_backends
 from .optimizer import FusedSAM
+from .running_stats import disable_running_stats, enable_running_stats, running_stats_frozen
 
 SAM = FusedSAM
 
-__all__ = ["FusedSAM", "SAM", "BackendUnavailable", "available_backends"]
+__all__ = [
+    "FusedSAM", "SAM", "BackendUnavailable", "available_backends",
+    "disable_running_stats", "enable_running_stats", "running_stats_frozen",
+]
 __version__ = "0.1.0"
