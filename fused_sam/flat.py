@@ -66,6 +66,11 @@ class FlatSegment:
         self.backup = torch.empty_like(self.weights)
         self.state: dict = {}
         self.steps = torch.zeros(len(self.params), dtype=torch.float32)
+        # A host copy of the step counts for the per-step bookkeeping: one shared int while they agree
+        # (the usual case), else a list; re-read from the tensor when its version shows an outside edit.
+        self._uniform_step: Optional[int] = 0
+        self._step_list: List[int] = []
+        self._steps_version = self.steps._version
         self.published = False  # optimizer.state[p] holds views into this segment's state
         self.weight_views = [self._view(self.weights, i) for i in range(len(self.params))]
         self.grad_views = [self._view(self.grads, i) for i in range(len(self.params))]
@@ -168,17 +173,17 @@ class FlatSegment:
         views["step"] = self.steps[i]
         return views
 
-    def whole_span(self) -> Span:
-        """The whole segment as one span, when its parameters share one step count; else None."""
-        steps = self.steps
-        return self._span(0, self.numel, int(steps[0])) if bool((steps == steps[0]).all()) else None
-
     def spans(self, *masks: Optional[Sequence[bool]]) -> Iterator[tuple]:
         """Yield (first, stop, flags, Span) for each maximal run of parameters with equal mask values and
         step counts; ``flags`` holds the run's value of each mask (a None mask is all True)."""
+        uniform = self._host_steps()
+        if all(m is None for m in masks) and uniform is not None:  # the usual case: one span
+            yield 0, len(self.params), (True,) * len(masks), self._span(0, self.numel, uniform)
+            return
         columns = [[True] * len(self.params) if m is None else m for m in masks]
+        steps = [uniform] * len(self.params) if uniform is not None else self._step_list
         i = 0
-        for (*flags, step), run in groupby(zip(*columns, map(int, self.steps.tolist()))):
+        for (*flags, step), run in groupby(zip(*columns, steps)):
             n = sum(1 for _ in run)
             yield i, i + n, tuple(flags), self._span(self.offsets[i], self._end(i + n - 1), step)
             i += n
@@ -196,7 +201,8 @@ class FlatSegment:
 
     def export_state(self, i: int) -> dict:
         """torch.optim-style state of parameter ``i``: cloned tensors shaped like the parameter, and 'step'."""
-        step = int(self.steps[i])
+        uniform = self._host_steps()
+        step = uniform if uniform is not None else self._step_list[i]
         if step == 0:
             return {}
         state = {name: self._view(buf, i).clone() for name, buf in self.state.items()}
@@ -239,8 +245,29 @@ class FlatSegment:
 
     # --- step counts -------------------------------------------------------------------------------
 
+    def _host_steps(self) -> Optional[int]:
+        """The shared step count, or None when they differ (then ``_step_list`` holds them)."""
+        if self.steps._version != self._steps_version:  # edited through optimizer.state[p]['step']
+            self._set_host_steps([int(v) for v in self.steps.tolist()])
+        return self._uniform_step
+
+    def _set_host_steps(self, steps: List[int]) -> None:
+        self._uniform_step = steps[0] if len(set(steps)) == 1 else None
+        self._step_list = [] if self._uniform_step is not None else steps
+        self._steps_version = self.steps._version
+
     def set_steps(self, steps: List[int]) -> None:
         self.steps.copy_(torch.tensor(steps, dtype=torch.float32))
+        self._set_host_steps(steps)
 
     def mark_updated(self, first: int, stop: int) -> None:
+        uniform = self._host_steps()
+        if uniform is not None and (first, stop) == (0, len(self.params)):
+            self.steps.add_(1)
+            self._uniform_step = uniform + 1
+            self._steps_version = self.steps._version
+            return
         self.steps[first:stop] += 1
+        steps = [uniform] * len(self.params) if uniform is not None else list(self._step_list)
+        steps[first:stop] = [s + 1 for s in steps[first:stop]]
+        self._set_host_steps(steps)

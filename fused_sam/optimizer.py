@@ -217,9 +217,9 @@ class FusedSAM(torch.optim.Optimizer):
         base_cls = type(self.base_optimizer)
         return [update_from_group(self._fused_kind, base_cls, g) for g in self.param_groups]
 
-    def _linked_grads(self) -> List[Optional[List[bool]]]:
+    def _linked_grads(self, intact: List[bool]) -> List[Optional[List[bool]]]:
         """Link every gradient into the flat buffers; per segment, which parameters have one (None: all)."""
-        return [None if segment.intact() else segment.link_grads() for segment in self._sam.segments]
+        return [None if ok else segment.link_grads() for segment, ok in zip(self._sam.segments, intact)]
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -231,13 +231,15 @@ class FusedSAM(torch.optim.Optimizer):
         sam = self._sam
         if sam.perturbed is not None:
             raise RuntimeError("first_step() called twice; call second_step() before the next first_step()")
-        if not all(segment.intact() for segment in sam.segments):
+        intact = [segment.intact() for segment in sam.segments]
+        if not all(intact):
             moved = next(filter(None, (s.storage_moved() for s in sam.segments)), None)
             if moved:
                 self._relayout(moved)
+                intact = [False] * len(sam.segments)
         perturbations = self._perturbations()
         self._base_updates()  # a base setting second_step() would refuse must fail before w moves
-        active = self._linked_grads()
+        active = self._linked_grads(intact)
         work = [
             (segment, span)
             for segment, mask in zip(sam.segments, active)
@@ -292,13 +294,14 @@ class FusedSAM(torch.optim.Optimizer):
         sam = self._sam
         if sam.perturbed is None:
             raise RuntimeError("second_step() called before first_step()")
-        for segment in sam.segments:
-            moved = segment.storage_moved()
+        intact = [segment.intact() for segment in sam.segments]
+        for segment, ok in zip(sam.segments, intact):
+            moved = None if ok else segment.storage_moved()
             if moved:
                 raise RuntimeError(
                     f"{moved} changed storage between first_step() and second_step(); the weights cannot be restored"
                 )
-        active = self._linked_grads()
+        active = self._linked_grads(intact)
         if self._fused_kind:
             updates = self._base_updates()
             for segment, perturbed, has_grad in zip(sam.segments, sam.perturbed, active):
