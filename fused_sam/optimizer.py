@@ -46,6 +46,7 @@ class _SAMState:
         # perturbed (None: all of them). None outside a SAM step.
         self.perturbed: Optional[List[Optional[List[bool]]]] = None
         self.nonfinite: Optional[torch.Tensor] = None  # device counter of first_steps with a non-finite norm
+        self.opt_called = False  # what LR schedulers check: has a step been taken since they were built?
 
 
 class FusedSAM(torch.optim.Optimizer):
@@ -99,6 +100,7 @@ class FusedSAM(torch.optim.Optimizer):
         self.backend_name = backend
         self.mode = mode
         self.base_optimizer = None
+        self._sam = _SAMState(float(perturb_eps))
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, **base_kwargs)
         super().__init__(groups, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -108,7 +110,6 @@ class FusedSAM(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         self._fused_kind = fused_kind(base_optimizer)
-        self._sam = _SAMState(float(perturb_eps))
         self._build_segments(range(len(self.param_groups)))
 
     # --- construction -----------------------------------------------------------------------------
@@ -342,8 +343,9 @@ class FusedSAM(torch.optim.Optimizer):
           so the closure is called at w for the first gradient, then at w + e for the second.
         - the classic SAM class's: the first backward already ran, so the closure runs once, at w + e.
 
-        Without a closure, between ``first_step`` and ``second_step`` this is the second step (what a
-        trainer's ``optimizer.step()`` after a hand-written first pass does). With ``mode="alternate"``
+        Between ``first_step`` and ``second_step`` this is the second step: the closure, if given, is called
+        once (at w + e) and ``second_step`` follows; so a trainer's own ``optimizer.step()`` after a
+        hand-written first pass completes the SAM step. With ``mode="alternate"``
         each call is one half of a SAM step: perturb, then restore and update (see the class docstring).
         """
         sam = self._sam
@@ -357,17 +359,19 @@ class FusedSAM(torch.optim.Optimizer):
             else:
                 self.second_step()
             return loss
+        if sam.perturbed is not None:  # the rest of a SAM step begun by first_step()
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.second_step()
+            return loss
         if closure is None:
-            if sam.perturbed is not None:
-                self.second_step()
-                return None
             raise RuntimeError(
                 "FusedSAM.step() needs a closure that runs forward and backward; or call first_step() and "
                 "second_step() yourself; or construct FusedSAM(..., mode='alternate') for a trainer that calls "
                 "step() once per batch"
             )
-        if sam.perturbed is not None:
-            raise RuntimeError("step(closure) between first_step() and second_step(); call second_step() first")
         loss = None
         if not self._grads_fresh():
             with torch.enable_grad():
@@ -379,9 +383,28 @@ class FusedSAM(torch.optim.Optimizer):
         return loss_at_perturbed if loss is None else loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero every gradient buffer in one operation each; views stay linked even with set_to_none."""
-        for segment in self._sam.segments:
+        """Zero every gradient buffer in one operation each; views stay linked even with set_to_none.
+
+        Parameters moved since the last step (``model.to(...)`` also moves their ``.grad`` out of the
+        buffer) are flattened anew first, so the gradients they hold are the ones zeroed.
+        """
+        sam = self._sam
+        if sam.perturbed is None:
+            moved = next(filter(None, (s.storage_moved() for s in sam.segments)), None)
+            if moved:
+                self._relayout(moved)
+        for segment in sam.segments:
             segment.zero_grad()
+
+    @property
+    def _opt_called(self) -> bool:
+        """LR schedulers set and read this flag on the optimizer; kept in the shared state, so a flag set
+        through a wrapper (Lightning's) is seen by a scheduler holding the optimizer itself."""
+        return self._sam.opt_called
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._sam.opt_called = value
 
     @property
     def perturbed(self) -> bool:

@@ -5,6 +5,7 @@ deep copy over the same batches."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -132,6 +133,19 @@ class DictCopyingWrapper:
         return self._optimizer.step(closure)
 
 
+def test_zero_grad_after_a_move_zeroes_the_moved_gradients():
+    """model.to(channels_last) moves each .grad out of the flat buffer (grad.data = ...); zero_grad must
+    zero what the parameters now hold, or the next backward adds onto stale gradients."""
+    model = conv_net(torch.float64)
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    loss_of(model, *next(batches(model, 1, torch.float64))).backward()
+    model.to(memory_format=torch.channels_last)
+    opt.zero_grad()
+    for p in model.parameters():
+        assert not p.grad.any()
+        assert p.grad.stride() == p.stride()
+
+
 def test_dict_copying_wrapper_sees_relayout_phase_and_state():
     """A re-layout (channels_last) through the wrapper must be what the original saves, and vice versa."""
     model = conv_net()
@@ -156,6 +170,19 @@ def test_dict_copying_wrapper_sees_relayout_phase_and_state():
     wrapper.second_step()
     loss_of(twin, x, y).backward()
     plain.first_step()
+    plain.second_step()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)  # wraps opt.step and reads opt._opt_called
+    loss_of(model, x, y).backward()
+    wrapper.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    wrapper.second_step()  # sets _opt_called through the wrapper
+    assert opt._opt_called
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step()
+    loss_of(twin, x, y).backward()
+    plain.first_step(zero_grad=True)
+    loss_of(twin, x, y).backward()
     plain.second_step()
     for saved in (opt.state_dict(), wrapper.state_dict()):
         reference = plain.state_dict()
@@ -271,9 +298,29 @@ def test_step_without_closure_after_first_step_is_the_second_step():
     assert_twins_close(oracle, model, torch.float64)
     with pytest.raises(RuntimeError, match="mode='alternate'"):
         opt.step()
-    opt.first_step()
-    with pytest.raises(RuntimeError, match="between first_step"):
-        opt.step(lambda: None)
+
+
+def test_step_closure_after_first_step_runs_it_once_at_the_perturbed_point():
+    """What Lightning's manual optimization does: first_step by hand, then opt.step() with Lightning's own
+    (here: a do-nothing or a backward) closure. The closure runs once, then the second step."""
+    model = mlp(torch.float64)
+    oracle = copy.deepcopy(model)
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    calls = []
+    for k, (x, y) in enumerate(batches(model, 4, torch.float64)):
+        loss_of(model, x, y).backward()
+        opt.first_step(zero_grad=True)
+        if k % 2:
+            loss_of(model, x, y).backward()
+            closure = lambda: calls.append(1)  # noqa: E731
+        else:
+            closure = torch_closure(opt, model, x, y, calls)
+        opt.step(closure)
+        assert not opt.perturbed
+        opt.zero_grad()
+    assert len(calls) == 4
+    classic_run(oracle, 4, torch.float64, lr=0.1, momentum=0.9)
+    assert_twins_close(oracle, model, torch.float64)
 
 
 # --- 4. mode="alternate" ---------------------------------------------------------------------------
