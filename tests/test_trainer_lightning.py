@@ -68,8 +68,9 @@ def to_channels_last_at(step):
 class SAMModule(L.LightningModule):
     """``net`` trained by ``FusedSAM(params, base, rho=RHO, **kwargs)``.
 
-    manual: None (automatic optimization), "closure" (``opt.step(closure=...)``) or "two-calls"
-    (``opt.optimizer.first_step()`` / ``second_step()``). before_batch(net, batch_idx) runs first in each step.
+    manual: None (automatic optimization), "closure" (``opt.step(closure=...)``), "two-calls"
+    (``opt.optimizer.first_step()`` / ``second_step()``) or "first-step-then-step"
+    (``opt.optimizer.first_step()``, then Lightning's ``opt.step()``). before_batch(net, batch_idx) runs first in each step.
     """
 
     def __init__(self, net, base, manual=None, before_batch=None):
@@ -100,7 +101,10 @@ class SAMModule(L.LightningModule):
         self.manual_backward(self.loss(*batch))
         sam.first_step(zero_grad=True)
         self.manual_backward(self.loss(*batch))
-        sam.second_step()
+        if self.manual == "first-step-then-step":
+            opt.step()  # Lightning passes its own do-nothing closure; FusedSAM completes the SAM step
+        else:
+            sam.second_step()
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.before_batch is not None:
@@ -221,6 +225,16 @@ def test_manual_optimization_first_and_second_step_do_not_count_steps():
     assert_true_sam(module.trajectory, net, "sgd-momentum", batches_of(data))
 
 
+def test_manual_optimization_first_step_then_lightning_step_counts_steps():
+    """first_step by hand, the second gradient by manual_backward, then opt.step(): Lightning counts it."""
+    net = mlp(F64)
+    data = make_data(net, 6)
+    module = SAMModule(copy.deepcopy(net), "sgd-momentum", manual="first-step-then-step")
+    trainer = fit(module, data, max_epochs=1)
+    assert module.global_steps == [0, 1, 2, 3, 4, 5] and trainer.global_step == 6
+    assert_true_sam(module.trajectory, net, "sgd-momentum", batches_of(data))
+
+
 # --- 3. checkpoint and resume -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("base", list(BASES))
@@ -309,7 +323,7 @@ def test_lightning_optimizer_wrapper_shares_relayout_and_state(wrap):
             twin.to(memory_format=torch.channels_last)
         first, second = (wrapper, opt) if step % 2 else (opt, wrapper)  # the re-layout runs in wrapper
         for m, a, b in ((model, first, second), (twin, classic, classic)):
-            m.zero_grad()  # set_to_none (FusedSAM's own zero_grad after the move: see the test above)
+            a.zero_grad()  # FusedSAM's own, through the wrapper or not: it re-lays out after the move
             loss_of(m, x, y).backward()
             a.first_step(zero_grad=True)
             assert a is classic or (opt.perturbed and wrapper.perturbed)
