@@ -231,7 +231,11 @@ class FusedSAM(torch.optim.Optimizer):
         """
         sam = self._sam
         if sam.perturbed is not None:
-            raise RuntimeError("first_step() called twice; call second_step() before the next first_step()")
+            raise RuntimeError(
+                "first_step() called twice; call second_step() before the next first_step() (a GradScaler that "
+                "skipped scaler.step(optimizer) after an overflow leaves the weights at w + e: use "
+                "FusedSAM(..., mode='alternate') with a GradScaler)"
+            )
         intact = [segment.intact() for segment in sam.segments]
         if not all(intact):
             moved = next(filter(None, (s.storage_moved() for s in sam.segments)), None)
