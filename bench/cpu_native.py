@@ -7,9 +7,13 @@
    40 bytes/param (norm: read g; perturb: read w, g, write backup, w; restore+update: read backup, g, buf,
    write buf, w) divided by the copy bandwidth measured in this run (a large tensor copy, read + write
    bytes counted). Target: native within 1.15x of the floor.
-2. 1000 tensors of 1,000 elements: native FusedSAM against the classic per-tensor loop (ClassicSAM).
+2. The same step with bfloat16 parameters and float32 master weights (master_weights=True): the floor is
+   30 bytes/param (norm: read g; perturb: read master, g, write w; restore+update: read master, g, buf,
+   write buf, master, w; g and w are 2 bytes).
+3. 1000 tensors of 1,000 elements: native FusedSAM against the classic per-tensor loop (ClassicSAM).
    Target: >= 30x faster.
-3. Each native operation alone on the ResNet-50 buffer, against its own byte floor.
+4. Each native operation alone on the ResNet-50 buffer, against its own byte floor; the float32 rows, then
+   the bfloat16 rows with a float32 master.
 
 Prints a table of medians. Runs in well under two minutes on 2 cores.
 """
@@ -28,12 +32,12 @@ from fused_sam.bench.cases import resnet50_shapes
 from fused_sam.classic import ClassicSAM
 
 
-def make_params(shapes, seed=0):
+def make_params(shapes, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     params = []
     for s in shapes:
-        p = torch.nn.Parameter(torch.randn(s, generator=gen) * 0.05)
-        p.grad = torch.randn(s, generator=gen) * 1e-3
+        p = torch.nn.Parameter((torch.randn(s, generator=gen) * 0.05).to(dtype))
+        p.grad = (torch.randn(s, generator=gen) * 1e-3).to(dtype)
         params.append(p)
     return params
 
@@ -64,11 +68,11 @@ def sam_step(opt):
     return step
 
 
-def make_opt(kind, params):
+def make_opt(kind, params, master_weights=False):
     kw = dict(rho=0.05, lr=0.1, momentum=0.9, weight_decay=5e-4)
     if kind == "classic":
         return ClassicSAM(params, torch.optim.SGD, **kw)
-    return FusedSAM(params, torch.optim.SGD, backend=kind, **kw)
+    return FusedSAM(params, torch.optim.SGD, backend=kind, master_weights=master_weights, **kw)
 
 
 def main(argv=None):
@@ -106,7 +110,14 @@ def main(argv=None):
         rows.append((f"resnet50 SAM step, {kind}", t, t / floor))
         del opt
 
-    # 2. 1000 x 1k tensors, native vs classic.
+    # 2. The same with bfloat16 parameters and float32 master weights.
+    floor_master = 30 * n / bw
+    opt = make_opt("native", make_params(shapes, dtype=torch.bfloat16), master_weights=True)
+    t_master = median_time(sam_step(opt), iters)
+    del opt
+    rows.append(("resnet50 SAM step, native bf16+master", t_master, t_master / floor_master))
+
+    # 3. 1000 x 1k tensors, native vs classic.
     small = [(1000,)] * 1000
     n_small = 1000 * 1000
     floor_small = 40 * n_small / bw
@@ -115,27 +126,36 @@ def main(argv=None):
     rows.append(("1000x1k SAM step, native", t_native_small, t_native_small / floor_small))
     rows.append(("1000x1k SAM step, classic", t_classic_small, t_classic_small / floor_small))
 
-    # 3. Native operations alone on a ResNet-50-sized flat buffer.
+    # 4. Native operations alone on a ResNet-50-sized flat buffer.
     ops = torch.ops.fused_sam
     w, g = torch.randn(n), torch.randn(n)
     bk, buf = torch.empty(n), torch.zeros(n)
+    master, w16, g16 = torch.randn(n), torch.empty(n, dtype=torch.bfloat16), g.bfloat16()
+    step = torch.ones(())  # not the first step: the momentum buffer is read
     partials = torch.empty(NativeBackend().partials_len(type("S", (), {"numel": n, "device": torch.device("cpu")})()))
     op_rows = [
-        ("op sq_norm_partials", 4, lambda: ops.sq_norm_partials(g, w, False, 0.0, partials)),
-        ("op perturb", 16, lambda: ops.perturb(w, g, bk, partials, None, 0.05, False, 0.0, True, 1e-12)),
+        ("op sq_norm_partials", 4, lambda: ops.sq_norm_partials(g, w, None, False, 0.0, partials)),
+        ("op perturb", 16, lambda: ops.perturb(w, g, bk, None, partials, None, None, 0.05, False, 0.0, True, 1e-12)),
         ("op restore_sgd (momentum)", 20,
-         lambda: ops.restore_sgd(w, bk, g, buf, 0.1, 0.9, 0.0, 5e-4, False, False, False)),
-        ("op restore", 8, lambda: ops.restore(w, bk)),
+         lambda: ops.restore_sgd(w, bk, None, g, buf, step, None, None, 0.1, 0.9, 0.0, 5e-4, False, False)),
+        ("op restore", 8, lambda: ops.restore(w, bk, None)),
+        ("op sq_norm_partials ASAM, master", 6,
+         lambda: ops.sq_norm_partials(g16, w16, master, True, 0.01, partials)),
+        ("op perturb, master", 8,
+         lambda: ops.perturb(w16, g16, None, master, partials, None, None, 0.05, False, 0.0, True, 1e-12)),
+        ("op restore_sgd (momentum), master", 20,
+         lambda: ops.restore_sgd(w16, None, master, g16, buf, step, None, None, 0.1, 0.9, 0.0, 5e-4, False, False)),
+        ("op restore, master", 6, lambda: ops.restore(w16, None, master)),
     ]
     for name, bytes_per, fn in op_rows:
         t = median_time(fn, iters)
         rows.append((name, t, t / (bytes_per * n / bw)))
 
     print()
-    print(f"{'case':<32} {'median ms':>10} {'x floor':>8}")
-    print("-" * 52)
+    print(f"{'case':<38} {'median ms':>10} {'x floor':>8}")
+    print("-" * 58)
     for name, t, ratio in rows:
-        print(f"{name:<32} {t * 1e3:>10.2f} {ratio:>8.2f}")
+        print(f"{name:<38} {t * 1e3:>10.2f} {ratio:>8.2f}")
     print()
     ratio = results["native"] / floor
     speedup = t_classic_small / t_native_small

@@ -11,17 +11,20 @@ per-tensor loop), SGD with momentum, on
 1. ResNet-50 parameter shapes (161 tensors, 25,557,032 parameters; built here, no torchvision), and
 2. one tensor of 100M elements,
 
-in float32 (and bfloat16 parameters with float32 momentum for triton and reference). Medians over CUDA
-event timings of single steps.
+in float32 (and, for triton and reference, bfloat16 parameters with float32 momentum, without and with
+float32 master weights). Medians over CUDA event timings of single steps.
 
 Byte model (minimum traffic of one SAM step with SGD momentum, per parameter, float32 everything):
 norm: read g (4 B); first_step: read g, w, write backup, w (16 B); second_step: read backup, g, buf,
 write w, buf (20 B); total 40 B. With bfloat16 weights and gradients and a float32 momentum buffer:
-2 + 8 + 14 = 24 B. "GB/s" is that byte count over the median time; "of copy" divides it by the
-device-to-device copy bandwidth measured in the same run (a large ``copy_``, read + write bytes
-counted), so 100% means the step runs at the speed of a plain copy of the same bytes.
+2 + 8 + 14 = 24 B; with float32 master weights too (perturb reads the master instead of w and writes no
+backup, the update reads and writes the master and writes w): 2 + 8 + 20 = 30 B. "GB/s" is that byte count
+over the median time; "of copy" divides it by the device-to-device copy bandwidth measured in the same run
+(a large ``copy_``, read + write bytes counted), so 100% means the step runs at the speed of a plain copy of
+the same bytes.
 
-A second table times each triton operation alone on the 100M tensor against its own byte count.
+A second table times each triton operation alone on the 100M tensor against its own byte count, for
+float32 weights and for bfloat16 weights with a float32 master.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ if SMOKE and not torch.cuda.is_available():
 from fused_sam import FusedSAM  # noqa: E402
 from fused_sam.bench.cases import resnet50_shapes  # noqa: E402
 from fused_sam.backends import triton as triton_backend  # noqa: E402
-from fused_sam.backends.base import Perturbation, Span  # noqa: E402
+from fused_sam.backends.base import Perturbation, Span, StepScalars  # noqa: E402
 from fused_sam.classic import ClassicSAM  # noqa: E402
 from fused_sam.updates import SGDUpdate  # noqa: E402
 
@@ -48,9 +51,12 @@ SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 RHO = 0.05
 
 
-def bytes_per_param(dtype: torch.dtype) -> int:
-    """SGD-momentum SAM step: norm (g) + perturb (g, w, backup, w) + update (backup, g, buf, w, buf)."""
+def bytes_per_param(dtype: torch.dtype, master: bool = False) -> int:
+    """SGD-momentum SAM step: norm (g) + perturb (g, w, backup, w) + update (backup, g, buf, w, buf); with
+    a float32 master: norm (g) + perturb (master, g, w) + update (master, g, buf, master, w, buf)."""
     p = torch.tensor([], dtype=dtype).element_size()
+    if master:
+        return p + (4 + 2 * p) + (4 * 4 + 2 * p)
     return p + 4 * p + 3 * p + 2 * 4
 
 
@@ -118,12 +124,12 @@ def copy_bandwidth(device, timer, smoke) -> float:
     return 2 * 4 * n / (ms * 1e-3) / 1e9
 
 
-def build(method, shapes, device, dtype):
+def build(method, shapes, device, dtype, master=False):
     params = make_params(shapes, device, dtype)
     if method == "classic":
         opt = ClassicSAM(params, torch.optim.SGD, rho=RHO, **SGD_KW)
     else:
-        opt = FusedSAM(params, torch.optim.SGD, rho=RHO, backend=method, **SGD_KW)
+        opt = FusedSAM(params, torch.optim.SGD, rho=RHO, backend=method, master_weights=master, **SGD_KW)
     return params, opt
 
 
@@ -132,11 +138,11 @@ def sam_step(opt):
     opt.second_step()
 
 
-def check_parity(shapes, device, dtype):
-    """One SAM step with triton and with reference from identical parameters: same weights."""
+def check_parity(shapes, device, dtype, master=False):
+    """Two SAM steps with triton and with reference from identical parameters: same weights."""
     results = []
     for method in ("reference", "triton"):
-        params, opt = build(method, shapes, device, dtype)
+        params, opt = build(method, shapes, device, dtype, master)
         sam_step(opt)
         sam_step(opt)
         results.append([p.detach().float() for p in params])
@@ -154,19 +160,22 @@ def run_steps(device, timer, copy_gbs, smoke):
     rows = []
     for case, shapes in cases(smoke).items():
         numel = sum(torch.Size(s).numel() for s in shapes)
-        configs = [("triton", torch.float32), ("reference", torch.float32), ("classic", torch.float32),
-                   ("triton", torch.bfloat16), ("reference", torch.bfloat16)]
+        configs = [("triton", torch.float32, False), ("reference", torch.float32, False),
+                   ("classic", torch.float32, False), ("triton", torch.bfloat16, False),
+                   ("reference", torch.bfloat16, False), ("triton", torch.bfloat16, True),
+                   ("reference", torch.bfloat16, True)]
         classic_ms = None
-        for method, dtype in configs:
-            params, opt = build(method, shapes, device, dtype)
+        for method, dtype, master in configs:
+            params, opt = build(method, shapes, device, dtype, master)
             ms = timer(lambda: sam_step(opt))
             del params, opt
             free(device)
-            gbs = bytes_per_param(dtype) * numel / (ms * 1e-3) / 1e9
+            gbs = bytes_per_param(dtype, master) * numel / (ms * 1e-3) / 1e9
             if method == "classic":
                 classic_ms = ms
-            rows.append(dict(case=case, tensors=len(shapes), numel=numel, method=method, dtype=str(dtype)[6:],
-                             ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
+            rows.append(dict(case=case, tensors=len(shapes), numel=numel, method=method,
+                             dtype=str(dtype)[6:] + ("+master" if master else ""), ms=ms, gbs=gbs,
+                             of_copy=gbs / copy_gbs))
         for r in rows:
             if r["case"] == case and classic_ms:
                 r["vs_classic"] = classic_ms / r["ms"]
@@ -174,33 +183,45 @@ def run_steps(device, timer, copy_gbs, smoke):
     return rows
 
 
+def op_bytes(dtype: torch.dtype, master: bool) -> dict:
+    """Bytes per element each operation moves (SGD momentum, not the first step; float32 state)."""
+    p = torch.tensor([], dtype=dtype).element_size()
+    if master:  # the master (4 B) is read instead of a backup; perturb writes no backup; the update writes it
+        return {"sq_norm_partials": p, "perturb": 4 + 2 * p, "restore_and_update": 4 * 4 + 2 * p, "restore": 4 + p}
+    return {"sq_norm_partials": p, "perturb": 4 * p, "restore_and_update": 3 * p + 2 * 4, "restore": 2 * p}
+
+
 def run_ops(device, timer, copy_gbs, smoke):
-    """Each triton operation alone on one large float32 span, against its byte count."""
+    """Each triton operation alone on one large span, against its byte count: float32 weights, and
+    bfloat16 weights with a float32 master."""
     n = 5000 if smoke else 100_000_000
     backend = triton_backend.TritonBackend()
-    gen = torch.Generator(device=device).manual_seed(0)
-    w = torch.randn(n, device=device, generator=gen)
-    g = torch.randn(n, device=device, generator=gen)
-    span = Span(weights=w, grads=g, backup=torch.empty_like(w), state={"momentum_buffer": torch.zeros_like(w)},
-                step=1)
     pert = Perturbation(rho=RHO, adaptive=False, eta=0.0, normalize=True, eps=1e-12)
-    partials = torch.empty(backend.partials_len(span), device=device)
-    count = torch.zeros(1, dtype=torch.int32, device=device)
     update = SGDUpdate(**SGD_KW)
-    ops = [
-        ("sq_norm_partials", 4, lambda: backend.sq_norm_partials(span, pert, partials)),
-        ("perturb", 16, lambda: backend.perturb(span, pert, partials, count)),
-        ("restore_and_update", 20, lambda: backend.restore_and_update(span, update)),
-        ("restore", 8, lambda: backend.restore(span)),
-    ]
-    backend.sq_norm_partials(span, pert, partials)
+    scalars = StepScalars(step=torch.ones((), device=device))  # not the first step: the buffer is read
+    count = torch.zeros(1, dtype=torch.int32, device=device)
     rows = []
-    for name, nbytes, fn in ops:
-        ms = timer(fn)
-        gbs = nbytes * n / (ms * 1e-3) / 1e9
-        rows.append(dict(op=name, bytes=nbytes, ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
-    del w, g, span
-    free(device)
+    for dtype, master in ((torch.float32, False), (torch.bfloat16, True)):
+        gen = torch.Generator(device=device).manual_seed(0)
+        w = torch.randn(n, device=device, generator=gen)
+        g = torch.randn(n, device=device, generator=gen).to(dtype)
+        span = Span(weights=w.to(dtype), grads=g, backup=None if master else torch.empty_like(w),
+                    state={"momentum_buffer": torch.zeros_like(w)}, master=w if master else None)
+        partials = torch.empty(backend.partials_len(span), device=device)
+        backend.sq_norm_partials(span, pert, partials)
+        ops = {
+            "sq_norm_partials": lambda: backend.sq_norm_partials(span, pert, partials),
+            "perturb": lambda: backend.perturb(span, pert, partials, count),
+            "restore_and_update": lambda: backend.restore_and_update(span, update, scalars),
+            "restore": lambda: backend.restore(span),
+        }
+        for name, nbytes in op_bytes(dtype, master).items():
+            ms = timer(ops[name])
+            gbs = nbytes * n / (ms * 1e-3) / 1e9
+            rows.append(dict(op=name, span=str(dtype)[6:] + ("+master" if master else ""), bytes=nbytes, ms=ms,
+                             gbs=gbs, of_copy=gbs / copy_gbs))
+        del w, g, span
+        free(device)
     return rows
 
 
@@ -244,9 +265,10 @@ def main(argv=None):
     print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
 
     timer = Timer(device, args.smoke)
-    for dtype in (torch.float32, torch.bfloat16):
-        check_parity(cases(args.smoke)["resnet50-like (tiny)" if args.smoke else "resnet50"], device, dtype)
-    print("parity: triton matches reference after two steps (float32, bfloat16)", flush=True)
+    parity_shapes = cases(args.smoke)["resnet50-like (tiny)" if args.smoke else "resnet50"]
+    for dtype, master in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        check_parity(parity_shapes, device, dtype, master)
+    print("parity: triton matches reference after two steps (float32, bfloat16, bfloat16 + master)", flush=True)
     copy_gbs = copy_bandwidth(device, timer, args.smoke)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)", flush=True)
     steps = run_steps(device, timer, copy_gbs, args.smoke)
@@ -254,15 +276,15 @@ def main(argv=None):
     sweep = run_sweep(device, timer, copy_gbs, args.smoke) if args.sweep else []
 
     print(f"\nSAM step (first_step + second_step, SGD momentum), {name}, copy {copy_gbs:.0f} GB/s")
-    print(f"{'case':<22}{'method':<11}{'dtype':<10}{'ms':>9}{'GB/s':>8}{'of copy':>9}{'vs classic':>12}")
+    print(f"{'case':<22}{'method':<11}{'dtype':<17}{'ms':>9}{'GB/s':>8}{'of copy':>9}{'vs classic':>12}")
     for r in steps:
         vs = f"{r['vs_classic']:.1f}x" if "vs_classic" in r else "-"
-        print(f"{r['case']:<22}{r['method']:<11}{r['dtype']:<10}{r['ms']:>9.3f}{r['gbs']:>8.0f}"
+        print(f"{r['case']:<22}{r['method']:<11}{r['dtype']:<17}{r['ms']:>9.3f}{r['gbs']:>8.0f}"
               f"{r['of_copy']:>8.0%}{vs:>12}")
-    print(f"\ntriton operations alone, one float32 span of {5000 if args.smoke else 100_000_000:,} elements")
-    print(f"{'op':<20}{'B/elem':>7}{'ms':>9}{'GB/s':>8}{'of copy':>9}")
+    print(f"\ntriton operations alone, one span of {5000 if args.smoke else 100_000_000:,} elements")
+    print(f"{'op':<20}{'span':<17}{'B/elem':>7}{'ms':>9}{'GB/s':>8}{'of copy':>9}")
     for r in ops:
-        print(f"{r['op']:<20}{r['bytes']:>7}{r['ms']:>9.3f}{r['gbs']:>8.0f}{r['of_copy']:>8.0%}")
+        print(f"{r['op']:<20}{r['span']:<17}{r['bytes']:>7}{r['ms']:>9.3f}{r['gbs']:>8.0f}{r['of_copy']:>8.0%}")
     if sweep:
         print("\ntriton float32 step by (BLOCK, num_warps)")
         print(f"{'BLOCK':>6}{'warps':>6}  {'case':<22}{'ms':>9}{'GB/s':>8}{'of copy':>9}")

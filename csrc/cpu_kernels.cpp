@@ -7,6 +7,9 @@
 // Determinism: the squared norm is written as one partial per CPU_NORM_CHUNK elements, each chunk summed by
 // one thread (blocks of NORM_LANES interleaved lanes folded in a fixed order, accumulated in double), so
 // partials are bitwise identical whatever the thread count. perturb sums the partials serially, in index order.
+// The step values (step, grad_scale, found_inf) are CPU tensors here, read on the host before the loops.
+// Master weights: each loop has a MASTER variant (compiled for bfloat16/float16 only) reading w from the
+// float32 master; the weights then only receive roundings, so they are written like any output-only buffer.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -114,11 +117,25 @@ inline raw_t<scalar_t>* raw_ptr(const at::Tensor& t) {
   return reinterpret_cast<raw_t<scalar_t>*>(t.data_ptr());
 }
 
+// The restore point as the loops read it (see point_t): the backup's raw bits, or a float32 master.
+template <typename scalar_t, bool MASTER>
+using raw_point_t = point_t<raw_t<scalar_t>, MASTER>;
+
+template <typename scalar_t, bool MASTER>
+inline math_t<scalar_t> load_point(raw_point_t<scalar_t, MASTER> x) {
+  if constexpr (MASTER) {
+    return x;
+  } else {
+    return IO<scalar_t>::load(x);
+  }
+}
+
 // --- streaming stores -----------------------------------------------------------------------------------
-// A buffer the operation only writes (the backup in perturb, the weights after an update) is written with
-// non-temporal stores when the span is far larger than the caches: that skips reading each line before
-// overwriting it (8 of the 40 bytes per parameter a SAM step would otherwise move). Results are computed
-// tile by tile into a small on-stack buffer (plain vectorised loops) and then streamed out.
+// A buffer the operation only writes (the backup in perturb, the weights after an update, the weights in
+// every operation with master weights) is written with non-temporal stores when the span is far larger
+// than the caches: that skips reading each line before overwriting it (8 of the 40 bytes per parameter a
+// SAM step would otherwise move). Results are computed tile by tile into a small on-stack buffer (plain
+// vectorised loops) and then streamed out.
 constexpr int64_t kTile = 2048;               // elements per staged tile
 
 template <typename R>
@@ -151,11 +168,32 @@ inline bool use_streaming(int64_t n) {
 #endif
 }
 
+// Writes the output-only buffer out[0, n) in parallel tasks: ``fill(dst, i, len)`` computes elements
+// [i, i + len) into dst, which is out + i, or for large spans a tile on the stack that is then streamed out.
+template <typename R, typename Fill>
+void write_output(R* out, int64_t n, const Fill& fill) {
+  const bool stream = use_streaming(n);
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    if (!stream) {
+      fill(out + b, b, e - b);
+      return;
+    }
+    alignas(64) R tile[kTile];
+    for (int64_t t = b; t < e; t += kTile) {
+      const int64_t len = std::min(e, t + kTile) - t;
+      fill(tile, t, len);
+      stream_copy(out + t, tile, len);
+    }
+    stream_fence();
+  });
+}
+
 // --- squared-norm partials ------------------------------------------------------------------------------
 
-template <bool ADAPTIVE, typename scalar_t, typename out_t>
-void sq_norm_chunks(const raw_t<scalar_t>* __restrict__ g, const raw_t<scalar_t>* __restrict__ w, int64_t n,
-                    math_t<scalar_t> eta, out_t* __restrict__ out, int64_t nchunks) {
+// ASAM's T reads w from the weights, or from the master (MASTER).
+template <bool ADAPTIVE, bool MASTER, typename scalar_t, typename out_t>
+void sq_norm_chunks(const raw_t<scalar_t>* __restrict__ g, const raw_point_t<scalar_t, MASTER>* __restrict__ w,
+                    int64_t n, math_t<scalar_t> eta, out_t* __restrict__ out, int64_t nchunks) {
   using T = math_t<scalar_t>;
   static_assert(CPU_NORM_CHUNK % CPU_NORM_BLOCK == 0 && CPU_NORM_BLOCK % NORM_LANES == 0, "norm blocking");
   at::parallel_for(0, nchunks, std::max<int64_t>(1, kGrain / CPU_NORM_CHUNK), [&](int64_t cb, int64_t ce) {
@@ -172,13 +210,13 @@ void sq_norm_chunks(const raw_t<scalar_t>* __restrict__ g, const raw_t<scalar_t>
           for (int64_t k = 0; k < CPU_NORM_BLOCK; k += NORM_LANES) {
             for (int j = 0; j < NORM_LANES; ++j) {
               const int64_t i = b + k + j;
-              const T wi = ADAPTIVE ? IO<scalar_t>::load(w[i]) : T(0);
+              const T wi = ADAPTIVE ? load_point<scalar_t, MASTER>(w[i]) : T(0);
               acc[j] += sq_norm_term<T>(IO<scalar_t>::load(g[i]), wi, ADAPTIVE, eta);
             }
           }
         } else {
           for (int64_t i = b; i < bstop; ++i) {
-            const T wi = ADAPTIVE ? IO<scalar_t>::load(w[i]) : T(0);
+            const T wi = ADAPTIVE ? load_point<scalar_t, MASTER>(w[i]) : T(0);
             acc[(i - b) % NORM_LANES] += sq_norm_term<T>(IO<scalar_t>::load(g[i]), wi, ADAPTIVE, eta);
           }
         }
@@ -192,21 +230,24 @@ void sq_norm_chunks(const raw_t<scalar_t>* __restrict__ g, const raw_t<scalar_t>
   });
 }
 
-void sq_norm_partials_cpu(const at::Tensor& grads, const at::Tensor& weights, bool adaptive, double eta,
-                          const at::Tensor& out) {
+void sq_norm_partials_cpu(const at::Tensor& grads, const at::Tensor& weights,
+                          const std::optional<at::Tensor>& master, bool adaptive, double eta, const at::Tensor& out) {
   const int64_t n = weights.numel();
   const int64_t nchunks = cpu_partials_len(n);
-  check_sq_norm_args(grads, weights, out, nchunks);
+  check_sq_norm_args(grads, weights, master, out, nchunks);
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::sq_norm_partials", [&] {
     using T = math_t<scalar_t>;
     const auto* g = raw_ptr<scalar_t>(grads);
-    const auto* w = raw_ptr<scalar_t>(weights);
     auto run = [&](auto* o) {
-      if (adaptive) {
-        sq_norm_chunks<true, scalar_t>(g, w, n, static_cast<T>(eta), o, nchunks);
-      } else {
-        sq_norm_chunks<false, scalar_t>(g, w, n, static_cast<T>(eta), o, nchunks);
+      if (!adaptive) {  // w is not read
+        sq_norm_chunks<false, false, scalar_t>(g, nullptr, n, static_cast<T>(eta), o, nchunks);
+        return;
       }
+      with_master<scalar_t>(master.has_value(), [&](auto has_master) {
+        constexpr bool MASTER = decltype(has_master)::value;
+        sq_norm_chunks<true, MASTER, scalar_t>(g, point_ptr<raw_t<scalar_t>, MASTER>(weights, master), n,
+                                               static_cast<T>(eta), o, nchunks);
+      });
     };
     if (out.scalar_type() == at::kDouble) {
       run(out.mutable_data_ptr<double>());
@@ -218,11 +259,13 @@ void sq_norm_partials_cpu(const at::Tensor& grads, const at::Tensor& weights, bo
 
 // --- perturb ---------------------------------------------------------------------------------------------
 
-template <typename P>
-ScaleResult<P> scale_from_partials(const P* partials, int64_t len, double rho, double eps, bool normalize) {
+// The perturbation's scale from the partials, summed serially in index order.
+template <typename T, typename P>
+ScaleResult<T> scale_from_partials(const P* partials, int64_t len, double rho, double eps, bool normalize,
+                                   const float* grad_scale) {
   double total = 0.0;
   for (int64_t i = 0; i < len; ++i) total += static_cast<double>(partials[i]);
-  return perturb_scale<P>(static_cast<P>(total), rho, eps, normalize, /*check=*/true);
+  return perturb_scale<T>(static_cast<P>(total), rho, eps, normalize, grad_scale);
 }
 
 // w[i] <- w[i] + e (and backup[i] <- w[i] when WRITE_BACKUP) for len elements.
@@ -239,62 +282,85 @@ inline void perturb_span(raw_t<scalar_t>* __restrict__ w, const raw_t<scalar_t>*
   }
 }
 
+// out[i] <- the rounding of master[i] + e for len elements; the master is left as it is.
 template <bool ADAPTIVE, typename scalar_t>
-void perturb_loop(raw_t<scalar_t>* __restrict__ w, const raw_t<scalar_t>* __restrict__ g,
-                  raw_t<scalar_t>* __restrict__ backup,
-                  int64_t n, math_t<scalar_t> scale, math_t<scalar_t> eta, bool finite) {
-  const bool stream = use_streaming(n);
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    if (!stream) {
-      perturb_span<ADAPTIVE, true, scalar_t>(w + b, g + b, backup + b, e - b, scale, eta, finite);
-      return;
-    }
-    for (int64_t t = b; t < e; t += kTile) {  // stream the backup out, then update the tile (now cached)
-      const int64_t len = std::min(e, t + kTile) - t;
-      stream_copy(backup + t, w + t, len);
-      perturb_span<ADAPTIVE, false, scalar_t>(w + t, g + t, nullptr, len, scale, eta, finite);
-    }
-    stream_fence();
-  });
+inline void perturb_master_span(raw_t<scalar_t>* __restrict__ out, const float* __restrict__ master,
+                                const raw_t<scalar_t>* __restrict__ g, int64_t len, float scale, float eta,
+                                bool finite) {
+  for (int64_t i = 0; i < len; ++i) {
+    out[i] = IO<scalar_t>::store(
+        perturb_value<float>(master[i], IO<scalar_t>::load(g[i]), scale, ADAPTIVE, eta, finite));
+  }
 }
 
-void perturb_cpu(const at::Tensor& weights, const at::Tensor& grads, const at::Tensor& backup,
-                 const std::optional<at::Tensor>& partials, const std::optional<at::Tensor>& nonfinite_count,
+// Without a master: backup <- w, w <- w + e. With one (MASTER): w <- the rounding of master + e, and the
+// weights are output only.
+template <bool ADAPTIVE, bool MASTER, typename scalar_t>
+void perturb_loop(raw_t<scalar_t>* __restrict__ w, const raw_t<scalar_t>* __restrict__ g,
+                  raw_t<scalar_t>* __restrict__ backup, const float* __restrict__ master,
+                  int64_t n, math_t<scalar_t> scale, math_t<scalar_t> eta, bool finite) {
+  if constexpr (MASTER) {
+    write_output(w, n, [&](raw_t<scalar_t>* out, int64_t i, int64_t len) {
+      perturb_master_span<ADAPTIVE, scalar_t>(out, master + i, g + i, len, scale, eta, finite);
+    });
+  } else {
+    const bool stream = use_streaming(n);
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      if (!stream) {
+        perturb_span<ADAPTIVE, true, scalar_t>(w + b, g + b, backup + b, e - b, scale, eta, finite);
+        return;
+      }
+      for (int64_t t = b; t < e; t += kTile) {  // stream the backup out, then update the tile (now cached)
+        const int64_t len = std::min(e, t + kTile) - t;
+        stream_copy(backup + t, w + t, len);
+        perturb_span<ADAPTIVE, false, scalar_t>(w + t, g + t, nullptr, len, scale, eta, finite);
+      }
+      stream_fence();
+    });
+  }
+}
+
+void perturb_cpu(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
+                 const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
+                 const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
                  double rho, bool adaptive, double eta, bool normalize, double eps) {
-  check_perturb_args(weights, grads, backup, partials, nonfinite_count);
+  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale);
+  const float* scale_of_grads = optional_float_ptr(grad_scale);
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::perturb", [&] {
     using T = math_t<scalar_t>;
-    T scale = static_cast<T>(rho);
-    bool finite = true;
+    ScaleResult<T> r{scale_without_norm<T>(rho, normalize, scale_of_grads), true};
     if (partials.has_value()) {
       if (partials->scalar_type() == at::kDouble) {
-        auto r = scale_from_partials(partials->const_data_ptr<double>(), partials->numel(), rho, eps, normalize);
-        scale = static_cast<T>(r.scale);
-        finite = r.finite;
+        r = scale_from_partials<T>(partials->const_data_ptr<double>(), partials->numel(), rho, eps, normalize,
+                                   scale_of_grads);
       } else {
-        auto r = scale_from_partials(partials->const_data_ptr<float>(), partials->numel(), rho, eps, normalize);
-        scale = static_cast<T>(r.scale);
-        finite = r.finite;
+        r = scale_from_partials<T>(partials->const_data_ptr<float>(), partials->numel(), rho, eps, normalize,
+                                   scale_of_grads);
       }
-      if (!finite && nonfinite_count.has_value()) {
+      if (!r.finite && nonfinite_count.has_value()) {
         nonfinite_count->mutable_data_ptr<int32_t>()[0] += 1;
       }
     }
     auto* w = raw_ptr<scalar_t>(weights);
     const auto* g = raw_ptr<scalar_t>(grads);
-    auto* bk = raw_ptr<scalar_t>(backup);
-    if (adaptive) {
-      perturb_loop<true, scalar_t>(w, g, bk, weights.numel(), scale, static_cast<T>(eta), finite);
-    } else {
-      perturb_loop<false, scalar_t>(w, g, bk, weights.numel(), scale, static_cast<T>(eta), finite);
-    }
+    auto* bk = backup.has_value() ? raw_ptr<scalar_t>(*backup) : nullptr;
+    const float* m = optional_float_ptr(master);
+    const int64_t n = weights.numel();
+    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
+      constexpr bool MASTER = decltype(has_master)::value;
+      if (adaptive) {
+        perturb_loop<true, MASTER, scalar_t>(w, g, bk, m, n, r.scale, static_cast<T>(eta), r.finite);
+      } else {
+        perturb_loop<false, MASTER, scalar_t>(w, g, bk, m, n, r.scale, static_cast<T>(eta), r.finite);
+      }
+    });
   });
 }
 
 // --- restore ---------------------------------------------------------------------------------------------
 
-void restore_cpu(const at::Tensor& weights, const at::Tensor& backup) {
-  check_restore_args(weights, backup);
+// w <- backup bit for bit.
+void copy_backup(const at::Tensor& weights, const at::Tensor& backup) {
   auto* dst = static_cast<char*>(weights.mutable_data_ptr());
   const auto* src = static_cast<const char*>(backup.const_data_ptr());
   const int64_t item = weights.element_size();
@@ -309,114 +375,139 @@ void restore_cpu(const at::Tensor& weights, const at::Tensor& backup) {
   });
 }
 
+// out[i] <- the rounding of master[i] for len elements.
+template <typename scalar_t>
+inline void round_master_span(raw_t<scalar_t>* __restrict__ out, const float* __restrict__ master, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) out[i] = IO<scalar_t>::store(master[i]);
+}
+
+// w <- the restore point: the backup bit for bit, or the rounding of the master. Also what a skipped
+// update does.
+void restore_weights(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                     const std::optional<at::Tensor>& master) {
+  if (backup.has_value()) {
+    copy_backup(weights, *backup);
+    return;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(weights.scalar_type(), "fused_sam::restore", [&] {
+    const float* m = master->const_data_ptr<float>();
+    write_output(raw_ptr<scalar_t>(weights), weights.numel(), [&](raw_t<scalar_t>* out, int64_t i, int64_t len) {
+      round_master_span<scalar_t>(out, m + i, len);
+    });
+  });
+}
+
+void restore_cpu(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                 const std::optional<at::Tensor>& master) {
+  check_restore_args(weights, backup, master);
+  restore_weights(weights, backup, master);
+}
+
+// --- restore + update: the output ---------------------------------------------------------------------------
+
+// The updated w: written back to the master (MASTER), and its rounding to the weights.
+template <bool MASTER, typename scalar_t>
+inline void write_updated(raw_t<scalar_t>* __restrict__ out, raw_point_t<scalar_t, MASTER>* __restrict__ point,
+                          math_t<scalar_t> w) {
+  if constexpr (MASTER) *point = w;
+  *out = IO<scalar_t>::store(w);
+}
+
 // --- restore + SGD ---------------------------------------------------------------------------------------
 
-template <bool MOMENTUM, typename scalar_t>
-inline void sgd_span(raw_t<scalar_t>* __restrict__ out, const raw_t<scalar_t>* __restrict__ backup,
+template <bool MOMENTUM, bool MASTER, typename scalar_t>
+inline void sgd_span(raw_t<scalar_t>* __restrict__ out, raw_point_t<scalar_t, MASTER>* __restrict__ point,
                      const raw_t<scalar_t>* __restrict__ g, math_t<scalar_t>* __restrict__ buf, int64_t len,
                      const SGDParams<math_t<scalar_t>> p) {  // by value: the coefficients stay in registers
   using T = math_t<scalar_t>;
   for (int64_t i = 0; i < len; ++i) {
     T* bi = MOMENTUM ? buf + i : nullptr;
-    out[i] = IO<scalar_t>::store(
-        sgd_update<MOMENTUM, T>(IO<scalar_t>::load(backup[i]), IO<scalar_t>::load(g[i]), bi, p));
+    write_updated<MASTER, scalar_t>(
+        out + i, point + i,
+        sgd_update<MOMENTUM, T>(load_point<scalar_t, MASTER>(point[i]), IO<scalar_t>::load(g[i]), bi, p));
   }
 }
 
-template <bool MOMENTUM, typename scalar_t>
-void sgd_loop(raw_t<scalar_t>* __restrict__ w, const raw_t<scalar_t>* __restrict__ backup,
-              const raw_t<scalar_t>* __restrict__ g,
-              math_t<scalar_t>* __restrict__ buf, int64_t n, const SGDParams<math_t<scalar_t>>& p) {
-  const bool stream = use_streaming(n);
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    if (!stream) {
-      sgd_span<MOMENTUM, scalar_t>(w + b, backup + b, g + b, MOMENTUM ? buf + b : nullptr, e - b, p);
-      return;
-    }
-    alignas(64) raw_t<scalar_t> tile[kTile];
-    for (int64_t t = b; t < e; t += kTile) {
-      const int64_t len = std::min(e, t + kTile) - t;
-      sgd_span<MOMENTUM, scalar_t>(tile, backup + t, g + t, MOMENTUM ? buf + t : nullptr, len, p);
-      stream_copy(w + t, tile, len);
-    }
-    stream_fence();
-  });
-}
-
-void restore_sgd_cpu(const at::Tensor& weights, const at::Tensor& backup, const at::Tensor& grads,
-                     const std::optional<at::Tensor>& momentum_buffer, double lr, double momentum,
-                     double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step) {
-  check_sgd_args(weights, backup, grads, momentum_buffer, momentum);
+void restore_sgd_cpu(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                     const std::optional<at::Tensor>& master, const at::Tensor& grads,
+                     const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                     bool maximize) {
+  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum);
+  const StepValues values = step_values(step, grad_scale, found_inf);
+  if (update_skipped(values)) {  // the momentum buffer is not even read, the master not written
+    restore_weights(weights, backup, master);
+    return;
+  }
+  const SGDSettings settings{lr, momentum, dampening, weight_decay, nesterov, maximize};
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_sgd", [&] {
     using T = math_t<scalar_t>;
-    const auto p = make_sgd_params<T>(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step);
-    auto* w = raw_ptr<scalar_t>(weights);
-    const auto* bk = raw_ptr<scalar_t>(backup);
+    const auto p = make_sgd_params<T>(settings, values);
     const auto* g = raw_ptr<scalar_t>(grads);
-    if (momentum != 0.0) {
-      sgd_loop<true, scalar_t>(w, bk, g, momentum_buffer->mutable_data_ptr<T>(), weights.numel(), p);
-    } else {
-      sgd_loop<false, scalar_t>(w, bk, g, nullptr, weights.numel(), p);
-    }
+    T* buf = momentum != 0.0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
+    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
+      constexpr bool MASTER = decltype(has_master)::value;
+      auto* point = point_ptr<raw_t<scalar_t>, MASTER>(backup, master);
+      write_output(raw_ptr<scalar_t>(weights), weights.numel(), [&](raw_t<scalar_t>* out, int64_t i, int64_t len) {
+        if (buf != nullptr) {
+          sgd_span<true, MASTER, scalar_t>(out, point + i, g + i, buf + i, len, p);
+        } else {
+          sgd_span<false, MASTER, scalar_t>(out, point + i, g + i, nullptr, len, p);
+        }
+      });
+    });
   });
 }
 
 // --- restore + Adam / AdamW ------------------------------------------------------------------------------
 
-template <bool AMSGRAD, typename scalar_t>
-inline void adam_span(raw_t<scalar_t>* __restrict__ out, const raw_t<scalar_t>* __restrict__ backup,
+template <bool AMSGRAD, bool MASTER, typename scalar_t>
+inline void adam_span(raw_t<scalar_t>* __restrict__ out, raw_point_t<scalar_t, MASTER>* __restrict__ point,
                       const raw_t<scalar_t>* __restrict__ g, math_t<scalar_t>* __restrict__ m,
                       math_t<scalar_t>* __restrict__ v, math_t<scalar_t>* __restrict__ vmax, int64_t len,
                       const AdamParams<math_t<scalar_t>> p) {
   using T = math_t<scalar_t>;
   for (int64_t i = 0; i < len; ++i) {
     T* vm = AMSGRAD ? vmax + i : nullptr;
-    out[i] = IO<scalar_t>::store(
-        adam_update<AMSGRAD, T>(IO<scalar_t>::load(backup[i]), IO<scalar_t>::load(g[i]), m + i, v + i, vm, p));
+    write_updated<MASTER, scalar_t>(out + i, point + i,
+                                    adam_update<AMSGRAD, T>(load_point<scalar_t, MASTER>(point[i]),
+                                                            IO<scalar_t>::load(g[i]), m + i, v + i, vm, p));
   }
 }
 
-template <bool AMSGRAD, typename scalar_t>
-void adam_loop(raw_t<scalar_t>* __restrict__ w, const raw_t<scalar_t>* __restrict__ backup,
-               const raw_t<scalar_t>* __restrict__ g,
-               math_t<scalar_t>* __restrict__ m, math_t<scalar_t>* __restrict__ v,
-               math_t<scalar_t>* __restrict__ vmax, int64_t n, const AdamParams<math_t<scalar_t>>& p) {
-  const bool stream = use_streaming(n);
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    if (!stream) {
-      adam_span<AMSGRAD, scalar_t>(w + b, backup + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, e - b, p);
-      return;
-    }
-    alignas(64) raw_t<scalar_t> tile[kTile];
-    for (int64_t t = b; t < e; t += kTile) {
-      const int64_t len = std::min(e, t + kTile) - t;
-      adam_span<AMSGRAD, scalar_t>(tile, backup + t, g + t, m + t, v + t, AMSGRAD ? vmax + t : nullptr, len, p);
-      stream_copy(w + t, tile, len);
-    }
-    stream_fence();
-  });
-}
-
-void restore_adam_cpu(const at::Tensor& weights, const at::Tensor& backup, const at::Tensor& grads,
-                      const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                      const std::optional<at::Tensor>& max_exp_avg_sq, double lr, double beta1, double beta2,
-                      double eps, double weight_decay, bool decoupled, bool maximize, double step_size,
-                      double bias_correction2_sqrt) {
-  check_adam_args(weights, backup, grads, exp_avg, exp_avg_sq, max_exp_avg_sq);
+void restore_adam_cpu(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                      const std::optional<at::Tensor>& master, const at::Tensor& grads, const at::Tensor& exp_avg,
+                      const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                      const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, bool decoupled, bool maximize) {
+  check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
+                  found_inf);
+  const StepValues values = step_values(step, grad_scale, found_inf);
+  if (update_skipped(values)) {  // the moments are not even read, the master not written
+    restore_weights(weights, backup, master);
+    return;
+  }
+  const AdamSettings settings{lr, beta1, beta2, eps, weight_decay, decoupled, maximize};
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_adam", [&] {
     using T = math_t<scalar_t>;
-    const auto p = make_adam_params<T>(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step_size,
-                                       bias_correction2_sqrt);
-    auto* w = raw_ptr<scalar_t>(weights);
-    const auto* bk = raw_ptr<scalar_t>(backup);
+    const auto p = make_adam_params<T>(settings, values);
     const auto* g = raw_ptr<scalar_t>(grads);
     auto* m = exp_avg.mutable_data_ptr<T>();
     auto* v = exp_avg_sq.mutable_data_ptr<T>();
-    if (max_exp_avg_sq.has_value()) {
-      adam_loop<true, scalar_t>(w, bk, g, m, v, max_exp_avg_sq->mutable_data_ptr<T>(), weights.numel(), p);
-    } else {
-      adam_loop<false, scalar_t>(w, bk, g, m, v, nullptr, weights.numel(), p);
-    }
+    T* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->mutable_data_ptr<T>() : nullptr;
+    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
+      constexpr bool MASTER = decltype(has_master)::value;
+      auto* point = point_ptr<raw_t<scalar_t>, MASTER>(backup, master);
+      write_output(raw_ptr<scalar_t>(weights), weights.numel(), [&](raw_t<scalar_t>* out, int64_t i, int64_t len) {
+        if (vmax != nullptr) {
+          adam_span<true, MASTER, scalar_t>(out, point + i, g + i, m + i, v + i, vmax + i, len, p);
+        } else {
+          adam_span<false, MASTER, scalar_t>(out, point + i, g + i, m + i, v + i, nullptr, len, p);
+        }
+      });
+    });
   });
 }
 

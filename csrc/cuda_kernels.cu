@@ -7,6 +7,12 @@
 //   (cuda_partials_len), each block reduces its share in double in a fixed tree order and writes one
 //   partial. perturb re-reduces the whole partials buffer in every block (fixed order, no host sync),
 //   so the non-finite check and the scale never leave the device.
+// - The step values (step, grad_scale, found_inf) are read through pointers inside the kernels: no host
+//   sync, and CUDA-graph capture records the tensors, not their values. A skipped update (found_inf)
+//   restores the weights in the same launch and leaves the optimizer state untouched.
+// - Master weights: each kernel has a MASTER variant (bfloat16/float16 only) that reads w from the float32
+//   master (see point_t); the updates write it back, and the weights receive its rounding (round to
+//   nearest even, c10's conversions as torch's .to()).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -72,6 +78,29 @@ inline bool aligned(const void* p, int64_t bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 
+// The vector path (N elements per load, 16 bytes of the parameter dtype) needs every pointer aligned to
+// N elements of its own type; null pointers (absent buffers) do not count.
+template <int N, typename... Elems>
+bool vectors_aligned(const Elems*... ptrs) {
+  return (aligned(ptrs, N * static_cast<int64_t>(sizeof(Elems))) && ...);
+}
+
+// The restore point's element type (see point_t): the parameter dtype, or float for a master.
+template <typename scalar_t, bool MASTER>
+using point_elem_t = std::remove_const_t<point_t<scalar_t, MASTER>>;
+
+// The grid-stride loop of every elementwise kernel: ``body(width, i)`` handles elements [i, i + width),
+// N-element vectors first, then the tail one by one. ``width`` is a std::integral_constant, so each body is
+// written once and compiled for both.
+template <int N, typename Body>
+__device__ __forceinline__ void for_each_vec(int64_t n, const Body& body) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nvec = n / N;
+  for (int64_t v = tid; v < nvec; v += stride) body(std::integral_constant<int, N>{}, v * N);
+  for (int64_t i = nvec * N + tid; i < n; i += stride) body(std::integral_constant<int, 1>{}, i);
+}
+
 // --- launch geometry -------------------------------------------------------------------------------------
 
 int sm_count(int device) {
@@ -116,308 +145,391 @@ __device__ __forceinline__ double block_sum(double v) {
 
 // --- squared-norm partials --------------------------------------------------------------------------------
 
-template <typename scalar_t, bool ADAPTIVE, int N, typename out_t>
+// ASAM's T reads w from the weights, or from the master (MASTER).
+template <typename scalar_t, bool ADAPTIVE, bool MASTER, int N, typename out_t>
 __global__ void __launch_bounds__(kThreads)
-    sq_norm_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w, int64_t n,
+    sq_norm_kernel(const scalar_t* __restrict__ g, const point_t<scalar_t, MASTER>* __restrict__ w, int64_t n,
                    math_t<scalar_t> eta, out_t* __restrict__ out) {
   using T = math_t<scalar_t>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nvec = n / N;
   double acc = 0.0;
-  for (int64_t v = tid; v < nvec; v += stride) {
-    scalar_t gv[N], wv[N];
-    load_vec<N>(g + v * N, gv);
-    if (ADAPTIVE) load_vec<N>(w + v * N, wv);
+  for_each_vec<N>(n, [&](auto width, int64_t i) {
+    constexpr int M = decltype(width)::value;
+    scalar_t gv[M];
+    point_elem_t<scalar_t, MASTER> wv[M];
+    load_vec<M>(g + i, gv);
+    if (ADAPTIVE) load_vec<M>(w + i, wv);
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
+    for (int j = 0; j < M; ++j) {
       acc += static_cast<double>(
           sq_norm_term<T>(static_cast<T>(gv[j]), ADAPTIVE ? static_cast<T>(wv[j]) : T(0), ADAPTIVE, eta));
     }
-  }
-  for (int64_t i = nvec * N + tid; i < n; i += stride) {
-    acc += static_cast<double>(
-        sq_norm_term<T>(static_cast<T>(g[i]), ADAPTIVE ? static_cast<T>(w[i]) : T(0), ADAPTIVE, eta));
-  }
+  });
   const double total = block_sum(acc);
   if (threadIdx.x == 0) out[blockIdx.x] = static_cast<out_t>(total);
 }
 
-template <typename scalar_t, typename out_t>
-void launch_sq_norm(const scalar_t* g, const scalar_t* w, int64_t n, bool adaptive, double eta, out_t* out,
+template <bool ADAPTIVE, bool MASTER, typename scalar_t, typename out_t>
+void launch_sq_norm(const scalar_t* g, const point_t<scalar_t, MASTER>* w, int64_t n, double eta, out_t* out,
                     int64_t blocks, cudaStream_t stream) {
   using T = math_t<scalar_t>;
   constexpr int N = vec_elems<scalar_t>();
-  const bool vec = aligned(g, 16) && aligned(w, 16);
-  const T e = static_cast<T>(eta);
   const dim3 grid(static_cast<unsigned int>(blocks));
-  if (adaptive) {
-    if (vec) sq_norm_kernel<scalar_t, true, N, out_t><<<grid, kThreads, 0, stream>>>(g, w, n, e, out);
-    else sq_norm_kernel<scalar_t, true, 1, out_t><<<grid, kThreads, 0, stream>>>(g, w, n, e, out);
+  if (vectors_aligned<N>(g, w)) {
+    sq_norm_kernel<scalar_t, ADAPTIVE, MASTER, N, out_t><<<grid, kThreads, 0, stream>>>(g, w, n, T(eta), out);
   } else {
-    if (vec) sq_norm_kernel<scalar_t, false, N, out_t><<<grid, kThreads, 0, stream>>>(g, w, n, e, out);
-    else sq_norm_kernel<scalar_t, false, 1, out_t><<<grid, kThreads, 0, stream>>>(g, w, n, e, out);
+    sq_norm_kernel<scalar_t, ADAPTIVE, MASTER, 1, out_t><<<grid, kThreads, 0, stream>>>(g, w, n, T(eta), out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void sq_norm_partials_cuda(const at::Tensor& grads, const at::Tensor& weights, bool adaptive, double eta,
+void sq_norm_partials_cuda(const at::Tensor& grads, const at::Tensor& weights,
+                           const std::optional<at::Tensor>& master, bool adaptive, double eta,
                            const at::Tensor& out) {
   const int64_t n = weights.numel();
   const int64_t blocks = cuda_partials_len(n);
-  check_sq_norm_args(grads, weights, out, blocks);
+  check_sq_norm_args(grads, weights, master, out, blocks);
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::sq_norm_partials", [&] {
     const auto* g = grads.const_data_ptr<scalar_t>();
-    const auto* w = weights.const_data_ptr<scalar_t>();
+    auto run = [&](auto* o) {
+      if (!adaptive) {  // w is not read
+        launch_sq_norm<false, false>(g, static_cast<const scalar_t*>(nullptr), n, eta, o, blocks, stream);
+        return;
+      }
+      with_master<scalar_t>(master.has_value(), [&](auto has_master) {
+        constexpr bool MASTER = decltype(has_master)::value;
+        launch_sq_norm<true, MASTER>(g, point_ptr<scalar_t, MASTER>(weights, master), n, eta, o, blocks, stream);
+      });
+    };
     if (out.scalar_type() == at::kDouble) {
-      launch_sq_norm(g, w, n, adaptive, eta, out.mutable_data_ptr<double>(), blocks, stream);
+      run(out.mutable_data_ptr<double>());
     } else {
-      launch_sq_norm(g, w, n, adaptive, eta, out.mutable_data_ptr<float>(), blocks, stream);
+      run(out.mutable_data_ptr<float>());
     }
   });
 }
 
 // --- perturb ---------------------------------------------------------------------------------------------
 
-template <typename scalar_t, bool ADAPTIVE, int N, typename P>
+// Without a master: backup <- w, w <- w + e. With one (MASTER): w <- the rounding of master + e; no backup.
+template <typename scalar_t, bool ADAPTIVE, bool MASTER, int N, typename P>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ g, scalar_t* __restrict__ backup,
-                   int64_t n, const P* __restrict__ partials, int64_t npartials, int* __restrict__ counter,
-                   double rho, double eps, bool normalize, math_t<scalar_t> eta) {
+                   const float* __restrict__ master, int64_t n, const P* __restrict__ partials, int64_t npartials,
+                   int* __restrict__ counter, const float* __restrict__ grad_scale, double rho, double eps,
+                   bool normalize, math_t<scalar_t> eta) {
   using T = math_t<scalar_t>;
-  T scale = static_cast<T>(rho);
-  bool finite = true;
+  ScaleResult<T> r;
   if (partials != nullptr) {
     double acc = 0.0;
     for (int64_t k = threadIdx.x; k < npartials; k += blockDim.x) acc += static_cast<double>(partials[k]);
     const double total = block_sum(acc);
-    const ScaleResult<P> r = perturb_scale<P>(static_cast<P>(total), rho, eps, normalize, /*check=*/true);
-    scale = static_cast<T>(r.scale);
-    finite = r.finite;
-    if (!finite && counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *counter += 1;
+    r = perturb_scale<T>(static_cast<P>(total), rho, eps, normalize, grad_scale);
+    if (!r.finite && counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *counter += 1;
+  } else {
+    r = ScaleResult<T>{scale_without_norm<T>(rho, normalize, grad_scale), true};
   }
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nvec = n / N;
-  for (int64_t v = tid; v < nvec; v += stride) {
-    scalar_t wv[N], gv[N], out[N];
-    load_vec<N>(w + v * N, wv);
-    load_vec<N>(g + v * N, gv);
-    store_vec<N>(backup + v * N, wv);
+  const T scale = r.scale;
+  const bool finite = r.finite;
+  for_each_vec<N>(n, [&](auto width, int64_t i) {
+    constexpr int M = decltype(width)::value;
+    scalar_t gv[M], out[M];
+    T wv[M];
+    load_vec<M>(g + i, gv);
+    if constexpr (MASTER) {
+      load_vec<M>(master + i, wv);
+    } else {
+      scalar_t raw[M];
+      load_vec<M>(w + i, raw);
+      store_vec<M>(backup + i, raw);
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      out[j] = static_cast<scalar_t>(
-          perturb_value<T>(static_cast<T>(wv[j]), static_cast<T>(gv[j]), scale, ADAPTIVE, eta, finite));
+      for (int j = 0; j < M; ++j) wv[j] = static_cast<T>(raw[j]);
     }
-    store_vec<N>(w + v * N, out);
-  }
-  for (int64_t i = nvec * N + tid; i < n; i += stride) {
-    const scalar_t wi = w[i];
-    backup[i] = wi;
-    w[i] = static_cast<scalar_t>(
-        perturb_value<T>(static_cast<T>(wi), static_cast<T>(g[i]), scale, ADAPTIVE, eta, finite));
-  }
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      out[j] = static_cast<scalar_t>(perturb_value<T>(wv[j], static_cast<T>(gv[j]), scale, ADAPTIVE, eta, finite));
+    }
+    store_vec<M>(w + i, out);
+  });
 }
 
-template <typename scalar_t, typename P>
-void launch_perturb(scalar_t* w, const scalar_t* g, scalar_t* bk, int64_t n, const P* partials, int64_t np,
-                    int* counter, double rho, bool adaptive, double eta, bool normalize, double eps, int device,
-                    cudaStream_t stream) {
+template <bool MASTER, typename scalar_t, typename P>
+void launch_perturb(scalar_t* w, const scalar_t* g, scalar_t* bk, const float* master, int64_t n, const P* partials,
+                    int64_t np, int* counter, const float* grad_scale, double rho, bool adaptive, double eta,
+                    bool normalize, double eps, int device, cudaStream_t stream) {
   using T = math_t<scalar_t>;
   constexpr int N = vec_elems<scalar_t>();
-  const bool vec = aligned(w, 16) && aligned(g, 16) && aligned(bk, 16);
+  const bool vec = vectors_aligned<N>(w, g, bk, master);
   const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, device);
   const T e = static_cast<T>(eta);
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, kThreads, 0, stream>>>(w, g, bk, master, n, partials, np, counter, grad_scale, rho, eps,
+                                            normalize, e);
+  };
   if (adaptive) {
-    if (vec) perturb_kernel<scalar_t, true, N, P><<<blocks, kThreads, 0, stream>>>(w, g, bk, n, partials, np, counter, rho, eps, normalize, e);
-    else perturb_kernel<scalar_t, true, 1, P><<<blocks, kThreads, 0, stream>>>(w, g, bk, n, partials, np, counter, rho, eps, normalize, e);
+    if (vec) launch(perturb_kernel<scalar_t, true, MASTER, N, P>);
+    else launch(perturb_kernel<scalar_t, true, MASTER, 1, P>);
   } else {
-    if (vec) perturb_kernel<scalar_t, false, N, P><<<blocks, kThreads, 0, stream>>>(w, g, bk, n, partials, np, counter, rho, eps, normalize, e);
-    else perturb_kernel<scalar_t, false, 1, P><<<blocks, kThreads, 0, stream>>>(w, g, bk, n, partials, np, counter, rho, eps, normalize, e);
+    if (vec) launch(perturb_kernel<scalar_t, false, MASTER, N, P>);
+    else launch(perturb_kernel<scalar_t, false, MASTER, 1, P>);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void perturb_cuda(const at::Tensor& weights, const at::Tensor& grads, const at::Tensor& backup,
-                  const std::optional<at::Tensor>& partials, const std::optional<at::Tensor>& nonfinite_count,
+void perturb_cuda(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
+                  const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
+                  const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
                   double rho, bool adaptive, double eta, bool normalize, double eps) {
-  check_perturb_args(weights, grads, backup, partials, nonfinite_count);
+  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale);
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = weights.numel();
   if (n == 0) return;
   int* counter = nonfinite_count.has_value() ? nonfinite_count->mutable_data_ptr<int32_t>() : nullptr;
+  const float* scale_of_grads = optional_float_ptr(grad_scale);
+  const float* m = optional_float_ptr(master);
   const int device = weights.get_device();
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::perturb", [&] {
     auto* w = weights.mutable_data_ptr<scalar_t>();
     const auto* g = grads.const_data_ptr<scalar_t>();
-    auto* bk = backup.mutable_data_ptr<scalar_t>();
-    if (!partials.has_value()) {
-      launch_perturb(w, g, bk, n, static_cast<const float*>(nullptr), 0, nullptr, rho, adaptive, eta, normalize,
-                     eps, device, stream);
-    } else if (partials->scalar_type() == at::kDouble) {
-      launch_perturb(w, g, bk, n, partials->const_data_ptr<double>(), partials->numel(), counter, rho, adaptive,
-                     eta, normalize, eps, device, stream);
-    } else {
-      launch_perturb(w, g, bk, n, partials->const_data_ptr<float>(), partials->numel(), counter, rho, adaptive,
-                     eta, normalize, eps, device, stream);
-    }
+    auto* bk = backup.has_value() ? backup->mutable_data_ptr<scalar_t>() : nullptr;
+    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
+      constexpr bool MASTER = decltype(has_master)::value;
+      if (!partials.has_value()) {
+        launch_perturb<MASTER>(w, g, bk, m, n, static_cast<const float*>(nullptr), 0, nullptr, scale_of_grads, rho,
+                               adaptive, eta, normalize, eps, device, stream);
+      } else if (partials->scalar_type() == at::kDouble) {
+        launch_perturb<MASTER>(w, g, bk, m, n, partials->const_data_ptr<double>(), partials->numel(), counter,
+                               scale_of_grads, rho, adaptive, eta, normalize, eps, device, stream);
+      } else {
+        launch_perturb<MASTER>(w, g, bk, m, n, partials->const_data_ptr<float>(), partials->numel(), counter,
+                               scale_of_grads, rho, adaptive, eta, normalize, eps, device, stream);
+      }
+    });
   });
 }
 
 // --- restore ---------------------------------------------------------------------------------------------
 
-void restore_cuda(const at::Tensor& weights, const at::Tensor& backup) {
-  check_restore_args(weights, backup);
-  const c10::cuda::CUDAGuard guard(weights.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const size_t bytes = static_cast<size_t>(weights.numel()) * weights.element_size();
-  if (bytes == 0) return;
-  C10_CUDA_CHECK(cudaMemcpyAsync(weights.mutable_data_ptr(), backup.const_data_ptr(), bytes,
-                                 cudaMemcpyDeviceToDevice, stream));
-}
-
-// --- restore + SGD ---------------------------------------------------------------------------------------
-
-template <typename scalar_t, bool MOMENTUM, int N>
-__global__ void __launch_bounds__(kThreads)
-    sgd_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ backup, const scalar_t* __restrict__ g,
-               math_t<scalar_t>* __restrict__ buf, int64_t n, const SGDParams<math_t<scalar_t>> p) {
-  using T = math_t<scalar_t>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nvec = n / N;
-  for (int64_t v = tid; v < nvec; v += stride) {
-    scalar_t bv[N], gv[N], out[N];
-    T mb[N];
-    load_vec<N>(backup + v * N, bv);
-    load_vec<N>(g + v * N, gv);
-    if (MOMENTUM) load_vec<N>(buf + v * N, mb);
+// w <- the restore point: the backup bit for bit, or the rounding of the master. Also what a skipped update
+// (found_inf) does, in the update kernels' grid-stride pattern, leaving the optimizer state unread and
+// unwritten.
+template <int N, bool MASTER, typename scalar_t>
+__device__ __forceinline__ void restore_from(scalar_t* __restrict__ w,
+                                             const point_t<scalar_t, MASTER>* __restrict__ point, int64_t n) {
+  for_each_vec<N>(n, [&](auto width, int64_t i) {
+    constexpr int M = decltype(width)::value;
+    point_elem_t<scalar_t, MASTER> pv[M];
+    scalar_t out[M];
+    load_vec<M>(point + i, pv);
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      out[j] = static_cast<scalar_t>(
-          sgd_update<MOMENTUM, T>(static_cast<T>(bv[j]), static_cast<T>(gv[j]), mb + j, p));
-    }
-    if (MOMENTUM) store_vec<N>(buf + v * N, mb);
-    store_vec<N>(w + v * N, out);
-  }
-  for (int64_t i = nvec * N + tid; i < n; i += stride) {
-    T* bi = MOMENTUM ? buf + i : nullptr;
-    w[i] = static_cast<scalar_t>(sgd_update<MOMENTUM, T>(static_cast<T>(backup[i]), static_cast<T>(g[i]), bi, p));
-  }
+    for (int j = 0; j < M; ++j) out[j] = static_cast<scalar_t>(pv[j]);
+    store_vec<M>(w + i, out);
+  });
 }
 
-template <typename scalar_t>
-void launch_sgd(scalar_t* w, const scalar_t* bk, const scalar_t* g, math_t<scalar_t>* buf, int64_t n,
-                const SGDParams<math_t<scalar_t>>& p, int device, cudaStream_t stream) {
-  using T = math_t<scalar_t>;
-  constexpr int N = vec_elems<scalar_t>();
-  const bool vec = aligned(w, 16) && aligned(bk, 16) && aligned(g, 16) && aligned(buf, N * sizeof(T));
-  const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, device);
-  if (buf != nullptr) {
-    if (vec) sgd_kernel<scalar_t, true, N><<<blocks, kThreads, 0, stream>>>(w, bk, g, buf, n, p);
-    else sgd_kernel<scalar_t, true, 1><<<blocks, kThreads, 0, stream>>>(w, bk, g, buf, n, p);
-  } else {
-    if (vec) sgd_kernel<scalar_t, false, N><<<blocks, kThreads, 0, stream>>>(w, bk, g, buf, n, p);
-    else sgd_kernel<scalar_t, false, 1><<<blocks, kThreads, 0, stream>>>(w, bk, g, buf, n, p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(kThreads)
+    round_master_kernel(scalar_t* __restrict__ w, const float* __restrict__ master, int64_t n) {
+  restore_from<N, true>(w, master, n);
 }
 
-void restore_sgd_cuda(const at::Tensor& weights, const at::Tensor& backup, const at::Tensor& grads,
-                      const std::optional<at::Tensor>& momentum_buffer, double lr, double momentum,
-                      double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step) {
-  check_sgd_args(weights, backup, grads, momentum_buffer, momentum);
+void restore_cuda(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                  const std::optional<at::Tensor>& master) {
+  check_restore_args(weights, backup, master);
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = weights.numel();
   if (n == 0) return;
+  if (backup.has_value()) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(weights.mutable_data_ptr(), backup->const_data_ptr(),
+                                   static_cast<size_t>(n) * weights.element_size(), cudaMemcpyDeviceToDevice,
+                                   stream));
+    return;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(weights.scalar_type(), "fused_sam::restore", [&] {
+    constexpr int N = vec_elems<scalar_t>();
+    auto* w = weights.mutable_data_ptr<scalar_t>();
+    const float* m = master->const_data_ptr<float>();
+    const bool vec = vectors_aligned<N>(w, m);
+    const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, weights.get_device());
+    if (vec) round_master_kernel<scalar_t, N><<<blocks, kThreads, 0, stream>>>(w, m, n);
+    else round_master_kernel<scalar_t, 1><<<blocks, kThreads, 0, stream>>>(w, m, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// --- restore + update: shared pieces ----------------------------------------------------------------------
+
+// The update's coefficients from the step values on the device, built by one thread per block and shared
+// (Adam's take two double-precision pow, slow on GPUs with few FP64 units).
+template <typename Params, typename Build>
+__device__ __forceinline__ Params block_params(const Build& build) {
+  __shared__ Params shared;
+  if (threadIdx.x == 0) shared = build();
+  __syncthreads();
+  return shared;
+}
+
+// --- restore + SGD ---------------------------------------------------------------------------------------
+
+template <typename scalar_t, bool MOMENTUM, bool MASTER, int N>
+__global__ void __launch_bounds__(kThreads)
+    sgd_kernel(scalar_t* __restrict__ w, point_t<scalar_t, MASTER>* __restrict__ point,
+               const scalar_t* __restrict__ g, math_t<scalar_t>* __restrict__ buf, int64_t n,
+               const SGDSettings settings, const StepValues values) {
+  using T = math_t<scalar_t>;
+  if (update_skipped(values)) {  // the same value in every thread: the whole grid returns here
+    restore_from<N, MASTER>(w, point, n);
+    return;
+  }
+  const SGDParams<T> p = block_params<SGDParams<T>>([&] { return make_sgd_params<T>(settings, values); });
+  for_each_vec<N>(n, [&](auto width, int64_t i) {
+    constexpr int M = decltype(width)::value;
+    point_elem_t<scalar_t, MASTER> pv[M];
+    scalar_t gv[M], out[M];
+    T mb[M];
+    load_vec<M>(point + i, pv);
+    load_vec<M>(g + i, gv);
+    if (MOMENTUM) load_vec<M>(buf + i, mb);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      const T updated = sgd_update<MOMENTUM, T>(static_cast<T>(pv[j]), static_cast<T>(gv[j]), mb + j, p);
+      if constexpr (MASTER) pv[j] = updated;
+      out[j] = static_cast<scalar_t>(updated);
+    }
+    if (MOMENTUM) store_vec<M>(buf + i, mb);
+    if constexpr (MASTER) store_vec<M>(point + i, pv);
+    store_vec<M>(w + i, out);
+  });
+}
+
+template <bool MASTER, typename scalar_t>
+void launch_sgd(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g, math_t<scalar_t>* buf,
+                int64_t n, const SGDSettings& settings, const StepValues& values, int device, cudaStream_t stream) {
+  constexpr int N = vec_elems<scalar_t>();
+  const bool vec = vectors_aligned<N>(w, point, g, buf);
+  const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, device);
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, kThreads, 0, stream>>>(w, point, g, buf, n, settings, values);
+  };
+  if (buf != nullptr) {
+    if (vec) launch(sgd_kernel<scalar_t, true, MASTER, N>);
+    else launch(sgd_kernel<scalar_t, true, MASTER, 1>);
+  } else {
+    if (vec) launch(sgd_kernel<scalar_t, false, MASTER, N>);
+    else launch(sgd_kernel<scalar_t, false, MASTER, 1>);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void restore_sgd_cuda(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                      const std::optional<at::Tensor>& master, const at::Tensor& grads,
+                      const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                      bool maximize) {
+  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum);
+  const c10::cuda::CUDAGuard guard(weights.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = weights.numel();
+  if (n == 0) return;
+  const SGDSettings settings{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  const StepValues values = step_values(step, grad_scale, found_inf);
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_sgd", [&] {
     using T = math_t<scalar_t>;
-    const auto p = make_sgd_params<T>(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step);
     T* buf = momentum != 0.0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
-    launch_sgd(weights.mutable_data_ptr<scalar_t>(), backup.const_data_ptr<scalar_t>(),
-               grads.const_data_ptr<scalar_t>(), buf, n, p, weights.get_device(), stream);
+    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
+      constexpr bool MASTER = decltype(has_master)::value;
+      launch_sgd<MASTER>(weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
+                         grads.const_data_ptr<scalar_t>(), buf, n, settings, values, weights.get_device(), stream);
+    });
   });
 }
 
 // --- restore + Adam / AdamW ------------------------------------------------------------------------------
 
-template <typename scalar_t, bool AMSGRAD, int N>
+template <typename scalar_t, bool AMSGRAD, bool MASTER, int N>
 __global__ void __launch_bounds__(kThreads)
-    adam_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ backup, const scalar_t* __restrict__ g,
-                math_t<scalar_t>* __restrict__ m, math_t<scalar_t>* __restrict__ v,
-                math_t<scalar_t>* __restrict__ vmax, int64_t n, const AdamParams<math_t<scalar_t>> p) {
+    adam_kernel(scalar_t* __restrict__ w, point_t<scalar_t, MASTER>* __restrict__ point,
+                const scalar_t* __restrict__ g, math_t<scalar_t>* __restrict__ m, math_t<scalar_t>* __restrict__ v,
+                math_t<scalar_t>* __restrict__ vmax, int64_t n, const AdamSettings settings,
+                const StepValues values) {
   using T = math_t<scalar_t>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nvec = n / N;
-  for (int64_t k = tid; k < nvec; k += stride) {
-    const int64_t i = k * N;
-    scalar_t bv[N], gv[N], out[N];
-    T mv[N], vv[N], xv[N];
-    load_vec<N>(backup + i, bv);
-    load_vec<N>(g + i, gv);
-    load_vec<N>(m + i, mv);
-    load_vec<N>(v + i, vv);
-    if (AMSGRAD) load_vec<N>(vmax + i, xv);
+  if (update_skipped(values)) {  // the same value in every thread: the whole grid returns here
+    restore_from<N, MASTER>(w, point, n);
+    return;
+  }
+  const AdamParams<T> p = block_params<AdamParams<T>>([&] { return make_adam_params<T>(settings, values); });
+  for_each_vec<N>(n, [&](auto width, int64_t i) {
+    constexpr int M = decltype(width)::value;
+    point_elem_t<scalar_t, MASTER> pv[M];
+    scalar_t gv[M], out[M];
+    T mv[M], vv[M], xv[M];
+    load_vec<M>(point + i, pv);
+    load_vec<M>(g + i, gv);
+    load_vec<M>(m + i, mv);
+    load_vec<M>(v + i, vv);
+    if (AMSGRAD) load_vec<M>(vmax + i, xv);
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      out[j] = static_cast<scalar_t>(
-          adam_update<AMSGRAD, T>(static_cast<T>(bv[j]), static_cast<T>(gv[j]), mv + j, vv + j, xv + j, p));
+    for (int j = 0; j < M; ++j) {
+      const T updated =
+          adam_update<AMSGRAD, T>(static_cast<T>(pv[j]), static_cast<T>(gv[j]), mv + j, vv + j, xv + j, p);
+      if constexpr (MASTER) pv[j] = updated;
+      out[j] = static_cast<scalar_t>(updated);
     }
-    store_vec<N>(m + i, mv);
-    store_vec<N>(v + i, vv);
-    if (AMSGRAD) store_vec<N>(vmax + i, xv);
-    store_vec<N>(w + i, out);
-  }
-  for (int64_t i = nvec * N + tid; i < n; i += stride) {
-    T* vm = AMSGRAD ? vmax + i : nullptr;
-    w[i] = static_cast<scalar_t>(
-        adam_update<AMSGRAD, T>(static_cast<T>(backup[i]), static_cast<T>(g[i]), m + i, v + i, vm, p));
-  }
+    store_vec<M>(m + i, mv);
+    store_vec<M>(v + i, vv);
+    if (AMSGRAD) store_vec<M>(vmax + i, xv);
+    if constexpr (MASTER) store_vec<M>(point + i, pv);
+    store_vec<M>(w + i, out);
+  });
 }
 
-template <typename scalar_t>
-void launch_adam(scalar_t* w, const scalar_t* bk, const scalar_t* g, math_t<scalar_t>* m, math_t<scalar_t>* v,
-                 math_t<scalar_t>* vmax, int64_t n, const AdamParams<math_t<scalar_t>>& p, int device,
-                 cudaStream_t stream) {
-  using T = math_t<scalar_t>;
+template <bool MASTER, typename scalar_t>
+void launch_adam(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g, math_t<scalar_t>* m,
+                 math_t<scalar_t>* v, math_t<scalar_t>* vmax, int64_t n, const AdamSettings& settings,
+                 const StepValues& values, int device, cudaStream_t stream) {
   constexpr int N = vec_elems<scalar_t>();
-  const int64_t sb = N * sizeof(T);
-  const bool vec = aligned(w, 16) && aligned(bk, 16) && aligned(g, 16) && aligned(m, sb) && aligned(v, sb) &&
-                   aligned(vmax, sb);
+  const bool vec = vectors_aligned<N>(w, point, g, m, v, vmax);
   const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, device);
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, kThreads, 0, stream>>>(w, point, g, m, v, vmax, n, settings, values);
+  };
   if (vmax != nullptr) {
-    if (vec) adam_kernel<scalar_t, true, N><<<blocks, kThreads, 0, stream>>>(w, bk, g, m, v, vmax, n, p);
-    else adam_kernel<scalar_t, true, 1><<<blocks, kThreads, 0, stream>>>(w, bk, g, m, v, vmax, n, p);
+    if (vec) launch(adam_kernel<scalar_t, true, MASTER, N>);
+    else launch(adam_kernel<scalar_t, true, MASTER, 1>);
   } else {
-    if (vec) adam_kernel<scalar_t, false, N><<<blocks, kThreads, 0, stream>>>(w, bk, g, m, v, vmax, n, p);
-    else adam_kernel<scalar_t, false, 1><<<blocks, kThreads, 0, stream>>>(w, bk, g, m, v, vmax, n, p);
+    if (vec) launch(adam_kernel<scalar_t, false, MASTER, N>);
+    else launch(adam_kernel<scalar_t, false, MASTER, 1>);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void restore_adam_cuda(const at::Tensor& weights, const at::Tensor& backup, const at::Tensor& grads,
-                       const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                       const std::optional<at::Tensor>& max_exp_avg_sq, double lr, double beta1, double beta2,
-                       double eps, double weight_decay, bool decoupled, bool maximize, double step_size,
-                       double bias_correction2_sqrt) {
-  check_adam_args(weights, backup, grads, exp_avg, exp_avg_sq, max_exp_avg_sq);
+void restore_adam_cuda(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                       const std::optional<at::Tensor>& master, const at::Tensor& grads, const at::Tensor& exp_avg,
+                       const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                       const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, bool decoupled, bool maximize) {
+  check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
+                  found_inf);
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = weights.numel();
   if (n == 0) return;
+  const AdamSettings settings{lr, beta1, beta2, eps, weight_decay, decoupled, maximize};
+  const StepValues values = step_values(step, grad_scale, found_inf);
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_adam", [&] {
     using T = math_t<scalar_t>;
-    const auto p = make_adam_params<T>(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step_size,
-                                       bias_correction2_sqrt);
     T* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->mutable_data_ptr<T>() : nullptr;
-    launch_adam(weights.mutable_data_ptr<scalar_t>(), backup.const_data_ptr<scalar_t>(),
-                grads.const_data_ptr<scalar_t>(), exp_avg.mutable_data_ptr<T>(), exp_avg_sq.mutable_data_ptr<T>(),
-                vmax, n, p, weights.get_device(), stream);
+    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
+      constexpr bool MASTER = decltype(has_master)::value;
+      launch_adam<MASTER>(weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
+                          grads.const_data_ptr<scalar_t>(), exp_avg.mutable_data_ptr<T>(),
+                          exp_avg_sq.mutable_data_ptr<T>(), vmax, n, settings, values, weights.get_device(), stream);
+    });
   });
 }
 

@@ -4,8 +4,13 @@
 // __host__ __device__ under nvcc), so the CPU build that CI tests runs exactly the arithmetic the GPU
 // runs. The formulas follow fused_sam/backends/reference.py (itself torch.optim's single-tensor code)
 // operation by operation, including the order of roundings: T is the math type (float, or double for
-// float64 parameters); every scalar coefficient is computed in double on the host, as Python does, and
-// rounded once to T.
+// float64 parameters); every scalar coefficient is computed in double, as Python does, and rounded once to
+// T. The per-step values that may live on the device (the step count, GradScaler's scale and found_inf)
+// are float32 and read through pointers: on the host by the CPU kernels, inside the kernel on CUDA.
+//
+// w below is the restore point: the weights (the backup) in their dtype, or with master weights the
+// float32 master of bfloat16/float16 weights (T is float then). The kernels choose where w comes from
+// and where results go; the math is the same.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +24,11 @@
 #if !defined(__CUDA_ARCH__)
 #include <cmath>
 #endif
+
+// The per-element functions below run once per element in every kernel's hot loop: always inlined, since
+// an out-of-line call there costs more than the arithmetic and stops vectorisation (GCC's inliner stops
+// inlining some of them once a translation unit has many such loops).
+#define ALWAYS_INLINE __attribute__((always_inline))
 
 namespace fused_sam {
 
@@ -43,16 +53,16 @@ HOST_DEVICE inline int64_t cuda_partials_len(int64_t numel) {
 }
 
 // --- scalar helpers (overloaded for float and double, host and device) ------------------------------
-HOST_DEVICE inline float fs_abs(float x) { return fabsf(x); }
-HOST_DEVICE inline double fs_abs(double x) { return fabs(x); }
-HOST_DEVICE inline float fs_sqrt(float x) { return sqrtf(x); }
-HOST_DEVICE inline double fs_sqrt(double x) { return sqrt(x); }
+HOST_DEVICE ALWAYS_INLINE inline float fs_abs(float x) { return fabsf(x); }
+HOST_DEVICE ALWAYS_INLINE inline double fs_abs(double x) { return fabs(x); }
+HOST_DEVICE ALWAYS_INLINE inline float fs_sqrt(float x) { return sqrtf(x); }
+HOST_DEVICE ALWAYS_INLINE inline double fs_sqrt(double x) { return sqrt(x); }
 // Finite iff x - x == 0 (inf - inf and NaN - NaN are NaN); needs IEEE semantics (no -ffast-math).
 template <typename T>
-HOST_DEVICE inline bool fs_isfinite(T x) { return (x - x) == T(0); }
+HOST_DEVICE ALWAYS_INLINE inline bool fs_isfinite(T x) { return (x - x) == T(0); }
 // torch.maximum: NaN if either operand is NaN.
 template <typename T>
-HOST_DEVICE inline T fs_maximum(T a, T b) {
+HOST_DEVICE ALWAYS_INLINE inline T fs_maximum(T a, T b) {
   // a NaN: a < b is false, so r = a; b NaN: the second select. Two selects keep loops branch-free.
   const T r = a < b ? b : a;
   return (b != b) ? b : r;
@@ -61,36 +71,52 @@ HOST_DEVICE inline T fs_maximum(T a, T b) {
 // --- ASAM scaling ---------------------------------------------------------------------------------
 // T = |w| + eta (ASAM), applied to the gradient for the norm and squared for the perturbation.
 template <typename T>
-HOST_DEVICE inline T asam_scale(T w, T eta) { return fs_abs(w) + eta; }
+HOST_DEVICE ALWAYS_INLINE inline T asam_scale(T w, T eta) { return fs_abs(w) + eta; }
 
 // One term of ||g||^2, or of ||T g||^2 for ASAM.
 template <typename T>
-HOST_DEVICE inline T sq_norm_term(T g, T w, bool adaptive, T eta) {
+HOST_DEVICE ALWAYS_INLINE inline T sq_norm_term(T g, T w, bool adaptive, T eta) {
   T x = adaptive ? asam_scale(w, eta) * g : g;
   return x * x;
 }
 
 // --- perturbation -----------------------------------------------------------------------------------
-// The scale of e = scale * T^2 * g from the summed partials (in the partials' dtype P, as the reference
-// computes it: rho / (sqrt(total) + eps) is (sqrt(total) + eps).reciprocal() * rho in torch).
-template <typename P>
+// The scale of e = scale * T^2 * g. Under a GradScaler (grad_scale not null) the gradients, and so the
+// partials, carry its factor s; the perturbation is that of the unscaled gradient.
+
+// The scale without a norm (no partials, or not normalizing): rho; un-normalized under a GradScaler,
+// (1 / s) * rho in the math type. A normalizing perturbation given no partials keeps rho, as the reference
+// does.
+template <typename T>
+HOST_DEVICE inline T scale_without_norm(double rho, bool normalize, const float* grad_scale) {
+  return !normalize && grad_scale != nullptr ? (T(1) / T(*grad_scale)) * T(rho) : T(rho);
+}
+
+template <typename T>
 struct ScaleResult {
-  P scale;
-  bool finite;
+  T scale;
+  bool finite;  // the summed partials are finite (else e = 0)
 };
 
-template <typename P>
-HOST_DEVICE inline ScaleResult<P> perturb_scale(P total, double rho, double eps, bool normalize,
-                                                bool check) {
-  ScaleResult<P> r;
-  r.finite = check ? fs_isfinite(total) : true;
-  r.scale = normalize ? (P(1) / (fs_sqrt(total) + P(eps))) * P(rho) : P(rho);
+// From the summed partials, in their dtype P as the reference computes it (rho / x is x.reciprocal() * rho
+// in torch). Normalized, s cancels except against eps, which is scaled with it.
+template <typename T, typename P>
+HOST_DEVICE inline ScaleResult<T> perturb_scale(P total, double rho, double eps, bool normalize,
+                                                const float* grad_scale) {
+  ScaleResult<T> r;
+  r.finite = fs_isfinite(total);
+  if (normalize) {
+    const P scaled_eps = grad_scale != nullptr ? P(eps) * P(*grad_scale) : P(eps);
+    r.scale = T((P(1) / (fs_sqrt(total) + scaled_eps)) * P(rho));
+  } else {
+    r.scale = scale_without_norm<T>(rho, normalize, grad_scale);
+  }
   return r;
 }
 
 // w + e with e = g * scale (* (|w| + eta)^2 for ASAM); e = 0 when the norm was not finite.
 template <typename T>
-HOST_DEVICE inline T perturb_value(T w, T g, T scale, bool adaptive, T eta, bool finite) {
+HOST_DEVICE ALWAYS_INLINE inline T perturb_value(T w, T g, T scale, bool adaptive, T eta, bool finite) {
   T e = g * scale;
   if (adaptive) {
     T t = asam_scale(w, eta);
@@ -99,32 +125,60 @@ HOST_DEVICE inline T perturb_value(T w, T g, T scale, bool adaptive, T eta, bool
   return w + (finite ? e : T(0));
 }
 
+// --- the base update's step values ------------------------------------------------------------------
+// Pointers to the float32 step values of one update (grad_scale and found_inf null without a GradScaler).
+struct StepValues {
+  const float* step;        // the updates before this one
+  const float* grad_scale;  // GradScaler's scale of the gradients
+  const float* found_inf;   // GradScaler's inf/NaN flag
+};
+
+// GradScaler's unscale_ factor: the reciprocal of the scale in double, rounded to float32. 1 without a
+// scaler, which leaves the gradient bit for bit as it is.
+HOST_DEVICE inline float grad_unscale(const StepValues& v) {
+  return v.grad_scale != nullptr ? float(1.0 / double(*v.grad_scale)) : 1.0f;
+}
+
+// Skip the update: found_inf is a sum over devices, so any non-zero value (NaN too) means skip.
+HOST_DEVICE inline bool update_skipped(const StepValues& v) {
+  return v.found_inf != nullptr && *v.found_inf != 0.0f;
+}
+
 // --- SGD (torch.optim.SGD) --------------------------------------------------------------------------
-template <typename T>
-struct SGDParams {
-  T neg_lr, momentum, one_minus_dampening, weight_decay;
-  bool has_weight_decay, nesterov, maximize, first_step;
+// The update's settings as the Python update object holds them.
+struct SGDSettings {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize;
 };
 
 template <typename T>
-inline SGDParams<T> make_sgd_params(double lr, double momentum, double dampening, double weight_decay,
-                                    bool nesterov, bool maximize, bool first_step) {
+struct SGDParams {
+  T neg_lr, momentum, one_minus_dampening, weight_decay;
+  T unscale;  // grad_unscale: the gradient is multiplied by it first
+  bool has_weight_decay, nesterov, maximize, first_step;
+};
+
+// The momentum buffer starts as the gradient on step 0.
+template <typename T>
+HOST_DEVICE inline SGDParams<T> make_sgd_params(const SGDSettings& s, const StepValues& v) {
   SGDParams<T> p;
-  p.neg_lr = T(-lr);
-  p.momentum = T(momentum);
-  p.one_minus_dampening = T(1.0 - dampening);
-  p.weight_decay = T(weight_decay);
-  p.has_weight_decay = weight_decay != 0.0;
-  p.nesterov = nesterov;
-  p.maximize = maximize;
-  p.first_step = first_step;
+  p.neg_lr = T(-s.lr);
+  p.momentum = T(s.momentum);
+  p.one_minus_dampening = T(1.0 - s.dampening);
+  p.weight_decay = T(s.weight_decay);
+  p.unscale = T(grad_unscale(v));
+  p.has_weight_decay = s.weight_decay != 0.0;
+  p.nesterov = s.nesterov;
+  p.maximize = s.maximize;
+  p.first_step = *v.step == 0.0f;
   return p;
 }
 
-// One SGD update of w (restored from the backup) with gradient g; ``buf`` is the momentum buffer, used
+// One SGD update of w (the restore point) with gradient g; ``buf`` is the momentum buffer, used
 // only when MOMENTUM (momentum != 0). On the first step the buffer becomes the gradient.
 template <bool MOMENTUM, typename T>
-HOST_DEVICE inline T sgd_update(T w, T g, T* buf, const SGDParams<T>& p) {
+HOST_DEVICE ALWAYS_INLINE inline T sgd_update(T w, T g, T* buf, const SGDParams<T>& p) {
+  g = g * p.unscale;
   T d = p.maximize ? -g : g;
   d = p.has_weight_decay ? d + p.weight_decay * w : d;
   if (MOMENTUM) {
@@ -136,44 +190,52 @@ HOST_DEVICE inline T sgd_update(T w, T g, T* buf, const SGDParams<T>& p) {
 }
 
 // --- Adam / AdamW (torch.optim.Adam, AdamW) ---------------------------------------------------------
+struct AdamSettings {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool decoupled, maximize;
+};
+
 template <typename T>
 struct AdamParams {
   T lerp_weight;       // 1 - beta1, for exp_avg.lerp_(d, 1 - beta1)
   T beta2, one_minus_beta2;
   T eps, weight_decay, decay;  // decay = 1 - lr * weight_decay (AdamW)
-  T neg_step_size;             // -lr / (1 - beta1^step)
-  T bias_correction2_sqrt;     // (1 - beta2^step) ** 0.5
+  T neg_step_size;             // -lr / (1 - beta1^t), t = step + 1
+  T bias_correction2_sqrt;     // (1 - beta2^t) ** 0.5
+  T unscale;                   // grad_unscale: the gradient is multiplied by it first
   bool l2, decoupled, maximize;
 };
 
+// The bias corrections use t = step + 1, in double as torch.optim computes them in Python.
 template <typename T>
-inline AdamParams<T> make_adam_params(double lr, double beta1, double beta2, double eps, double weight_decay,
-                                      bool decoupled, bool maximize, double step_size,
-                                      double bias_correction2_sqrt) {
+HOST_DEVICE inline AdamParams<T> make_adam_params(const AdamSettings& s, const StepValues& v) {
+  const double t = double(*v.step) + 1.0;
   AdamParams<T> p;
-  p.lerp_weight = T(1.0 - beta1);
-  p.beta2 = T(beta2);
-  p.one_minus_beta2 = T(1.0 - beta2);
-  p.eps = T(eps);
-  p.weight_decay = T(weight_decay);
-  p.decay = T(1.0 - lr * weight_decay);
-  p.neg_step_size = T(-step_size);
-  p.bias_correction2_sqrt = T(bias_correction2_sqrt);
-  p.l2 = weight_decay != 0.0 && !decoupled;
-  p.decoupled = weight_decay != 0.0 && decoupled;
-  p.maximize = maximize;
+  p.lerp_weight = T(1.0 - s.beta1);
+  p.beta2 = T(s.beta2);
+  p.one_minus_beta2 = T(1.0 - s.beta2);
+  p.eps = T(s.eps);
+  p.weight_decay = T(s.weight_decay);
+  p.decay = T(1.0 - s.lr * s.weight_decay);
+  p.neg_step_size = T(-(s.lr / (1.0 - pow(s.beta1, t))));
+  p.bias_correction2_sqrt = T(sqrt(1.0 - pow(s.beta2, t)));
+  p.unscale = T(grad_unscale(v));
+  p.l2 = s.weight_decay != 0.0 && !s.decoupled;
+  p.decoupled = s.weight_decay != 0.0 && s.decoupled;
+  p.maximize = s.maximize;
   return p;
 }
 
 // torch.lerp with a scalar weight (ATen/native/Lerp.h).
 template <typename T>
-HOST_DEVICE inline T lerp(T self, T end, T weight) {
+HOST_DEVICE ALWAYS_INLINE inline T lerp(T self, T end, T weight) {
   return fs_abs(weight) < T(0.5) ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
 }
 
 // One Adam/AdamW update of w with gradient g and moments m, v (and vmax for AMSGrad).
 template <bool AMSGRAD, typename T>
-HOST_DEVICE inline T adam_update(T w, T g, T* m, T* v, T* vmax, const AdamParams<T>& p) {
+HOST_DEVICE ALWAYS_INLINE inline T adam_update(T w, T g, T* m, T* v, T* vmax, const AdamParams<T>& p) {
+  g = g * p.unscale;
   T d = p.maximize ? -g : g;
   w = p.decoupled ? w * p.decay : w;
   d = p.l2 ? d + p.weight_decay * w : d;

@@ -1,11 +1,17 @@
 // op_checks.h: host-side argument checks shared by the CPU, CUDA and Meta implementations of the
-// fused_sam operators. (The per-element math lives in fused_sam_math.h.)
+// fused_sam operators, the unpacking of the step tensors for the kernels, and the choice of the restore
+// point (backup or float32 master). (The per-element math lives in fused_sam_math.h.)
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <optional>
+#include <type_traits>
+
+#include "fused_sam_math.h"
 
 namespace fused_sam {
 
@@ -40,6 +46,26 @@ inline void check_weights(const at::Tensor& weights, const char* op) {
               ": weights must be a contiguous 1-D tensor, got shape ", weights.sizes());
 }
 
+// Master weights: a float32 copy of bfloat16/float16 weights, contiguous, 1-D, like the weights.
+inline void check_master(const at::Tensor& master, const at::Tensor& weights, const char* op) {
+  const auto dt = weights.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "fused_sam::", op,
+              ": master weights are for bfloat16 or float16 weights, got ", dt, " weights");
+  check_span_tensor(master, weights, at::kFloat, "master", op);
+}
+
+// The restore point: exactly one of ``backup`` (in the weights' dtype) and ``master`` (float32).
+inline void check_restore_point(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                                const std::optional<at::Tensor>& master, const char* op) {
+  TORCH_CHECK(backup.has_value() != master.has_value(), "fused_sam::", op,
+              ": pass exactly one of backup and master, got ", backup.has_value() ? "both" : "neither");
+  if (backup.has_value()) {
+    check_span_tensor(*backup, weights, weights.scalar_type(), "backup", op);
+  } else {
+    check_master(*master, weights, op);
+  }
+}
+
 inline void check_partials(const at::Tensor& partials, const at::Tensor& weights, const char* name,
                            const char* op) {
   TORCH_CHECK(partials.dim() == 1 && partials.is_contiguous(), "fused_sam::", op, ": ", name,
@@ -50,22 +76,62 @@ inline void check_partials(const at::Tensor& partials, const at::Tensor& weights
               partials.device(), ", the weights on ", weights.device());
 }
 
-inline void check_sq_norm_args(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& out,
+// A per-step value the kernels read (the step count, GradScaler's scale or found_inf): a float32 tensor of
+// exactly one element on the weights' device.
+inline void check_step_scalar(const at::Tensor& t, const at::Tensor& weights, const char* name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fused_sam::", op, ": ", name, " must be a float32 tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sym_numel() == 1, "fused_sam::", op, ": ", name, " must have exactly one element, got ",
+              t.sym_numel());
+  TORCH_CHECK(t.device() == weights.device(), "fused_sam::", op, ": ", name, " is on ", t.device(),
+              ", the weights on ", weights.device());
+}
+
+inline void check_optional_step_scalar(const std::optional<at::Tensor>& t, const at::Tensor& weights,
+                                       const char* name, const char* op) {
+  if (t.has_value()) check_step_scalar(*t, weights, name, op);
+}
+
+inline void check_step_values(const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf, const at::Tensor& weights,
+                              const char* op) {
+  check_step_scalar(step, weights, "step", op);
+  check_optional_step_scalar(grad_scale, weights, "grad_scale", op);
+  check_optional_step_scalar(found_inf, weights, "found_inf", op);
+}
+
+// The data pointer of an optional float32 tensor (host or device memory), null when absent.
+inline const float* optional_float_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+}
+
+// Pointers to checked step tensors, for kernels that read the values themselves.
+inline StepValues step_values(const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf) {
+  return StepValues{step.const_data_ptr<float>(), optional_float_ptr(grad_scale), optional_float_ptr(found_inf)};
+}
+
+inline void check_sq_norm_args(const at::Tensor& grads, const at::Tensor& weights,
+                               const std::optional<at::Tensor>& master, const at::Tensor& out,
                                int64_t expected_len) {
   check_weights(weights, "sq_norm_partials");
   check_span_tensor(grads, weights, weights.scalar_type(), "grads", "sq_norm_partials");
+  if (master.has_value()) check_master(*master, weights, "sq_norm_partials");
   check_partials(out, weights, "out", "sq_norm_partials");
   TORCH_CHECK(expected_len < 0 || out.numel() == expected_len, "fused_sam::sq_norm_partials: out has ",
               out.sym_numel(), " elements; a span of ", weights.sym_numel(), " elements on ", weights.device(),
               " writes ", expected_len, " partials");
 }
 
-inline void check_perturb_args(const at::Tensor& weights, const at::Tensor& grads, const at::Tensor& backup,
+inline void check_perturb_args(const at::Tensor& weights, const at::Tensor& grads,
+                               const std::optional<at::Tensor>& backup, const std::optional<at::Tensor>& master,
                                const std::optional<at::Tensor>& partials,
-                               const std::optional<at::Tensor>& nonfinite_count) {
+                               const std::optional<at::Tensor>& nonfinite_count,
+                               const std::optional<at::Tensor>& grad_scale) {
   check_weights(weights, "perturb");
+  check_optional_step_scalar(grad_scale, weights, "grad_scale", "perturb");
   check_span_tensor(grads, weights, weights.scalar_type(), "grads", "perturb");
-  check_span_tensor(backup, weights, weights.scalar_type(), "backup", "perturb");
+  check_restore_point(weights, backup, master, "perturb");
   if (partials.has_value()) {
     check_partials(*partials, weights, "partials", "perturb");
     TORCH_CHECK(partials->sym_numel() >= 1, "fused_sam::perturb: partials is empty");
@@ -79,15 +145,20 @@ inline void check_perturb_args(const at::Tensor& weights, const at::Tensor& grad
   }
 }
 
-inline void check_restore_args(const at::Tensor& weights, const at::Tensor& backup) {
+inline void check_restore_args(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                               const std::optional<at::Tensor>& master) {
   check_weights(weights, "restore");
-  check_span_tensor(backup, weights, weights.scalar_type(), "backup", "restore");
+  check_restore_point(weights, backup, master, "restore");
 }
 
-inline void check_sgd_args(const at::Tensor& weights, const at::Tensor& backup, const at::Tensor& grads,
-                           const std::optional<at::Tensor>& momentum_buffer, double momentum) {
+inline void check_sgd_args(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                           const std::optional<at::Tensor>& master, const at::Tensor& grads,
+                           const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           double momentum) {
   check_weights(weights, "restore_sgd");
-  check_span_tensor(backup, weights, weights.scalar_type(), "backup", "restore_sgd");
+  check_step_values(step, grad_scale, found_inf, weights, "restore_sgd");
+  check_restore_point(weights, backup, master, "restore_sgd");
   check_span_tensor(grads, weights, weights.scalar_type(), "grads", "restore_sgd");
   if (momentum != 0.0) {
     TORCH_CHECK(momentum_buffer.has_value(), "fused_sam::restore_sgd: momentum != 0 needs a momentum_buffer");
@@ -98,18 +169,52 @@ inline void check_sgd_args(const at::Tensor& weights, const at::Tensor& backup, 
   }
 }
 
-inline void check_adam_args(const at::Tensor& weights, const at::Tensor& backup, const at::Tensor& grads,
+inline void check_adam_args(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                            const std::optional<at::Tensor>& master, const at::Tensor& grads,
                             const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                            const std::optional<at::Tensor>& max_exp_avg_sq) {
+                            const std::optional<at::Tensor>& max_exp_avg_sq, const at::Tensor& step,
+                            const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
   check_weights(weights, "restore_adam");
+  check_step_values(step, grad_scale, found_inf, weights, "restore_adam");
   auto sd = state_dtype(weights.scalar_type());
-  check_span_tensor(backup, weights, weights.scalar_type(), "backup", "restore_adam");
+  check_restore_point(weights, backup, master, "restore_adam");
   check_span_tensor(grads, weights, weights.scalar_type(), "grads", "restore_adam");
   check_span_tensor(exp_avg, weights, sd, "exp_avg", "restore_adam");
   check_span_tensor(exp_avg_sq, weights, sd, "exp_avg_sq", "restore_adam");
   if (max_exp_avg_sq.has_value()) {
     check_span_tensor(*max_exp_avg_sq, weights, sd, "max_exp_avg_sq", "restore_adam");
   }
+}
+
+// --- the restore point ----------------------------------------------------------------------------------
+// Where the kernels read w: the backup in the parameter dtype (``elem_t``: the type the kernels load it
+// as), read only; or with master weights (MASTER) the float32 master, which the updates also write back.
+template <typename elem_t, bool MASTER>
+using point_t = std::conditional_t<MASTER, float, const elem_t>;
+
+template <typename elem_t, bool MASTER>
+inline point_t<elem_t, MASTER>* point_ptr(const std::optional<at::Tensor>& backup,
+                                         const std::optional<at::Tensor>& master) {
+  if constexpr (MASTER) {
+    return master->mutable_data_ptr<float>();
+  } else {
+    return static_cast<const elem_t*>(backup->const_data_ptr());
+  }
+}
+
+// Runs ``body(std::bool_constant<MASTER>{})``, MASTER telling whether the span has master weights, so that
+// a kernel chooses its restore point at compile time and the loops without a master stay as they are.
+// The master variant is compiled for bfloat16/float16 only: the checks refuse a master with other weights.
+template <typename scalar_t, typename Body>
+inline void with_master(bool has_master, const Body& body) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
+    if (has_master) {
+      body(std::true_type{});
+      return;
+    }
+  }
+  body(std::false_type{});
 }
 
 }  // namespace fused_sam

@@ -3,7 +3,11 @@
 //
 // Every operator mutates flat 1-D buffers in place and returns nothing; mutated arguments carry alias
 // annotations (Tensor(a!)) so functionalization (torch.compile) and torch.library.opcheck see the
-// mutation. CPU implementations: cpu_kernels.cpp; CUDA: cuda_kernels.cu.
+// mutation. The restore point is exactly one of ``backup`` (a copy of the weights in their dtype) and
+// ``master`` (a float32 master copy of bfloat16/float16 weights, which the weights are the rounding of).
+// The per-step values (step, grad_scale, found_inf) are float32 tensors of one element on the
+// weights' device, read by the kernels themselves, so a CUDA step never syncs with the host.
+// CPU implementations: cpu_kernels.cpp; CUDA: cuda_kernels.cu.
 #include <Python.h>
 
 #include <torch/csrc/autograd/python_variable.h>
@@ -16,30 +20,39 @@ namespace fused_sam {
 namespace {
 
 // Meta kernels check what can be checked without data and write nothing (the ops return nothing).
-void sq_norm_partials_meta(const at::Tensor& grads, const at::Tensor& weights, bool, double,
-                           const at::Tensor& out) {
-  check_sq_norm_args(grads, weights, out, -1);
+void sq_norm_partials_meta(const at::Tensor& grads, const at::Tensor& weights,
+                           const std::optional<at::Tensor>& master, bool, double, const at::Tensor& out) {
+  check_sq_norm_args(grads, weights, master, out, -1);
 }
 
-void perturb_meta(const at::Tensor& weights, const at::Tensor& grads, const at::Tensor& backup,
-                  const std::optional<at::Tensor>& partials, const std::optional<at::Tensor>& nonfinite_count,
+void perturb_meta(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
+                  const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
+                  const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
                   double, bool, double, bool, double) {
-  check_perturb_args(weights, grads, backup, partials, nonfinite_count);
+  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale);
 }
 
-void restore_meta(const at::Tensor& weights, const at::Tensor& backup) { check_restore_args(weights, backup); }
-
-void restore_sgd_meta(const at::Tensor& weights, const at::Tensor& backup, const at::Tensor& grads,
-                      const std::optional<at::Tensor>& momentum_buffer, double, double momentum, double, double,
-                      bool, bool, bool) {
-  check_sgd_args(weights, backup, grads, momentum_buffer, momentum);
+void restore_meta(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                  const std::optional<at::Tensor>& master) {
+  check_restore_args(weights, backup, master);
 }
 
-void restore_adam_meta(const at::Tensor& weights, const at::Tensor& backup, const at::Tensor& grads,
-                       const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                       const std::optional<at::Tensor>& max_exp_avg_sq, double, double, double, double, double,
-                       bool, bool, double, double) {
-  check_adam_args(weights, backup, grads, exp_avg, exp_avg_sq, max_exp_avg_sq);
+void restore_sgd_meta(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                      const std::optional<at::Tensor>& master, const at::Tensor& grads,
+                      const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      double, double momentum, double, double, bool, bool) {
+  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum);
+}
+
+void restore_adam_meta(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                       const std::optional<at::Tensor>& master, const at::Tensor& grads, const at::Tensor& exp_avg,
+                       const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                       const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, double, double, double, double, double, bool,
+                       bool) {
+  check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
+                  found_inf);
 }
 
 }  // namespace
@@ -47,18 +60,21 @@ void restore_adam_meta(const at::Tensor& weights, const at::Tensor& backup, cons
 
 TORCH_LIBRARY(fused_sam, m) {
   m.def(
-      "sq_norm_partials(Tensor grads, Tensor weights, bool adaptive, float eta, Tensor(a!) out) -> ()");
+      "sq_norm_partials(Tensor grads, Tensor weights, Tensor? master, bool adaptive, float eta, Tensor(a!) out) "
+      "-> ()");
   m.def(
-      "perturb(Tensor(a!) weights, Tensor grads, Tensor(b!) backup, Tensor? partials, "
-      "Tensor(c!)? nonfinite_count, float rho, bool adaptive, float eta, bool normalize, float eps) -> ()");
-  m.def("restore(Tensor(a!) weights, Tensor backup) -> ()");
+      "perturb(Tensor(a!) weights, Tensor grads, Tensor(b!)? backup, Tensor? master, Tensor? partials, "
+      "Tensor(c!)? nonfinite_count, Tensor? grad_scale, float rho, bool adaptive, float eta, bool normalize, "
+      "float eps) -> ()");
+  m.def("restore(Tensor(a!) weights, Tensor? backup, Tensor? master) -> ()");
   m.def(
-      "restore_sgd(Tensor(a!) weights, Tensor backup, Tensor grads, Tensor(b!)? momentum_buffer, float lr, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
+      "restore_sgd(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, "
+      "Tensor(c!)? momentum_buffer, Tensor step, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize) -> ()");
   m.def(
-      "restore_adam(Tensor(a!) weights, Tensor backup, Tensor grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "Tensor(d!)? max_exp_avg_sq, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "bool decoupled, bool maximize, float step_size, float bias_correction2_sqrt) -> ()");
+      "restore_adam(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, Tensor(c!) exp_avg, "
+      "Tensor(d!) exp_avg_sq, Tensor(e!)? max_exp_avg_sq, Tensor step, Tensor? grad_scale, Tensor? found_inf, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_sam, Meta, m) {

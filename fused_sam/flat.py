@@ -16,7 +16,9 @@ import torch
 from .backends.base import Span, math_dtype
 
 ALIGN = 16
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # the dtypes master weights apply to
 _GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
 
 try:  # the compiled extension answers the per-step "are the views still ours?" question ~20x faster
@@ -43,11 +45,16 @@ class FlatSegment:
     """The parameters of one param group that share a device and dtype, with their flat buffers.
 
     Holds the weight, gradient and backup buffers, the optimizer state buffers (created on first use,
-    in float32, or float64 for float64 parameters) and a per-parameter count of base updates (a CPU
-    tensor, so that ``optimizer.state[p]['step']`` can be a view of it).
+    in float32, or float64 for float64 parameters) and a per-parameter count of base updates, on the
+    segment's device: a GradScaler's skipped step must not advance it, and whether it was skipped is
+    known only there. ``optimizer.state[p]['step']`` is a view of it.
+
+    The host never reads the counts during training. It keeps, per parameter, an id of its update
+    history: parameters updated in the same steps share an id and so have equal counts, so a run of them
+    reads one count (``spans``).
     """
 
-    def __init__(self, group_index: int, params: Sequence[torch.Tensor]):
+    def __init__(self, group_index: int, params: Sequence[torch.Tensor], master_weights: bool = False):
         self.group_index = group_index
         self.params: List[torch.Tensor] = list(params)
         first = self.params[0]
@@ -63,13 +70,15 @@ class FlatSegment:
         self.numel = offset
         self.weights = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         self.grads = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        self.backup = torch.empty_like(self.weights)
+        # bf16/fp16 with master weights: a float32 master copy is the restore point, so no backup buffer.
+        self.has_master = master_weights and self.dtype in LOW_PRECISION
+        self.master: Optional[torch.Tensor] = None
+        self.backup: Optional[torch.Tensor] = None if self.has_master else torch.empty_like(self.weights)
         self.state: dict = {}
-        self.steps = torch.zeros(len(self.params), dtype=torch.float32)
-        # A host copy of the step counts for the per-step bookkeeping: one shared int while they agree
-        # (the usual case), else a list; re-read from the tensor when its version shows an outside edit.
-        self._uniform_step: Optional[int] = 0
-        self._step_list: List[int] = []
+        self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
+        # Update-history ids: None while every parameter shares one history (the usual case), else one id
+        # per parameter. Rebuilt from the counts when their version shows an edit through opt.state.
+        self._history: Optional[List[int]] = None
         self._steps_version = self.steps._version
         self.published = False  # optimizer.state[p] holds views into this segment's state
         self.weight_views = [self._view(self.weights, i) for i in range(len(self.params))]
@@ -83,6 +92,10 @@ class FlatSegment:
             if p.grad is not None or p.requires_grad:
                 p.grad = g
         self.weight_ptrs = [w.data_ptr() for w in self.weight_views]
+        if self.has_master:
+            self.master = self.weights.to(torch.float32)
+            self.master_views = [self._view(self.master, i) for i in range(len(self.params))]
+            self._param_versions = self._versions()
         # Gradients present at construction were not produced after the optimizer last looked at them.
         self.seen_grads_version = -1 if existing else self.grads._version
 
@@ -175,34 +188,38 @@ class FlatSegment:
 
     def spans(self, *masks: Optional[Sequence[bool]]) -> Iterator[tuple]:
         """Yield (first, stop, flags, Span) for each maximal run of parameters with equal mask values and
-        step counts; ``flags`` holds the run's value of each mask (a None mask is all True)."""
-        uniform = self._host_steps()
-        if all(m is None for m in masks) and uniform is not None:  # the usual case: one span
-            yield 0, len(self.params), (True,) * len(masks), self._span(0, self.numel, uniform)
+        update histories (so equal step counts: ``step_of(first)``); ``flags`` holds the run's value of
+        each mask (a None mask is all True)."""
+        history = self._current_history()
+        if all(m is None for m in masks) and history is None:  # the usual case: one span
+            yield 0, len(self.params), (True,) * len(masks), self._span(0, self.numel)
             return
         columns = [[True] * len(self.params) if m is None else m for m in masks]
-        steps = [uniform] * len(self.params) if uniform is not None else self._step_list
+        ids = [0] * len(self.params) if history is None else history
         i = 0
-        for (*flags, step), run in groupby(zip(*columns, steps)):
+        for (*flags, _), run in groupby(zip(*columns, ids)):
             n = sum(1 for _ in run)
-            yield i, i + n, tuple(flags), self._span(self.offsets[i], self._end(i + n - 1), step)
+            yield i, i + n, tuple(flags), self._span(self.offsets[i], self._end(i + n - 1))
             i += n
 
-    def _span(self, start: int, stop: int, step: int) -> Span:
+    def step_of(self, i: int) -> torch.Tensor:
+        """Parameter ``i``'s count of base updates: a 0-d view on the device (the whole run's count)."""
+        return self.steps[i]
+
+    def _span(self, start: int, stop: int) -> Span:
         return Span(
             weights=self.weights[start:stop],
             grads=self.grads[start:stop],
-            backup=self.backup[start:stop],
+            backup=None if self.backup is None else self.backup[start:stop],
             state={name: buf[start:stop] for name, buf in self.state.items()},
-            step=step,
+            master=None if self.master is None else self.master[start:stop],
         )
 
     # --- state export / import (state_dict, re-layout) ---------------------------------------------
 
-    def export_state(self, i: int) -> dict:
-        """torch.optim-style state of parameter ``i``: cloned tensors shaped like the parameter, and 'step'."""
-        uniform = self._host_steps()
-        step = uniform if uniform is not None else self._step_list[i]
+    def export_state(self, i: int, step: int) -> dict:
+        """torch.optim-style state of parameter ``i`` (``step`` base updates so far, read by the caller
+        from ``steps``): cloned tensors shaped like the parameter, and 'step' (a CPU tensor)."""
         if step == 0:
             return {}
         state = {name: self._view(buf, i).clone() for name, buf in self.state.items()}
@@ -231,43 +248,83 @@ class FlatSegment:
         return step
 
     def backup_of(self, i: int) -> torch.Tensor:
-        """A copy of parameter ``i``'s restore point (w while the weights are at w + e)."""
-        return self._view(self.backup, i).clone()
+        """A copy of parameter ``i``'s restore point (w while the weights are at w + e): the float32
+        master weight with master weights."""
+        return self._view(self.backup if self.master is None else self.master, i).clone()
 
     def set_backup(self, i: int, value: torch.Tensor) -> None:
+        self.check_shape(i, value, "restore point")
+        self._view(self.backup if self.master is None else self.master, i).copy_(value)
+
+    def check_shape(self, i: int, value, what: str) -> None:
         shape = self.layout[i][0]
         if not isinstance(value, torch.Tensor) or value.shape != shape:
             raise ValueError(
-                f"restore point of parameter {i} of param group {self.group_index} has shape "
+                f"{what} of parameter {i} of param group {self.group_index} has shape "
                 f"{tuple(getattr(value, 'shape', ()))}, the parameter {tuple(shape)}"
             )
-        self._view(self.backup, i).copy_(value)
+
+    # --- master weights ------------------------------------------------------------------------------
+
+    def _versions(self) -> int:
+        return sum(map(_VERSION, self.params))
+
+    def sync_master(self) -> None:
+        """Take in weights written from outside since the last step (``model.load_state_dict``, an
+        in-place init): where a weight is no longer the rounding of its master, the weight wins. Seen
+        through each parameter's version counter, which its in-place writes bump (not those through
+        ``.data``)."""
+        if self.master is None or self._versions() == self._param_versions:
+            return
+        for p, master in zip(self.params, self.master_views):
+            master.copy_(torch.where(master.to(self.dtype) == p.detach(), master, p.detach().to(torch.float32)))
+        self._param_versions = self._versions()
+
+    def master_of(self, i: int) -> torch.Tensor:
+        return self.master_views[i].clone()
+
+    def set_master(self, i: int, value: torch.Tensor, write_weight: bool = True) -> None:
+        """Load parameter ``i``'s master weight (and set its weight to the rounding of it)."""
+        self.check_shape(i, value, "master weight")
+        self.master_views[i].copy_(value)
+        if write_weight:
+            self.weight_views[i].copy_(self.master_views[i])
 
     # --- step counts -------------------------------------------------------------------------------
 
-    def _host_steps(self) -> Optional[int]:
-        """The shared step count, or None when they differ (then ``_step_list`` holds them)."""
+    def _current_history(self) -> Optional[List[int]]:
         if self.steps._version != self._steps_version:  # edited through optimizer.state[p]['step']
-            self._set_host_steps([int(v) for v in self.steps.tolist()])
-        return self._uniform_step
+            self._history_from_counts(self.steps.tolist())
+        return self._history
 
-    def _set_host_steps(self, steps: List[int]) -> None:
-        self._uniform_step = steps[0] if len(set(steps)) == 1 else None
-        self._step_list = [] if self._uniform_step is not None else steps
+    def _history_from_counts(self, counts: List[float]) -> None:
+        """Equal counts, one history (a host read; only after an outside edit or a load)."""
+        ids = {c: k for k, c in enumerate(dict.fromkeys(counts))}
+        self._history = None if len(ids) <= 1 else [ids[c] for c in counts]
         self._steps_version = self.steps._version
 
     def set_steps(self, steps: List[int]) -> None:
         self.steps.copy_(torch.tensor(steps, dtype=torch.float32))
-        self._set_host_steps(steps)
+        self._history_from_counts([float(s) for s in steps])
 
-    def mark_updated(self, first: int, stop: int) -> None:
-        uniform = self._host_steps()
-        if uniform is not None and (first, stop) == (0, len(self.params)):
-            self.steps.add_(1)
-            self._uniform_step = uniform + 1
-            self._steps_version = self.steps._version
-            return
-        self.steps[first:stop] += 1
-        steps = [uniform] * len(self.params) if uniform is not None else list(self._step_list)
-        steps[first:stop] = [s + 1 for s in steps[first:stop]]
-        self._set_host_steps(steps)
+    def advance_steps(self, updated: Optional[Sequence[bool]], taken: Optional[torch.Tensor]) -> None:
+        """Count one base update of the ``updated`` parameters (None: all); ``taken`` (a device tensor,
+        1 or 0) is whether it happened, for a GradScaler step that may have been skipped."""
+        history = self._current_history()
+        increment = 1 if taken is None else taken
+        if updated is None or all(updated):
+            self.steps.add_(increment)
+        else:
+            i = 0
+            for flag, run in groupby(updated):
+                n = sum(1 for _ in run)
+                if flag:
+                    self.steps[i:i + n] += increment
+                i += n
+            # The updated parameters now share a history with each other only where they shared one before.
+            ids = [0] * len(self.params) if history is None else history
+            fresh = {}
+            next_id = max(ids) + 1
+            history = [fresh.setdefault(h, next_id + len(fresh)) if u else h for h, u in zip(ids, updated)]
+            self._history = None if len(set(history)) == 1 else history
+        self._steps_version = self.steps._version

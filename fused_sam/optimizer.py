@@ -9,8 +9,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .backends import Perturbation, check_backend_name, resolve_backend
-from .flat import FlatSegment, is_dense
+from .backends import Perturbation, StepScalars, check_backend_name, resolve_backend
+from .flat import LOW_PRECISION, FlatSegment, is_dense
 from .updates import fused_kind, update_from_group
 
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
@@ -31,6 +31,35 @@ def _check_sam_settings(settings: dict, where: str) -> None:
         raise ValueError(f"eta must be a non-negative number, got {eta!r} ({where})")
 
 
+def _current_scale(grad_scaler) -> Optional[torch.Tensor]:
+    """The scale a GradScaler multiplies losses by now, as its device tensor (no sync); None if disabled."""
+    if grad_scaler is None:
+        return None
+    if not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+    if not grad_scaler.is_enabled():
+        return None
+    scale = grad_scaler._get_scale_async()
+    if scale is None:
+        raise RuntimeError("grad_scaler has not scaled a loss yet: call scaler.scale(loss).backward() first")
+    return scale
+
+
+class _PerDevice:
+    """One small tensor (GradScaler's scale or found_inf), as float32, copied once to each device asking."""
+
+    def __init__(self, value: Optional[torch.Tensor]):
+        self.value = None if value is None else value.detach().reshape(()).to(torch.float32)
+        self._copies: Dict[torch.device, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> Optional[torch.Tensor]:
+        if self.value is None or self.value.device == device:
+            return self.value
+        if device not in self._copies:
+            self._copies[device] = self.value.to(device, non_blocking=True)
+        return self._copies[device]
+
+
 class _SAMState:
     """Everything FusedSAM changes after construction, in one object that is never rebound.
 
@@ -46,6 +75,10 @@ class _SAMState:
         # perturbed (None: all of them). None outside a SAM step.
         self.perturbed: Optional[List[Optional[List[bool]]]] = None
         self.nonfinite: Optional[torch.Tensor] = None  # device counter of first_steps with a non-finite norm
+        # Between first_step and second_step: did first_step know the GradScaler's scale, and did it
+        # perturb an un-normalized group (whose e = rho * g would carry the scale without it)?
+        self.perturbed_with_scale = False
+        self.perturbed_unnormalized = False
         self.opt_called = False  # what LR schedulers check: has a step been taken since they were built?
 
 
@@ -64,6 +97,10 @@ class FusedSAM(torch.optim.Optimizer):
         mode: "paired" (both gradients of a SAM step from one batch: ``first_step``/``second_step`` or
             ``step(closure)``) or "alternate" (each ``step()`` call takes one half of a SAM step, for
             trainers that call ``step()`` once per batch without a closure).
+        master_weights: keep a float32 master copy of bfloat16/float16 parameters (the model keeps its
+            low-precision weights for forward and backward). The master copy is SAM's restore point and
+            what the base update reads and writes; the weights are its rounding. Parameters in float32 or
+            float64 need none and are left as they are; if no parameter is bf16/fp16 this is an error.
         backend: "auto", "reference", or a kernel backend (see ``fused_sam.available_backends``).
         **base_kwargs: passed to ``base_optimizer``, ``eps`` included, as the classic SAM class does.
 
@@ -81,6 +118,7 @@ class FusedSAM(torch.optim.Optimizer):
         normalize: bool = True,
         perturb_eps: float = 1e-12,
         mode: str = "paired",
+        master_weights: bool = False,
         backend: str = "auto",
         **base_kwargs,
     ):
@@ -95,8 +133,18 @@ class FusedSAM(torch.optim.Optimizer):
             raise ValueError(f"perturb_eps must be a positive number, got {perturb_eps!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
 
         groups = self._check_params(params)
+        if master_weights and not any(
+            _tensor_of(p).dtype in LOW_PRECISION for g in groups for p in g["params"]
+        ):
+            raise ValueError(
+                "master_weights=True keeps float32 master copies of bfloat16/float16 parameters, and none of "
+                "these parameters is bfloat16 or float16 (convert the model first, e.g. model.to(torch.bfloat16))"
+            )
+        self.master_weights = master_weights
         self.backend_name = backend
         self.mode = mode
         self.base_optimizer = None
@@ -175,10 +223,11 @@ class FusedSAM(torch.optim.Optimizer):
                 if p.numel() > 0:
                     buckets.setdefault((p.device, p.dtype), []).append(p)
             for (device, dtype), params in buckets.items():
-                plans.append((gi, params, resolve_backend(self.backend_name, device, dtype)))
+                master = self.master_weights and dtype in LOW_PRECISION
+                plans.append((gi, params, resolve_backend(self.backend_name, device, dtype, master)))
         sam = self._sam
         for gi, params, backend in plans:
-            segment = FlatSegment(gi, params)
+            segment = FlatSegment(gi, params, self.master_weights)
             segment.backend = backend
             sam.segments.append(segment)
         home = sam.segments[0].device if sam.segments else None
@@ -195,10 +244,12 @@ class FusedSAM(torch.optim.Optimizer):
                 f"{moved} changed storage between first_step() and second_step(); the weights cannot be restored"
             )
         state = self.state_dict()["state"] if self._fused_kind else None
+        masters = self._masters()
         sam.segments.clear()
         self._build_segments(range(len(self.param_groups)))
         if state is not None:
             self._load_fused_state(state)
+        self._load_masters(masters, keep_edits=True)
 
     # --- the SAM step ------------------------------------------------------------------------------
 
@@ -223,25 +274,32 @@ class FusedSAM(torch.optim.Optimizer):
         return [None if ok else segment.link_grads() for segment, ok in zip(self._sam.segments, intact)]
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
         """Save w exactly and move to w + e(w) using the gradients now in ``.grad``.
 
         A parameter whose ``.grad`` is None is not perturbed (it has no first gradient) but is still
         updated by ``second_step`` if it has a gradient then, as in the classic SAM.
+
+        ``grad_scaler``: the GradScaler whose scale multiplies these gradients. Normalized SAM needs it only
+        to scale perturb_eps with the gradient (without it e differs by perturb_eps / ||g||, relatively);
+        un-normalized SAM (normalize=False) needs it, and the second step refuses to go on without it.
+        Its scale is read on the device, without a host sync.
         """
         sam = self._sam
         if sam.perturbed is not None:
             raise RuntimeError(
-                "first_step() called twice; call second_step() before the next first_step() (a GradScaler that "
-                "skipped scaler.step(optimizer) after an overflow leaves the weights at w + e: use "
-                "FusedSAM(..., mode='alternate') with a GradScaler)"
+                "first_step() called twice; finish the SAM step with second_step() (under a GradScaler: "
+                "scaler.step(optimizer)) before the next first_step()"
             )
+        grad_scale = _current_scale(grad_scaler)
         intact = [segment.intact() for segment in sam.segments]
         if not all(intact):
             moved = next(filter(None, (s.storage_moved() for s in sam.segments)), None)
             if moved:
                 self._relayout(moved)
                 intact = [False] * len(sam.segments)
+        for segment in sam.segments:
+            segment.sync_master()
         perturbations = self._perturbations()
         self._base_updates()  # a base setting second_step() would refuse must fail before w moves
         active = self._linked_grads(intact)
@@ -255,15 +313,19 @@ class FusedSAM(torch.optim.Optimizer):
         if any(p.normalize for p in perturbations) and work:
             partials = self._norm_partials(work, perturbations)
         counter = sam.nonfinite if partials is not None else None  # incremented once per step
+        scales = _PerDevice(grad_scale)
         for segment, span in work:
             owns_counter = counter is not None and span.device == counter.device
             device_partials = None if partials is None else partials[span.device]
             segment.backend.perturb(
-                span, perturbations[segment.group_index], device_partials, counter if owns_counter else None
+                span, perturbations[segment.group_index], device_partials, counter if owns_counter else None,
+                scales.on(span.device),
             )
             if owns_counter:
                 counter = None
         sam.perturbed = active
+        sam.perturbed_with_scale = grad_scale is not None
+        sam.perturbed_unnormalized = any(not perturbations[segment.group_index].normalize for segment, _ in work)
         for segment in sam.segments:
             segment.mark_grads_seen()
         if zero_grad:
@@ -295,7 +357,16 @@ class FusedSAM(torch.optim.Optimizer):
 
         Every parameter with a gradient now is updated, also one that had none at ``first_step``; a
         parameter perturbed at ``first_step`` but without a gradient now is restored and not updated.
+        Under a GradScaler, finish the step with ``scaler.step(optimizer)`` instead (see ``step``).
         """
+        self._second_step(None, None)
+        if zero_grad:
+            self.zero_grad()
+
+    def _second_step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+        """second_step with GradScaler's inputs: the gradients are divided by ``grad_scale`` inside the
+        update, and where ``found_inf`` is non-zero the update is skipped (w restored exactly, state and
+        step counts unchanged), all decided on the device."""
         sam = self._sam
         if sam.perturbed is None:
             raise RuntimeError("second_step() called before first_step()")
@@ -307,33 +378,66 @@ class FusedSAM(torch.optim.Optimizer):
                     f"{moved} changed storage between first_step() and second_step(); the weights cannot be restored"
                 )
         active = self._linked_grads(intact)
+        problem = self._scaling_mismatch(grad_scale is not None or found_inf is not None)
+        if problem:
+            self._restore_all()
+            raise RuntimeError(problem + "; the weights were restored to w and not updated")
+        scales, infs = _PerDevice(grad_scale), _PerDevice(found_inf)
         if self._fused_kind:
             updates = self._base_updates()
             for segment, perturbed, has_grad in zip(sam.segments, sam.perturbed, active):
                 update = updates[segment.group_index]
                 if segment.ensure_state(update.needed_state()) or not segment.published:
                     self._publish_state(segment)
-                for first, stop, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
+                device_scale, device_inf = scales.on(segment.device), infs.on(segment.device)
+                for first, _, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
                     if updated:
-                        if not was_perturbed:  # its gradient appeared only at w + e: w itself is the restore point
-                            span.backup.copy_(span.weights)
-                        segment.backend.restore_and_update(span, update)
-                        segment.mark_updated(first, stop)
+                        if not was_perturbed and span.master is None:  # its gradient appeared only at w + e:
+                            span.backup.copy_(span.weights)                # w itself is the restore point
+                        scalars = StepScalars(segment.step_of(first), device_scale, device_inf)
+                        segment.backend.restore_and_update(span, update, scalars)
                     elif was_perturbed:
                         segment.backend.restore(span)
+                taken = None if device_inf is None else (device_inf.reshape(()) == 0).to(torch.float32)
+                segment.advance_steps(has_grad, taken)
         else:
-            for segment, perturbed in zip(sam.segments, sam.perturbed):
-                for _, _, (was_perturbed,), span in segment.spans(perturbed):
-                    if was_perturbed:
-                        segment.backend.restore(span)
-            self.base_optimizer.step()
+            self._restore_all()
+            self._unfused_base_step(scales, found_inf)
         sam.perturbed = None
         for segment in sam.segments:
             segment.mark_grads_seen()
         # What an LR scheduler's wrapper of step() records; users of first/second_step never call step().
         self._opt_called = self.base_optimizer._opt_called = True
-        if zero_grad:
-            self.zero_grad()
+
+    def _scaling_mismatch(self, scaler_step: bool) -> Optional[str]:
+        """Why this second step cannot be taken with the scaling first_step saw, or None."""
+        sam = self._sam
+        if scaler_step and sam.perturbed_unnormalized and not sam.perturbed_with_scale:
+            return ("scaler.step(optimizer) after a first_step() that perturbed an un-normalized group "
+                    "(normalize=False) without its scale: e = rho * g carried the GradScaler's scale; call "
+                    "first_step(grad_scaler=scaler)")
+        if not scaler_step and sam.perturbed_with_scale:
+            return ("first_step(grad_scaler=...) says the gradients are scaled: finish the SAM step with "
+                    "scaler.step(optimizer), not second_step()/step(), so that they are unscaled")
+        return None
+
+    def _restore_all(self) -> None:
+        sam = self._sam
+        for segment, perturbed in zip(sam.segments, sam.perturbed):
+            for _, _, (was_perturbed,), span in segment.spans(perturbed):
+                if was_perturbed:
+                    segment.backend.restore(span)
+        sam.perturbed = None
+
+    def _unfused_base_step(self, scales: "_PerDevice", found_inf: Optional[torch.Tensor]) -> None:
+        """A base optimizer that is not fused steps itself: unscale its gradients in place, and skip it
+        when found_inf is set (this reads found_inf on the host: one sync, as GradScaler's own path)."""
+        if scales.value is not None:
+            for segment in self._sam.segments:
+                segment.grads.mul_(scales.on(segment.device).double().reciprocal().float())
+        if found_inf is not None and float(found_inf.sum()) != 0:
+            return
+        self.base_optimizer.step()
 
     def _grads_fresh(self) -> bool:
         """True if a backward (or any write to a gradient) happened since the last step or zero_grad."""
@@ -363,13 +467,20 @@ class FusedSAM(torch.optim.Optimizer):
             else:
                 self.second_step()
             return loss
+        grad_scale, found_inf = self._grad_scaler_inputs()
         if sam.perturbed is not None:  # the rest of a SAM step begun by first_step()
             loss = None
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            self.second_step()
+            self._second_step(grad_scale, found_inf)
             return loss
+        if grad_scale is not None or found_inf is not None:
+            raise RuntimeError(
+                "scaler.step(optimizer) is SAM's second step: run the first scaled backward and "
+                "optimizer.first_step() before it (or use FusedSAM(..., mode='alternate'), where each "
+                "scaler.step(optimizer) takes one half of a SAM step)"
+            )
         if closure is None:
             raise RuntimeError(
                 "FusedSAM.step() needs a closure that runs forward and backward; or call first_step() and "
@@ -385,6 +496,24 @@ class FusedSAM(torch.optim.Optimizer):
             loss_at_perturbed = closure()
         self.second_step()
         return loss_at_perturbed if loss is None else loss
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler's optimizer protocol. In paired mode ``scaler.step(opt)`` sets ``grad_scale`` and
+        ``found_inf`` (device tensors) and calls ``step()``, the second step, which always restores w,
+        unscales inside the update and skips it on found_inf, without a host sync. In alternate mode
+        GradScaler keeps its own path (unscale, read found_inf, skip the call), so that a skipped half is
+        taken again with the next batch."""
+        return self.mode == "paired"
+
+    def _grad_scaler_inputs(self):
+        """(grad_scale, found_inf) that scaler.step(opt) set on this optimizer for this call, else Nones."""
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, torch.Tensor):  # GradScaler's sum over no devices: 0
+            found_inf = torch.tensor(float(found_inf))
+        if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
+            grad_scale = torch.tensor(float(grad_scale))
+        return grad_scale, found_inf
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient buffer in one operation each; views stay linked even with set_to_none.
@@ -460,14 +589,18 @@ class FusedSAM(torch.optim.Optimizer):
         if self._fused_kind:
             state = {}
             for segment in sam.segments:
+                counts = segment.steps.tolist()
                 for i, p in enumerate(segment.params):
-                    exported = segment.export_state(i)
+                    exported = segment.export_state(i, int(counts[i]))
                     if exported:
                         state[index[id(p)]] = exported
             base = {"state": state, "param_groups": self._packed_groups(index)}
         else:
             base = self.base_optimizer.state_dict()
         base["sam"] = {"format": STATE_DICT_FORMAT, "perturb_eps": sam.perturb_eps, "nonfinite_steps": self.nonfinite_steps}
+        masters = self._masters()
+        if masters:
+            base["sam"]["master_weights"] = {index[pid]: value for pid, value in masters.items()}
         if sam.perturbed is not None:
             base["sam"]["restore_point"] = {
                 index[id(p)]: segment.backup_of(i)
@@ -520,8 +653,43 @@ class FusedSAM(torch.optim.Optimizer):
         sam.perturb_eps = float(saved_sam.get("perturb_eps", saved_sam.get("eps", sam.perturb_eps)))
         if sam.nonfinite is not None:
             sam.nonfinite.fill_(int(saved_sam.get("nonfinite_steps", 0)))
+        masters = saved_sam.get("master_weights")
+        if masters is not None:
+            if not self.master_weights:
+                raise ValueError("this state dict holds float32 master weights: load it into "
+                                 "FusedSAM(..., master_weights=True)")
+            ids = [id(p) for g in self.param_groups for p in g["params"]]
+            # Between the halves of an alternate-mode step the model's weights are w + e: leave them be.
+            self._load_masters({ids[new]: masters[old] for new, old in enumerate(order) if old in masters},
+                               write_weights=restore_point is None)
         if restore_point is not None:
             self._load_restore_point({new: restore_point[old] for new, old in enumerate(order) if old in restore_point})
+
+    def _masters(self) -> Dict[int, torch.Tensor]:
+        """Copies of the float32 master weights, by id of their parameter."""
+        return {
+            id(p): segment.master_of(i)
+            for segment in self._sam.segments if segment.master is not None
+            for i, p in enumerate(segment.params)
+        }
+
+    def _load_masters(self, masters: Dict[int, torch.Tensor], keep_edits: bool = False,
+                      write_weights: bool = True) -> None:
+        """Set master weights by id of their parameter, and the weights to their rounding if write_weights.
+        keep_edits: only where the weight is still the rounding of the given master (a re-layout, where
+        the weights themselves are current)."""
+        for segment in self._sam.segments:
+            if segment.master is None:
+                continue
+            for i, p in enumerate(segment.params):
+                value = masters.get(id(p))
+                if value is None:
+                    continue
+                segment.check_shape(i, value, "master weight")
+                value = value.to(device=segment.device, dtype=torch.float32)
+                if keep_edits:
+                    value = torch.where(value.to(segment.dtype) == p.detach(), value, p.detach().float())
+                segment.set_master(i, value, write_weights)
 
     def _load_restore_point(self, restore_point: dict) -> None:
         """Resume between the halves of an alternate-mode SAM step: w of each perturbed parameter."""

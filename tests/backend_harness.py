@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from fused_sam.backends.base import Perturbation, Span, math_dtype
+from fused_sam.backends.base import Perturbation, Span, StepScalars, math_dtype
 from fused_sam.backends.reference import ReferenceBackend
 from fused_sam.updates import AdamUpdate, SGDUpdate
 
@@ -48,9 +48,10 @@ UPDATES = [
 ]
 
 
-def make_span(numel: int, dtype: torch.dtype, device, update=None, step: int = 0, grad_fill=None,
-              seed: int = 0) -> Span:
-    """A span of random data (state buffers too, when ``update`` needs them); backup poisoned."""
+def make_span(numel: int, dtype: torch.dtype, device, update=None, grad_fill=None, seed: int = 0,
+              master: bool = False) -> Span:
+    """A span of random data (state buffers too, when ``update`` needs them); backup poisoned. master: a
+    float32 master copy (bf16/fp16), the weights its rounding, no backup."""
     gen = torch.Generator().manual_seed(seed)
     state_dtype = math_dtype(dtype)
 
@@ -65,24 +66,51 @@ def make_span(numel: int, dtype: torch.dtype, device, update=None, step: int = 0
         for name in update.needed_state():
             buf = rand(state_dtype, 0.1)
             state[name] = buf.abs() if name in ("exp_avg_sq", "max_exp_avg_sq") else buf
+    if master:
+        masters = rand(torch.float32)
+        return Span(weights=masters.to(dtype), grads=grads, backup=None, state=state, master=masters)
     return Span(weights=rand(dtype), grads=grads, backup=torch.full((numel,), float("nan"), dtype=dtype, device=device),
-                state=state, step=step)
+                state=state)
 
 
 def clone_span(span: Span) -> Span:
-    return Span(weights=span.weights.clone(), grads=span.grads.clone(), backup=span.backup.clone(),
-                state={k: v.clone() for k, v in span.state.items()}, step=span.step)
+    def clone(t):
+        return None if t is None else t.clone()
+
+    return Span(weights=span.weights.clone(), grads=span.grads.clone(), backup=clone(span.backup),
+                state={k: v.clone() for k, v in span.state.items()}, master=clone(span.master))
 
 
+def restore_point(span: Span) -> torch.Tensor:
+    """w as the span keeps it: the float32 master, or the backup."""
+    return span.master if span.master is not None else span.backup
+
+
+def step_scalars(device, step: int = 0, grad_scale=None, found_inf=None) -> StepScalars:
+    """StepScalars as the optimizer passes them: float32 tensors on ``device`` (the step a 0-d view)."""
+    def scalar(value):
+        return None if value is None else torch.tensor(float(value), dtype=torch.float32, device=device)
+
+    steps = torch.tensor([7.0, float(step)], dtype=torch.float32, device=device)  # a view, as the optimizer's
+    return StepScalars(step=steps[1], grad_scale=scalar(grad_scale), found_inf=scalar(found_inf))
+
+
+# (step, grad_scale, found_inf): plain steps; GradScaler steps unscaled in the kernel; skipped steps, with
+# found_inf values GradScaler produces (1, a sum over devices 2) and NaN (also non-zero).
+SCALARS = [(0, None, None), (3, None, None), (3, 1024.0, 0.0), (0, 2.0**-3, 0.0), (0, 512.0, 1.0), (3, None, 2.0),
+           (5, 65536.0, math.nan)]
+GRAD_SCALES = [None, 1024.0, 2.0**-3]
 def _close(actual: torch.Tensor, expected: torch.Tensor, tol, what: str) -> None:
     torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=tol[0], atol=tol[1], equal_nan=False, msg=lambda m: f"{what}: {m}")
 
 
 def exact_sq_norm(span: Span, perturbation: Perturbation) -> torch.Tensor:
-    """||g||^2 (ASAM: ||T g||^2) summed in float64, the truth both backends are held to."""
+    """||g||^2 (ASAM: ||T g||^2, T from the master weights if any) summed in float64, the truth both
+    backends are held to."""
     g = span.grads.double()
     if perturbation.adaptive:
-        g = (span.weights.double().abs() + perturbation.eta) * g
+        w = span.master if span.master is not None else span.weights
+        g = (w.double().abs() + perturbation.eta) * g
     return torch.dot(g, g)
 
 
@@ -96,37 +124,58 @@ def check_sq_norm(backend, span: Span, perturbation: Perturbation) -> None:
     _close(out.double().sum(), exact_sq_norm(span, perturbation), (rtol, 1e-30), "squared norm")
 
 
-def check_perturb(backend, span: Span, perturbation: Perturbation, partials) -> None:
+def check_perturb(backend, span: Span, perturbation: Perturbation, partials, grad_scale=None) -> None:
     """Backup is an exact copy of w; w + e matches the reference; the non-finite counter matches."""
     cand, ref = clone_span(span), clone_span(span)
     cand_count = torch.zeros(1, dtype=torch.int32, device=span.device)
     ref_count = torch.zeros(1, dtype=torch.int32, device=span.device)
-    backend.perturb(cand, perturbation, partials, cand_count)
-    REFERENCE.perturb(ref, perturbation, partials, ref_count)
-    assert torch.equal(cand.backup, span.weights), "perturb: backup is not an exact copy of the weights"
-    _close(cand.weights, ref.weights, TOLERANCE[span.weights.dtype], "perturbed weights")
+    scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32, device=span.device)
+    backend.perturb(cand, perturbation, partials, cand_count, scale)
+    REFERENCE.perturb(ref, perturbation, partials, ref_count, scale)
+    if span.master is not None:
+        assert torch.equal(cand.master, span.master), "perturb changed the master weights"
+    else:
+        assert torch.equal(cand.backup, span.weights), "perturb: backup is not an exact copy of the weights"
+    _close(cand.weights, ref.weights, TOLERANCE[span.weights.dtype], f"perturbed weights (grad_scale {grad_scale})")
     assert torch.equal(cand_count, ref_count), f"non-finite counter {cand_count.item()} != {ref_count.item()}"
 
 
 def check_restore(backend, span: Span) -> None:
+    """w <- the backup exactly, or the rounding of the master (as torch rounds)."""
     span = clone_span(span)
-    span.backup.copy_(span.weights)
+    if span.backup is not None:
+        span.backup.copy_(span.weights)
+    expected = restore_point(span).to(span.weights.dtype)
     span.weights.fill_(float("nan"))
     backend.restore(span)
-    assert torch.equal(span.weights, span.backup), "restore: weights are not an exact copy of the backup"
+    assert torch.equal(span.weights, expected), "restore: weights are not the restore point"
 
 
-def check_restore_and_update(backend, span: Span, update) -> None:
-    """Weights (poisoned before) and every state buffer match the reference after one update."""
+def check_restore_and_update(backend, span: Span, update, scalars: StepScalars) -> None:
+    """Weights (poisoned before) and every state buffer match the reference after one update; a skipped
+    update (found_inf non-zero) leaves w the backup and the state as it was, bit for bit."""
     base = clone_span(span)
-    base.backup.copy_(base.weights)
+    if base.backup is not None:
+        base.backup.copy_(base.weights)
     base.weights.fill_(float("nan"))
     cand, ref = clone_span(base), clone_span(base)
-    backend.restore_and_update(cand, update)
-    REFERENCE.restore_and_update(ref, update)
-    _close(cand.weights, ref.weights, TOLERANCE[span.weights.dtype], f"weights after {update}")
+    backend.restore_and_update(cand, update, scalars)
+    REFERENCE.restore_and_update(ref, update, scalars)
+    what = f"{update}, step {scalars.step.item():g}, grad_scale {scalars.grad_scale}, found_inf {scalars.found_inf}"
+    if scalars.found_inf is not None and scalars.found_inf.item() != 0:
+        expected = restore_point(base).to(span.weights.dtype)
+        assert torch.equal(cand.weights, expected), f"skipped update changed w: {what}"
+        if base.master is not None:
+            assert torch.equal(cand.master, base.master), f"skipped update changed the master: {what}"
+        for name in base.state:
+            assert torch.equal(cand.state[name], base.state[name]), f"skipped update changed {name}: {what}"
+    if base.master is not None:
+        # the master is the float32 weight: held to float32 weights' tolerance (w - lr * d may cancel)
+        _close(cand.master, ref.master, TOLERANCE[torch.float32], f"master weights after {what}")
+        assert torch.equal(cand.weights, cand.master.to(span.weights.dtype)), f"weights not the master's rounding: {what}"
+    _close(cand.weights, ref.weights, TOLERANCE[span.weights.dtype], f"weights after {what}")
     for name in ref.state:
-        _close(cand.state[name], ref.state[name], STATE_TOLERANCE[ref.state[name].dtype], f"{name} after {update}")
+        _close(cand.state[name], ref.state[name], STATE_TOLERANCE[ref.state[name].dtype], f"{name} after {what}")
 
 
 def norm_partials_for(span: Span, perturbation: Perturbation, extra: float = 0.0) -> torch.Tensor:
@@ -137,19 +186,61 @@ def norm_partials_for(span: Span, perturbation: Perturbation, extra: float = 0.0
     return torch.cat([ref, torch.tensor([extra], dtype=ref.dtype, device=span.device)])
 
 
-def check_all_ops(backend, numel: int, dtype: torch.dtype, device, seed: int = 0) -> None:
-    """Every operation of the interface, every perturbation and update variant, one size and dtype."""
+def check_all_ops(backend, numel: int, dtype: torch.dtype, device, seed: int = 0, master: bool = False) -> None:
+    """Every operation of the interface, every perturbation and update variant, one size and dtype
+    (master: spans with float32 master weights, for bf16/fp16)."""
     for k, perturbation in enumerate(PERTURBATIONS):
-        span = make_span(numel, dtype, device, seed=seed + k)
+        span = make_span(numel, dtype, device, seed=seed + k, master=master)
         check_sq_norm(backend, span, perturbation)
-        check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation))
-        check_perturb(backend, span, perturbation, None)
+        for grad_scale in GRAD_SCALES:
+            check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation), grad_scale)
+            check_perturb(backend, span, perturbation, None, grad_scale)
         check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation, math.inf))
-        check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation, math.nan))
-    zero = make_span(numel, dtype, device, grad_fill=0.0, seed=seed)
+        check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation, math.nan), 1024.0)
+    zero = make_span(numel, dtype, device, grad_fill=0.0, seed=seed, master=master)
     check_sq_norm(backend, zero, PERTURBATIONS[0])
     check_perturb(backend, zero, PERTURBATIONS[0], norm_partials_for(zero, PERTURBATIONS[0]))
-    check_restore(backend, make_span(numel, dtype, device, seed=seed))
+    check_perturb(backend, zero, PERTURBATIONS[0], norm_partials_for(zero, PERTURBATIONS[0]), 1024.0)
+    check_restore(backend, make_span(numel, dtype, device, seed=seed, master=master))
     for k, update in enumerate(UPDATES):
-        for step in (0, 3):
-            check_restore_and_update(backend, make_span(numel, dtype, device, update, step, seed=seed + k), update)
+        span = make_span(numel, dtype, device, update, seed=seed + k, master=master)
+        for step, grad_scale, found_inf in SCALARS:
+            check_restore_and_update(backend, span, update, step_scalars(device, step, grad_scale, found_inf))
+
+
+def master_rounding_cases(dtype) -> torch.Tensor:
+    """float32 masters whose rounding to ``dtype`` is easy to get wrong: ties (to even: down, and up), the
+    float32 values either side of them, the tie above the largest finite value (to infinity), subnormal ties,
+    signed zeros and infinities."""
+    info = torch.finfo(dtype)
+    smallest_subnormal = info.tiny * info.eps
+    above_max = info.max / (1 - info.eps / 2)  # the power of two past the largest finite value
+    ties = torch.tensor([1 + info.eps / 2, 1 + 3 * info.eps / 2, (info.max + above_max) / 2, 0.5 * smallest_subnormal,
+                         1.5 * smallest_subnormal, 2.5 * smallest_subnormal], dtype=torch.float64).float()
+    beside_ties = torch.cat([torch.nextafter(ties, torch.full_like(ties, math.inf)),
+                             torch.nextafter(ties, torch.zeros_like(ties))])
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf])
+    return torch.cat([ties, -ties, beside_ties, -beside_ties, specials])
+
+
+def check_master_roundings(backend, device, dtype) -> None:
+    """Every write of 16-bit weights from a float32 master (perturb with e = 0, restore, an update that
+    leaves w as it is, a skipped update) is the reference's (torch's rounding) bit for bit, and the master
+    keeps its bits."""
+    masters = master_rounding_cases(dtype).to(device)
+    span = Span(weights=torch.full_like(masters, math.nan, dtype=dtype), grads=torch.zeros_like(masters, dtype=dtype),
+                backup=None, master=masters)
+    plain_sgd = SGDUpdate(lr=0.1)
+    ops = {
+        "perturb": lambda backend, s: backend.perturb(s, PERTURBATIONS[3], None, None),
+        "restore": lambda backend, s: backend.restore(s),
+        "update": lambda backend, s: backend.restore_and_update(s, plain_sgd, step_scalars(device, 0)),
+        "skipped update": lambda backend, s: backend.restore_and_update(s, plain_sgd,
+                                                                        step_scalars(device, 3, 8.0, 1.0)),
+    }
+    for what, op in ops.items():
+        cand, ref = clone_span(span), clone_span(span)
+        op(backend, cand)
+        op(REFERENCE, ref)
+        assert torch.equal(cand.weights.view(torch.int16), ref.weights.view(torch.int16)), what
+        assert torch.equal(cand.master.view(torch.int32), masters.view(torch.int32)), what

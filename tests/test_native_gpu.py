@@ -2,8 +2,10 @@
 
 Parity with the reference backend around the kernels' vector width and block sizes, misaligned spans
 (the scalar fallback), determinism of the two-stage norm, the non-finite counter across many blocks,
-non-default streams, CUDA-graph capture (nothing syncs with the host), opcheck on CUDA tensors, and
-optimizer-level parity in float32 and bfloat16.
+non-default streams, CUDA-graph capture (nothing syncs with the host, and a replay reads the step values
+the tensors hold then), step tensors and masters on the wrong device, opcheck on CUDA tensors, and
+optimizer-level parity in float32 and bfloat16. Master weights (float32 masters of bfloat16/float16
+weights) go through each of these too, and their roundings are checked bit for bit.
 """
 from __future__ import annotations
 
@@ -13,7 +15,15 @@ import math
 import pytest
 import torch
 
-from backend_harness import PERTURBATIONS, TOLERANCE, UPDATES, check_all_ops, clone_span, make_span
+from backend_harness import (
+    PERTURBATIONS, TOLERANCE, UPDATES, check_all_ops, check_master_roundings, clone_span, make_span, restore_point,
+    step_scalars,
+)
+from models import batches, loss_of, mlp
+from test_native_backend import (
+    MASTER_DTYPES, MASTER_IDS, masters_of, restore_point_call,
+)
+
 from fused_sam import FusedSAM
 from fused_sam.backends import native as native_module
 from fused_sam.backends.base import Span
@@ -34,44 +44,78 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 NATIVE, REFERENCE = NativeBackend(), ReferenceBackend()
 
 
+SIZES = [1, 7, 4095, BLOCK + 1, 1_000_003]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("numel", [1, 7, 4095, BLOCK + 1, 1_000_003])
+@pytest.mark.parametrize("numel", SIZES)
 def test_ops_match_reference(numel, dtype):
     check_all_ops(NATIVE, numel, dtype, CUDA, seed=numel % 89)
 
 
-def _offset_span(numel, dtype, offset, update=None, step=3, seed=0):
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=MASTER_IDS)
+@pytest.mark.parametrize("numel", SIZES)
+def test_master_ops_match_reference(numel, dtype):
+    check_all_ops(NATIVE, numel, dtype, CUDA, seed=numel % 89, master=True)
+
+
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=MASTER_IDS)
+def test_master_roundings_bitwise(dtype):
+    """The CUDA kernels round with c10's device conversions: the same bits as torch's .to()."""
+    check_master_roundings(NATIVE, CUDA, dtype)
+
+
+def _offset_span(numel, dtype, offset, update=None, seed=0, master=False):
     """A span whose tensors start ``offset`` elements into larger buffers (not 16-byte aligned)."""
-    base = make_span(numel + offset, dtype, CUDA, update, step, seed=seed)
-    base.backup.copy_(base.weights)  # restore_and_update reads the backup (make_span poisons it)
-    return Span(weights=base.weights[offset:], grads=base.grads[offset:], backup=base.backup[offset:],
-                state={k: v[offset:] for k, v in base.state.items()}, step=step)
+    base = make_span(numel + offset, dtype, CUDA, update, seed=seed, master=master)
+    if base.backup is not None:
+        base.backup.copy_(base.weights)  # restore_and_update reads the backup (make_span poisons it)
+
+    def cut(t):
+        return None if t is None else t[offset:]
+
+    return Span(weights=cut(base.weights), grads=cut(base.grads), backup=cut(base.backup),
+                state={k: cut(v) for k, v in base.state.items()}, master=cut(base.master))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False),
+                                          (torch.bfloat16, True), (torch.float16, True)],
+                         ids=["float32", "bfloat16", "float64", "bfloat16-master", "float16-master"])
 @pytest.mark.parametrize("offset", [1, 3])
-def test_misaligned_spans(dtype, offset):
+def test_misaligned_spans(dtype, master, offset):
     n = 3 * BLOCK + 11
     tol = TOLERANCE[dtype]
-    span = _offset_span(n, dtype, offset)
+    span = _offset_span(n, dtype, offset, master=master)
     out = torch.empty(NATIVE.partials_len(span), dtype=span.state_dtype, device=CUDA)
     NATIVE.sq_norm_partials(span, PERTURBATIONS[1], out)
     ref = torch.empty(1, dtype=span.state_dtype, device=CUDA)
     REFERENCE.sq_norm_partials(clone_span(span), PERTURBATIONS[1], ref)
     torch.testing.assert_close(out.sum(), ref.sum(), rtol=1e-5, atol=0)
-    cand, expect = _offset_span(n, dtype, offset), clone_span(_offset_span(n, dtype, offset))
+    cand = _offset_span(n, dtype, offset, master=master)
+    expect = clone_span(cand)
     NATIVE.perturb(cand, PERTURBATIONS[1], out, None)
     REFERENCE.perturb(expect, PERTURBATIONS[1], out, None)
     torch.testing.assert_close(cand.weights, expect.weights, rtol=tol[0], atol=tol[1])
-    assert torch.equal(cand.backup, expect.backup)
-    for update in (UPDATES[3], UPDATES[7]):
-        cand = _offset_span(n, dtype, offset, update)
-        expect = clone_span(cand)
-        NATIVE.restore_and_update(cand, update)
-        REFERENCE.restore_and_update(expect, update)
-        torch.testing.assert_close(cand.weights, expect.weights, rtol=tol[0], atol=tol[1])
-        for k in expect.state:
-            torch.testing.assert_close(cand.state[k], expect.state[k], rtol=2e-6, atol=1e-7)
+    assert torch.equal(restore_point(cand), restore_point(expect))
+    NATIVE.restore(cand)
+    assert torch.equal(cand.weights, restore_point(expect).to(dtype))
+    # plain, unscaled by a GradScaler, and skipped (the skip restores the weights in the scalar fallback too)
+    for grad_scale, found_inf in ((None, None), (1024.0, 0.0), (1024.0, 1.0)):
+        scalars = step_scalars(CUDA, 3, grad_scale, found_inf)
+        for update in (UPDATES[3], UPDATES[7]):
+            cand = _offset_span(n, dtype, offset, update, master=master)
+            expect = clone_span(cand)
+            NATIVE.restore_and_update(cand, update, scalars)
+            REFERENCE.restore_and_update(expect, update, scalars)
+            if found_inf:
+                assert torch.equal(cand.weights, expect.weights)
+                assert all(torch.equal(cand.state[k], expect.state[k]) for k in expect.state)
+            torch.testing.assert_close(cand.weights, expect.weights, rtol=tol[0], atol=tol[1])
+            if master:
+                torch.testing.assert_close(cand.master, expect.master, rtol=2e-6, atol=1e-7)
+                assert torch.equal(cand.weights, cand.master.to(dtype))
+            for k in expect.state:
+                torch.testing.assert_close(cand.state[k], expect.state[k], rtol=2e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -105,77 +149,168 @@ def test_nonfinite_counter_incremented_once_across_blocks():
 
 
 def test_cpu_and_cuda_kernels_agree():
-    for dtype in (torch.float32, torch.bfloat16):
-        cpu = make_span(100_003, dtype, "cpu", UPDATES[6], step=2)
-        gpu = Span(weights=cpu.weights.cuda(), grads=cpu.grads.cuda(), backup=cpu.backup.cuda(),
-                   state={k: v.cuda() for k, v in cpu.state.items()}, step=2)
+    for dtype, master in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        cpu = make_span(100_003, dtype, "cpu", UPDATES[6], master=master)
+        gpu = clone_span(cpu)
+        for name in ("weights", "grads", "backup", "master"):
+            value = getattr(gpu, name)
+            setattr(gpu, name, None if value is None else value.cuda())
+        gpu.state = {k: v.cuda() for k, v in cpu.state.items()}
         for span in (cpu, gpu):
             out = torch.empty(NATIVE.partials_len(span), device=span.device)
             NATIVE.sq_norm_partials(span, PERTURBATIONS[1], out)
             NATIVE.perturb(span, PERTURBATIONS[1], out, None)
-            NATIVE.restore_and_update(span, UPDATES[6])
+            NATIVE.restore_and_update(span, UPDATES[6], step_scalars(span.device, 2))
         tol = TOLERANCE[dtype]
         torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=tol[0], atol=tol[1])
         for k in cpu.state:
             torch.testing.assert_close(gpu.state[k].cpu(), cpu.state[k], rtol=1e-5, atol=1e-7)
+        if master:
+            torch.testing.assert_close(gpu.master.cpu(), cpu.master, rtol=1e-5, atol=1e-7)
 
 
-def _step(span, partials, count, update):
+def _step(span, partials, count, update, scalars):
     NATIVE.sq_norm_partials(span, PERTURBATIONS[0], partials)
-    NATIVE.perturb(span, PERTURBATIONS[0], partials, count)
-    NATIVE.restore_and_update(span, update)
+    NATIVE.perturb(span, PERTURBATIONS[0], partials, count, scalars.grad_scale)
+    NATIVE.restore_and_update(span, update, scalars)
 
 
-def test_side_stream_and_cuda_graph_capture():
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32", "bfloat16-master"])
+def test_side_stream_and_cuda_graph_capture(dtype, master):
     update = UPDATES[1]
-    span = make_span(1_000_000, torch.float32, CUDA, update, step=1)
+    span = make_span(1_000_000, dtype, CUDA, update, master=master)
+    scalars = step_scalars(CUDA, 1, grad_scale=1024.0, found_inf=0.0)
     expect = clone_span(span)
     p_expect = torch.empty(NATIVE.partials_len(span), device=CUDA)
-    _step(expect, p_expect, None, update)
+    _step(expect, p_expect, None, update, scalars)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     cand = clone_span(span)
     partials = torch.empty_like(p_expect)
     count = torch.zeros(1, dtype=torch.int32, device=CUDA)
     with torch.cuda.stream(stream):
-        _step(cand, partials, count, update)
+        _step(cand, partials, count, update, scalars)
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(cand.weights, expect.weights)
     # capture: would fail on any host sync
     graphed = clone_span(span)
     with torch.cuda.stream(stream):
-        _step(graphed, partials, count, update)  # warm-up on the capture stream
+        _step(graphed, partials, count, update, scalars)  # warm-up on the capture stream
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _step(graphed, partials, count, update)
+        _step(graphed, partials, count, update, scalars)
     base = clone_span(span)
-    for name in ("weights", "grads", "backup"):
-        getattr(graphed, name).copy_(getattr(base, name))
+    for name in ("weights", "grads", "backup", "master"):
+        if getattr(base, name) is not None:
+            getattr(graphed, name).copy_(getattr(base, name))
     for k in graphed.state:
         graphed.state[k].copy_(base.state[k])
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(graphed.weights, expect.weights, rtol=1e-6, atol=1e-7)
+    if master:
+        assert torch.equal(graphed.master, expect.master) and torch.equal(graphed.weights, expect.weights)
 
 
+def test_cuda_graph_replay_reads_step_values():
+    """A captured update reads step, grad_scale and found_inf when it runs: changing the tensors between
+    replays changes the bias corrections, the unscaling and the skip."""
+    update = UPDATES[6]  # Adam with AMSGrad: the step enters the bias corrections
+    base = make_span(100_003, torch.float32, CUDA, update)
+    base.backup.copy_(base.weights)
+    scalars = step_scalars(CUDA, 0, grad_scale=1024.0, found_inf=0.0)
+    graphed = clone_span(base)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        NATIVE.restore_and_update(graphed, update, scalars)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        NATIVE.restore_and_update(graphed, update, scalars)
+    for step, grad_scale, found_inf in ((0, 1024.0, 0.0), (5, 2.0**-3, 0.0), (5, 512.0, 1.0)):
+        for k in graphed.state:
+            graphed.state[k].copy_(base.state[k])
+        graphed.weights.fill_(math.nan)
+        scalars.step.fill_(step)
+        scalars.grad_scale.fill_(grad_scale)
+        scalars.found_inf.fill_(found_inf)
+        graph.replay()
+        expect = clone_span(base)
+        REFERENCE.restore_and_update(expect, update, step_scalars(CUDA, step, grad_scale, found_inf))
+        torch.testing.assert_close(graphed.weights, expect.weights, rtol=2e-6, atol=1e-6)
+        for k in expect.state:
+            torch.testing.assert_close(graphed.state[k], expect.state[k], rtol=2e-6, atol=1e-7)
+        if found_inf:
+            assert torch.equal(graphed.weights, base.backup)
+            assert all(torch.equal(graphed.state[k], base.state[k]) for k in base.state)
+
+
+@pytest.mark.parametrize("op,name", [("perturb", "grad_scale"), ("restore_sgd", "step"),
+                                     ("restore_sgd", "grad_scale"), ("restore_sgd", "found_inf"),
+                                     ("restore_adam", "step"), ("restore_adam", "grad_scale"),
+                                     ("restore_adam", "found_inf")])
+def test_step_scalars_on_another_device(op, name):
+    """A step tensor on the CPU with weights on the GPU (or the other way round) is refused by name."""
+    for weights_device, scalar_device in ((CUDA, "cpu"), ("cpu", CUDA)):
+        update = UPDATES[4] if op == "restore_adam" else UPDATES[1]
+        span = make_span(100, torch.float32, weights_device, update)
+        scalars = {"step": torch.zeros((), device=weights_device), "grad_scale": None, "found_inf": None}
+        scalars[name] = torch.ones((), device=scalar_device)
+        step, grad_scale, found_inf = scalars.values()
+        ops = torch.ops.fused_sam
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on"):
+            if op == "perturb":
+                ops.perturb(span.weights, span.grads, span.backup, None, None, None, grad_scale, 0.05, False, 0.0,
+                            False, 1e-12)
+            elif op == "restore_sgd":
+                ops.restore_sgd(span.weights, span.backup, None, span.grads, span.state["momentum_buffer"], step,
+                                grad_scale, found_inf, 0.1, 0.9, 0.0, 0.0, False, False)
+            else:
+                ops.restore_adam(span.weights, span.backup, None, span.grads, span.state["exp_avg"],
+                                 span.state["exp_avg_sq"], None, step, grad_scale, found_inf, 1e-3, 0.9, 0.999, 1e-8,
+                                 0.0, False, False)
+
+
+@pytest.mark.parametrize("op", ["sq_norm_partials", "perturb", "restore", "restore_sgd", "restore_adam"])
+def test_master_on_another_device(op):
+    """A master on the CPU with weights on the GPU (or the other way round) is refused by name."""
+    for weights_device, master_device in ((CUDA, "cpu"), ("cpu", CUDA)):
+        weights = torch.zeros(100, dtype=torch.bfloat16, device=weights_device)
+        master = torch.zeros(100, device=master_device)
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: master is on"):
+            restore_point_call(op, weights, None, master)()
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["backup", "master"])
 @pytest.mark.parametrize("name", ["sq_norm_partials", "perturb", "restore", "restore_sgd", "restore_adam"])
-def test_opcheck_cuda(name):
+def test_opcheck_cuda(name, master):
     n = 4099
     gen = torch.Generator().manual_seed(0)
 
     def t(scale=1.0):
         return (torch.randn(n, generator=gen) * scale).to(CUDA)
 
-    w, g, bk = t(), t(), t()
+    w, g, bk, m = t(), t(), t(), None
+    if master:  # bfloat16 weights, the rounding of a float32 master, and no backup
+        w, g, bk, m = t().bfloat16(), g.bfloat16(), None, t()
+        w.copy_(m)
+    scalars = step_scalars(CUDA, 3, grad_scale=1024.0, found_inf=0.0)
+    step_values = (scalars.step, scalars.grad_scale, scalars.found_inf)
+
+    def clone(x):
+        return None if x is None else x.clone()
+
     args = {
-        "sq_norm_partials": (g, w, True, 0.01, torch.empty(1, device=CUDA)),
-        "perturb": (w.clone(), g, bk.clone(), torch.tensor([3.0], device=CUDA),
-                    torch.zeros(1, dtype=torch.int32, device=CUDA), 0.05, True, 0.0, True, 1e-12),
-        "restore": (w.clone(), bk),
-        "restore_sgd": (w.clone(), bk, g, t(), 0.1, 0.9, 0.0, 1e-4, True, False, False),
-        "restore_adam": (w.clone(), bk, g, t(0.1), t(0.1).abs(), t(0.1).abs(), 1e-3, 0.9, 0.999, 1e-8, 0.01, True,
-                         False, 1e-2, 0.1),
+        "sq_norm_partials": (g, w, m, True, 0.01, torch.empty(1, device=CUDA)),
+        "perturb": (w.clone(), g, clone(bk), m, torch.tensor([3.0], device=CUDA),
+                    torch.zeros(1, dtype=torch.int32, device=CUDA), scalars.grad_scale, 0.05, True, 0.0, True, 1e-12),
+        "restore": (w.clone(), bk, m),
+        "restore_sgd": (w.clone(), bk, clone(m), g, t(), *step_values, 0.1, 0.9, 0.0, 1e-4, True, False),
+        "restore_adam": (w.clone(), bk, clone(m), g, t(0.1), t(0.1).abs(), t(0.1).abs(), *step_values, 1e-3, 0.9,
+                         0.999, 1e-8, 0.01, True, False),
     }[name]
     torch.library.opcheck(getattr(torch.ops.fused_sam, name).default, args)
 
@@ -202,3 +337,26 @@ def test_twin_models_on_cuda(dtype, base, kwargs):
     tol = (1e-5, 1e-6) if dtype == torch.float32 else (2e-2, 1e-3)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=MASTER_IDS)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_twin_models_with_master_weights_on_cuda(dtype, adaptive):
+    """AdamW on 16-bit parameters with float32 masters: native's masters follow the reference backend's, and
+    its weights are exactly their rounding."""
+    model = mlp(dtype).to(CUDA)
+    twin = copy.deepcopy(model)
+    sam = dict(rho=0.5 if adaptive else 0.05, adaptive=adaptive, eta=0.01 if adaptive else 0.0, master_weights=True)
+    opt = FusedSAM(model.parameters(), torch.optim.AdamW, backend="native", lr=1e-3, weight_decay=1e-2, **sam)
+    ref = FusedSAM(twin.parameters(), torch.optim.AdamW, backend="reference", lr=1e-3, weight_decay=1e-2, **sam)
+    assert set(opt.backends.values()) == {"native"}
+    for m, o in ((model, opt), (twin, ref)):
+        for x, y in batches(m, 4, dtype):
+            x, y = x.to(CUDA), y.to(CUDA)
+            loss_of(m, x, y).backward()
+            o.first_step(zero_grad=True)
+            loss_of(m, x, y).backward()
+            o.second_step(zero_grad=True)
+    masters = masters_of(opt)
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), masters.to(dtype))
+    torch.testing.assert_close(masters, masters_of(ref), rtol=1e-5, atol=1e-6)

@@ -13,15 +13,16 @@ import torch
 pytest.importorskip("triton")
 
 from backend_harness import (  # noqa: E402
-    PERTURBATIONS, REFERENCE, check_all_ops, check_perturb, check_sq_norm, make_span,
+    PERTURBATIONS, REFERENCE, UPDATES, check_all_ops, check_master_roundings, check_perturb,
+    check_restore_and_update, check_sq_norm, make_span, step_scalars,
 )
 from models import batches, loss_of, mlp  # noqa: E402
 
-from fused_sam import BackendUnavailable, FusedSAM  # noqa: E402
+from fused_sam import BackendUnavailable, FusedSAM, available_backends  # noqa: E402
 from fused_sam.backends import triton as triton_backend  # noqa: E402
 from fused_sam.backends.base import Span  # noqa: E402
-from fused_sam.backends.triton import BLOCK, MAX_PARTIALS, TritonBackend  # noqa: E402
-from fused_sam.updates import SGDUpdate  # noqa: E402
+from fused_sam.backends.triton import BLOCK, MAX_PARTIALS, TritonBackend, float64_bits  # noqa: E402
+from fused_sam.updates import AdamUpdate, SGDUpdate  # noqa: E402
 
 if torch.cuda.is_available():
     DEVICE = "cuda"
@@ -32,6 +33,7 @@ else:
 
 BACKEND = TritonBackend()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+MASTER_DTYPES = [torch.bfloat16, torch.float16]
 TWIN_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -40,6 +42,11 @@ TWIN_TOL = dict(rtol=1e-5, atol=1e-6)
 def test_available_for_supported_dtypes():
     for dtype in DTYPES:
         assert TritonBackend.unavailable_reason(torch.device(DEVICE), dtype) is None
+
+
+def test_available_with_master_weights():
+    for dtype in MASTER_DTYPES:
+        assert "triton" in available_backends(DEVICE, dtype, master=True)
 
 
 def test_refuses_float64_and_other_devices_with_a_sentence(monkeypatch):
@@ -73,23 +80,99 @@ def test_all_ops_match_reference(numel, dtype):
     check_all_ops(BACKEND, numel, dtype, DEVICE)
 
 
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, BLOCK + 1])
+def test_all_ops_with_master_weights_match_reference(numel, dtype):
+    """Spans with a float32 master: one element, and two blocks with a one-element tail (the programs
+    that loop over several blocks: below)."""
+    check_all_ops(BACKEND, numel, dtype, DEVICE, master=True)
+
+
+@pytest.mark.slow
 def test_all_ops_match_reference_large_span():
-    """~25 blocks: several programs, a partial last block, grid-stride loops of more than one iteration."""
+    """~25 blocks: many programs and a partial last block (loops over several blocks per program: below)."""
     check_all_ops(BACKEND, 100_003, torch.float32, DEVICE)
 
 
-def test_norm_programs_loop_over_several_blocks(monkeypatch):
-    """With the partials cap at 3, each norm and perturb program strides over several blocks."""
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [7, BLOCK - 1, 100_003])
+def test_all_ops_with_master_weights_match_reference_more_sizes(numel, dtype):
+    check_all_ops(BACKEND, numel, dtype, DEVICE, master=True)
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["backup", "master"])
+def test_programs_loop_over_several_blocks(monkeypatch, master):
+    """With the partials cap at 3 and the streaming cap at 2, each norm, perturb and update program
+    strides over several blocks."""
     monkeypatch.setattr(triton_backend, "MAX_PARTIALS", 3)
-    monkeypatch.setattr(triton_backend, "PERTURB_MAX_PROGRAMS", 2)
+    monkeypatch.setattr(triton_backend, "MAX_STREAM_PROGRAMS", 2)
     numel = 7 * BLOCK + 5
     assert BACKEND.partials_len(meta_span(numel)) == 3
     for k, perturbation in enumerate(PERTURBATIONS):
-        span = make_span(numel, torch.bfloat16, DEVICE, seed=k)
+        span = make_span(numel, torch.bfloat16, DEVICE, seed=k, master=master)
         check_sq_norm(BACKEND, span, perturbation)
         partials = torch.empty(3, device=DEVICE)
         BACKEND.sq_norm_partials(span, perturbation, partials)
-        check_perturb(BACKEND, span, perturbation, partials)
+        check_perturb(BACKEND, span, perturbation, partials, grad_scale=1024.0)
+    for k, update in enumerate(UPDATES[1:2] + UPDATES[-1:]):
+        span = make_span(numel, torch.bfloat16, DEVICE, update, seed=k, master=master)
+        for step, found_inf in ((0, None), (3, 0.0), (3, 1.0)):
+            check_restore_and_update(BACKEND, span, update, step_scalars(DEVICE, step, 256.0, found_inf))
+
+
+# --- the per-step scalars on the device ------------------------------------------------------------------
+
+@pytest.mark.parametrize("update", [u for u in UPDATES if isinstance(u, AdamUpdate)], ids=str)
+def test_adam_bias_corrections_match_reference_at_large_step_counts(update):
+    """The bias corrections come from the step tensor in float64 (binary exponentiation in the kernel,
+    torch.pow in the reference), rounded once to float32: the weights agree to the harness tolerance up to
+    a million steps and at 2^24, where float32 step counts stop being exact."""
+    span = make_span(37, torch.float32, DEVICE, update, seed=5)
+    for step in (9, 99, 999, 9_999, 123_456, 999_999, 2**24):
+        check_restore_and_update(BACKEND, span, update, step_scalars(DEVICE, step))
+
+
+@pytest.mark.parametrize("hyperparameters", [dict(lr=0.5, beta1=0.0, beta2=0.5),
+                                             dict(lr=2.0**-10, beta1=0.5, beta2=0.0)], ids=["beta1-zero", "beta2-zero"])
+def test_adam_hyperparameters_passed_as_float64_bits(hyperparameters):
+    """lr and betas reach the kernel as float64 bit patterns: 0.0 is the int 0 (an int32 argument), 0.5 a
+    pattern divisible by 16; both decode to the float64 value."""
+    assert float64_bits(0.0) == 0 and float64_bits(0.5) % 16 == 0
+    update = AdamUpdate(**hyperparameters)
+    span = make_span(BLOCK + 1, torch.float32, DEVICE, update, seed=2)
+    for step, grad_scale in ((0, None), (4, 8.0)):
+        check_restore_and_update(BACKEND, span, update, step_scalars(DEVICE, step, grad_scale))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter computes the discarded update
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("update", [UPDATES[2], UPDATES[6]], ids=str)
+def test_skipped_update_restores_bitwise_and_keeps_the_state(update, dtype):
+    """found_inf non-zero (1, a sum over devices, NaN): w is the backup bit for bit, NaN payloads and
+    negative zero included, and every state buffer keeps its bits, whatever the gradient holds."""
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    span = make_span(BLOCK + 3, dtype, DEVICE, update, seed=4)
+    span.backup.copy_(span.weights)
+    span.backup[:3] = torch.tensor([-0.0, math.inf, math.nan])
+    span.backup.view(bits)[3] = 0x7FC1 if dtype == torch.bfloat16 else 0x7FC00001  # a NaN with a payload
+    span.grads[:2] = math.inf
+    state_before = {name: buf.clone() for name, buf in span.state.items()}
+    for found_inf in (1.0, 3.0, math.nan):
+        span.weights.fill_(0.5)
+        BACKEND.restore_and_update(span, update, step_scalars(DEVICE, 5, 1024.0, found_inf))
+        assert torch.equal(span.weights.view(bits), span.backup.view(bits)), f"found_inf {found_inf}"
+        for name, before in state_before.items():
+            assert torch.equal(span.state[name].view(torch.int32), before.view(torch.int32)), name
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the interpreter's float16 cast to inf
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=str)
+def test_master_weights_are_rounded_as_torch_rounds(dtype):
+    """Every write of 16-bit weights from a float32 master (perturb with e = 0, restore, an update with a
+    zero gradient, a skipped update) is torch's rounding bit for bit, on values where rounding is easy
+    to get wrong; the master keeps its bits where the update leaves it as it is."""
+    check_master_roundings(BACKEND, DEVICE, dtype)
 
 
 # --- the shared partials buffer ------------------------------------------------------------------------
@@ -155,6 +238,7 @@ BASES = {
 
 
 def train_twins(base, sam_kwargs, steps=4, dtype=torch.float32, make_model=mlp):
+    """(reference model, triton model, reference optimizer, triton optimizer) after ``steps`` SAM steps."""
     cls, kwargs = BASES[base]
     ref_model = make_model(dtype).to(DEVICE)
     tri_model = copy.deepcopy(ref_model)
@@ -163,7 +247,7 @@ def train_twins(base, sam_kwargs, steps=4, dtype=torch.float32, make_model=mlp):
     assert set(tri.backends.values()) == {"triton"}
     for model, opt in ((ref_model, ref), (tri_model, tri)):
         train(model, opt, steps, dtype)
-    return ref_model, tri_model, tri
+    return ref_model, tri_model, ref, tri
 
 
 def train(model, opt, steps, dtype):
@@ -184,7 +268,7 @@ def assert_models_close(a, b, **tol):
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("base", list(BASES))
 def test_twin_mlp_matches_reference_backend(base, adaptive):
-    ref_model, tri_model, tri = train_twins(base, dict(rho=0.05, adaptive=adaptive))
+    ref_model, tri_model, _, tri = train_twins(base, dict(rho=0.05, adaptive=adaptive))
     assert_models_close(ref_model, tri_model)
     assert tri.nonfinite_steps == 0
 
@@ -192,12 +276,28 @@ def test_twin_mlp_matches_reference_backend(base, adaptive):
 @pytest.mark.parametrize("sam_kwargs", [dict(rho=0.5, adaptive=True, eta=0.01), dict(rho=0.05, normalize=False)],
                          ids=["asam-eta", "usam"])
 def test_twin_mlp_asam_eta_and_usam(sam_kwargs):
-    ref_model, tri_model, _ = train_twins("sgd-momentum", sam_kwargs)
+    ref_model, tri_model, _, _ = train_twins("sgd-momentum", sam_kwargs)
     assert_models_close(ref_model, tri_model)
 
 
 def test_twin_mlp_bfloat16_parameters():
-    ref_model, tri_model, _ = train_twins("adamw", dict(rho=0.05), steps=3, dtype=torch.bfloat16)
+    ref_model, tri_model, _, _ = train_twins("adamw", dict(rho=0.05), steps=3, dtype=torch.bfloat16)
+    assert_models_close(ref_model, tri_model, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=str)
+def test_twin_mlp_with_master_weights(dtype):
+    """AdamW on 16-bit parameters with float32 masters: triton's masters follow the reference backend's,
+    and its weights are exactly their rounding."""
+    ref_model, tri_model, ref, tri = train_twins("adamw", dict(rho=0.05, master_weights=True), dtype=dtype)
+
+    def masters(opt):
+        saved = opt.state_dict()["sam"]["master_weights"]
+        return torch.cat([saved[i].reshape(-1) for i in sorted(saved)])
+
+    weights = torch.cat([p.detach().reshape(-1) for p in tri_model.parameters()])
+    assert torch.equal(weights, masters(tri).to(dtype))
+    torch.testing.assert_close(masters(tri), masters(ref), **TWIN_TOL)
     assert_models_close(ref_model, tri_model, rtol=1e-2, atol=1e-3)
 
 
@@ -273,17 +373,21 @@ def test_nonfinite_gradient_skips_the_perturbation_like_the_reference():
 def test_two_identical_runs_are_bitwise_identical():
     runs = []
     for _ in range(2):
-        _, model, _ = train_twins("sgd-momentum", dict(rho=0.05, adaptive=True), steps=3)
+        _, model, _, _ = train_twins("sgd-momentum", dict(rho=0.05, adaptive=True), steps=3)
         runs.append(model.state_dict())
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), name
 
 
 def test_sgd_first_step_initialises_momentum_to_the_gradient():
-    span = make_span(BLOCK + 1, torch.float32, DEVICE, SGDUpdate(lr=0.1, momentum=0.9), step=0)
+    """Even when the buffer holds NaN: on the first step it is neither read into the result nor kept."""
+    update = SGDUpdate(lr=0.1, momentum=0.9)
+    span = make_span(BLOCK + 1, torch.float32, DEVICE, update)
     span.backup.copy_(span.weights)
-    BACKEND.restore_and_update(span, SGDUpdate(lr=0.1, momentum=0.9))
+    span.state["momentum_buffer"].fill_(math.nan)
+    BACKEND.restore_and_update(span, update, step_scalars(DEVICE, 0))
     assert torch.equal(span.state["momentum_buffer"], span.grads)
+    assert torch.isfinite(span.weights).all()
 
 
 def test_gpu_bench_script_runs_in_smoke_mode(capsys):

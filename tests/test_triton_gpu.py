@@ -1,6 +1,7 @@
-"""The triton backend on CUDA tensors: harness parity (incl. bfloat16), twin models, determinism, a CUDA
-graph of the SAM step, no recompilation across steps, and a span of more than 2^31 elements. Skipped
-without a GPU (tests/test_triton_backend.py covers the same kernels through Triton's interpreter)."""
+"""The triton backend on CUDA tensors: harness parity (incl. bfloat16 and float32 master weights), twin
+models, determinism, a CUDA graph of the SAM step, no recompilation across steps, and a span of more than
+2^31 elements. Skipped without a GPU (tests/test_triton_backend.py covers the same kernels through
+Triton's interpreter)."""
 from __future__ import annotations
 
 import copy
@@ -14,17 +15,22 @@ pytestmark = [requires_cuda, pytest.mark.cuda]
 
 triton = pytest.importorskip("triton")
 
-from backend_harness import PERTURBATIONS, REFERENCE, check_all_ops, check_perturb  # noqa: E402
+from backend_harness import (  # noqa: E402
+    PERTURBATIONS, REFERENCE, UPDATES, check_all_ops, check_perturb, check_restore_and_update, clone_span, make_span,
+    step_scalars,
+)
 from models import batches, conv_net, loss_of, mlp  # noqa: E402
 
 from fused_sam import FusedSAM  # noqa: E402
 from fused_sam.backends import triton_kernels  # noqa: E402
-from fused_sam.backends.base import Span  # noqa: E402
+from fused_sam.backends.base import Span, StepScalars  # noqa: E402
 from fused_sam.backends.triton import BLOCK, TritonBackend  # noqa: E402
 from fused_sam.updates import AdamUpdate, SGDUpdate  # noqa: E402
 
 BACKEND = TritonBackend()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+MASTER_DTYPES = [torch.bfloat16, torch.float16]
+SIZES = [1, 7, BLOCK - 1, BLOCK + 1, 3 * BLOCK * 512 + 5, (1 << 22) + 3]
 CUDA = "cuda"
 
 
@@ -38,13 +44,14 @@ def train(model, opt, steps, dtype=torch.float32, seed=1):
 
 
 def twins(make_model, base_cls, base_kwargs, sam_kwargs, steps, dtype=torch.float32):
+    """(reference model, triton model, reference optimizer, triton optimizer) after ``steps`` SAM steps."""
     ref_model = make_model(dtype).to(CUDA)
     tri_model = copy.deepcopy(ref_model)
     ref = FusedSAM(ref_model.parameters(), base_cls, backend="reference", **sam_kwargs, **base_kwargs)
     tri = FusedSAM(tri_model.parameters(), base_cls, backend="triton", **sam_kwargs, **base_kwargs)
     train(ref_model, ref, steps, dtype)
     train(tri_model, tri, steps, dtype)
-    return ref_model, tri_model, tri
+    return ref_model, tri_model, ref, tri
 
 
 def assert_models_close(a, b, **tol):
@@ -52,15 +59,24 @@ def assert_models_close(a, b, **tol):
         torch.testing.assert_close(y, x, **tol, msg=lambda m: f"{name}: {m}")
 
 
-def test_auto_picks_triton_on_cuda():
-    opt = FusedSAM(mlp().to(CUDA).parameters(), torch.optim.SGD, lr=0.1)
+@pytest.mark.parametrize("dtype, master_weights",
+                         [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True)],
+                         ids=["float32", "bf16-master", "fp16-master"])
+def test_auto_picks_triton_on_cuda(dtype, master_weights):
+    opt = FusedSAM(mlp(dtype).to(CUDA).parameters(), torch.optim.SGD, lr=0.1, master_weights=master_weights)
     assert set(opt.backends.values()) == {"triton"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("numel", [1, 7, BLOCK - 1, BLOCK + 1, 3 * BLOCK * 512 + 5, (1 << 22) + 3])
+@pytest.mark.parametrize("numel", SIZES)
 def test_all_ops_match_reference_on_cuda(numel, dtype):
     check_all_ops(BACKEND, numel, dtype, CUDA)
+
+
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=str)
+@pytest.mark.parametrize("numel", SIZES)
+def test_all_ops_with_master_weights_match_reference_on_cuda(numel, dtype):
+    check_all_ops(BACKEND, numel, dtype, CUDA, master=True)
 
 
 BASES = {
@@ -75,7 +91,7 @@ BASES = {
 @pytest.mark.parametrize("base", list(BASES))
 def test_twin_models_match_reference_on_cuda(base, adaptive):
     cls, kwargs = BASES[base]
-    ref_model, tri_model, tri = twins(mlp, cls, kwargs, dict(rho=0.05, adaptive=adaptive), steps=5)
+    ref_model, tri_model, _, tri = twins(mlp, cls, kwargs, dict(rho=0.05, adaptive=adaptive), steps=5)
     assert_models_close(ref_model, tri_model, rtol=1e-5, atol=1e-6)
     assert tri.nonfinite_steps == 0
 
@@ -83,7 +99,26 @@ def test_twin_models_match_reference_on_cuda(base, adaptive):
 @pytest.mark.parametrize("base", ["sgd-momentum", "adamw"])
 def test_twin_bfloat16_models_match_reference_on_cuda(base):
     cls, kwargs = BASES[base]
-    ref_model, tri_model, _ = twins(mlp, cls, kwargs, dict(rho=0.05), steps=5, dtype=torch.bfloat16)
+    ref_model, tri_model, _, _ = twins(mlp, cls, kwargs, dict(rho=0.05), steps=5, dtype=torch.bfloat16)
+    assert_models_close(ref_model, tri_model, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=str)
+@pytest.mark.parametrize("base", ["sgd-momentum", "adamw"])
+def test_twin_models_with_master_weights_match_reference_on_cuda(base, dtype):
+    """16-bit parameters with float32 masters: triton's masters follow the reference backend's, and its
+    weights are exactly their rounding."""
+    cls, kwargs = BASES[base]
+    ref_model, tri_model, ref, tri = twins(mlp, cls, kwargs, dict(rho=0.05, master_weights=True), 5, dtype)
+    assert set(tri.backends.values()) == {"triton"}
+
+    def masters(opt):
+        saved = opt.state_dict()["sam"]["master_weights"]
+        return torch.cat([saved[i].reshape(-1) for i in sorted(saved)])
+
+    weights = torch.cat([p.detach().reshape(-1) for p in tri_model.parameters()])
+    assert torch.equal(weights, masters(tri).to(dtype))
+    torch.testing.assert_close(masters(tri), masters(ref), rtol=1e-5, atol=1e-6)
     assert_models_close(ref_model, tri_model, rtol=2e-2, atol=1e-3)
 
 
@@ -91,7 +126,7 @@ def test_two_runs_are_bitwise_identical_on_cuda():
     """An MLP (cuBLAS matmuls are run-to-run deterministic; conv/pool backward need not be)."""
     runs = []
     for _ in range(2):
-        _, model, _ = twins(mlp, torch.optim.SGD, dict(lr=0.05, momentum=0.9), dict(rho=0.05, adaptive=True), 5)
+        _, model, _, _ = twins(mlp, torch.optim.SGD, dict(lr=0.05, momentum=0.9), dict(rho=0.05, adaptive=True), 5)
         runs.append(model.state_dict())
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), name
@@ -119,12 +154,13 @@ def test_changing_lr_and_steps_do_not_recompile():
     assert _compiled_variants() == before
 
 
-def test_cuda_graph_of_the_sam_step_matches_eager():
+@pytest.mark.parametrize("dtype, master_weights", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32", "bf16-master"])
+def test_cuda_graph_of_the_sam_step_matches_eager(dtype, master_weights):
     """Capture first_step + second_step (SGD momentum) after warm-up; replays match an eager twin."""
-    torch.manual_seed(0)
-    model = conv_net().to(CUDA)
+    model = conv_net(dtype).to(CUDA)
     twin = copy.deepcopy(model)
-    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, rho=0.05, backend="triton")
+    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, rho=0.05, backend="triton", master_weights=master_weights)
     graphed = FusedSAM(model.parameters(), torch.optim.SGD, **kwargs)
     eager = FusedSAM(twin.parameters(), torch.optim.SGD, **kwargs)
     params, twin_params = list(model.parameters()), list(twin.parameters())
@@ -162,6 +198,10 @@ def test_cuda_graph_of_the_sam_step_matches_eager():
     torch.cuda.synchronize()
     for p, q in zip(params, twin_params):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+    if master_weights:
+        graphed_masters, eager_masters = (opt.state_dict()["sam"]["master_weights"] for opt in (graphed, eager))
+        for i, master in graphed_masters.items():
+            assert torch.equal(master, eager_masters[i]), i
     assert graphed.nonfinite_steps == 0
 
 
@@ -184,7 +224,7 @@ def test_span_longer_than_2_to_the_31_elements():
         gen = torch.Generator(device=CUDA).manual_seed(0)
         w[-tail:] = torch.randn(tail, device=CUDA, generator=gen)
         g[-tail:] = torch.randn(tail, device=CUDA, generator=gen)
-        span = Span(weights=w, grads=g, backup=backup, state={"momentum_buffer": buf}, step=0)
+        span = Span(weights=w, grads=g, backup=backup, state={"momentum_buffer": buf})
         perturbation = PERTURBATIONS[0]
 
         n = BACKEND.partials_len(span)
@@ -194,7 +234,7 @@ def test_span_longer_than_2_to_the_31_elements():
         assert partials.double().sum().item() == pytest.approx(expected, rel=1e-6)
 
         tail_span = lambda: Span(weights=w[-tail:].clone(), grads=g[-tail:].clone(),  # noqa: E731
-                                 backup=backup[-tail:].clone(), state={"momentum_buffer": buf[-tail:].clone()}, step=0)
+                                 backup=backup[-tail:].clone(), state={"momentum_buffer": buf[-tail:].clone()})
         ref = tail_span()
         REFERENCE.perturb(ref, perturbation, partials, None)
         head_before = w[:BLOCK].clone()
@@ -205,8 +245,9 @@ def test_span_longer_than_2_to_the_31_elements():
 
         update = SGDUpdate(lr=0.1, momentum=0.9, weight_decay=1e-4)
         ref = tail_span()
-        REFERENCE.restore_and_update(ref, update)
-        BACKEND.restore_and_update(span, update)
+        first = step_scalars(CUDA, 0)
+        REFERENCE.restore_and_update(ref, update, first)
+        BACKEND.restore_and_update(span, update, first)
         torch.testing.assert_close(w[-tail:], ref.weights, rtol=2e-6, atol=1e-7)
         torch.testing.assert_close(buf[-tail:], ref.state["momentum_buffer"], rtol=2e-6, atol=1e-7)
 
@@ -220,9 +261,79 @@ def test_span_longer_than_2_to_the_31_elements():
 
 def test_adam_on_a_large_bfloat16_span_matches_reference():
     """A few blocks of bfloat16 Adam with float32 state on the GPU (fast path of the mixed-dtype kernels)."""
-    from backend_harness import check_restore_and_update, make_span
     update = AdamUpdate(lr=1e-3, weight_decay=1e-2, decoupled=True, amsgrad=True)
-    check_restore_and_update(BACKEND, make_span(5 * BLOCK + 3, torch.bfloat16, CUDA, update, step=7), update)
+    span = make_span(5 * BLOCK + 3, torch.bfloat16, CUDA, update)
+    check_restore_and_update(BACKEND, span, update, step_scalars(CUDA, 7))
+    check_restore_and_update(BACKEND, span, update, step_scalars(CUDA, 7, 2.0**15, 0.0))
     span = make_span(5 * BLOCK + 3, torch.bfloat16, CUDA)
     partials = torch.rand(1000, device=CUDA, dtype=torch.float64)
     check_perturb(BACKEND, span, PERTURBATIONS[1], partials)
+
+
+@pytest.mark.parametrize("update", [u for u in UPDATES if isinstance(u, AdamUpdate)], ids=str)
+def test_adam_bias_corrections_on_cuda_at_large_step_counts(update):
+    """The float64 bias corrections computed in the kernel (binary exponentiation, float64 division and
+    square root on the GPU) against the reference up to a million steps and at 2^24."""
+    span = make_span(3 * BLOCK + 5, torch.float32, CUDA, update, seed=5)
+    for step in (0, 1, 9, 99, 999, 9_999, 123_456, 999_999, 2**24):
+        check_restore_and_update(BACKEND, span, update, step_scalars(CUDA, step))
+
+
+@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32", "bf16-master"])
+def test_step_scalars_are_read_on_the_device_without_a_sync(dtype, master):
+    """perturb and restore_and_update with a grad scale and found_inf never synchronise with the host
+    (once the first call of each variant has compiled its kernel)."""
+    perturbation = PERTURBATIONS[0]
+    sgd, adam = UPDATES[1], UPDATES[4]
+    span = make_span(2 * BLOCK + 1, dtype, CUDA, adam, master=master)
+    span.state["momentum_buffer"] = torch.zeros_like(span.weights, dtype=span.state_dtype)
+    partials = torch.rand(BACKEND.partials_len(span), device=CUDA)
+    count = torch.zeros(1, dtype=torch.int32, device=CUDA)
+    scalars = step_scalars(CUDA, 3, 1024.0, 0.0)
+
+    def sam_step():
+        BACKEND.perturb(span, perturbation, partials, count, scalars.grad_scale)
+        BACKEND.restore_and_update(span, sgd, scalars)
+        BACKEND.restore_and_update(span, adam, scalars)
+
+    sam_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sam_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_cuda_graph_replays_read_the_current_step_scalars():
+    """One captured Adam restore_and_update, replayed while the step, scale and found_inf tensors change in
+    place: each replay matches the reference run eagerly on the same values, so the kernel reads them on
+    the device (a value read on the host would be frozen into the graph)."""
+    update = AdamUpdate(lr=1e-3, weight_decay=1e-2, decoupled=True)
+    start = make_span(BLOCK + 7, torch.float32, CUDA, update, seed=9)
+    start.backup.copy_(start.weights)
+    steps = torch.zeros(4, device=CUDA)
+    scalars = StepScalars(step=steps[2], grad_scale=torch.ones((), device=CUDA), found_inf=torch.zeros((), device=CUDA))
+    graphed = clone_span(start)
+    BACKEND.restore_and_update(graphed, update, scalars)  # compiles; capturing only records the launch
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        BACKEND.restore_and_update(graphed, update, scalars)
+    for step, grad_scale, found_inf in ((0, 1.0, 0.0), (5, 2.0**12, 0.0), (5, 2.0**12, 1.0), (999, 0.5, 0.0)):
+        steps[2] = step
+        scalars.grad_scale.fill_(grad_scale)
+        scalars.found_inf.fill_(found_inf)
+        graphed.weights.fill_(float("nan"))
+        for name, buf in graphed.state.items():
+            buf.copy_(start.state[name])
+        graph.replay()
+        expected = clone_span(start)
+        REFERENCE.restore_and_update(expected, update, scalars)
+        what = f"step {step}, grad_scale {grad_scale}, found_inf {found_inf}"
+        torch.testing.assert_close(graphed.weights, expected.weights, rtol=2e-6, atol=1e-6,
+                                   msg=lambda m: f"{what}: {m}")
+        for name, buf in expected.state.items():
+            torch.testing.assert_close(graphed.state[name], buf, rtol=2e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")

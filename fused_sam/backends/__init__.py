@@ -9,11 +9,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .base import Backend, Perturbation, Span
+from .base import Backend, Perturbation, Span, StepScalars
 
 __all__ = [
     "Backend", "BackendUnavailable", "Perturbation", "Span", "available_backends", "backend_names",
-    "check_backend_name", "resolve_backend",
+    "StepScalars", "check_backend_name", "resolve_backend",
 ]
 
 # name -> (module, class); a backend whose module fails to import is unavailable, with that reason.
@@ -56,30 +56,36 @@ def _load(name: str) -> Tuple[Optional[Backend], Optional[str]]:
     return _instances[name], None
 
 
-def _reason(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[Optional[Backend], Optional[str]]:
+def _reason(name: str, device: torch.device, dtype: torch.dtype,
+            master: bool = False) -> Tuple[Optional[Backend], Optional[str]]:
     backend, reason = _load(name)
     if backend is None:
         return None, reason
     reason = backend.unavailable_reason(device, dtype)
+    if reason is None and master and not backend.supports_master_weights:
+        reason = "it has no master-weights kernels yet"
     return (None, reason) if reason else (backend, None)
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs parameters of ``dtype`` on ``device`` for ``backend=name``."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, master: bool = False) -> Backend:
+    """The backend that runs parameters of ``dtype`` on ``device`` for ``backend=name`` (with a float32
+    master copy of the weights if ``master``)."""
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            backend, _ = _reason(candidate, device, dtype)
+            backend, _ = _reason(candidate, device, dtype, master)
             if backend is not None:
                 return backend
         return _load("reference")[0]
     check_backend_name(name)
-    backend, reason = _reason(name, device, dtype)
+    backend, reason = _reason(name, device, dtype, master)
     if backend is None:
-        raise BackendUnavailable(f"backend {name!r} is unavailable for {dtype} parameters on {device}: {reason}")
+        what = f"{dtype} parameters{' with master weights' if master else ''} on {device}"
+        raise BackendUnavailable(f"backend {name!r} is unavailable for {what}: {reason}")
     return backend
 
 
-def available_backends(device="cpu", dtype: torch.dtype = torch.float32) -> List[str]:
-    """Names of the backends that can run ``dtype`` parameters on ``device`` in this environment."""
+def available_backends(device="cpu", dtype: torch.dtype = torch.float32, master: bool = False) -> List[str]:
+    """Names of the backends that can run ``dtype`` parameters on ``device`` in this environment (with
+    master weights if ``master``)."""
     device = torch.device(device)
-    return [name for name in _REGISTRY if _reason(name, device, dtype)[0] is not None]
+    return [name for name in _REGISTRY if _reason(name, device, dtype, master)[0] is not None]

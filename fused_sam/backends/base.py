@@ -6,7 +6,9 @@ called spans. Each method is one pass over a span, so a faster backend is a hand
 
 Conventions every backend follows:
 - Math in float32 (float64 for float64 parameters); optimizer state is stored in that same dtype.
-- Nothing syncs with the host: scalars that change every step (lr, step count) arrive as Python numbers.
+- Nothing syncs with the host. Hyperparameters (lr, betas, ...) arrive as Python numbers in the update;
+  the per-step values that may live on the device (the step count, GradScaler's scale and found_inf)
+  arrive as tensors in a ``StepScalars`` and are read by the kernels, never by the host.
 - ``partials`` is a 1-D tensor on the span's device holding squared-norm partial sums written by
   ``sq_norm_partials`` for every span on that device (possibly from several dtypes and backends); a
   consumer sums all of it to get ||g||^2 (or ||T*g||^2 for ASAM).
@@ -34,15 +36,19 @@ class Span:
 
     ``state`` maps torch.optim state names ('momentum_buffer', 'exp_avg', 'exp_avg_sq',
     'max_exp_avg_sq') to slices of the segment's state buffers, in ``state_dtype``; a buffer is present
-    only once the base update needs it. ``step`` is how many base updates these parameters have had
-    before the one being applied.
+    only once the base update needs it.
+
+    ``master`` (bf16/fp16 parameters with master weights): the float32 master copy of the weights. It is
+    the exact restore point and what the norm (ASAM), the perturbation and the update read; the update
+    writes it, and ``weights`` receive its rounding (perturb: the rounding of master + e). ``backup`` is
+    then None.
     """
 
     weights: torch.Tensor
     grads: torch.Tensor
-    backup: torch.Tensor
+    backup: Optional[torch.Tensor]
     state: dict = field(default_factory=dict)
-    step: int = 0
+    master: Optional[torch.Tensor] = None
 
     @property
     def numel(self) -> int:
@@ -55,6 +61,26 @@ class Span:
     @property
     def state_dtype(self) -> torch.dtype:
         return math_dtype(self.weights.dtype)
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """The per-step values of one base update that may live on the device, read inside the kernels.
+
+    step: float32, one element, on the span's device: how many base updates the span's parameters have
+        had before this one (0 on the first, where SGD initialises its momentum buffer to the gradient
+        and Adam's bias corrections use step 1).
+    grad_scale: None, or float32 with one element on the span's device: the gradients are scaled by it
+        (GradScaler's scale); the update uses grads * (1 / grad_scale), the reciprocal taken in float32
+        as GradScaler's ``unscale_`` does.
+    found_inf: None, or float32 with one element on the span's device: when non-zero (any non-zero
+        value: GradScaler sums it over devices) the update is skipped: w <- backup exactly, state
+        untouched. The caller advances the step count only where it is zero.
+    """
+
+    step: torch.Tensor
+    grad_scale: Optional[torch.Tensor] = None
+    found_inf: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,7 @@ class Backend(ABC):
     """One implementation of the SAM step's arithmetic. Stateless apart from caches."""
 
     name: str = ""
+    supports_master_weights: bool = False  # can run spans with a float32 ``master`` (see Span)
 
     @classmethod
     @abstractmethod
@@ -93,12 +120,18 @@ class Backend(ABC):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
+        grad_scale: Optional[torch.Tensor] = None,
     ) -> None:
         """backup <- w exactly; w <- w + e.
 
         ``partials`` is None when no group normalizes (USAM everywhere): then e = rho * T^2 * g with no
         finiteness check. Otherwise, if sum(partials) is not finite, e = 0 and, when
         ``nonfinite_count`` (an int32 tensor of one element) is given, it is incremented by one.
+
+        ``grad_scale`` (None, or float32 with one element on the span's device): the gradients and so the
+        partials are scaled by s. The perturbation is that of the unscaled gradient: normalized,
+        e = rho * T^2 * g / (sqrt(total) + eps * s) (the scale cancels; eps is scaled with it);
+        un-normalized, e = ((1 / s) * rho) * T^2 * g, that factor in the math dtype.
         """
 
     @abstractmethod
@@ -106,9 +139,11 @@ class Backend(ABC):
         """w <- backup exactly (used before a base optimizer that is not fused)."""
 
     @abstractmethod
-    def restore_and_update(self, span: Span, update: BaseUpdate) -> None:
+    def restore_and_update(self, span: Span, update: BaseUpdate, scalars: StepScalars) -> None:
         """w <- backup, then one base-optimizer update of w and ``span.state`` with ``span.grads``.
 
-        ``update`` is an ``SGDUpdate`` or an ``AdamUpdate``; ``span.step`` counts earlier updates (0 on
-        the first, where SGD initialises its momentum buffer to the gradient as torch.optim does).
+        ``update`` is an ``SGDUpdate`` or an ``AdamUpdate``; ``scalars`` carries the step count and,
+        under a GradScaler, the scale to divide the gradients by and the found_inf flag that skips the
+        update (then w is the backup exactly and the state is unchanged). The step count is not advanced
+        here.
         """

@@ -2,7 +2,9 @@
 
 The operators live in the optional extension ``fused_sam._C`` (built by setup.py from csrc/), registered
 with the dispatcher for CPU and, when built with CUDA, for CUDA devices. Each method below is one operator
-call, one pass over the span. Without the extension the backend is unavailable and says why.
+call, one pass over the span; the step values (``StepScalars``) go in as tensors that the kernels read
+themselves. Spans with master weights pass their float32 ``master`` in place of the backup (every operator
+takes both, exactly one of them set). Without the extension the backend is unavailable and says why.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span
+from .base import Backend, Perturbation, Span, StepScalars
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -46,6 +48,7 @@ def has_cuda_kernels() -> bool:
 
 class NativeBackend(Backend):
     name = "native"
+    supports_master_weights = True
 
     @classmethod
     def unavailable_reason(cls, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -74,7 +77,7 @@ class NativeBackend(Backend):
         return max(1, -(-n // _C.CPU_NORM_CHUNK))
 
     def sq_norm_partials(self, span: Span, perturbation: Perturbation, out: torch.Tensor) -> None:
-        _sq_norm_partials(span.grads, span.weights, perturbation.adaptive, perturbation.eta, out)
+        _sq_norm_partials(span.grads, span.weights, span.master, perturbation.adaptive, perturbation.eta, out)
 
     def perturb(
         self,
@@ -82,32 +85,32 @@ class NativeBackend(Backend):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
+        grad_scale: Optional[torch.Tensor] = None,
     ) -> None:
         _perturb(
-            span.weights, span.grads, span.backup, partials, nonfinite_count if partials is not None else None,
+            span.weights, span.grads, span.backup, span.master, partials,
+            nonfinite_count if partials is not None else None, grad_scale,
             perturbation.rho, perturbation.adaptive, perturbation.eta, perturbation.normalize, perturbation.eps,
         )
 
     def restore(self, span: Span) -> None:
-        _restore(span.weights, span.backup)
+        _restore(span.weights, span.backup, span.master)
 
-    def restore_and_update(self, span: Span, update) -> None:
+    def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
         if isinstance(update, SGDUpdate):
             _restore_sgd(
-                span.weights, span.backup, span.grads,
+                span.weights, span.backup, span.master, span.grads,
                 span.state.get("momentum_buffer") if update.momentum != 0 else None,
-                update.lr, update.momentum, update.dampening, update.weight_decay, update.nesterov,
-                update.maximize, span.step == 0,
+                scalars.step, scalars.grad_scale, scalars.found_inf,
+                update.lr, update.momentum, update.dampening, update.weight_decay, update.nesterov, update.maximize,
             )
         elif isinstance(update, AdamUpdate):
-            step = span.step + 1
-            step_size = update.lr / (1 - update.beta1**step)
-            bias_correction2_sqrt = (1 - update.beta2**step) ** 0.5
             _restore_adam(
-                span.weights, span.backup, span.grads, span.state["exp_avg"], span.state["exp_avg_sq"],
+                span.weights, span.backup, span.master, span.grads, span.state["exp_avg"], span.state["exp_avg_sq"],
                 span.state["max_exp_avg_sq"] if update.amsgrad else None,
+                scalars.step, scalars.grad_scale, scalars.found_inf,
                 update.lr, update.beta1, update.beta2, update.eps, update.weight_decay, update.decoupled,
-                update.maximize, step_size, bias_correction2_sqrt,
+                update.maximize,
             )
         else:
             raise TypeError(f"unknown base update {type(update).__name__}")

@@ -2,8 +2,9 @@
 
 It is the oracle every faster backend is tested against and the fallback on any device. Each operation
 works on a whole span with a few torch calls (no per-parameter loop) and never reads a value back to the
-host. Formulas follow torch.optim's single-tensor code paths line by line, so results match torch.optim
-to rounding.
+host: the step count, GradScaler's scale and found_inf arrive as device tensors (``StepScalars``) and
+enter the math as tensors. Formulas follow torch.optim's single-tensor code paths line by line, so results
+match torch.optim to rounding; a skipped update (found_inf) leaves the state as it was and w the backup.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span
+from .base import Backend, Perturbation, Span, StepScalars
 
 
 def _math(t: torch.Tensor, span: Span) -> torch.Tensor:
@@ -20,8 +21,14 @@ def _math(t: torch.Tensor, span: Span) -> torch.Tensor:
     return t.to(span.state_dtype)
 
 
+def _restore_point(span: Span) -> torch.Tensor:
+    """w in the math dtype: the float32 master copy if the span has one, else the backup."""
+    return span.master if span.master is not None else _math(span.backup, span)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
+    supports_master_weights = True
 
     @classmethod
     def unavailable_reason(cls, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -30,7 +37,8 @@ class ReferenceBackend(Backend):
     def sq_norm_partials(self, span: Span, perturbation: Perturbation, out: torch.Tensor) -> None:
         g = _math(span.grads, span)
         if perturbation.adaptive:
-            g = (_math(span.weights, span).abs() + perturbation.eta) * g
+            w = span.master if span.master is not None else _math(span.weights, span)
+            g = (w.abs() + perturbation.eta) * g
         out.copy_(torch.dot(g, g).reshape(1))
 
     def perturb(
@@ -39,16 +47,23 @@ class ReferenceBackend(Backend):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
+        grad_scale: Optional[torch.Tensor] = None,
     ) -> None:
-        span.backup.copy_(span.weights)
-        w = _math(span.weights, span)
+        if span.master is not None:
+            w = span.master
+        else:
+            span.backup.copy_(span.weights)
+            w = _math(span.weights, span)
         scale = perturbation.rho
+        if not perturbation.normalize and grad_scale is not None:
+            scale = grad_scale.to(span.state_dtype).reciprocal() * perturbation.rho  # (1 / s) * rho in the math dtype
         finite = None
         if partials is not None:
             total = partials.sum()
             finite = torch.isfinite(total)
             if perturbation.normalize:
-                scale = perturbation.rho / (total.sqrt() + perturbation.eps)
+                eps = perturbation.eps if grad_scale is None else grad_scale.to(total.dtype) * perturbation.eps
+                scale = perturbation.rho / (total.sqrt() + eps)
             if nonfinite_count is not None:
                 nonfinite_count.add_(~finite)
         e = _math(span.grads, span) * scale
@@ -59,50 +74,61 @@ class ReferenceBackend(Backend):
         span.weights.copy_(w + e)
 
     def restore(self, span: Span) -> None:
-        span.weights.copy_(span.backup)
+        span.weights.copy_(span.master if span.master is not None else span.backup)
 
-    def restore_and_update(self, span: Span, update) -> None:
-        w = _math(span.backup, span)
+    def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
+        w = _restore_point(span)
         d = _math(span.grads, span)
+        if scalars.grad_scale is not None:  # GradScaler's unscale_: the reciprocal in double, rounded to float32
+            d = d * scalars.grad_scale.double().reciprocal().float().to(d.dtype)
         if update.maximize:
             d = -d
         if isinstance(update, SGDUpdate):
-            w = self._sgd(w, d, span, update)
+            w, new_state = self._sgd(w, d, span, update, scalars.step)
         elif isinstance(update, AdamUpdate):
-            w = self._adam(w, d, span, update)
+            w, new_state = self._adam(w, d, span, update, scalars.step)
         else:
             raise TypeError(f"unknown base update {type(update).__name__}")
+        if scalars.found_inf is not None:  # GradScaler's sum over devices: any non-zero skips
+            skip = scalars.found_inf.reshape(()) != 0
+            new_state = {name: torch.where(skip, span.state[name], value) for name, value in new_state.items()}
+            w = torch.where(skip, _restore_point(span), w)
+        for name, value in new_state.items():
+            span.state[name].copy_(value)
+        if span.master is not None:
+            span.master.copy_(w)
         span.weights.copy_(w)
 
     @staticmethod
-    def _sgd(w: torch.Tensor, d: torch.Tensor, span: Span, u: SGDUpdate) -> torch.Tensor:
+    def _sgd(w: torch.Tensor, d: torch.Tensor, span: Span, u: SGDUpdate, step: torch.Tensor):
         if u.weight_decay != 0:
             d = d.add(w, alpha=u.weight_decay)
+        new_state = {}
         if u.momentum != 0:
             buf = span.state["momentum_buffer"]
-            if span.step == 0:
-                buf.copy_(d)
-            else:
-                buf.mul_(u.momentum).add_(d, alpha=1 - u.dampening)
+            buf = torch.where(step.reshape(()) == 0, d, buf.mul(u.momentum).add_(d, alpha=1 - u.dampening))
+            new_state["momentum_buffer"] = buf
             d = d.add(buf, alpha=u.momentum) if u.nesterov else buf
-        return w.add(d, alpha=-u.lr)
+        return w.add(d, alpha=-u.lr), new_state
 
     @staticmethod
-    def _adam(w: torch.Tensor, d: torch.Tensor, span: Span, u: AdamUpdate) -> torch.Tensor:
+    def _adam(w: torch.Tensor, d: torch.Tensor, span: Span, u: AdamUpdate, step: torch.Tensor):
         if u.weight_decay != 0:
             if u.decoupled:
                 w = w * (1 - u.lr * u.weight_decay)
             else:
                 d = d.add(w, alpha=u.weight_decay)
-        exp_avg, exp_avg_sq = span.state["exp_avg"], span.state["exp_avg_sq"]
-        exp_avg.lerp_(d, 1 - u.beta1)
-        exp_avg_sq.mul_(u.beta2).addcmul_(d, d, value=1 - u.beta2)
-        step = span.step + 1
-        step_size = u.lr / (1 - u.beta1**step)
-        bias_correction2_sqrt = (1 - u.beta2**step) ** 0.5
+        exp_avg = torch.lerp(span.state["exp_avg"], d, 1 - u.beta1)
+        exp_avg_sq = span.state["exp_avg_sq"].mul(u.beta2).addcmul_(d, d, value=1 - u.beta2)
+        new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        # The bias corrections from the step count on the device, in double as torch.optim computes them in
+        # Python, each rounded once to the math dtype.
+        t = step.reshape(()).double() + 1
+        neg_step_size = (-u.lr / (1 - torch.pow(u.beta1, t))).to(w.dtype)
+        bias_correction2_sqrt = (1 - torch.pow(u.beta2, t)).sqrt().to(w.dtype)
         second_moment = exp_avg_sq
         if u.amsgrad:
-            second_moment = span.state["max_exp_avg_sq"]
-            torch.maximum(second_moment, exp_avg_sq, out=second_moment)
+            second_moment = torch.maximum(span.state["max_exp_avg_sq"], exp_avg_sq)
+            new_state["max_exp_avg_sq"] = second_moment
         denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(u.eps)
-        return w.addcdiv(exp_avg, denom, value=-step_size)
+        return w + neg_step_size * (exp_avg / denom), new_state

@@ -8,11 +8,14 @@ Launches per span and SAM step, and why not fewer:
    written: this is the one grid-wide dependency and it costs a launch boundary. No atomics, so the sum
    is deterministic, and no host sync.
 2. ``perturb`` (first_step): every program re-reduces the whole partials buffer itself (a few KiB from
-   L2, in a fixed order, so all programs agree bit for bit), computes rho / (sqrt(sum) + eps) on the
-   device, and writes the exact backup of w and w + e in one pass. A separate "finalize the norm" kernel
-   would be a fourth launch and a dependency; re-reducing is cheaper than that.
+   L2, in a fixed order, so all programs agree bit for bit), computes rho / (sqrt(sum) + eps * s) on the
+   device (s: GradScaler's scale, read from its tensor), and writes the exact backup of w and w + e in
+   one pass. A separate "finalize the norm" kernel would be a fourth launch and a dependency;
+   re-reducing is cheaper than that.
 3. ``restore_and_update`` (second_step): reads backup, the gradient taken at w + e and the optimizer
    state, and writes w and the state in one pass: the restore is fused into the SGD/Adam/AdamW update.
+   The step count, GradScaler's scale and found_inf are read from their device tensors by the kernel
+   (``StepScalars``); a skipped step (found_inf non-zero) writes w <- backup and leaves the state alone.
    With a base optimizer that is not fused, ``restore`` (a copy kernel) runs instead and the base
    optimizer's own step follows.
 
@@ -29,14 +32,22 @@ latency on A100/H100-class parts while keeping the Adam kernel (five streams) we
 limit. Spans start on 16-element boundaries and their lengths are multiples of 16 (``flat.ALIGN``
 padding); Triton specialises pointers on 16-byte alignment and sizes on divisibility by 16, so the
 masked loads and stores compile to 16-byte vector accesses. (A span whose length is not a multiple of 16,
-as in the unit tests, is still correct but gets scalar accesses.) Perturb is grid-stride capped at ``PERTURB_MAX_PROGRAMS`` programs so the
-partials re-reduction is amortised over several blocks on large spans.
+as in the unit tests, is still correct but gets scalar accesses.) Perturb and the updates are grid-stride,
+capped at ``MAX_STREAM_PROGRAMS`` programs, so what each program computes before streaming (perturb's
+partials re-reduction, Adam's float64 bias corrections) is amortised over several blocks on large spans.
 
-Scalars that change between steps (lr, rho, bias corrections computed on the host in double from the
-step count, as torch.optim does) are passed as Python floats, i.e. float32 kernel arguments: a new value
-neither recompiles nor syncs. Integers passed are only sizes (Triton may specialise those equal to 1 or
-divisible by 16, which changes only when the layout does). The one step-dependent switch is SGD's
-first-step momentum initialisation, a ``constexpr`` that compiles a second variant once.
+Hyperparameters that may change between steps (lr, rho) are kernel arguments: Python floats, i.e.
+float32, or, where the math needs float64 (Adam's lr and betas; rho and eps for float64 partials), their
+bit patterns as int64 (``float64_bits``), not specialised on. A new value neither recompiles nor syncs.
+The per-step values on the device (step count, grad scale, found_inf) are tensors the kernels load, so
+the step-dependent branches (SGD's first-step momentum initialisation, Adam's bias corrections, the
+skip) are taken on the device. Other integers passed are only sizes (Triton may specialise those equal to
+1 or divisible by 16, which changes only when the layout does).
+
+Master weights (bfloat16/float16 spans with a float32 ``master``, see ``Span``): the same launches, each
+kernel's ``MASTER`` variant. The master is read where w is (the ASAM norm, perturb, the updates); perturb
+writes only the rounding of master + e (no backup), the updates write the master and its rounding,
+``restore`` rounds the master into the weights. Roundings are to nearest even, as torch's ``.to()``.
 
 float32, bfloat16 and float16 parameters are supported (math and state in float32). float64 is refused:
 Triton passes Python floats as float32, too coarse for the float64 math the reference backend does.
@@ -51,7 +62,7 @@ from typing import Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span
+from .base import Backend, Perturbation, Span, StepScalars
 
 try:
     import triton
@@ -66,7 +77,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 BLOCK = 4096
 NUM_WARPS = 8
 MAX_PARTIALS = 512
-PERTURB_MAX_PROGRAMS = 4096
+MAX_STREAM_PROGRAMS = 4096
 PARTIALS_BLOCK = 1024
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -80,6 +91,11 @@ def _rtne_bf16(span: Span) -> bool:
     return span.weights.dtype == torch.bfloat16 and _interpreting()
 
 
+def _restore_point(span: Span) -> torch.Tensor:
+    """Where the kernels' ``restore_ptr`` points: the float32 master if the span has one, else the backup."""
+    return span.backup if span.master is None else span.master
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -87,6 +103,16 @@ def _cdiv(a: int, b: int) -> int:
 def _f32(x: float) -> float:
     """``x`` rounded to float32, as a Python float."""
     return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def float64_bits(x: float) -> int:
+    """The IEEE bit pattern of float64 ``x`` as a signed integer: how a float64 scalar reaches a kernel."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _stream_grid(span: Span) -> tuple:
+    """Programs of the grid-stride kernels that stream the span (perturb, the updates)."""
+    return (max(1, min(_cdiv(span.numel, BLOCK), MAX_STREAM_PROGRAMS)),)
 
 
 def _on(device: torch.device):
@@ -98,6 +124,7 @@ def _on(device: torch.device):
 
 class TritonBackend(Backend):
     name = "triton"
+    supports_master_weights = True
 
     @classmethod
     def unavailable_reason(cls, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -131,11 +158,12 @@ class TritonBackend(Backend):
 
     def sq_norm_partials(self, span: Span, perturbation: Perturbation, out: torch.Tensor) -> None:
         programs = self.partials_len(span)
+        weights = span.weights if span.master is None else span.master  # ASAM's T = |w| + eta reads the master
         if out.numel() != programs:
             raise ValueError(f"partials slice has {out.numel()} elements, the triton backend writes {programs}")
         with _on(span.device):
             _k.sq_norm_partials_kernel[(programs,)](
-                span.grads, span.weights, out, span.numel, float(perturbation.eta),
+                span.grads, weights, out, span.numel, float(perturbation.eta),
                 ADAPTIVE=bool(perturbation.adaptive), BLOCK=BLOCK, num_warps=NUM_WARPS,
             )
 
@@ -145,21 +173,23 @@ class TritonBackend(Backend):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
+        grad_scale: Optional[torch.Tensor] = None,
     ) -> None:
         has_partials = partials is not None
         has_count = has_partials and nonfinite_count is not None
-        programs = max(1, min(_cdiv(span.numel, BLOCK), PERTURB_MAX_PROGRAMS))
+        unused = span.grads  # stands in for the pointers a variant never reads
         with _on(span.device):
-            _k.perturb_kernel[(programs,)](
-                span.weights, span.grads, span.backup,
-                partials if has_partials else span.grads,
-                nonfinite_count if has_count else span.grads,
+            _k.perturb_kernel[_stream_grid(span)](
+                span.weights, span.grads, _restore_point(span),
+                partials if has_partials else unused,
+                nonfinite_count if has_count else unused,
+                unused if grad_scale is None else grad_scale,
                 span.numel, partials.numel() if has_partials else 0,
-                float(perturbation.rho), float(perturbation.eta), float(perturbation.eps),
-                HAS_PARTIALS=has_partials, PARTIALS_F64=has_partials and partials.dtype == torch.float64,
-                NORMALIZE=bool(perturbation.normalize),
-                ADAPTIVE=bool(perturbation.adaptive), HAS_COUNT=has_count,
-                BLOCK=BLOCK, PBLOCK=PARTIALS_BLOCK, RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS,
+                float64_bits(perturbation.rho), float(perturbation.eta), float64_bits(perturbation.eps),
+                HAS_PARTIALS=has_partials, NORMALIZE=bool(perturbation.normalize),
+                ADAPTIVE=bool(perturbation.adaptive), HAS_COUNT=has_count, HAS_GRAD_SCALE=grad_scale is not None,
+                MASTER=span.master is not None, BLOCK=BLOCK, PBLOCK=PARTIALS_BLOCK, RTNE_BF16=_rtne_bf16(span),
+                num_warps=NUM_WARPS,
             )
 
     # --- second_step -----------------------------------------------------------------------------
@@ -167,46 +197,52 @@ class TritonBackend(Backend):
     def restore(self, span: Span) -> None:
         with _on(span.device):
             _k.copy_kernel[(max(1, _cdiv(span.numel, BLOCK)),)](
-                span.backup, span.weights, span.numel, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                _restore_point(span), span.weights, span.numel, BLOCK=BLOCK,
+                # only a float32 master is rounded; a backup is copied bit for bit
+                RTNE_BF16=span.master is not None and _rtne_bf16(span), num_warps=NUM_WARPS,
             )
 
-    def restore_and_update(self, span: Span, update) -> None:
+    def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
         if isinstance(update, SGDUpdate):
             launch = self._sgd
         elif isinstance(update, AdamUpdate):
             launch = self._adam
         else:
             raise TypeError(f"unknown base update {type(update).__name__}")
+        unused = span.grads  # stands in for the scalars a variant never reads
+        device_scalars = (
+            scalars.step,
+            unused if scalars.grad_scale is None else scalars.grad_scale,
+            unused if scalars.found_inf is None else scalars.found_inf,
+        )
+        variant = dict(HAS_GRAD_SCALE=scalars.grad_scale is not None, HAS_FOUND_INF=scalars.found_inf is not None,
+                       MASTER=span.master is not None, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS)
         with _on(span.device):
-            launch(span, update, (max(1, _cdiv(span.numel, BLOCK)),))
+            launch(span, update, _stream_grid(span), device_scalars, variant)
 
     @staticmethod
-    def _sgd(span: Span, u: SGDUpdate, grid) -> None:
+    def _sgd(span: Span, u: SGDUpdate, grid, device_scalars, variant) -> None:
         has_momentum = u.momentum != 0
         _k.sgd_kernel[grid](
-            span.weights, span.backup, span.grads,
-            span.state["momentum_buffer"] if has_momentum else span.grads, span.numel,
+            span.weights, _restore_point(span), span.grads,
+            span.state["momentum_buffer"] if has_momentum else span.grads, *device_scalars, span.numel,
             -float(u.lr), float(u.weight_decay), float(u.momentum), 1.0 - float(u.dampening),
             MAXIMIZE=bool(u.maximize), HAS_WD=u.weight_decay != 0, HAS_MOMENTUM=has_momentum,
-            FIRST=span.step == 0, NESTEROV=bool(u.nesterov),
-            BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS,
+            NESTEROV=bool(u.nesterov), **variant,
         )
 
     @staticmethod
-    def _adam(span: Span, u: AdamUpdate, grid) -> None:
-        step = span.step + 1
-        step_size = u.lr / (1 - u.beta1**step)
-        bias_correction2_sqrt = (1 - u.beta2**step) ** 0.5
+    def _adam(span: Span, u: AdamUpdate, grid, device_scalars, variant) -> None:
         # torch.lerp takes its scalar weight in float32 and picks its formula on that value
         lerp_weight = _f32(1 - u.beta1)
         state = span.state
         _k.adam_kernel[grid](
-            span.weights, span.backup, span.grads,
+            span.weights, _restore_point(span), span.grads,
             state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if u.amsgrad else state["exp_avg_sq"],
-            span.numel,
-            1 - u.lr * u.weight_decay, float(u.weight_decay), lerp_weight, _f32(1.0 - lerp_weight),
-            float(u.beta2), 1 - float(u.beta2), float(bias_correction2_sqrt), float(u.eps), -float(step_size),
+            *device_scalars, span.numel,
+            float64_bits(u.lr), float64_bits(u.beta1), float64_bits(u.beta2),
+            1 - u.lr * u.weight_decay, float(u.weight_decay), lerp_weight, _f32(1.0 - lerp_weight), float(u.eps),
             MAXIMIZE=bool(u.maximize), L2_WD=u.weight_decay != 0 and not u.decoupled,
             DECOUPLED_WD=u.weight_decay != 0 and bool(u.decoupled), AMSGRAD=bool(u.amsgrad),
-            LERP_SMALL=abs(lerp_weight) < 0.5, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS,
+            LERP_SMALL=abs(lerp_weight) < 0.5, **variant,
         )

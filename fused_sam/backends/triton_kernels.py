@@ -3,11 +3,22 @@
 Every kernel reads its operands in their storage dtype, does its math in float32 (the squared-norm
 partials and their re-reduction in the partials buffer's dtype) and writes back in the storage dtype.
 Offsets are int64 (``program id * BLOCK`` is widened before the multiply), so spans of more than 2^31
-elements work. Per-step scalars (lr, bias corrections, rho) are float32 kernel arguments, so a new value
-never recompiles; structure (which options are on) is ``tl.constexpr``.
+elements work. Hyperparameters are kernel arguments and the per-step values that live on the device (step
+count, GradScaler's scale and found_inf) are loaded from their tensors, so a new value never recompiles and
+nothing syncs with the host; structure (which options are on) is ``tl.constexpr``.
+
+Triton passes Python floats as float32. Values needed in float64 (Adam's lr and betas, rho and eps for
+float64 partials) are passed as their IEEE bit patterns in int64 (``*_bits``, see ``float64_bits`` in
+``triton.py``) and bit-cast back here; those arguments are ``do_not_specialize`` so that a value whose bit
+pattern is divisible by 16 does not compile a second variant.
 
 The docstring of each kernel counts the bytes it moves per element for float32 weights, gradients and
 state (halve the weight/gradient terms for bfloat16 or float16 weights).
+
+``MASTER`` selects the master-weights variant (bfloat16/float16 weights with a float32 master copy, see
+``Span``): the kernels then read w from the master, write the updated master, and write the 16-bit weights
+as its rounding; nothing is backed up. It is a ``tl.constexpr``, so the variants without a master compile
+exactly as before. ``restore_ptr`` is the restore point: the backup (weights' dtype), or the master.
 
 ``RTNE_BF16`` is set only under Triton's CPU interpreter and for bfloat16 weights: the interpreter
 truncates float32 -> bfloat16 instead of rounding to nearest even as the GPU (and torch) do, so there
@@ -21,15 +32,76 @@ import triton.language as tl
 
 
 @triton.jit
-def _store(ptr, offs, x, mask, RTNE_BF16: tl.constexpr):
-    """Store float32 ``x`` into ``ptr``'s dtype, rounding to nearest even (RTNE_BF16: ptr is bfloat16)."""
+def _rounded_for(ptr, x, RTNE_BF16: tl.constexpr):
+    """float32 ``x`` converted to ``ptr``'s dtype, rounding to nearest even (RTNE_BF16: ptr is bfloat16)."""
     if RTNE_BF16:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(x != x, 0x7FC0, rounded)
-        tl.store(ptr + offs, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _float64_from_bits(bits):
+    """The float64 whose bit pattern is ``bits`` (an int32 when the value is 0.0, else an int64)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _pow_float64(base, exponent):
+    """base ** exponent for a float64 base and an int64 exponent >= 0, by binary exponentiation.
+
+    Only float64 multiplies (Triton lowers float64 exp2/pow differently per backend and version, float64
+    multiplication everywhere); at most 2 * bit_length(exponent) roundings, so a relative error of a few
+    1e-15 for exponents up to 2^24, where float32 step counts stop being exact.
+    """
+    result = tl.full([], 1.0, tl.float64)
+    while exponent > 0:
+        result = tl.where((exponent & 1) != 0, result * base, result)
+        base = base * base
+        exponent = exponent >> 1
+    return result
+
+
+@triton.jit
+def _update_controls(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    """(apply, inv_scale) of a base update: whether it runs (found_inf == 0: any non-zero value, NaN
+    included since it compares unequal, skips it) and the float32 factor that unscales the gradient,
+    float32(1 / float64(grad_scale)) as GradScaler's ``unscale_`` computes it. Both are tensors in every
+    variant (true and 1.0 without found_inf or a scale) so the helper returns one type everywhere."""
+    apply = tl.full([], True, tl.int1)
+    inv_scale = tl.full([], 1.0, tl.float32)
+    if HAS_FOUND_INF:
+        apply = tl.load(found_inf_ptr) == 0
+    if HAS_GRAD_SCALE:
+        inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
+    return apply, inv_scale
+
+
+@triton.jit
+def _descent_direction(g_ptr, offs, live, inv_scale, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    """The unscaled gradient (negated when maximizing) in float32; lanes outside ``live`` are not read."""
+    d = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        d = d * inv_scale
+    if MAXIMIZE:
+        d = -d
+    return d
+
+
+@triton.jit
+def _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, updated,
+                   MASTER: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """The last writes of a base update: w <- ``updated`` (float32) in w's dtype, or where skipped (not
+    ``apply``) w <- the restore point: the backup bit for bit, or the master's rounding. MASTER: the master
+    <- ``updated`` where the update runs (``live``), so a skipped update leaves it untouched."""
+    if MASTER:
+        tl.store(restore_ptr + offs, updated, mask=live)
+        tl.store(w_ptr + offs, _rounded_for(w_ptr, tl.where(apply, updated, restore_point), RTNE_BF16), mask=mask)
     else:
-        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+        w = _rounded_for(w_ptr, updated, RTNE_BF16)
+        tl.store(w_ptr + offs, tl.where(apply, w, restore_point), mask=mask)
 
 
 @triton.jit
@@ -39,6 +111,7 @@ def sq_norm_partials_kernel(g_ptr, w_ptr, out_ptr, numel, eta, ADAPTIVE: tl.cons
     Grid-stride: program ``pid`` of P sums blocks pid, pid + P, ... in a per-lane float32 accumulator and
     reduces it once at the end, so the result is deterministic (fixed order, no atomics) and P, the number
     of partials, is capped independently of the span size. Bytes per element: 4 (read g); ASAM 8 (g, w).
+    ``w_ptr`` is the weights, or the float32 master where there is one (the launcher picks).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -55,142 +128,196 @@ def sq_norm_partials_kernel(g_ptr, w_ptr, out_ptr, numel, eta, ADAPTIVE: tl.cons
     tl.store(out_ptr + pid, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rho_bits", "eps_bits"])
 def perturb_kernel(
-    w_ptr, g_ptr, backup_ptr, partials_ptr, count_ptr,
-    numel, n_partials, rho, eta, eps,
-    HAS_PARTIALS: tl.constexpr, PARTIALS_F64: tl.constexpr, NORMALIZE: tl.constexpr, ADAPTIVE: tl.constexpr,
-    HAS_COUNT: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    w_ptr, g_ptr, restore_ptr, partials_ptr, count_ptr, grad_scale_ptr,
+    numel, n_partials, rho_bits, eta, eps_bits,
+    HAS_PARTIALS: tl.constexpr, NORMALIZE: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_COUNT: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
 ):
-    """backup <- w exactly; w <- w + e, e = scale * g (ASAM: * (|w| + eta)^2).
+    """backup <- w exactly; w <- w + e, e = scale * g (ASAM: * (|w| + eta)^2). MASTER: w is read from the
+    master (left unchanged) and the weights receive the rounding of w + e; no backup.
 
     With partials, every program re-reduces the whole partials buffer itself (it is small, and read from
-    L2), in the same order, so all programs agree on s = sum; scale = rho / (sqrt(s) + eps) (or rho when
-    not normalizing), and e = 0 when s is not finite; program 0 then adds one to ``count_ptr``. Without
-    partials (USAM everywhere), scale = rho and nothing is checked. Grid-stride over blocks so the
+    L2), in the same order, so all programs agree on the sum S; normalizing, scale = (1 / (sqrt(S) + eps *
+    s)) * rho in the partials' dtype (s the GradScaler scale, 1 without one; the reference's rounding), and
+    e = 0 when S is not finite; program 0 then adds one to ``count_ptr``. Not normalizing, scale = (1 / s) *
+    rho in float32 (just rho without partials, where nothing is checked). Grid-stride over blocks so the
     re-reduction is amortised over several blocks on large spans.
-    Bytes per element: 16 (read w, g; write backup, w), plus 4 or 8 per partial per program.
+    Bytes per element: 16 (read w, g; write backup, w), plus 4 or 8 per partial per program; MASTER
+    with 16-bit weights 8 (read master, g; write w).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    scale = tl.cast(rho, tl.float32)
+    rho = _float64_from_bits(rho_bits)
+    scale = rho.to(tl.float32)
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
+        if not NORMALIZE:
+            scale = tl.div_rn(1.0, grad_scale) * scale
     finite = True
     if HAS_PARTIALS:
-        acc = tl.zeros([PBLOCK], dtype=partials_ptr.dtype.element_ty)
+        partial_dtype = partials_ptr.dtype.element_ty
+        acc = tl.zeros([PBLOCK], dtype=partial_dtype)
         for start in range(0, n_partials, PBLOCK):
             p_offs = start + tl.arange(0, PBLOCK)
             acc += tl.load(partials_ptr + p_offs, mask=p_offs < n_partials, other=0.0)
         total = tl.sum(acc, axis=0)
         finite = tl.abs(total) < float("inf")
         if NORMALIZE:
-            if PARTIALS_F64:
-                scale = (tl.cast(rho, tl.float64) / (tl.sqrt(total) + tl.cast(eps, tl.float64))).to(tl.float32)
-            else:
-                scale = tl.div_rn(scale, tl.sqrt_rn(total) + tl.cast(eps, tl.float32))
+            eps = _float64_from_bits(eps_bits).to(partial_dtype)
+            if HAS_GRAD_SCALE:
+                eps = grad_scale.to(partial_dtype) * eps
+            if partial_dtype == tl.float64:  # float64 sqrt and division round correctly (IEEE)
+                inv_norm = 1.0 / (tl.sqrt(total) + eps)
+            else:  # float32 ``sqrt`` and ``/`` are approximate on GPUs: ask for correct rounding
+                inv_norm = tl.div_rn(1.0, tl.sqrt_rn(total) + eps)
+            scale = (inv_norm * rho.to(partial_dtype)).to(tl.float32)
         if HAS_COUNT:
             tl.atomic_add(count_ptr, 1, mask=(pid == 0) & (~finite))
     lanes = tl.arange(0, BLOCK)
     for blk in range(pid, tl.cdiv(numel, BLOCK), nprog):
         offs = tl.cast(blk, tl.int64) * BLOCK + lanes
         mask = offs < numel
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(backup_ptr + offs, w, mask=mask)
-        wf = w.to(tl.float32)
+        if MASTER:
+            wf = tl.load(restore_ptr + offs, mask=mask, other=0.0)
+        else:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+            tl.store(restore_ptr + offs, w, mask=mask)
+            wf = w.to(tl.float32)
         e = g * scale
         if ADAPTIVE:
             t = tl.abs(wf) + eta
             e = e * (t * t)
         if HAS_PARTIALS:
             e = tl.where(finite, e, 0.0)
-        _store(w_ptr, offs, wf + e, mask, RTNE_BF16)
+        tl.store(w_ptr + offs, _rounded_for(w_ptr, wf + e, RTNE_BF16), mask=mask)
 
 
 @triton.jit
-def copy_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr):
-    """dst <- src bit for bit (restore: w <- backup). Bytes per element: 8 (read backup, write w)."""
+def copy_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """dst <- src in dst's dtype: bit for bit when the dtypes match (restore: w <- backup), else rounded to
+    nearest even (w <- the rounding of the float32 master). Bytes per element: 8 (read backup, write w);
+    6 from a master to 16-bit weights."""
     offs = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+    tl.store(dst_ptr + offs, _rounded_for(dst_ptr, tl.load(src_ptr + offs, mask=mask), RTNE_BF16), mask=mask)
 
 
 @triton.jit
 def sgd_kernel(
-    w_ptr, backup_ptr, g_ptr, buf_ptr, numel,
+    w_ptr, restore_ptr, g_ptr, buf_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, numel,
     neg_lr, weight_decay, momentum, one_minus_dampening,
-    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
-    NESTEROV: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
 ):
-    """w <- backup, then torch.optim.SGD's update of w and the momentum buffer, in one pass.
+    """w <- backup, then torch.optim.SGD's update of w and the momentum buffer, in one pass (MASTER: w is
+    the master, and the update writes the master and its rounding to the weights; a skipped one only the
+    master's rounding to the weights).
 
-    d = +-g (+ wd * w); buf = d on the first step (FIRST), else momentum * buf + (1 - dampening) * d;
-    d = d + momentum * buf (nesterov) or buf; w = w - lr * d.
-    Bytes per element: 20 with momentum (read backup, g, buf; write w, buf), 16 on the first step
-    (buf not read), 12 without momentum.
+    d = +-g / grad_scale (+ wd * w); buf = d on the first step (step == 0), else momentum * buf +
+    (1 - dampening) * d; d = d + momentum * buf (nesterov) or buf; w = w - lr * d. When found_inf is
+    non-zero, w <- backup bit for bit and nothing else is read or written.
+    Grid-stride like perturb (the launcher caps the programs).
+    Bytes per element: 20 with momentum (read backup, g, buf; write w, buf), 16 on the first step (buf
+    not read), 12 without momentum; a skipped update 8 (read backup, write w). MASTER with 16-bit weights:
+    20 with momentum (read master, g, buf; write master, w, buf); a skipped update 6 (read master, write w).
     """
-    offs = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    w = tl.load(backup_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    d = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if MAXIMIZE:
-        d = -d
-    if HAS_WD:
-        d = d + weight_decay * w
-    if HAS_MOMENTUM:
-        if FIRST:
-            buf = d
-        else:
-            buf = tl.load(buf_ptr + offs, mask=mask, other=0.0)
-            buf = buf * momentum + one_minus_dampening * d
-        tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=mask)
-        if NESTEROV:
-            d = d + momentum * buf
-        else:
-            d = buf
-    _store(w_ptr, offs, w + neg_lr * d, mask, RTNE_BF16)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    apply, inv_scale = _update_controls(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE, HAS_FOUND_INF)
+    # Lengths rather than scalar flags and-ed into the masks (which the interpreter mishandles): a skipped
+    # update reads no gradient or state, the first step no momentum buffer.
+    first = tl.load(step_ptr) == 0
+    live_numel = tl.where(apply, numel, 0)
+    momentum_numel = tl.where(first, 0, live_numel)
+    lanes = tl.arange(0, BLOCK)
+    for blk in range(pid, tl.cdiv(numel, BLOCK), nprog):
+        offs = tl.cast(blk, tl.int64) * BLOCK + lanes
+        mask = offs < numel
+        live = offs < live_numel
+        restore_point = tl.load(restore_ptr + offs, mask=mask, other=0.0)
+        w = restore_point.to(tl.float32)
+        d = _descent_direction(g_ptr, offs, live, inv_scale, MAXIMIZE, HAS_GRAD_SCALE)
+        if HAS_WD:
+            d = d + weight_decay * w
+        if HAS_MOMENTUM:
+            buf = tl.load(buf_ptr + offs, mask=offs < momentum_numel, other=0.0)
+            buf = tl.where(first, d, buf * momentum + one_minus_dampening * d)
+            tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=live)
+            if NESTEROV:
+                d = d + momentum * buf
+            else:
+                d = buf
+        _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, w + neg_lr * d, MASTER, RTNE_BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits"])
 def adam_kernel(
-    w_ptr, backup_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, numel,
-    decay, weight_decay, lerp_weight, lerp_weight_complement, beta2, one_minus_beta2,
-    bias_correction2_sqrt, eps, neg_step_size,
+    w_ptr, restore_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, numel,
+    lr_bits, beta1_bits, beta2_bits, decay, weight_decay, lerp_weight, lerp_weight_complement, eps,
     MAXIMIZE: tl.constexpr, L2_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
-    LERP_SMALL: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    LERP_SMALL: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MASTER: tl.constexpr,
+    BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
-    """w <- backup, then torch.optim.Adam/AdamW's update of w, exp_avg, exp_avg_sq (, max_exp_avg_sq).
+    """w <- backup, then torch.optim.Adam/AdamW's update of w, exp_avg, exp_avg_sq (, max_exp_avg_sq)
+    (MASTER: w is the master, and the update writes the master and its rounding to the weights; a skipped
+    one only the master's rounding to the weights).
 
-    As torch's single-tensor path: AdamW w *= 1 - lr*wd, Adam d += wd*w; m = lerp(m, d, 1 - beta1);
-    v = beta2*v + (1 - beta2)*d*d; amsgrad vmax = max(vmax, v); w += -step_size * m / (sqrt(v or vmax) /
-    sqrt(bc2) + eps), with the bias corrections computed on the host in double from the step count.
-    Bytes per element: 28 (read backup, g, m, v; write w, m, v), 36 with amsgrad (vmax read and written).
+    As torch's single-tensor path: d = +-g / grad_scale; AdamW w *= 1 - lr*wd, Adam d += wd*w;
+    m = lerp(m, d, 1 - beta1); v = beta2*v + (1 - beta2)*d*d; amsgrad vmax = max(vmax, v);
+    w += -step_size * m / (sqrt(v or vmax) / sqrt(bc2) + eps). The bias corrections come from the step
+    count on the device, t = step + 1: step_size = lr / (1 - beta1^t), sqrt(bc2) = sqrt(1 - beta2^t), in
+    float64 as torch.optim computes them in Python, each rounded once to float32. When found_inf is
+    non-zero, w <- backup bit for bit and nothing else is read or written.
+    Grid-stride (the launcher caps the programs) so the float64 scalar work, a few dozen operations per
+    program, is amortised over several blocks on large spans.
+    Bytes per element: 28 (read backup, g, m, v; write w, m, v), 36 with amsgrad (vmax read and written);
+    a skipped update 8. MASTER with 16-bit weights: 28 (read master, g, m, v; write master, w, m, v); a
+    skipped update 6.
     """
-    offs = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    w = tl.load(backup_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    d = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    if MAXIMIZE:
-        d = -d
-    if DECOUPLED_WD:
-        w = w * decay
-    if L2_WD:
-        d = d + weight_decay * w
-    # torch.lerp: start + weight * (end - start) for |weight| < 0.5, else end - (end - start) * (1 - weight)
-    if LERP_SMALL:
-        m = m + lerp_weight * (d - m)
-    else:
-        m = d - (d - m) * lerp_weight_complement
-    v = v * beta2 + one_minus_beta2 * d * d
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    second = v
-    if AMSGRAD:
-        vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0)
-        vmax = tl.maximum(vmax, v)
-        tl.store(vmax_ptr + offs, vmax, mask=mask)
-        second = vmax
-    denom = tl.div_rn(tl.sqrt_rn(second), tl.cast(bias_correction2_sqrt, tl.float32)) + eps
-    update = tl.div_rn(m, denom)
-    _store(w_ptr, offs, w + neg_step_size * update, mask, RTNE_BF16)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    apply, inv_scale = _update_controls(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE, HAS_FOUND_INF)
+    beta2_f64 = _float64_from_bits(beta2_bits)
+    t = tl.load(step_ptr).to(tl.int64) + 1
+    neg_step_size = (-_float64_from_bits(lr_bits) / (1.0 - _pow_float64(_float64_from_bits(beta1_bits), t)))
+    neg_step_size = neg_step_size.to(tl.float32)
+    bias_correction2_sqrt = tl.sqrt(1.0 - _pow_float64(beta2_f64, t)).to(tl.float32)
+    beta2 = beta2_f64.to(tl.float32)
+    one_minus_beta2 = (1.0 - beta2_f64).to(tl.float32)
+    live_numel = tl.where(apply, numel, 0)  # a skipped update reads and writes no gradient or state
+    lanes = tl.arange(0, BLOCK)
+    for blk in range(pid, tl.cdiv(numel, BLOCK), nprog):
+        offs = tl.cast(blk, tl.int64) * BLOCK + lanes
+        mask = offs < numel
+        live = offs < live_numel
+        restore_point = tl.load(restore_ptr + offs, mask=mask, other=0.0)
+        w = restore_point.to(tl.float32)
+        d = _descent_direction(g_ptr, offs, live, inv_scale, MAXIMIZE, HAS_GRAD_SCALE)
+        m = tl.load(m_ptr + offs, mask=live, other=0.0)
+        v = tl.load(v_ptr + offs, mask=live, other=0.0)
+        if DECOUPLED_WD:
+            w = w * decay
+        if L2_WD:
+            d = d + weight_decay * w
+        # torch.lerp: start + weight * (end - start) for |weight| < 0.5, else end - (end - start) * (1 - weight)
+        if LERP_SMALL:
+            m = m + lerp_weight * (d - m)
+        else:
+            m = d - (d - m) * lerp_weight_complement
+        v = v * beta2 + one_minus_beta2 * d * d
+        tl.store(m_ptr + offs, m, mask=live)
+        tl.store(v_ptr + offs, v, mask=live)
+        second = v
+        if AMSGRAD:
+            vmax = tl.load(vmax_ptr + offs, mask=live, other=0.0)
+            vmax = tl.maximum(vmax, v)
+            tl.store(vmax_ptr + offs, vmax, mask=live)
+            second = vmax
+        denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
+        updated = w + neg_step_size * tl.div_rn(m, denom)
+        _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, updated, MASTER, RTNE_BF16)

@@ -9,6 +9,12 @@
   where the fused kernel is unavailable for that device and dtype; probed at run time).
 - ``fused:<backend>``: ``fused_sam.FusedSAM(..., backend=<backend>)`` for every backend that
   ``fused_sam.available_backends(device, dtype)`` lists.
+- ``fused:<backend>+GradScaler``: the same, its second step taken by a ``torch.amp.GradScaler`` as in a
+  mixed-precision loop: ``first_step(grad_scaler=...)``, ``scaler.step(opt)`` (GradScaler's inf check over
+  the gradients, then the unscaling update) and ``scaler.update()``. The scale stays 1, so the results
+  are those of ``fused:<backend>``.
+- ``fused:<backend>+master`` (bf16/fp16 parameters, backends with master-weights kernels):
+  ``FusedSAM(..., master_weights=True)``, float32 master weights in place of the backup.
 
 Every method exposes ``first_step()``, ``second_step()``, ``params`` and ``info`` (a dict of what it
 runs, for the report), and ``held_tensors()`` (every tensor it keeps between steps, for the memory
@@ -113,15 +119,40 @@ class _Wrapped:
 
     def __init__(self, opt, params, info, held):
         self.opt, self.params, self.info, self._held = opt, params, info, held
+        self.steps = 0
 
     def first_step(self) -> None:
         self.opt.first_step()
 
     def second_step(self) -> None:
         self.opt.second_step()
+        self.steps += 1
+
+    def final_weights(self) -> torch.Tensor:
+        """The weights to verify, as one float32 vector: the float32 masters when the optimizer keeps them."""
+        masters = self.opt.state_dict()["sam"].get("master_weights") if isinstance(self.opt, FusedSAM) else None
+        tensors = [masters[i] for i in sorted(masters)] if masters else self.params
+        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
     def held_tensors(self) -> List[torch.Tensor]:
         return self._held(self.opt)
+
+
+class _GradScaled(_Wrapped):
+    """FusedSAM whose second step a GradScaler takes (scale 1, never growing: the numbers stay plain)."""
+
+    def __init__(self, opt, params, info, held):
+        super().__init__(opt, params, info, held)
+        self.scaler = torch.amp.GradScaler(params[0].device.type, init_scale=1.0, growth_interval=2**30)
+        self.scaler.scale(torch.ones((), device=params[0].device))  # creates the scale tensor
+
+    def first_step(self) -> None:
+        self.opt.first_step(grad_scaler=self.scaler)
+
+    def second_step(self) -> None:
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.steps += 1
 
 
 def _optimizer_state_tensors(opt: torch.optim.Optimizer) -> List[torch.Tensor]:
@@ -130,8 +161,9 @@ def _optimizer_state_tensors(opt: torch.optim.Optimizer) -> List[torch.Tensor]:
 
 def _fused_held(opt: FusedSAM) -> List[torch.Tensor]:
     held = []
-    for segment in opt._sam.segments:  # the flat buffers: weights, grads, backup, state (with padding)
-        held += [segment.weights, segment.grads, segment.backup] + list(segment.state.values())
+    for segment in opt._sam.segments:  # the flat buffers: weights, grads, backup or master, state (with padding)
+        restore_point = segment.backup if segment.master is None else segment.master
+        held += [segment.weights, segment.grads, restore_point] + list(segment.state.values())
     return held
 
 
@@ -147,7 +179,9 @@ def method_names(device: torch.device, dtype: torch.dtype, only: Optional[Sequen
     for backend in available_backends(device, dtype):
         if backend == "triton" and device.type != "cuda" and not (only and "fused:triton" in only):
             continue
-        names.append(f"fused:{backend}")
+        names += [f"fused:{backend}", f"fused:{backend}+GradScaler"]
+        if dtype in (torch.bfloat16, torch.float16) and backend in available_backends(device, dtype, master=True):
+            names.append(f"fused:{backend}+master")
     if only:
         unknown = [m for m in only if m not in names]
         if unknown:
@@ -169,10 +203,12 @@ def build(name: str, params: Sequence[torch.Tensor], optimizer: str):
     if name == "torch-native":
         return TorchNativeSAM(params, base_cls, **kwargs)
     if name.startswith("fused:"):
-        backend = name.split(":", 1)[1]
-        opt = FusedSAM(params, base_cls, rho=RHO, backend=backend, **kwargs)  # SAM eps: its default, 1e-12
+        backend, variant = (name.split(":", 1)[1].split("+") + [""])[:2]
+        scaled = variant == "GradScaler"
+        opt = FusedSAM(params, base_cls, rho=RHO, backend=backend, master_weights=variant == "master",
+                       **kwargs)  # SAM eps: its default, 1e-12
         info = {"base": base_cls.__name__, "backends": opt.backends}
-        return _Wrapped(opt, params, info, _fused_held)
+        return (_GradScaled if scaled else _Wrapped)(opt, params, info, _fused_held)
     raise ValueError(f"unknown method {name!r}")
 
 

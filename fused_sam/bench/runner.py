@@ -75,6 +75,19 @@ def compare(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, w0: Optional[t
     return float(((a - b).abs() / (atol + rtol * b.abs())).max())
 
 
+def float32_classic(w0, g0, optimizer: str, steps: int) -> torch.Tensor:
+    """``classic`` run in float32 from the (16-bit) starting weights and gradients: what float32 master
+    weights must reproduce."""
+    params = [w.float().requires_grad_(True) for w in w0]
+    for p, g in zip(params, g0):
+        p.grad = g.float()
+    method = build("classic", params, optimizer)
+    for _ in range(steps):
+        method.first_step()
+        method.second_step()
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
 def run_method(name: str, w0, g0, optimizer: str, cfg: Config, flush: Optional[CacheFlusher]):
     """One method on one case: (row of measurements, final weights as one float32 vector)."""
     device = cfg.device
@@ -126,9 +139,14 @@ def run_method(name: str, w0, g0, optimizer: str, cfg: Config, flush: Optional[C
     # FusedSAM keeps optimizer state in float32 for 16-bit parameters; torch.optim in the parameter dtype.
     fused = name.startswith("fused:")
     row["state_bytes_per_elem"] = 4 if fused and dtype in (torch.bfloat16, torch.float16) else elsize
-    row["bytes_per_param"] = min_bytes_per_param(optimizer, elsize, row["state_bytes_per_elem"])
+    row["bytes_per_param"] = min_bytes_per_param(optimizer, elsize, row["state_bytes_per_elem"],
+                                                 grad_scaler=name.endswith("+GradScaler"),
+                                                 master=name.endswith("+master"))
     row["gbps"] = row["bytes_per_param"] * numel / (row["median_ms"] / 1e3) / 1e9
-    final = torch.cat([p.detach().reshape(-1).float() for p in params])
+    if hasattr(method, "final_weights"):
+        final, row["steps"] = method.final_weights(), method.steps
+    else:
+        final = torch.cat([p.detach().reshape(-1).float() for p in params])
     del method, params, held, counter
     return row, final
 
@@ -178,8 +196,13 @@ def run_micro(cfg: Config, progress=None, on_case: Optional[Callable[[dict], Non
             if r.get("error"):
                 r["verified"] = False
                 continue
-            r["verified_against"] = ref_name
-            err = compare(finals[r["method"]], finals[ref_name], dtype, w0_flat)
+            if r["method"].endswith("+master"):  # float32 masters: held to classic SAM run in float32
+                r["verified_against"] = "classic in float32"
+                reference = float32_classic(w0, g0, optimizer, r["steps"])
+                err = compare(finals[r["method"]], reference, torch.float32)
+            else:
+                r["verified_against"] = ref_name
+                err = compare(finals[r["method"]], finals[ref_name], dtype, w0_flat)
             r["max_err_over_tol"] = err
             r["verified"] = err <= 1.0
             r["pct_of_copy"] = 100.0 * r["gbps"] / copy["gbps"]
