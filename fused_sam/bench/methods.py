@@ -183,7 +183,8 @@ def method_names(device: torch.device, dtype: torch.dtype, only: Optional[Sequen
         if dtype in (torch.bfloat16, torch.float16) and backend in available_backends(device, dtype, master=True):
             names.append(f"fused:{backend}+master")
     if only:
-        unknown = [m for m in only if m not in names]
+        low_precision = dtype in (torch.bfloat16, torch.float16)
+        unknown = [m for m in only if m not in names and (low_precision or not m.endswith("+master"))]
         if unknown:
             raise ValueError(f"method(s) {', '.join(unknown)} not available here; available: {', '.join(names)}")
         names = [m for m in names if m in only]
