@@ -1,0 +1,228 @@
+"""FusedSAM under DistributedDataParallel, on CPU: 2 gloo ranks spawned per test, each taking its half of
+every batch. Every rank must end bitwise equal to the other and, to 1e-10 in float64, equal to a
+single-process computation of the same SAM math on the full batch."""
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fused_sam import FusedSAM
+from fused_sam.classic import ClassicSAM
+
+from models import batches, loss_of, mlp
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with the gloo backend")
+
+WORLD_SIZE = 2
+STEPS = 12
+RHO = 0.05
+PERTURB_EPS = 1e-12
+TOLERANCE = 1e-10
+DEADLINE_S = 120  # for a whole spawn; gloo's own timeout (60 s) ends a rank stuck in a collective first
+BASES = {
+    "sgd-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-2)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+}
+BUCKET_VIEWS = dict(gradient_as_bucket_view=True)
+
+
+# --- what each rank runs: module-level functions, which a spawned process imports by name (spawn hands
+# it the parent's sys.path, so this module, `models` and the checkout's fused_sam import as in pytest) -
+
+def _rank_main(rank: int, port: int, out_dir: Path, job, job_args: tuple) -> None:
+    """Join the gloo group, run ``job(rank, *job_args)`` and save what it returns for the test to read."""
+    torch.set_num_threads(1)  # two ranks on two cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    try:
+        torch.save(job(rank, *job_args), out_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # skips the interpreter's teardown of torch (seconds on two cores); nothing is left to clean up
+
+
+def _sam_step(ddp: DDP, opt: FusedSAM, x, y, m_sharpness: bool) -> float:
+    """One paired SAM step; returns the seconds spent in first_step and second_step, the optimizer's own
+    share (free of the collectives' jitter). m-sharpness: the first pass inside no_sync, so that each rank
+    perturbs with its own local gradient; the second backward is averaged over the ranks either way."""
+    with ddp.no_sync() if m_sharpness else nullcontext():
+        loss_of(ddp, x, y).backward()
+    start = time.perf_counter()
+    opt.first_step(zero_grad=True)
+    in_optimizer = time.perf_counter() - start
+    loss_of(ddp, x, y).backward()
+    start = time.perf_counter()
+    opt.second_step(zero_grad=True)
+    return in_optimizer + time.perf_counter() - start
+
+
+def rank_half(x, y, rank: int) -> tuple:
+    """The part of a full batch that ``rank`` trains on (the halves are equal in size)."""
+    return x.chunk(WORLD_SIZE)[rank], y.chunk(WORLD_SIZE)[rank]
+
+
+def _fused_sam_over_ddp(base_name: str, ddp_kwargs: dict) -> tuple:
+    ddp = DDP(mlp(torch.float64), **ddp_kwargs)
+    base, base_kwargs = BASES[base_name]
+    return ddp, FusedSAM(ddp.parameters(), base, rho=RHO, perturb_eps=PERTURB_EPS, **base_kwargs)
+
+
+def _train_every_base(rank: int, ddp_kwargs: dict, m_sharpness: bool) -> dict:
+    """Final weights per base optimizer after STEPS SAM steps on this rank's half of every batch."""
+    weights = {}
+    for base_name in BASES:
+        ddp, opt = _fused_sam_over_ddp(base_name, ddp_kwargs)
+        for x, y in batches(ddp.module, STEPS, torch.float64):
+            _sam_step(ddp, opt, *rank_half(x, y, rank), m_sharpness)
+        weights[base_name] = [p.detach().clone() for p in ddp.parameters()]
+    return weights
+
+
+def _rebound_by_backward(ddp: DDP, opt: FusedSAM, x, y) -> list:
+    """Per parameter: does a backward leave .grad bound to another tensor than FusedSAM's view?"""
+    opt.zero_grad()
+    fused_views = [p.grad for p in ddp.parameters()]
+    loss_of(ddp, x, y).backward()
+    return [p.grad is not view for p, view in zip(ddp.parameters(), fused_views)]
+
+
+def _time_and_check_bucket_views(rank: int, rounds: int = 10, steps: int = 20) -> dict:
+    """Median milliseconds per SAM step, whole and in the optimizer, with DDP's default and with bucket
+    views (in interleaved rounds, so that both see the same machine), and whether a backward rebinds
+    .grad on each path."""
+    runs = {name: _fused_sam_over_ddp("sgd-momentum", kwargs)
+            for name, kwargs in (("default", {}), ("bucket views", BUCKET_VIEWS))}
+    x, y = rank_half(*next(batches(runs["default"][0].module, 1, torch.float64)), rank)
+    samples = {(name, part): [] for name in runs for part in ("step", "optimizer")}
+    for _ in range(rounds):
+        for name, (ddp, opt) in runs.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                samples[name, "optimizer"].append(_sam_step(ddp, opt, x, y, m_sharpness=False))
+                samples[name, "step"].append(time.perf_counter() - start)
+    rebound = {name: _rebound_by_backward(ddp, opt, x, y) for name, (ddp, opt) in runs.items()}
+    return {"milliseconds": {key: 1e3 * statistics.median(times) for key, times in samples.items()},
+            "grads_rebound": rebound, "weights": _train_every_base(rank, BUCKET_VIEWS, m_sharpness=False)}
+
+
+# --- spawning ---------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_on_ranks(job, job_args: tuple, out_dir: Path) -> list:
+    """``job(rank, *job_args)`` on WORLD_SIZE spawned ranks; what each returned, by rank.
+
+    A rank that raises fails the test with its traceback (its peers, waiting in a collective, are
+    stopped at once); ranks still running at the deadline are killed.
+    """
+    context = mp.spawn(_rank_main, args=(_free_port(), out_dir, job, job_args), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not context.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=1):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"the ranks did not finish within {DEADLINE_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+# --- single-process references in float64 ----------------------------------------------------------
+
+def synced_sam_reference(base_name: str) -> list:
+    """SAM on the full batch: the mean loss over it is the mean of the ranks' equal-sized half means."""
+    model = mlp(torch.float64)
+    base, base_kwargs = BASES[base_name]
+    opt = ClassicSAM(model.parameters(), base, rho=RHO, perturb_eps=PERTURB_EPS, **base_kwargs)
+    for x, y in batches(model, STEPS, torch.float64):
+        loss_of(model, x, y).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+    return list(model.parameters())
+
+
+def m_sharpness_reference(base_name: str) -> list:
+    """Per rank r, w + e_r from the gradient of half r alone; the second gradient is the mean over r of the
+    gradient of half r at w + e_r; then the base optimizer's step from w."""
+    model = mlp(torch.float64)
+    params = list(model.parameters())
+    base, base_kwargs = BASES[base_name]
+    opt = base(params, **base_kwargs)
+    for x, y in batches(model, STEPS, torch.float64):
+        w = [p.detach().clone() for p in params]
+        second_grad = [torch.zeros_like(p) for p in params]
+        for x_half, y_half in (rank_half(x, y, rank) for rank in range(WORLD_SIZE)):
+            local_grad = torch.autograd.grad(loss_of(model, x_half, y_half), params)
+            scale = RHO / (torch.stack([g.norm() for g in local_grad]).norm() + PERTURB_EPS)
+            with torch.no_grad():
+                torch._foreach_add_(params, local_grad, alpha=scale.item())
+            grad_at_perturbed = torch.autograd.grad(loss_of(model, x_half, y_half), params)
+            torch._foreach_add_(second_grad, grad_at_perturbed, alpha=1 / WORLD_SIZE)
+            with torch.no_grad():
+                torch._foreach_copy_(params, w)  # the next half's gradient is taken at w again
+        for p, g in zip(params, second_grad):
+            p.grad = g
+        opt.step()
+    return params
+
+
+def max_distance(weights_a, weights_b) -> float:
+    return max((a.detach() - b.detach()).abs().max().item() for a, b in zip(weights_a, weights_b))
+
+
+def assert_ranks_match(weights_by_rank: list, reference_of) -> None:
+    """Every rank bitwise equal to rank 0, and rank 0 within TOLERANCE of the reference, per base."""
+    for base_name in BASES:
+        ranks = [weights[base_name] for weights in weights_by_rank]
+        for rank, weights in enumerate(ranks[1:], start=1):
+            assert all(map(torch.equal, weights, ranks[0])), f"{base_name}: rank {rank} differs from rank 0"
+        distance = max_distance(ranks[0], reference_of(base_name))
+        assert distance <= TOLERANCE, f"{base_name}: {distance:.3g} from the single-process reference"
+
+
+# --- the tests --------------------------------------------------------------------------------------
+
+def test_synced_sam_matches_full_batch_sam(tmp_path):
+    """Default DDP: both backwards are averaged over the ranks, so this is SAM on the full batch."""
+    assert_ranks_match(run_on_ranks(_train_every_base, ({}, False), tmp_path), synced_sam_reference)
+
+
+def test_gradient_as_bucket_view_matches_full_batch_sam(tmp_path):
+    """DDP rebinds .grad to its buckets after every backward; FusedSAM copies them into its own buffer."""
+    results = run_on_ranks(_time_and_check_bucket_views, (), tmp_path)
+    rebound = results[0]["grads_rebound"]
+    assert all(rebound["bucket views"]), "DDP left .grad alone: FusedSAM's copy path was not exercised"
+    assert not any(rebound["default"]), "DDP's default path rebound .grad"
+    assert_ranks_match([r["weights"] for r in results], synced_sam_reference)
+    ms = results[0]["milliseconds"]
+    for part in ("step", "optimizer"):
+        print(f"rank 0, ms per SAM step, {part}: default {ms['default', part]:.3f}, bucket views "
+              f"{ms['bucket views', part]:.3f} (x{ms['bucket views', part] / ms['default', part]:.2f})")
+
+
+def test_m_sharpness_perturbs_with_the_local_gradient(tmp_path):
+    """First pass in no_sync: each rank perturbs with its own half's gradient, then the synced second
+    gradient. The reference is far from synced SAM, so a synced first gradient would fail this test."""
+    assert_ranks_match(run_on_ranks(_train_every_base, ({}, True), tmp_path), m_sharpness_reference)
+    for base_name in BASES:
+        gap = max_distance(m_sharpness_reference(base_name), synced_sam_reference(base_name))
+        assert gap > 1e-6, f"{base_name}: m-sharpness only {gap:.3g} from synced SAM, the test cannot tell them apart"
