@@ -5,6 +5,7 @@ each step goes to a backend (``fused_sam.backends``) chosen per (device, dtype).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -29,6 +30,26 @@ def _check_sam_settings(settings: dict, where: str) -> None:
         raise ValueError(f"rho must be a non-negative number, got {rho!r} ({where})")
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
         raise ValueError(f"eta must be a non-negative number, got {eta!r} ({where})")
+
+
+def _refuse_partitioning_wrapper() -> None:
+    """ZeroRedundancyOptimizer(optimizer_class=FusedSAM) builds one FusedSAM per rank over that rank's
+    partition of the parameters: each would perturb with the norm of its partition only, which is not SAM
+    and raises no error. The wrapper gives no other sign of itself than being the caller, so look there."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero is None:  # never imported, so not the caller (and importing it here would cost a second)
+        return
+    frame = sys._getframe(2)  # the caller of FusedSAM.__init__
+    for _ in range(4):
+        if frame is None:
+            return
+        if isinstance(frame.f_locals.get("self"), zero.ZeroRedundancyOptimizer):
+            raise TypeError(
+                "FusedSAM cannot run inside ZeroRedundancyOptimizer: each rank would hold a partition of the "
+                "parameters and perturb with that partition's norm, which is not SAM. Use DistributedDataParallel "
+                "(see docs/distributed.md)"
+            )
+        frame = frame.f_back
 
 
 def _current_scale(grad_scaler) -> Optional[torch.Tensor]:
@@ -136,6 +157,7 @@ class FusedSAM(torch.optim.Optimizer):
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
 
+        _refuse_partitioning_wrapper()
         groups = self._check_params(params)
         if master_weights and not any(
             _tensor_of(p).dtype in LOW_PRECISION for g in groups for p in g["params"]

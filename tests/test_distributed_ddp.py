@@ -119,6 +119,19 @@ def _time_and_check_bucket_views(rank: int, rounds: int = 10, steps: int = 20) -
 
 # --- spawning ---------------------------------------------------------------------------------------
 
+def _build_zero_over_fused_sam(rank: int) -> str:
+    """What building ZeroRedundancyOptimizer(optimizer_class=FusedSAM) says on this rank."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = mlp(torch.float64)
+    try:
+        ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedSAM, base_optimizer=torch.optim.SGD,
+                                rho=RHO, lr=0.1)
+    except TypeError as exc:
+        return str(exc)
+    return "built"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -226,3 +239,10 @@ def test_m_sharpness_perturbs_with_the_local_gradient(tmp_path):
     for base_name in BASES:
         gap = max_distance(m_sharpness_reference(base_name), synced_sam_reference(base_name))
         assert gap > 1e-6, f"{base_name}: m-sharpness only {gap:.3g} from synced SAM, the test cannot tell them apart"
+
+
+def test_zero_redundancy_optimizer_is_refused(tmp_path):
+    """ZeRO hands each rank's FusedSAM only its partition of the parameters: a partition norm, not SAM,
+    and silent. Building it must fail with an error that says why, on every rank."""
+    for message in run_on_ranks(_build_zero_over_fused_sam, (), tmp_path):
+        assert "ZeroRedundancyOptimizer" in message and "not SAM" in message, message
