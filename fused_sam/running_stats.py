@@ -3,11 +3,11 @@
 The classic helpers set every BatchNorm's momentum to 0 for that pass. That is not exact:
 num_batches_tracked still counts the pass (so momentum=None, the cumulative average, still moves) and
 0 * NaN is NaN (a non-finite batch statistic at w + e still lands in the running stats). Here every
-normalization layer that tracks running statistics is put, for the second pass, in the state of a layer
-built with track_running_stats=False: tracking off and no running-stat buffers. It then normalizes with
-the batch's own statistics, as the training forward at w does, and neither reads nor writes the buffers.
-Turning the flag off alone is enough for BatchNorm but not for InstanceNorm, which updates any running
-buffers it holds whatever the flag says; hence the buffers are set aside too.
+normalization layer that tracks running statistics has tracking turned off for the second pass. A
+training forward then normalizes with the batch's own statistics, as the forward at w does, and writes no
+running statistic. That is enough for BatchNorm (incl. SyncBatchNorm), whose buffers stay registered, so
+DistributedDataParallel, which broadcasts the module's buffers before every forward, keeps finding them.
+InstanceNorm updates any running buffers it holds whatever the flag says: its buffers are set aside too.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import contextlib
 from typing import Iterator, List
 
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.parameter import is_lazy
 
 _STASH = "_fused_sam_running_stats"
@@ -33,8 +33,9 @@ def _freeze(model: nn.Module) -> List[nn.Module]:
             raise ValueError(f"{type(m).__name__} is not initialized yet: run a forward pass before freezing "
                              "its running statistics")
     for m in layers:
-        setattr(m, _STASH, {name: getattr(m, name) for name in _BUFFERS})
-        for name in _BUFFERS:
+        set_aside = () if isinstance(m, _BatchNorm) else _BUFFERS  # see the module docstring
+        setattr(m, _STASH, {name: getattr(m, name) for name in set_aside})
+        for name in set_aside:
             setattr(m, name, None)
         m.track_running_stats = False
     return layers
@@ -56,11 +57,11 @@ def disable_running_stats(model: nn.Module) -> None:
 
     Covers every ``_NormBase`` module (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants once initialized,
     InstanceNorm with track_running_stats=True) that tracks running statistics now. Until
-    ``enable_running_stats``, each acts as if built with track_running_stats=False: it normalizes with
-    the batch's (instance's) own statistics in train and eval mode alike, and its running_mean,
-    running_var and num_batches_tracked are set aside on the module (absent from ``state_dict()`` and
-    ``buffers()``; do not move, cast or save the model meanwhile). Layers with tracking off are left
-    alone. Calling it again while frozen changes nothing. Raises ValueError, changing nothing, if a
+    ``enable_running_stats``, a training forward normalizes with the batch's (instance's) own statistics
+    and updates no running statistic; in eval mode BatchNorm keeps reading (not writing) its running
+    statistics. BatchNorm's buffers stay registered; InstanceNorm's running_mean, running_var and
+    num_batches_tracked are set aside on the module (absent from ``state_dict()`` and ``buffers()``; do not
+    move, cast or save such a model meanwhile). Layers with tracking off are left alone. Calling it again while frozen changes nothing. Raises ValueError, changing nothing, if a
     lazy norm layer has not run its first forward yet.
     """
     _freeze(model)

@@ -17,10 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fused_sam import FusedSAM
+from fused_sam import FusedSAM, running_stats_frozen
 from fused_sam.classic import ClassicSAM
 
-from models import batches, loss_of, mlp
+from models import batches, conv_net, loss_of, mlp
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with the gloo backend")
@@ -118,6 +118,24 @@ def _time_and_check_bucket_views(rank: int, rounds: int = 10, steps: int = 20) -
 
 
 # --- spawning ---------------------------------------------------------------------------------------
+
+def _batchnorm_with_frozen_second_pass(rank: int) -> dict:
+    """A BatchNorm network under DDP's default broadcast_buffers=True, the second pass inside
+    running_stats_frozen: the final weights, and whether a frozen pass changed this rank's buffers."""
+    ddp = DDP(conv_net(torch.float64))
+    opt = FusedSAM(ddp.parameters(), torch.optim.SGD, rho=RHO, lr=0.05, momentum=0.9)
+    frozen_pass_wrote = False
+    for x, y in batches(ddp.module, 4, torch.float64):
+        x, y = rank_half(x, y, rank)
+        loss_of(ddp, x, y).backward()
+        opt.first_step(zero_grad=True)
+        before = [b.clone() for b in ddp.buffers()]
+        with running_stats_frozen(ddp):
+            loss_of(ddp, x, y).backward()
+        frozen_pass_wrote |= any(not torch.equal(a, b) for a, b in zip(before, ddp.buffers()))
+        opt.second_step(zero_grad=True)
+    return {"weights": [p.detach().clone() for p in ddp.parameters()], "frozen_pass_wrote": frozen_pass_wrote}
+
 
 def _build_zero_over_fused_sam(rank: int) -> str:
     """What building ZeroRedundancyOptimizer(optimizer_class=FusedSAM) says on this rank."""
@@ -246,3 +264,13 @@ def test_zero_redundancy_optimizer_is_refused(tmp_path):
     and silent. Building it must fail with an error that says why, on every rank."""
     for message in run_on_ranks(_build_zero_over_fused_sam, (), tmp_path):
         assert "ZeroRedundancyOptimizer" in message and "not SAM" in message, message
+
+
+def test_running_stats_frozen_under_ddp_broadcasting_buffers(tmp_path):
+    """DDP (broadcast_buffers=True) gathers the buffers before every forward; when the BatchNorm
+    statistics are all of them, freezing must not unregister them. Ranks stay identical, and on rank 0,
+    whose buffers DDP broadcasts (the other ranks receive them before each forward), the frozen passes
+    write no running statistic."""
+    results = run_on_ranks(_batchnorm_with_frozen_second_pass, (), tmp_path)
+    assert not results[0]["frozen_pass_wrote"]
+    assert all(torch.equal(a, b) for a, b in zip(results[0]["weights"], results[1]["weights"]))

@@ -302,3 +302,23 @@ def test_fused_sam_steps_update_running_stats_from_first_pass_only():
         assert m.num_batches_tracked.item() == count == (0 if isinstance(m, nn.InstanceNorm2d) else steps)
         torch.testing.assert_close(m.running_mean, mean, msg=name)
         torch.testing.assert_close(m.running_var, var, msg=name)
+
+
+def test_batchnorm_buffers_stay_registered_instancenorm_buffers_are_set_aside():
+    """DistributedDataParallel (broadcast_buffers=True) collects the module's buffers before every forward:
+    BatchNorm's must stay registered while frozen. InstanceNorm would update buffers it holds, so its are
+    set aside. In eval mode a frozen BatchNorm reads its running statistics as an unfrozen one does."""
+    net = Net().train()
+    net(data(1)[0])
+    reference_eval = copy.deepcopy(net).eval()
+    registered = set(dict(net.named_buffers()))
+    with running_stats_frozen(net):
+        during = set(dict(net.named_buffers()))
+        net.eval()
+        frozen_eval_bn = net.bn3(net.fc1(torch.randn(4, 32, generator=torch.Generator().manual_seed(3))))
+        net.train()
+    inorm = {n for n in registered if n.startswith("inorm.")}
+    assert inorm and during == registered - inorm
+    expected = reference_eval.bn3(reference_eval.fc1(torch.randn(4, 32, generator=torch.Generator().manual_seed(3))))
+    assert torch.equal(frozen_eval_bn, expected)
+    assert set(dict(net.named_buffers())) == registered
