@@ -41,6 +41,12 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def merged_master(master: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The float32 master for a 16-bit ``weight``: ``master`` where the weight is still its rounding, else
+    the weight itself (it was written from outside)."""
+    return torch.where(master.to(weight.dtype) == weight, master, weight.to(torch.float32))
+
+
 class FlatSegment:
     """The parameters of one param group that share a device and dtype, with their flat buffers.
 
@@ -277,7 +283,7 @@ class FlatSegment:
         if self.master is None or self._versions() == self._param_versions:
             return
         for p, master in zip(self.params, self.master_views):
-            master.copy_(torch.where(master.to(self.dtype) == p.detach(), master, p.detach().to(torch.float32)))
+            master.copy_(merged_master(master, p.detach()))
         self._param_versions = self._versions()
 
     def master_of(self, i: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .backends import Perturbation, StepScalars, check_backend_name, resolve_backend
-from .flat import LOW_PRECISION, FlatSegment, is_dense
+from .backends.base import grad_unscale
+from .flat import LOW_PRECISION, FlatSegment, is_dense, merged_master
 from .updates import fused_kind, update_from_group
 
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
@@ -456,7 +457,7 @@ class FusedSAM(torch.optim.Optimizer):
         when found_inf is set (this reads found_inf on the host: one sync, as GradScaler's own path)."""
         if scales.value is not None:
             for segment in self._sam.segments:
-                segment.grads.mul_(scales.on(segment.device).double().reciprocal().float())
+                segment.grads.mul_(grad_unscale(scales.on(segment.device)))
         if found_inf is not None and float(found_inf.sum()) != 0:
             return
         self.base_optimizer.step()
@@ -710,7 +711,7 @@ class FusedSAM(torch.optim.Optimizer):
                 segment.check_shape(i, value, "master weight")
                 value = value.to(device=segment.device, dtype=torch.float32)
                 if keep_edits:
-                    value = torch.where(value.to(segment.dtype) == p.detach(), value, p.detach().float())
+                    value = merged_master(value, p.detach())
                 segment.set_master(i, value, write_weights)
 
     def _load_restore_point(self, restore_point: dict) -> None:

@@ -63,6 +63,11 @@ class Span:
         return math_dtype(self.weights.dtype)
 
 
+def grad_unscale(grad_scale: torch.Tensor) -> torch.Tensor:
+    """The factor GradScaler's ``unscale_`` multiplies gradients by: 1 / scale in double, rounded to float32."""
+    return grad_scale.double().reciprocal().float()
+
+
 @dataclass(frozen=True)
 class StepScalars:
     """The per-step values of one base update that may live on the device, read inside the kernels.

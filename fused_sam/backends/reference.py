@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars
+from .base import Backend, Perturbation, Span, StepScalars, grad_unscale
 
 
 def _math(t: torch.Tensor, span: Span) -> torch.Tensor:
@@ -79,8 +79,8 @@ class ReferenceBackend(Backend):
     def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
         w = _restore_point(span)
         d = _math(span.grads, span)
-        if scalars.grad_scale is not None:  # GradScaler's unscale_: the reciprocal in double, rounded to float32
-            d = d * scalars.grad_scale.double().reciprocal().float().to(d.dtype)
+        if scalars.grad_scale is not None:
+            d = d * grad_unscale(scalars.grad_scale).to(d.dtype)
         if update.maximize:
             d = -d
         if isinstance(update, SGDUpdate):
