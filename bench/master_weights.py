@@ -46,7 +46,7 @@ def train(net, dtype, master, data, steps, lr, device):
         loss_fn(model(xb), yb).backward()
         opt.second_step(zero_grad=True)
     if master:
-        saved = opt.state_dict()["sam"]["master_weights"]
+        saved = {i: s["sam_master_weight"] for i, s in opt.state_dict()["state"].items()}
         weights = [saved[i] for i in sorted(saved)]
     else:
         weights = [p.detach() for p in model.parameters()]

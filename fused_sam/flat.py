@@ -1,7 +1,10 @@
 """Flat storage: the parameters of one param group on one (device, dtype) live in one contiguous buffer.
 
 Each parameter's ``.data`` and ``.grad`` become views into the segment's weight and gradient buffers, so
-the optimizer touches every parameter with one operation over the buffer. Each parameter starts on an
+the optimizer touches every parameter with one operation over the buffer. A DTensor parameter (FSDP2)
+keeps its local shard where FSDP2 all-gathers it from: the segment holds a copy of the local shards and
+writes them back after each step that changes the weights (``publish_weights``), and its ``.grad`` is a
+DTensor over the gradient buffer, which FSDP2 accumulates into. Each parameter starts on an
 ALIGN-element boundary (aligned vector loads in kernels); the padding is zero and stays zero. Views keep
 the parameter's strides (channels_last stays channels_last).
 """
@@ -14,6 +17,7 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 
 from .backends.base import Span, math_dtype
+from .distributed import as_local_like, is_dtensor, like_dtensor, local_of
 
 ALIGN = 16
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # the dtypes master weights apply to
@@ -63,16 +67,18 @@ class FlatSegment:
     def __init__(self, group_index: int, params: Sequence[torch.Tensor], master_weights: bool = False):
         self.group_index = group_index
         self.params: List[torch.Tensor] = list(params)
-        first = self.params[0]
+        self.sharded = is_dtensor(self.params[0])  # DTensor parameters: the buffers hold their local shards
+        tensors = self._locals()
+        first = tensors[0]
         self.device, self.dtype = first.device, first.dtype
         self.state_dtype = math_dtype(self.dtype)
         # The layout as built: a later .data assignment may change a parameter's shape or strides.
-        self.layout = [(p.shape, p.stride()) for p in self.params]
+        self.layout = [(t.shape, t.stride()) for t in tensors]
         self.offsets: List[int] = []
         offset = 0
-        for p in self.params:
+        for t in tensors:
             self.offsets.append(offset)
-            offset += _padded(p.numel())
+            offset += _padded(t.numel())
         self.numel = offset
         self.weights = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         self.grads = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
@@ -89,21 +95,30 @@ class FlatSegment:
         self.published = False  # optimizer.state[p] holds views into this segment's state
         self.weight_views = [self._view(self.weights, i) for i in range(len(self.params))]
         self.grad_views = [self._view(self.grads, i) for i in range(len(self.params))]
-        torch._foreach_copy_(self.weight_views, [p.detach() for p in self.params])
-        existing = [(v, p.grad) for v, p in zip(self.grad_views, self.params) if p.grad is not None]
+        # What each parameter's .grad is while linked: the view, or for a DTensor a DTensor over the view.
+        self.grad_handles = (
+            [like_dtensor(g, p) for g, p in zip(self.grad_views, self.params)] if self.sharded else self.grad_views
+        )
+        torch._foreach_copy_(self.weight_views, [t.detach() for t in tensors])
+        existing = [(v, local_of(p.grad)) for v, p in zip(self.grad_views, self.params) if p.grad is not None]
         if existing:
             torch._foreach_copy_([v for v, _ in existing], [g for _, g in existing])
-        for p, w, g in zip(self.params, self.weight_views, self.grad_views):
-            p.data = w
+        for p, w, g in zip(self.params, self.weight_views, self.grad_handles):
+            if not self.sharded:
+                p.data = w
             if p.grad is not None or p.requires_grad:
                 p.grad = g
         self.weight_ptrs = [w.data_ptr() for w in self.weight_views]
         if self.has_master:
             self.master = self.weights.to(torch.float32)
             self.master_views = [self._view(self.master, i) for i in range(len(self.params))]
-            self._param_versions = self._versions()
+        self._seen_outside = self._outside_marks()
         # Gradients present at construction were not produced after the optimizer last looked at them.
         self.seen_grads_version = -1 if existing else self.grads._version
+
+    def _locals(self) -> List[torch.Tensor]:
+        """Each parameter's own tensor: its local shard for a DTensor (looked up anew: FSDP2 may re-pad it)."""
+        return list(map(local_of, self.params)) if self.sharded else self.params
 
     def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         shape, stride = self.layout[i]
@@ -116,12 +131,19 @@ class FlatSegment:
 
     def intact(self) -> bool:
         """True if every parameter's data and gradient are still the views into this segment's buffers."""
-        if _views_intact is not None:
+        if _views_intact is not None and not self.sharded:
             return _views_intact(self.params, self.weight_ptrs, self.grad_views)
-        return self.storage_moved() is None and all(map(operator.is_, map(_GRAD, self.params), self.grad_views))
+        return self.storage_moved() is None and all(map(operator.is_, map(_GRAD, self.params), self.grad_handles))
 
     def storage_moved(self) -> Optional[str]:
-        """Describe the first parameter whose data is no longer its view into this segment; None if none."""
+        """Describe the first parameter whose data is no longer its view into this segment (sharded: whose
+        local shard changed shape, dtype or device); None if none."""
+        if self.sharded:
+            for i, t in enumerate(self._locals()):
+                if (t.shape, t.stride()) != self.layout[i] or t.dtype != self.dtype or t.device != self.device:
+                    return (f"parameter {i} of param group {self.group_index} (local shard {tuple(t.shape)}, "
+                            f"now {t.dtype} on {t.device})")
+            return None
         if list(map(_DATA_PTR, self.params)) == self.weight_ptrs:
             return None
         for i, (p, ptr) in enumerate(zip(self.params, self.weight_ptrs)):
@@ -136,31 +158,32 @@ class FlatSegment:
         copied into the buffer in one batched copy and the view is linked back.
         """
         grads = list(map(_GRAD, self.params))
-        if all(map(operator.is_, grads, self.grad_views)):
+        if all(map(operator.is_, grads, self.grad_handles)):
             return None
         active = [g is not None for g in grads]
-        stale = [i for i, (g, view) in enumerate(zip(grads, self.grad_views)) if g is not None and g is not view]
+        stale = [i for i, (g, handle) in enumerate(zip(grads, self.grad_handles)) if g is not None and g is not handle]
         if stale:
-            for i in stale:
-                g = grads[i]
+            sources = {i: local_of(grads[i]) for i in stale}
+            for i, g in sources.items():
                 if g.layout != torch.strided:
                     raise RuntimeError(
                         f"FusedSAM does not support sparse gradients (parameter {i} of param group {self.group_index})"
                     )
-                if g.shape != self.params[i].shape or g.dtype != self.dtype or g.device != self.device:
+                shape = self.layout[i][0]
+                if g.shape != shape or g.dtype != self.dtype or g.device != self.device:
                     raise RuntimeError(
                         f"gradient of parameter {i} of param group {self.group_index} has shape {tuple(g.shape)}, "
-                        f"{g.dtype} on {g.device}; expected {tuple(self.params[i].shape)}, {self.dtype} on {self.device}"
+                        f"{g.dtype} on {g.device}; expected {tuple(shape)}, {self.dtype} on {self.device}"
                     )
-            torch._foreach_copy_([self.grad_views[i] for i in stale], [grads[i] for i in stale])
+            torch._foreach_copy_([self.grad_views[i] for i in stale], list(sources.values()))
             for i in stale:
-                self.params[i].grad = self.grad_views[i]
+                self.params[i].grad = self.grad_handles[i]
         return active
 
     def zero_grad(self) -> None:
         """Zero the gradient buffer in one operation and (re)link every gradient view."""
         self.grads.zero_()
-        for p, g in zip(self.params, self.grad_views):
+        for p, g in zip(self.params, self.grad_handles):
             if p.grad is not g and (p.grad is not None or p.requires_grad):
                 p.grad = g
         self.mark_grads_seen()
@@ -176,7 +199,7 @@ class FlatSegment:
             return True
         if self.intact():
             return False
-        return any(g is not None and g is not v for g, v in zip(map(_GRAD, self.params), self.grad_views))
+        return any(g is not None and g is not h for g, h in zip(map(_GRAD, self.params), self.grad_handles))
 
     def ensure_state(self, names: Sequence[str]) -> bool:
         """Create the named state buffers that do not exist yet; True if any was created."""
@@ -188,7 +211,7 @@ class FlatSegment:
     def state_views(self, i: int) -> dict:
         """Parameter ``i``'s optimizer state in torch.optim's shape: views into the flat buffers, and
         'step' as a 0-d view of the step counts (in-place edits reach the optimizer)."""
-        views = {name: self._view(buf, i) for name, buf in self.state.items()}
+        views = {name: self.exported(i, self._view(buf, i)) for name, buf in self.state.items()}
         views["step"] = self.steps[i]
         return views
 
@@ -223,12 +246,24 @@ class FlatSegment:
 
     # --- state export / import (state_dict, re-layout) ---------------------------------------------
 
+    def exported(self, i: int, local: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like parameter ``i``'s local data, as the state of the parameter: for a DTensor
+        parameter, a DTensor sharded as it is (what DCP and ``get_optimizer_state_dict`` expect)."""
+        return like_dtensor(local, self.params[i]) if self.sharded else local
+
+    def local_value(self, i: int, value):
+        """A loaded state value for parameter ``i`` as a tensor shaped like its local data."""
+        if self.sharded and isinstance(value, torch.Tensor):
+            return as_local_like(value, self.params[i])
+        return value
+
     def export_state(self, i: int, step: int) -> dict:
         """torch.optim-style state of parameter ``i`` (``step`` base updates so far, read by the caller
-        from ``steps``): cloned tensors shaped like the parameter, and 'step' (a CPU tensor)."""
-        if step == 0:
+        from ``steps``): cloned tensors shaped like the parameter, and 'step' (a CPU tensor); nothing before
+        the first update unless state buffers exist (a fused base creates them at construction)."""
+        if step == 0 and not self.state:
             return {}
-        state = {name: self._view(buf, i).clone() for name, buf in self.state.items()}
+        state = {name: self.exported(i, self._view(buf, i).clone()) for name, buf in self.state.items()}
         state["step"] = torch.tensor(float(step), dtype=torch.float32)
         return state
 
@@ -240,6 +275,7 @@ class FlatSegment:
         for name, value in state.items():
             if name == "step" or value is None:
                 continue
+            value = self.local_value(i, value)
             if not isinstance(value, torch.Tensor) or value.shape != shape:
                 raise ValueError(
                     f"state {name!r} of parameter {i} of param group {self.group_index} has shape "
@@ -247,18 +283,22 @@ class FlatSegment:
                 )
             self.ensure_state([name])
             self._view(self.state[name], i).copy_(value)
-        step = state.get("step", 0)
-        step = int(step.item() if isinstance(step, torch.Tensor) else step)
-        if step == 0 and any(k != "step" and v is not None for k, v in state.items()):
-            step = 1  # a torch.optim.SGD momentum buffer carries no step: it has had one
-        return step
+        if "step" not in state:  # a torch.optim.SGD momentum buffer carries no step: it has had one
+            return 1 if any(v is not None for v in state.values()) else 0
+        step = state["step"]
+        return int(step.item() if isinstance(step, torch.Tensor) else step)
 
     def backup_of(self, i: int) -> torch.Tensor:
         """A copy of parameter ``i``'s restore point (w while the weights are at w + e): the float32
         master weight with master weights."""
-        return self._view(self.backup if self.master is None else self.master, i).clone()
+        return self.exported(i, self._view(self.backup if self.master is None else self.master, i).clone())
+
+    def current_weight(self, i: int) -> torch.Tensor:
+        """A copy of parameter ``i``'s weight: its float32 master with master weights."""
+        return self.exported(i, (self.weight_views[i] if self.master is None else self.master_views[i]).clone())
 
     def set_backup(self, i: int, value: torch.Tensor) -> None:
+        value = self.local_value(i, value)
         self.check_shape(i, value, "restore point")
         self._view(self.backup if self.master is None else self.master, i).copy_(value)
 
@@ -270,24 +310,39 @@ class FlatSegment:
                 f"{tuple(getattr(value, 'shape', ()))}, the parameter {tuple(shape)}"
             )
 
-    # --- master weights ------------------------------------------------------------------------------
+    # --- weights written from outside: master weights, DTensor local shards ----------------------------
 
-    def _versions(self) -> int:
-        return sum(map(_VERSION, self.params))
+    def _outside_marks(self) -> list:
+        """What an outside write to the weights changes: each parameter's version counter (bumped by its
+        in-place writes, not by those through ``.data``) and, for local shards, which tensor it is."""
+        if self.sharded:
+            return [(t.data_ptr(), t._version) for t in self._locals()]
+        return list(map(_VERSION, self.params)) if self.master is not None else []
 
-    def sync_master(self) -> None:
-        """Take in weights written from outside since the last step (``model.load_state_dict``, an
-        in-place init): where a weight is no longer the rounding of its master, the weight wins. Seen
-        through each parameter's version counter, which its in-place writes bump (not those through
-        ``.data``)."""
-        if self.master is None or self._versions() == self._param_versions:
+    def sync_from_outside(self) -> None:
+        """Take in weights written from outside since the last step (``model.load_state_dict``, DCP, an
+        in-place init). Sharded: the local shards are copied in. Master weights: where a weight is no
+        longer the rounding of its master, the weight wins."""
+        if not self.sharded and self.master is None:
             return
-        for p, master in zip(self.params, self.master_views):
-            master.copy_(merged_master(master, p.detach()))
-        self._param_versions = self._versions()
+        marks = self._outside_marks()
+        if marks == self._seen_outside:
+            return
+        if self.sharded:
+            torch._foreach_copy_(self.weight_views, self._locals())
+        if self.master is not None:
+            for weight, master in zip(self.weight_views, self.master_views):
+                master.copy_(merged_master(master, weight))
+        self._seen_outside = marks
+
+    def publish_weights(self) -> None:
+        """Sharded: write the flat weights into the local shards, where FSDP2 all-gathers them from."""
+        if self.sharded:
+            torch._foreach_copy_(self._locals(), self.weight_views)
+            self._seen_outside = self._outside_marks()
 
     def master_of(self, i: int) -> torch.Tensor:
-        return self.master_views[i].clone()
+        return self.exported(i, self.master_views[i].clone())
 
     def set_master(self, i: int, value: torch.Tensor, write_weight: bool = True) -> None:
         """Load parameter ``i``'s master weight (and set its weight to the rounding of it)."""

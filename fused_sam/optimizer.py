@@ -12,12 +12,15 @@ import torch
 
 from .backends import Perturbation, StepScalars, check_backend_name, resolve_backend
 from .backends.base import grad_unscale
+from .distributed import is_dtensor, local_of, shard_group, sum_over_ranks
 from .flat import LOW_PRECISION, FlatSegment, is_dense, merged_master
 from .updates import fused_kind, update_from_group
 
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
 MODES = ("paired", "alternate")
-STATE_DICT_FORMAT = 2  # 1: SAM's epsilon was saved as 'eps'
+STATE_DICT_FORMAT = 3  # 1: SAM's epsilon was saved as 'eps'; 2: master weights and restore point under 'sam'
+MASTER_KEY, RESTORE_KEY = "sam_master_weight", "sam_restore_point"  # per-parameter state SAM adds
+BETWEEN_HALVES_KEY = "sam_between_halves"  # in each saved param group: taken between the halves of a step
 
 
 def _tensor_of(entry):
@@ -47,7 +50,9 @@ def _refuse_partitioning_wrapper() -> None:
         if isinstance(frame.f_locals.get("self"), zero.ZeroRedundancyOptimizer):
             raise TypeError(
                 "FusedSAM cannot run inside ZeroRedundancyOptimizer: each rank would hold a partition of the "
-                "parameters and perturb with that partition's norm, which is not SAM. Use DistributedDataParallel "
+                "parameters and perturb with that partition's norm, which is not SAM. To shard the optimizer "
+                "state, shard the model with FSDP2 (torch.distributed.fsdp.fully_shard), whose sharded "
+                "parameters FusedSAM perturbs with the global norm; else use DistributedDataParallel "
                 "(see docs/distributed.md)"
             )
         frame = frame.f_back
@@ -93,6 +98,9 @@ class _SAMState:
     def __init__(self, perturb_eps: float):
         self.perturb_eps = perturb_eps
         self.segments: List[FlatSegment] = []
+        # DTensor parameters sharded over a process group: (group, device), in parameter order, so every
+        # rank reduces the same groups in the same order, also a rank whose local shards are all empty.
+        self.shard_groups: list = []
         # Between first_step and second_step: per segment, which parameters had a gradient and were
         # perturbed (None: all of them). None outside a SAM step.
         self.perturbed: Optional[List[Optional[List[bool]]]] = None
@@ -219,8 +227,11 @@ class FusedSAM(torch.optim.Optimizer):
             raise TypeError(f"{where} is complex ({p.dtype}); FusedSAM supports real floating-point parameters")
         if not p.is_floating_point():
             raise TypeError(f"{where} has dtype {p.dtype}; FusedSAM supports floating-point parameters")
-        if p.layout != torch.strided or not is_dense(p):
-            raise ValueError(f"{where} is not a dense strided tensor (layout {p.layout}, strides {p.stride()})")
+        if is_dtensor(p):
+            shard_group(p, where)  # refuses placements one sum over ranks cannot cover
+        local = local_of(p)
+        if local.layout != torch.strided or not is_dense(local):
+            raise ValueError(f"{where} is not a dense strided tensor (layout {local.layout}, strides {local.stride()})")
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "base_optimizer", None) is None:  # called by Optimizer.__init__
@@ -240,19 +251,27 @@ class FusedSAM(torch.optim.Optimizer):
     def _build_segments(self, group_indices) -> None:
         """Flatten the given param groups: resolve every backend first, so an error changes nothing."""
         plans = []
+        sam = self._sam
         for gi in group_indices:
             buckets: Dict[tuple, list] = {}
             for p in self.param_groups[gi]["params"]:
-                if p.numel() > 0:
-                    buckets.setdefault((p.device, p.dtype), []).append(p)
-            for (device, dtype), params in buckets.items():
+                group = shard_group(p, "a parameter") if is_dtensor(p) else None
+                if group is not None and all(group is not known for known, _ in sam.shard_groups):
+                    sam.shard_groups.append((group, p.device))
+                local = local_of(p)
+                if local.numel() > 0:
+                    buckets.setdefault((local.device, local.dtype, is_dtensor(p), group), []).append(p)
+            for (device, dtype, _, group), params in buckets.items():
                 master = self.master_weights and dtype in LOW_PRECISION
-                plans.append((gi, params, resolve_backend(self.backend_name, device, dtype, master)))
-        sam = self._sam
-        for gi, params, backend in plans:
+                plans.append((gi, params, group, resolve_backend(self.backend_name, device, dtype, master)))
+        updates = self._base_updates()
+        for gi, params, group, backend in plans:
             segment = FlatSegment(gi, params, self.master_weights)
-            segment.backend = backend
+            segment.backend, segment.shard_group = backend, group
             sam.segments.append(segment)
+            if updates:  # state exists from the start, as templates for loading (DCP) need it
+                segment.ensure_state(updates[gi].needed_state())
+                self._publish_state(segment)
         home = sam.segments[0].device if sam.segments else None
         if sam.nonfinite is None and home is not None:
             sam.nonfinite = torch.zeros(1, dtype=torch.int32, device=home)
@@ -266,7 +285,7 @@ class FusedSAM(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{moved} changed storage between first_step() and second_step(); the weights cannot be restored"
             )
-        state = self.state_dict()["state"] if self._fused_kind else None
+        state = self._split_saved_state(self.state_dict()["state"], {}, [])[0] if self._fused_kind else None
         masters = self._masters()
         sam.segments.clear()
         self._build_segments(range(len(self.param_groups)))
@@ -322,7 +341,7 @@ class FusedSAM(torch.optim.Optimizer):
                 self._relayout(moved)
                 intact = [False] * len(sam.segments)
         for segment in sam.segments:
-            segment.sync_master()
+            segment.sync_from_outside()
         perturbations = self._perturbations()
         self._base_updates()  # a base setting second_step() would refuse must fail before w moves
         active = self._linked_grads(intact)
@@ -333,7 +352,7 @@ class FusedSAM(torch.optim.Optimizer):
             if has_grad
         ]
         partials = None
-        if any(p.normalize for p in perturbations) and work:
+        if any(p.normalize for p in perturbations) and (work or sam.shard_groups):
             partials = self._norm_partials(work, perturbations)
         counter = sam.nonfinite if partials is not None else None  # incremented once per step
         scales = _PerDevice(grad_scale)
@@ -346,6 +365,8 @@ class FusedSAM(torch.optim.Optimizer):
             )
             if owns_counter:
                 counter = None
+        for segment in sam.segments:
+            segment.publish_weights()
         sam.perturbed = active
         sam.perturbed_with_scale = grad_scale is not None
         sam.perturbed_unnormalized = any(not perturbations[segment.group_index].normalize for segment, _ in work)
@@ -355,24 +376,44 @@ class FusedSAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _norm_partials(self, work, perturbations) -> Dict[torch.device, torch.Tensor]:
-        """Squared-norm partials per device; with several devices, each gets the global sum."""
-        layout: Dict[torch.device, list] = {}
+        """Squared-norm partials per device. With several devices, or parameters sharded over ranks, each
+        device gets the global sum: the sharded parameters' share is summed over the ranks of their
+        process group, one float64 scalar per group (HSDP: the shard dimension only; replicas agree)."""
+        layout: Dict[tuple, list] = {}
         for segment, span in work:
-            layout.setdefault(span.device, []).append((segment, span, segment.backend.partials_len(span)))
+            key = (span.device, segment.shard_group)
+            layout.setdefault(key, []).append((segment, span, segment.backend.partials_len(span)))
         partials = {}
-        for device, items in layout.items():
+        for key, items in layout.items():
             dtype = torch.float64 if any(s.dtype == torch.float64 for s, _, _ in items) else torch.float32
-            buf = torch.empty(sum(n for _, _, n in items), dtype=dtype, device=device)
+            buf = torch.empty(sum(n for _, _, n in items), dtype=dtype, device=key[0])
             start = 0
             for segment, span, n in items:
                 segment.backend.sq_norm_partials(span, perturbations[segment.group_index], buf[start:start + n])
                 start += n
-            partials[device] = buf
-        if len(partials) > 1:
-            home = self._sam.nonfinite.device
-            total = sum(buf.sum(dtype=torch.float64).to(home) for buf in partials.values())
-            partials = {device: total.to(device).reshape(1) for device in partials}
-        return partials
+            partials[key] = buf
+        if not self._sam.shard_groups and len(partials) <= 1:
+            return {device: buf for (device, _), buf in partials.items()}
+        return self._global_sum(partials)
+
+    def _global_sum(self, partials: Dict[tuple, torch.Tensor]) -> Dict[torch.device, torch.Tensor]:
+        """Sum the partials of every (device, shard group) into one float64 total, the sharded ones over
+        their ranks first; hand each device the total as a one-element tensor."""
+        sam = self._sam
+        reductions = []
+        for group, device in sam.shard_groups:  # every rank, every group, in one order: no rank waits alone
+            own = [buf.sum(dtype=torch.float64).to(device) for (_, g), buf in partials.items() if g is group]
+            value = torch.stack(own).sum() if own else torch.zeros((), dtype=torch.float64, device=device)
+            reductions.append((value, sum_over_ranks(value, group)))
+        home = sam.segments[0].device if sam.segments else sam.shard_groups[0][1]
+        total = torch.zeros((), dtype=torch.float64, device=home)
+        for (_, group), buf in partials.items():
+            if group is None:
+                total = total + buf.sum(dtype=torch.float64).to(home)
+        for value, handle in reductions:
+            handle.wait()
+            total = total + value.to(home)
+        return {device: total.to(device).reshape(1) for device, _ in partials} or {home: total.reshape(1)}
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -423,6 +464,7 @@ class FusedSAM(torch.optim.Optimizer):
                         segment.backend.restore(span)
                 taken = None if device_inf is None else (device_inf.reshape(()) == 0).to(torch.float32)
                 segment.advance_steps(has_grad, taken)
+                segment.publish_weights()
         else:
             self._restore_all()
             self._unfused_base_step(scales, found_inf)
@@ -450,6 +492,7 @@ class FusedSAM(torch.optim.Optimizer):
             for _, _, (was_perturbed,), span in segment.spans(perturbed):
                 if was_perturbed:
                     segment.backend.restore(span)
+            segment.publish_weights()
         sam.perturbed = None
 
     def _unfused_base_step(self, scales: "_PerDevice", found_inf: Optional[torch.Tensor]) -> None:
@@ -601,9 +644,13 @@ class FusedSAM(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch.optim-format state (per-parameter tensors, 'step') plus the param groups and SAM's own.
 
-        In ``mode="alternate"`` a state dict taken between the two halves of a SAM step also holds the
-        restore point (w of every perturbed parameter): the model's own state dict then holds w + e, and
-        a resumed run restores and updates exactly as the uninterrupted one.
+        Everything a resumed run needs is per parameter or per param group, the parts that
+        ``torch.distributed.checkpoint`` and ``get_optimizer_state_dict`` keep: with master weights, each
+        parameter's state holds its float32 master ('sam_master_weight'); in ``mode="alternate"`` it holds
+        the restore point ('sam_restore_point': w, the weight itself outside a SAM step), and each group
+        says whether the state dict was taken between the two halves of a step: the model's own state dict
+        then holds w + e, and a resumed run restores and updates exactly as the uninterrupted one. For
+        DTensor parameters (FSDP2) these tensors are DTensors sharded as the parameter.
         """
         sam = self._sam
         if sam.perturbed is not None and self.mode != "alternate":
@@ -620,18 +667,27 @@ class FusedSAM(torch.optim.Optimizer):
             base = {"state": state, "param_groups": self._packed_groups(index)}
         else:
             base = self.base_optimizer.state_dict()
+            base["state"] = {k: dict(v) for k, v in base["state"].items()}  # entries are the live state dicts
+        for pid, value in self._masters().items():
+            base["state"].setdefault(index[pid], {})[MASTER_KEY] = value
+        if self.mode == "alternate":
+            for pid, value in self._restore_points().items():
+                base["state"].setdefault(index[pid], {})[RESTORE_KEY] = value
+            for group in base["param_groups"]:
+                group[BETWEEN_HALVES_KEY] = sam.perturbed is not None
         base["sam"] = {"format": STATE_DICT_FORMAT, "perturb_eps": sam.perturb_eps, "nonfinite_steps": self.nonfinite_steps}
-        masters = self._masters()
-        if masters:
-            base["sam"]["master_weights"] = {index[pid]: value for pid, value in masters.items()}
-        if sam.perturbed is not None:
-            base["sam"]["restore_point"] = {
-                index[id(p)]: segment.backup_of(i)
-                for segment, perturbed in zip(sam.segments, sam.perturbed)
-                for i, p in enumerate(segment.params)
-                if perturbed is None or perturbed[i]
-            }
         return base
+
+    def _restore_points(self) -> Dict[int, torch.Tensor]:
+        """Per parameter id, the weight a second half would restore: w (its backup) if it was perturbed,
+        else the weight itself (restoring it is a no-op)."""
+        sam = self._sam
+        masks = sam.perturbed if sam.perturbed is not None else [[False] * len(s.params) for s in sam.segments]
+        return {
+            id(p): segment.backup_of(i) if mask is None or mask[i] else segment.current_weight(i)
+            for segment, mask in zip(sam.segments, masks)
+            for i, p in enumerate(segment.params)
+        }
 
     def _packed_groups(self, index: Dict[int, int]) -> List[dict]:
         return [
@@ -655,18 +711,21 @@ class FusedSAM(torch.optim.Optimizer):
                     f"param group {gi} has {len(group['params'])} parameters, the state dict {len(saved['params'])}"
                 )
         saved_sam = state_dict.get("sam", {})
-        restore_point = saved_sam.get("restore_point")
+        order = [i for g in groups for i in g["params"]]
+        state, masters, restore_point = self._split_saved_state(state_dict["state"], saved_sam, groups)
         if restore_point is not None and self.mode != "alternate":
             raise ValueError("this state dict was taken between the two halves of a mode='alternate' SAM step; "
                              "load it into FusedSAM(..., mode='alternate')")
-        order = [i for g in groups for i in g["params"]]
+        if restore_point is not None:
+            self._check_restore_point(restore_point, order)
+        groups = [{k: v for k, v in g.items() if k != BETWEEN_HALVES_KEY} for g in groups]
         if self._fused_kind:
-            self._load_fused_state({new: state_dict["state"][old] for new, old in enumerate(order) if old in state_dict["state"]})
+            self._load_fused_state({new: state[old] for new, old in enumerate(order) if old in state})
             for saved, group in zip(groups, self.param_groups):
                 group.update({k: v for k, v in saved.items() if k != "params"})
         else:
             base = self.base_optimizer
-            base.load_state_dict({"state": state_dict["state"], "param_groups": groups})
+            base.load_state_dict({"state": state, "param_groups": groups})
             # torch.optim rebinds its state and param_groups: refill the shared objects instead.
             loaded_state, loaded_groups = base.state, base.param_groups
             self.state.clear()
@@ -676,7 +735,6 @@ class FusedSAM(torch.optim.Optimizer):
         sam.perturb_eps = float(saved_sam.get("perturb_eps", saved_sam.get("eps", sam.perturb_eps)))
         if sam.nonfinite is not None:
             sam.nonfinite.fill_(int(saved_sam.get("nonfinite_steps", 0)))
-        masters = saved_sam.get("master_weights")
         if masters is not None:
             if not self.master_weights:
                 raise ValueError("this state dict holds float32 master weights: load it into "
@@ -687,6 +745,17 @@ class FusedSAM(torch.optim.Optimizer):
                                write_weights=restore_point is None)
         if restore_point is not None:
             self._load_restore_point({new: restore_point[old] for new, old in enumerate(order) if old in restore_point})
+
+    @staticmethod
+    def _split_saved_state(saved_state: dict, saved_sam: dict, groups: List[dict]) -> tuple:
+        """(base optimizer state, master weights or None, restore point or None), each keyed as saved.
+        Format 2 kept the last two under 'sam'."""
+        state = {k: {n: v for n, v in s.items() if n not in (MASTER_KEY, RESTORE_KEY)} for k, s in saved_state.items()}
+        masters = {k: s[MASTER_KEY] for k, s in saved_state.items() if MASTER_KEY in s} or saved_sam.get("master_weights")
+        restore_point = saved_sam.get("restore_point")
+        if any(g.get(BETWEEN_HALVES_KEY) for g in groups):
+            restore_point = {k: s[RESTORE_KEY] for k, s in saved_state.items() if RESTORE_KEY in s}
+        return state, masters, restore_point
 
     def _masters(self) -> Dict[int, torch.Tensor]:
         """Copies of the float32 master weights, by id of their parameter."""
@@ -708,11 +777,26 @@ class FusedSAM(torch.optim.Optimizer):
                 value = masters.get(id(p))
                 if value is None:
                     continue
+                value = segment.local_value(i, value)
                 segment.check_shape(i, value, "master weight")
                 value = value.to(device=segment.device, dtype=torch.float32)
                 if keep_edits:
-                    value = merged_master(value, p.detach())
+                    value = merged_master(value, segment.weight_views[i])
                 segment.set_master(i, value, write_weights)
+            if write_weights:
+                segment.publish_weights()
+
+    def _check_restore_point(self, restore_point: dict, order: list) -> None:
+        """Refuse, before anything is loaded, a mid-step state dict without w for a parameter held here."""
+        index = self._param_index()
+        missing = [order[index[id(p)]] for segment in self._sam.segments for p in segment.params
+                   if order[index[id(p)]] not in restore_point]
+        if missing:
+            raise ValueError(
+                f"this state dict was taken between the two halves of a SAM step but holds no restore point (w) "
+                f"for parameters {missing[:5]}: the weights cannot be restored (was it loaded into a template "
+                "without them? build the template from FusedSAM(..., mode='alternate'))"
+            )
 
     def _load_restore_point(self, restore_point: dict) -> None:
         """Resume between the halves of an alternate-mode SAM step: w of each perturbed parameter."""

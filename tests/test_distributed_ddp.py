@@ -3,34 +3,27 @@ every batch. Every rank must end bitwise equal to the other and, to 1e-10 in flo
 single-process computation of the same SAM math on the full batch."""
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 import time
 from contextlib import nullcontext
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fused_sam import FusedSAM, running_stats_frozen
 from fused_sam.classic import ClassicSAM
 
+from distributed_harness import max_distance, needs_gloo, rank_part, run_on_ranks
 from models import batches, conv_net, loss_of, mlp
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with the gloo backend")
+pytestmark = needs_gloo
 
 WORLD_SIZE = 2
 STEPS = 12
 RHO = 0.05
 PERTURB_EPS = 1e-12
 TOLERANCE = 1e-10
-DEADLINE_S = 120  # for a whole spawn; gloo's own timeout (60 s) ends a rank stuck in a collective first
 BASES = {
     "sgd-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-2)),
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
@@ -38,20 +31,7 @@ BASES = {
 BUCKET_VIEWS = dict(gradient_as_bucket_view=True)
 
 
-# --- what each rank runs: module-level functions, which a spawned process imports by name (spawn hands
-# it the parent's sys.path, so this module, `models` and the checkout's fused_sam import as in pytest) -
-
-def _rank_main(rank: int, port: int, out_dir: Path, job, job_args: tuple) -> None:
-    """Join the gloo group, run ``job(rank, *job_args)`` and save what it returns for the test to read."""
-    torch.set_num_threads(1)  # two ranks on two cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    try:
-        torch.save(job(rank, *job_args), out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # skips the interpreter's teardown of torch (seconds on two cores); nothing is left to clean up
-
+# --- what each rank runs ---------------------------------------------------------------------------
 
 def _sam_step(ddp: DDP, opt: FusedSAM, x, y, m_sharpness: bool) -> float:
     """One paired SAM step; returns the seconds spent in first_step and second_step, the optimizer's own
@@ -69,8 +49,7 @@ def _sam_step(ddp: DDP, opt: FusedSAM, x, y, m_sharpness: bool) -> float:
 
 
 def rank_half(x, y, rank: int) -> tuple:
-    """The part of a full batch that ``rank`` trains on (the halves are equal in size)."""
-    return x.chunk(WORLD_SIZE)[rank], y.chunk(WORLD_SIZE)[rank]
+    return rank_part(x, y, rank, WORLD_SIZE)
 
 
 def _fused_sam_over_ddp(base_name: str, ddp_kwargs: dict) -> tuple:
@@ -117,8 +96,6 @@ def _time_and_check_bucket_views(rank: int, rounds: int = 10, steps: int = 20) -
             "grads_rebound": rebound, "weights": _train_every_base(rank, BUCKET_VIEWS, m_sharpness=False)}
 
 
-# --- spawning ---------------------------------------------------------------------------------------
-
 def _batchnorm_with_frozen_second_pass(rank: int) -> dict:
     """A BatchNorm network under DDP's default broadcast_buffers=True, the second pass inside
     running_stats_frozen: the final weights, and whether a frozen pass changed this rank's buffers."""
@@ -148,32 +125,6 @@ def _build_zero_over_fused_sam(rank: int) -> str:
     except TypeError as exc:
         return str(exc)
     return "built"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_on_ranks(job, job_args: tuple, out_dir: Path) -> list:
-    """``job(rank, *job_args)`` on WORLD_SIZE spawned ranks; what each returned, by rank.
-
-    A rank that raises fails the test with its traceback (its peers, waiting in a collective, are
-    stopped at once); ranks still running at the deadline are killed.
-    """
-    context = mp.spawn(_rank_main, args=(_free_port(), out_dir, job, job_args), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=1):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"the ranks did not finish within {DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
 # --- single-process references in float64 ----------------------------------------------------------
@@ -214,10 +165,6 @@ def m_sharpness_reference(base_name: str) -> list:
             p.grad = g
         opt.step()
     return params
-
-
-def max_distance(weights_a, weights_b) -> float:
-    return max((a.detach() - b.detach()).abs().max().item() for a, b in zip(weights_a, weights_b))
 
 
 def assert_ranks_match(weights_by_rank: list, reference_of) -> None:

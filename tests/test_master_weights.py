@@ -32,7 +32,7 @@ def flat(tensors):
 
 
 def masters_of(opt):
-    sd = opt.state_dict()["sam"]["master_weights"]
+    sd = {i: s["sam_master_weight"] for i, s in opt.state_dict()["state"].items()}
     return flat(sd[i] for i in sorted(sd))
 
 

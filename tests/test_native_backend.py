@@ -472,7 +472,7 @@ def test_twin_models_native_matches_reference(name, base, kwargs, adaptive):
 
 def masters_of(opt) -> torch.Tensor:
     """The optimizer's float32 master weights, flattened in parameter order."""
-    saved = opt.state_dict()["sam"]["master_weights"]
+    saved = {i: s["sam_master_weight"] for i, s in opt.state_dict()["state"].items()}
     return torch.cat([saved[i].reshape(-1) for i in sorted(saved)])
 
 

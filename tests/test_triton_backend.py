@@ -292,7 +292,7 @@ def test_twin_mlp_with_master_weights(dtype):
     ref_model, tri_model, ref, tri = train_twins("adamw", dict(rho=0.05, master_weights=True), dtype=dtype)
 
     def masters(opt):
-        saved = opt.state_dict()["sam"]["master_weights"]
+        saved = {i: s["sam_master_weight"] for i, s in opt.state_dict()["state"].items()}
         return torch.cat([saved[i].reshape(-1) for i in sorted(saved)])
 
     weights = torch.cat([p.detach().reshape(-1) for p in tri_model.parameters()])

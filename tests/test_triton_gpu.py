@@ -113,7 +113,7 @@ def test_twin_models_with_master_weights_match_reference_on_cuda(base, dtype):
     assert set(tri.backends.values()) == {"triton"}
 
     def masters(opt):
-        saved = opt.state_dict()["sam"]["master_weights"]
+        saved = {i: s["sam_master_weight"] for i, s in opt.state_dict()["state"].items()}
         return torch.cat([saved[i].reshape(-1) for i in sorted(saved)])
 
     weights = torch.cat([p.detach().reshape(-1) for p in tri_model.parameters()])
@@ -199,7 +199,7 @@ def test_cuda_graph_of_the_sam_step_matches_eager(dtype, master_weights):
     for p, q in zip(params, twin_params):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     if master_weights:
-        graphed_masters, eager_masters = (opt.state_dict()["sam"]["master_weights"] for opt in (graphed, eager))
+        graphed_masters, eager_masters = ({i: s["sam_master_weight"] for i, s in opt.state_dict()["state"].items()} for opt in (graphed, eager))
         for i, master in graphed_masters.items():
             assert torch.equal(master, eager_masters[i]), i
     assert graphed.nonfinite_steps == 0

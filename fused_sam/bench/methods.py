@@ -130,7 +130,8 @@ class _Wrapped:
 
     def final_weights(self) -> torch.Tensor:
         """The weights to verify, as one float32 vector: the float32 masters when the optimizer keeps them."""
-        masters = self.opt.state_dict()["sam"].get("master_weights") if isinstance(self.opt, FusedSAM) else None
+        state = self.opt.state_dict()["state"] if isinstance(self.opt, FusedSAM) else {}
+        masters = {i: s["sam_master_weight"] for i, s in state.items() if "sam_master_weight" in s}
         tensors = [masters[i] for i in sorted(masters)] if masters else self.params
         return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
