@@ -37,7 +37,8 @@ def shard_group(p, where: str):
             sharded.append(dim)
         elif not placement.is_replicate():
             raise ValueError(
-                f"{where} is a DTensor with placement {placement} on mesh dimension {dim}: FusedSAM supports "
+                f"{where} is a DTensor with placement {type(placement).__name__} ({placement}) on mesh dimension "
+                f"{dim}: FusedSAM supports "
                 "sharded (Shard) and replicated (Replicate) parameters, as FSDP2 and HSDP make them"
             )
     if len(sharded) > 1:

@@ -112,7 +112,7 @@ class FlatSegment:
         if self.has_master:
             self.master = self.weights.to(torch.float32)
             self.master_views = [self._view(self.master, i) for i in range(len(self.params))]
-        self._seen_outside = self._outside_marks()
+        self._seen_versions = self._versions()
         # Gradients present at construction were not produced after the optimizer last looked at them.
         self.seen_grads_version = -1 if existing else self.grads._version
 
@@ -216,19 +216,22 @@ class FlatSegment:
         return views
 
     def spans(self, *masks: Optional[Sequence[bool]]) -> Iterator[tuple]:
-        """Yield (first, stop, flags, Span) for each maximal run of parameters with equal mask values and
+        """Yield (first, stop, flags, Span) for each non-empty maximal run of parameters with equal mask values and
         update histories (so equal step counts: ``step_of(first)``); ``flags`` holds the run's value of
         each mask (a None mask is all True)."""
         history = self._current_history()
         if all(m is None for m in masks) and history is None:  # the usual case: one span
-            yield 0, len(self.params), (True,) * len(masks), self._span(0, self.numel)
+            if self.numel:
+                yield 0, len(self.params), (True,) * len(masks), self._span(0, self.numel)
             return
         columns = [[True] * len(self.params) if m is None else m for m in masks]
         ids = [0] * len(self.params) if history is None else history
         i = 0
         for (*flags, _), run in groupby(zip(*columns, ids)):
             n = sum(1 for _ in run)
-            yield i, i + n, tuple(flags), self._span(self.offsets[i], self._end(i + n - 1))
+            start, stop = self.offsets[i], self._end(i + n - 1)
+            if stop > start:  # a run of DTensor parameters whose local shards are all empty has no elements
+                yield i, i + n, tuple(flags), self._span(start, stop)
             i += n
 
     def step_of(self, i: int) -> torch.Tensor:
@@ -310,36 +313,30 @@ class FlatSegment:
                 f"{tuple(getattr(value, 'shape', ()))}, the parameter {tuple(shape)}"
             )
 
-    # --- weights written from outside: master weights, DTensor local shards ----------------------------
+    # --- weights written from outside: master weights, DTensor local shards ---------------------------
 
-    def _outside_marks(self) -> list:
-        """What an outside write to the weights changes: each parameter's version counter (bumped by its
-        in-place writes, not by those through ``.data``) and, for local shards, which tensor it is."""
-        if self.sharded:
-            return [(t.data_ptr(), t._version) for t in self._locals()]
-        return list(map(_VERSION, self.params)) if self.master is not None else []
+    def _versions(self) -> list:
+        return list(map(_VERSION, self.params))
 
     def sync_from_outside(self) -> None:
         """Take in weights written from outside since the last step (``model.load_state_dict``, DCP, an
-        in-place init). Sharded: the local shards are copied in. Master weights: where a weight is no
-        longer the rounding of its master, the weight wins."""
-        if not self.sharded and self.master is None:
-            return
-        marks = self._outside_marks()
-        if marks == self._seen_outside:
-            return
+        in-place init). Sharded: the local shards are copied in, always: DCP and FSDP2 write them in ways
+        no version counter sees. Master weights: where a weight is no longer the rounding of its master,
+        the weight wins; unsharded, checked only when a parameter's version counter moved (its in-place
+        writes bump it, those through ``.data`` do not)."""
         if self.sharded:
             torch._foreach_copy_(self.weight_views, self._locals())
+        elif self.master is None or self._versions() == self._seen_versions:
+            return
         if self.master is not None:
             for weight, master in zip(self.weight_views, self.master_views):
                 master.copy_(merged_master(master, weight))
-        self._seen_outside = marks
+            self._seen_versions = self._versions()
 
     def publish_weights(self) -> None:
         """Sharded: write the flat weights into the local shards, where FSDP2 all-gathers them from."""
         if self.sharded:
             torch._foreach_copy_(self._locals(), self.weight_views)
-            self._seen_outside = self._outside_marks()
 
     def master_of(self, i: int) -> torch.Tensor:
         return self.exported(i, self.master_views[i].clone())

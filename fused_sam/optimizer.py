@@ -259,7 +259,8 @@ class FusedSAM(torch.optim.Optimizer):
                 if group is not None and all(group is not known for known, _ in sam.shard_groups):
                     sam.shard_groups.append((group, p.device))
                 local = local_of(p)
-                if local.numel() > 0:
+                # A DTensor whose shard here is empty still has state to save on every rank (DCP).
+                if local.numel() > 0 or group is not None:
                     buckets.setdefault((local.device, local.dtype, is_dtensor(p), group), []).append(p)
             for (device, dtype, _, group), params in buckets.items():
                 master = self.master_weights and dtype in LOW_PRECISION

@@ -125,3 +125,128 @@ def test_hsdp_sums_over_the_shard_dimension_only(tmp_path):
     first. Summing the norm over all 4 ranks would count every shard twice and miss the reference."""
     assert_sam_on_the_whole_model(run_on_ranks(_fsdp_runs, (4, torch.float64, (2, 2), False), tmp_path, 4),
                                   torch.float64)
+
+
+# --- checkpoints: torch.distributed.checkpoint with get/set_optimizer_state_dict ---------------------
+
+SAVED_AT, RESUMED_FOR = 3, 4  # batches before the checkpoint, batches after it
+
+
+def _alternate_halves(model, opt, rank: int, batch_range: range, dtype) -> None:
+    """mode='alternate': one half of a SAM step per batch, as a trainer calling step() once per batch."""
+    all_batches = list(batches(model.layers, batch_range.stop, dtype))
+    for x, y in (all_batches[i] for i in batch_range):
+        loss_of(model, *rank_part(x, y, rank, 2)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _continue(model, opt, rank: int, mode: str, start: int, steps: int, dtype) -> None:
+    if mode == "alternate":
+        _alternate_halves(model, opt, rank, range(start, start + steps), dtype)
+    else:
+        _train(model, opt, rank, 2, steps, dtype, start=start)
+
+
+def _checkpointed_run(rank: int, base_name: str, mode: str, master: bool, phase: str, checkpoint_dir: str) -> dict:
+    """phase 'save': SAVED_AT batches, a DCP checkpoint, RESUMED_FOR more. phase 'resume': fresh model
+    and optimizer, load the checkpoint, the same RESUMED_FOR batches. Returns the full final weights and
+    optimizer state. In alternate mode SAVED_AT is odd: the checkpoint falls between two halves. master:
+    bfloat16 parameters with float32 master weights, which only the optimizer's state holds."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    base, base_kwargs = BASES[base_name]
+    dtype = torch.bfloat16 if master else torch.float32
+    model = _sharded(dtype)
+    opt = FusedSAM(model.parameters(), base, rho=RHO, mode=mode, master_weights=master, **base_kwargs)
+    between_halves = False
+    if phase == "save":
+        _continue(model, opt, rank, mode, 0, SAVED_AT, dtype)
+        between_halves = opt.perturbed
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=checkpoint_dir)
+    else:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=checkpoint_dir)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        between_halves = opt.perturbed
+    _continue(model, opt, rank, mode, SAVED_AT, RESUMED_FOR, dtype)
+    state = {
+        (fqn, key): value.full_tensor() if hasattr(value, "full_tensor") else value  # full_tensor: a collective
+        for fqn, entry in sorted(get_optimizer_state_dict(model, opt)["state"].items())
+        for key, value in sorted(entry.items())
+    }
+    return {"weights": _full_weights(model), "state": state, "between_halves": between_halves}
+
+
+@pytest.mark.parametrize("base_name, mode, master", [
+    ("sgd-momentum", "paired", False), ("adamw", "paired", False), ("adamw", "alternate", False),
+    ("adamw", "alternate", True),
+], ids=["sgd-momentum", "adamw", "adamw-alternate", "adamw-alternate-bf16-master"])
+def test_dcp_checkpoint_resumes_bitwise(tmp_path, base_name, mode, master):
+    """A sharded DCP checkpoint (model and optimizer, through get/set_optimizer_state_dict) saved on 2 ranks
+    and loaded on 2 fresh ranks continues exactly as the run that saved it, also between the two halves of
+    an alternate-mode SAM step (the optimizer's state carries w, the model w + e) and with float32 master
+    weights of bfloat16 parameters (the model holds only their rounding)."""
+    checkpoint = str(tmp_path / "checkpoint")
+    uninterrupted = run_on_ranks(_checkpointed_run, (base_name, mode, master, "save", checkpoint), tmp_path / "save")
+    resumed = run_on_ranks(_checkpointed_run, (base_name, mode, master, "resume", checkpoint), tmp_path / "resume")
+    assert uninterrupted[0]["between_halves"] == resumed[0]["between_halves"] == (mode == "alternate")
+    for rank in range(2):
+        assert all(map(torch.equal, uninterrupted[rank]["weights"], resumed[rank]["weights"])), rank
+        a, b = uninterrupted[rank]["state"], resumed[rank]["state"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rank
+    assert any(key[1] in ("momentum_buffer", "exp_avg") for key in uninterrupted[0]["state"])
+    assert master == any(key[1] == "sam_master_weight" for key in uninterrupted[0]["state"])
+
+
+# --- placements ---------------------------------------------------------------------------------------
+
+def _replicated_and_refused(rank: int) -> dict:
+    """A replicated DTensor model trained on the full batch on both ranks (no sum over ranks may happen:
+    each rank holds every element), and what FusedSAM says to placements it cannot serve."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = Awkward(torch.float64)
+    weights = [nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()])) for p in model.parameters()]
+    opt = FusedSAM(weights, torch.optim.SGD, rho=RHO, lr=0.05, momentum=0.9)
+    for x, y in batches(model.layers, STEPS, torch.float64):
+        for _ in range(2):
+            with torch.no_grad():
+                for p, w in zip(model.parameters(), weights):
+                    p.copy_(w.to_local())
+            model.zero_grad()
+            loss_of(model, x, y).backward()
+            for p, w in zip(model.parameters(), weights):
+                w.grad.to_local().copy_(p.grad)  # FusedSAM's DTensor gradient over its flat buffer
+            opt.first_step() if not opt.perturbed else opt.second_step()
+    messages = {}
+    grid = init_device_mesh("cpu", (1, 2))
+    for name, placements, on in (("partial", [Partial()], mesh), ("two shard dims", [Shard(0), Shard(1)], grid)):
+        try:
+            FusedSAM([nn.Parameter(DTensor.from_local(torch.zeros(4, 4), on, placements))], torch.optim.SGD, lr=0.1)
+            messages[name] = "built"
+        except ValueError as exc:
+            messages[name] = str(exc)
+    return {"weights": [w.to_local().clone() for w in weights], "messages": messages}
+
+
+def test_replicated_dtensors_and_refused_placements(tmp_path):
+    """Replicated DTensor parameters: every rank holds all of the gradient, so its own norm is the global
+    one (a sum over the ranks would double it and miss the reference). Partial placements and sharding
+    over two mesh dimensions are refused by name."""
+    results = run_on_ranks(_replicated_and_refused, (), tmp_path)
+    model = Awkward(torch.float64)
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.05, momentum=0.9)
+    _train(model, opt, 0, 1, STEPS, torch.float64)
+    reference = list(model.parameters())
+    for result in results:
+        assert max_distance(result["weights"], reference) <= TOLERANCES[torch.float64]
+        assert "Partial" in result["messages"]["partial"], result["messages"]
+        assert "sharded over mesh dimensions [0, 1]" in result["messages"]["two shard dims"], result["messages"]
