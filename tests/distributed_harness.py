@@ -23,10 +23,12 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with the gloo backend")
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: Path, job, job_args: tuple) -> None:
-    """Join the gloo group, run ``job(rank, *job_args)`` and save what it returns for the test to read."""
+def _rank_main(rank: int, world_size: int, backend: str, port: int, out_dir: Path, job, job_args: tuple) -> None:
+    """Join the group, run ``job(rank, *job_args)`` and save what it returns for the test to read."""
     torch.set_num_threads(1)  # several ranks on two cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=60))
     try:
         torch.save(job(rank, *job_args), out_dir / f"rank{rank}.pt")
@@ -41,8 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_on_ranks(job, job_args: tuple, out_dir: Path, world_size: int = 2) -> list:
-    """``job(rank, *job_args)`` on ``world_size`` spawned ranks; what each returned, by rank.
+def run_on_ranks(job, job_args: tuple, out_dir: Path, world_size: int = 2, backend: str = "gloo") -> list:
+    """``job(rank, *job_args)`` on ``world_size`` spawned ranks; what each returned, by rank (moved to the
+    CPU when the test reads it).
 
     A rank that raises fails the test with its traceback (its peers, waiting in a collective, are
     stopped at once); ranks still running at the deadline are killed.
@@ -50,7 +53,7 @@ def run_on_ranks(job, job_args: tuple, out_dir: Path, world_size: int = 2) -> li
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("rank*.pt"):
         stale.unlink()
-    context = mp.spawn(_rank_main, args=(world_size, _free_port(), out_dir, job, job_args),
+    context = mp.spawn(_rank_main, args=(world_size, backend, _free_port(), out_dir, job, job_args),
                        nprocs=world_size, join=False)
     deadline = time.monotonic() + DEADLINE_S
     try:
@@ -62,7 +65,7 @@ def run_on_ranks(job, job_args: tuple, out_dir: Path, world_size: int = 2) -> li
             if process.is_alive():
                 process.kill()
                 process.join()
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False, map_location="cpu") for rank in range(world_size)]
 
 
 def rank_part(x, y, rank: int, world_size: int) -> tuple:

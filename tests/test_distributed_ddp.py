@@ -210,7 +210,7 @@ def test_zero_redundancy_optimizer_is_refused(tmp_path):
     """ZeRO hands each rank's FusedSAM only its partition of the parameters: a partition norm, not SAM,
     and silent. Building it must fail with an error that says why, on every rank."""
     for message in run_on_ranks(_build_zero_over_fused_sam, (), tmp_path):
-        assert "ZeroRedundancyOptimizer" in message and "not SAM" in message, message
+        assert "ZeroRedundancyOptimizer" in message and "not SAM" in message and "fully_shard" in message, message
 
 
 def test_running_stats_frozen_under_ddp_broadcasting_buffers(tmp_path):

@@ -182,10 +182,24 @@ def test_mixed_precisions_and_bad_input():
         plain.load_state_dict(with_masters)
 
 
+def as_format_2(opt_sd: dict) -> dict:
+    """The same state dict as format 2 wrote it: masters and restore point under 'sam', by parameter index."""
+    state = {i: {k: v for k, v in s.items() if not k.startswith("sam_")} for i, s in opt_sd["state"].items()}
+    between = opt_sd["param_groups"][0].get("sam_between_halves", False)
+    sam = dict(opt_sd["sam"], format=2,
+               master_weights={i: s["sam_master_weight"] for i, s in opt_sd["state"].items()})
+    if between:
+        sam["restore_point"] = {i: s["sam_restore_point"] for i, s in opt_sd["state"].items()}
+    groups = [{k: v for k, v in g.items() if k != "sam_between_halves"} for g in opt_sd["param_groups"]]
+    return {"state": state, "param_groups": groups, "sam": sam}
+
+
+@pytest.mark.parametrize("state_format", [3, 2])
 @pytest.mark.parametrize("model_first", [True, False], ids=["model-then-optimizer", "optimizer-then-model"])
-def test_alternate_mode_resume_between_the_halves_is_bitwise(model_first):
+def test_alternate_mode_resume_between_the_halves_is_bitwise(model_first, state_format):
     """mode="alternate" checkpointed after a first half: the model holds the rounding of master + e, the
-    optimizer the float32 masters (the restore point). Loading must not overwrite the perturbed weights."""
+    optimizer the float32 masters (the restore point). Loading must not overwrite the perturbed weights.
+    Format 2 (masters and restore point under 'sam') loads as well."""
     net, batches = mlp(), data(8)
     cls, kwargs = BASES["sgd-momentum"]
 
@@ -205,6 +219,8 @@ def test_alternate_mode_resume_between_the_halves_is_bitwise(model_first):
     train(first, opt, batches[:3])
     assert opt.perturbed
     model_sd, opt_sd = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
+    if state_format == 2:
+        opt_sd = as_format_2(opt_sd)
     resumed = mlp(seed=9).to(torch.bfloat16)
     opt = build(resumed)
     for load in ((lambda: resumed.load_state_dict(model_sd)), (lambda: opt.load_state_dict(opt_sd)))[::1 if model_first else -1]:
@@ -212,3 +228,23 @@ def test_alternate_mode_resume_between_the_halves_is_bitwise(model_first):
     assert opt.perturbed and torch.equal(flat(resumed.parameters()), flat(first.parameters()))
     train(resumed, opt, batches[3:])
     assert torch.equal(flat(resumed.parameters()), flat(straight.parameters()))
+
+
+def test_a_mid_step_state_dict_without_its_restore_point_is_refused():
+    """Taken between the halves, but a parameter's restore point is missing (a loading template that
+    lacked it): refused before anything is loaded, so the optimizer is left as it was."""
+    model = mlp().to(torch.bfloat16)
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=RHO, mode="alternate", master_weights=True, lr=0.1)
+    x, y = data(1)[0]
+    loss_of(model, x.to(torch.bfloat16), y).backward()
+    opt.step()
+    saved = opt.state_dict()
+    del saved["state"][2]["sam_restore_point"]
+    fresh_model = mlp(seed=3).to(torch.bfloat16)
+    fresh = FusedSAM(fresh_model.parameters(), torch.optim.SGD, rho=RHO, mode="alternate", master_weights=True, lr=0.1)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"no restore point \(w\) for parameters \[2\]"):
+        fresh.load_state_dict(saved)
+    after = fresh.state_dict()
+    assert not fresh.perturbed and after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(v, after["state"][i][k]) for i, s in before["state"].items() for k, v in s.items())
