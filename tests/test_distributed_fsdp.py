@@ -287,3 +287,30 @@ def test_grad_scaler_skips_on_every_rank_when_one_shard_overflows(tmp_path):
     for result in results:
         assert [kept for _, kept in result["steps"]] == [i == SKIPPED_AT for i in range(4)], result["steps"]
         assert [scale for scale, _ in result["steps"]] == [1024.0, 1024.0, 512.0, 512.0]
+
+
+def _unsharded_checkpoint_into_fsdp2(rank: int) -> list:
+    """A single-process run's model and optimizer state dicts (plain tensors, the whole model) loaded into
+    an FSDP2 model and FusedSAM, which cut each rank's shard from them; then 4 more SAM steps."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    base, base_kwargs = BASES["adamw"]
+    single = Awkward(torch.float64)
+    single_opt = FusedSAM(single.parameters(), base, rho=RHO, **base_kwargs)
+    _train(single, single_opt, 0, 1, SAVED_AT, torch.float64)
+    model = _sharded(torch.float64)
+    opt = FusedSAM(model.parameters(), base, rho=RHO, **base_kwargs)
+    set_model_state_dict(model, single.state_dict(), options=StateDictOptions(full_state_dict=True))
+    opt.load_state_dict(single_opt.state_dict())
+    _train(model, opt, rank, 2, RESUMED_FOR, torch.float64, start=SAVED_AT)
+    return _full_weights(model)
+
+
+def test_an_unsharded_checkpoint_loads_into_fsdp2(tmp_path):
+    """Optimizer state saved without sharding (full tensors) loads into FusedSAM over FSDP2 and continues
+    as the single-process run does, to 1e-10 in float64."""
+    results = run_on_ranks(_unsharded_checkpoint_into_fsdp2, (), tmp_path)
+    model = Awkward(torch.float64)
+    opt = FusedSAM(model.parameters(), BASES["adamw"][0], rho=RHO, **BASES["adamw"][1])
+    _train(model, opt, 0, 1, SAVED_AT + RESUMED_FOR, torch.float64)
+    assert max_distance(results[0], list(model.parameters())) <= TOLERANCES[torch.float64]
