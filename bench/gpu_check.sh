@@ -2,8 +2,9 @@
 # The GPU check, in one call on a CUDA machine that has torch, triton, pytest and nvcc but no network:
 #   1. build the C++/CUDA operators in place (no pip, no downloads),
 #   2. run the GPU tests (triton and native backends, CUDA-graph capture, >2^31-element span if it fits,
-#      FSDP2 fully_shard on one GPU with NCCL),
-#   3. time every method with `fused-sam bench` and each triton operation with bench/gpu_triton.py,
+#      FSDP2 fully_shard on one GPU with NCCL, whole SAM steps captured in CUDA graphs),
+#   3. time every method with `fused-sam bench` (end-to-end rows eager and graphed) and each triton
+#      operation with bench/gpu_triton.py,
 #   4. print a short summary table last.
 # Logs and JSON go to $OUT (default /tmp/fused_sam_gpu). Usage: bash bench/gpu_check.sh
 set -uo pipefail
@@ -17,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
     | tee -a "$OUT/summary.txt"
 
-TESTS="tests/test_triton_gpu.py tests/test_amp_gpu.py tests/test_fsdp_gpu.py"
+TESTS="tests/test_triton_gpu.py tests/test_amp_gpu.py tests/test_fsdp_gpu.py tests/test_capturable_gpu.py"
 start=$SECONDS
 if [ "${NATIVE:-1}" = 0 ]; then
     status "build _C (CPU+CUDA ops)" "skipped (NATIVE=0)"

@@ -7,7 +7,8 @@
 // Determinism: the squared norm is written as one partial per CPU_NORM_CHUNK elements, each chunk summed by
 // one thread (blocks of NORM_LANES interleaved lanes folded in a fixed order, accumulated in double), so
 // partials are bitwise identical whatever the thread count. perturb sums the partials serially, in index order.
-// The step values (step, grad_scale, found_inf) are CPU tensors here, read on the host before the loops.
+// The step values (step, grad_scale, found_inf) and lr / rho given as tensors (capturable=True) are CPU
+// tensors here, read on the host before the loops.
 // Master weights: each loop has a MASTER variant (compiled for bfloat16/float16 only) reading w from the
 // float32 master; the weights then only receive roundings, so they are written like any output-only buffer.
 #include <ATen/Dispatch.h>
@@ -323,9 +324,11 @@ void perturb_loop(raw_t<scalar_t>* __restrict__ w, const raw_t<scalar_t>* __rest
 void perturb_cpu(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
                  const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
                  const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
-                 double rho, bool adaptive, double eta, bool normalize, double eps) {
-  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale);
+                 double rho_arg, bool adaptive, double eta, bool normalize, double eps,
+                 const std::optional<at::Tensor>& rho_tensor) {
+  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor);
   const float* scale_of_grads = optional_float_ptr(grad_scale);
+  const double rho = hyperparameter(optional_double_ptr(rho_tensor), rho_arg);
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::perturb", [&] {
     using T = math_t<scalar_t>;
     ScaleResult<T> r{scale_without_norm<T>(rho, normalize, scale_of_grads), true};
@@ -433,9 +436,9 @@ void restore_sgd_cpu(const at::Tensor& weights, const std::optional<at::Tensor>&
                      const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                      double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                     bool maximize) {
-  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum);
-  const StepValues values = step_values(step, grad_scale, found_inf);
+                     bool maximize, const std::optional<at::Tensor>& lr_tensor) {
+  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor);
+  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor);
   if (update_skipped(values)) {  // the momentum buffer is not even read, the master not written
     restore_weights(weights, backup, master);
     return;
@@ -481,10 +484,10 @@ void restore_adam_cpu(const at::Tensor& weights, const std::optional<at::Tensor>
                       const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
                       const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
-                      double weight_decay, bool decoupled, bool maximize) {
+                      double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& lr_tensor) {
   check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
-                  found_inf);
-  const StepValues values = step_values(step, grad_scale, found_inf);
+                  found_inf, lr_tensor);
+  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor);
   if (update_skipped(values)) {  // the moments are not even read, the master not written
     restore_weights(weights, backup, master);
     return;

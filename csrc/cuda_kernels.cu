@@ -7,9 +7,10 @@
 //   (cuda_partials_len), each block reduces its share in double in a fixed tree order and writes one
 //   partial. perturb re-reduces the whole partials buffer in every block (fixed order, no host sync),
 //   so the non-finite check and the scale never leave the device.
-// - The step values (step, grad_scale, found_inf) are read through pointers inside the kernels: no host
-//   sync, and CUDA-graph capture records the tensors, not their values. A skipped update (found_inf)
-//   restores the weights in the same launch and leaves the optimizer state untouched.
+// - The step values (step, grad_scale, found_inf), and lr / rho when given as float64 tensors
+//   (capturable=True), are read through pointers inside the kernels: no host sync, and CUDA-graph capture
+//   records the tensors, not their values. A skipped update (found_inf) restores the weights in the same
+//   launch and leaves the optimizer state untouched.
 // - Master weights: each kernel has a MASTER variant (bfloat16/float16 only) that reads w from the float32
 //   master (see point_t); the updates write it back, and the weights receive its rounding (round to
 //   nearest even, c10's conversions as torch's .to()).
@@ -217,9 +218,11 @@ template <typename scalar_t, bool ADAPTIVE, bool MASTER, int N, typename P>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ g, scalar_t* __restrict__ backup,
                    const float* __restrict__ master, int64_t n, const P* __restrict__ partials, int64_t npartials,
-                   int* __restrict__ counter, const float* __restrict__ grad_scale, double rho, double eps,
-                   bool normalize, math_t<scalar_t> eta) {
+                   int* __restrict__ counter, const float* __restrict__ grad_scale,
+                   const double* __restrict__ rho_on_device, double rho_arg, double eps, bool normalize,
+                   math_t<scalar_t> eta) {
   using T = math_t<scalar_t>;
+  const double rho = hyperparameter(rho_on_device, rho_arg);  // one load per thread, before the loop
   ScaleResult<T> r;
   if (partials != nullptr) {
     double acc = 0.0;
@@ -256,16 +259,16 @@ __global__ void __launch_bounds__(kThreads)
 
 template <bool MASTER, typename scalar_t, typename P>
 void launch_perturb(scalar_t* w, const scalar_t* g, scalar_t* bk, const float* master, int64_t n, const P* partials,
-                    int64_t np, int* counter, const float* grad_scale, double rho, bool adaptive, double eta,
-                    bool normalize, double eps, int device, cudaStream_t stream) {
+                    int64_t np, int* counter, const float* grad_scale, const double* rho_on_device, double rho,
+                    bool adaptive, double eta, bool normalize, double eps, int device, cudaStream_t stream) {
   using T = math_t<scalar_t>;
   constexpr int N = vec_elems<scalar_t>();
   const bool vec = vectors_aligned<N>(w, g, bk, master);
   const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, device);
   const T e = static_cast<T>(eta);
   auto launch = [&](auto kernel) {
-    kernel<<<blocks, kThreads, 0, stream>>>(w, g, bk, master, n, partials, np, counter, grad_scale, rho, eps,
-                                            normalize, e);
+    kernel<<<blocks, kThreads, 0, stream>>>(w, g, bk, master, n, partials, np, counter, grad_scale, rho_on_device,
+                                            rho, eps, normalize, e);
   };
   if (adaptive) {
     if (vec) launch(perturb_kernel<scalar_t, true, MASTER, N, P>);
@@ -280,14 +283,16 @@ void launch_perturb(scalar_t* w, const scalar_t* g, scalar_t* bk, const float* m
 void perturb_cuda(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
                   const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
                   const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
-                  double rho, bool adaptive, double eta, bool normalize, double eps) {
-  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale);
+                  double rho, bool adaptive, double eta, bool normalize, double eps,
+                  const std::optional<at::Tensor>& rho_tensor) {
+  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor);
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = weights.numel();
   if (n == 0) return;
   int* counter = nonfinite_count.has_value() ? nonfinite_count->mutable_data_ptr<int32_t>() : nullptr;
   const float* scale_of_grads = optional_float_ptr(grad_scale);
+  const double* rho_on_device = optional_double_ptr(rho_tensor);
   const float* m = optional_float_ptr(master);
   const int device = weights.get_device();
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::perturb", [&] {
@@ -297,14 +302,14 @@ void perturb_cuda(const at::Tensor& weights, const at::Tensor& grads, const std:
     with_master<scalar_t>(master.has_value(), [&](auto has_master) {
       constexpr bool MASTER = decltype(has_master)::value;
       if (!partials.has_value()) {
-        launch_perturb<MASTER>(w, g, bk, m, n, static_cast<const float*>(nullptr), 0, nullptr, scale_of_grads, rho,
-                               adaptive, eta, normalize, eps, device, stream);
+        launch_perturb<MASTER>(w, g, bk, m, n, static_cast<const float*>(nullptr), 0, nullptr, scale_of_grads,
+                               rho_on_device, rho, adaptive, eta, normalize, eps, device, stream);
       } else if (partials->scalar_type() == at::kDouble) {
         launch_perturb<MASTER>(w, g, bk, m, n, partials->const_data_ptr<double>(), partials->numel(), counter,
-                               scale_of_grads, rho, adaptive, eta, normalize, eps, device, stream);
+                               scale_of_grads, rho_on_device, rho, adaptive, eta, normalize, eps, device, stream);
       } else {
         launch_perturb<MASTER>(w, g, bk, m, n, partials->const_data_ptr<float>(), partials->numel(), counter,
-                               scale_of_grads, rho, adaptive, eta, normalize, eps, device, stream);
+                               scale_of_grads, rho_on_device, rho, adaptive, eta, normalize, eps, device, stream);
       }
     });
   });
@@ -362,8 +367,8 @@ void restore_cuda(const at::Tensor& weights, const std::optional<at::Tensor>& ba
 
 // --- restore + update: shared pieces ----------------------------------------------------------------------
 
-// The update's coefficients from the step values on the device, built by one thread per block and shared
-// (Adam's take two double-precision pow, slow on GPUs with few FP64 units).
+// The update's coefficients from the step values (and the learning rate, when on the device), built by one
+// thread per block and shared (Adam's take two double-precision pow, slow on GPUs with few FP64 units).
 template <typename Params, typename Build>
 __device__ __forceinline__ Params block_params(const Build& build) {
   __shared__ Params shared;
@@ -429,14 +434,14 @@ void restore_sgd_cuda(const at::Tensor& weights, const std::optional<at::Tensor>
                       const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                       double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                      bool maximize) {
-  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum);
+                      bool maximize, const std::optional<at::Tensor>& lr_tensor) {
+  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor);
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = weights.numel();
   if (n == 0) return;
   const SGDSettings settings{lr, momentum, dampening, weight_decay, nesterov, maximize};
-  const StepValues values = step_values(step, grad_scale, found_inf);
+  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor);
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_sgd", [&] {
     using T = math_t<scalar_t>;
     T* buf = momentum != 0.0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
@@ -512,15 +517,16 @@ void restore_adam_cuda(const at::Tensor& weights, const std::optional<at::Tensor
                        const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
                        const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
-                       double weight_decay, bool decoupled, bool maximize) {
+                       double weight_decay, bool decoupled, bool maximize,
+                       const std::optional<at::Tensor>& lr_tensor) {
   check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
-                  found_inf);
+                  found_inf, lr_tensor);
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = weights.numel();
   if (n == 0) return;
   const AdamSettings settings{lr, beta1, beta2, eps, weight_decay, decoupled, maximize};
-  const StepValues values = step_values(step, grad_scale, found_inf);
+  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor);
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_adam", [&] {
     using T = math_t<scalar_t>;
     T* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->mutable_data_ptr<T>() : nullptr;

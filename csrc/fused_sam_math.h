@@ -6,7 +6,9 @@
 // operation by operation, including the order of roundings: T is the math type (float, or double for
 // float64 parameters); every scalar coefficient is computed in double, as Python does, and rounded once to
 // T. The per-step values that may live on the device (the step count, GradScaler's scale and found_inf)
-// are float32 and read through pointers: on the host by the CPU kernels, inside the kernel on CUDA.
+// are float32 and read through pointers: on the host by the CPU kernels, inside the kernel on CUDA. So are
+// lr and rho when they live on the device (capturable=True: float64, so the double the kernels read is the
+// Python float they replace, and every value derived from it is bit for bit the float path's).
 //
 // w below is the restore point: the weights (the backup) in their dtype, or with master weights the
 // float32 master of bfloat16/float16 weights (T is float then). The kernels choose where w comes from
@@ -68,6 +70,13 @@ HOST_DEVICE ALWAYS_INLINE inline T fs_maximum(T a, T b) {
   return (b != b) ? b : r;
 }
 
+// A hyperparameter that may live on the device (lr, rho; capturable=True): the float64 the pointer points
+// to when given, else the Python float. Resolved once per kernel (per thread or block on CUDA), before the
+// element loop; everything downstream is the float path's code, so the results are bit for bit the same.
+HOST_DEVICE ALWAYS_INLINE inline double hyperparameter(const double* on_device, double value) {
+  return on_device != nullptr ? *on_device : value;
+}
+
 // --- ASAM scaling ---------------------------------------------------------------------------------
 // T = |w| + eta (ASAM), applied to the gradient for the norm and squared for the perturbation.
 template <typename T>
@@ -82,7 +91,8 @@ HOST_DEVICE ALWAYS_INLINE inline T sq_norm_term(T g, T w, bool adaptive, T eta) 
 
 // --- perturbation -----------------------------------------------------------------------------------
 // The scale of e = scale * T^2 * g. Under a GradScaler (grad_scale not null) the gradients, and so the
-// partials, carry its factor s; the perturbation is that of the unscaled gradient.
+// partials, carry its factor s; the perturbation is that of the unscaled gradient. ``rho`` below is the
+// resolved value (``hyperparameter``: the float64 on the device, if any, else the Python float).
 
 // The scale without a norm (no partials, or not normalizing): rho; un-normalized under a GradScaler,
 // (1 / s) * rho in the math type. A normalizing perturbation given no partials keeps rho, as the reference
@@ -126,11 +136,13 @@ HOST_DEVICE ALWAYS_INLINE inline T perturb_value(T w, T g, T scale, bool adaptiv
 }
 
 // --- the base update's step values ------------------------------------------------------------------
-// Pointers to the float32 step values of one update (grad_scale and found_inf null without a GradScaler).
+// Pointers to the float32 step values of one update (grad_scale and found_inf null without a GradScaler),
+// and to the float64 learning rate when it lives on the device (null: the settings' lr).
 struct StepValues {
   const float* step;        // the updates before this one
   const float* grad_scale;  // GradScaler's scale of the gradients
   const float* found_inf;   // GradScaler's inf/NaN flag
+  const double* lr;         // capturable=True: replaces the settings' lr (then NaN)
 };
 
 // GradScaler's unscale_ factor: the reciprocal of the scale in double, rounded to float32. 1 without a
@@ -147,7 +159,7 @@ HOST_DEVICE inline bool update_skipped(const StepValues& v) {
 // --- SGD (torch.optim.SGD) --------------------------------------------------------------------------
 // The update's settings as the Python update object holds them.
 struct SGDSettings {
-  double lr, momentum, dampening, weight_decay;
+  double lr, momentum, dampening, weight_decay;  // lr: unused when StepValues::lr is given
   bool nesterov, maximize;
 };
 
@@ -161,8 +173,9 @@ struct SGDParams {
 // The momentum buffer starts as the gradient on step 0.
 template <typename T>
 HOST_DEVICE inline SGDParams<T> make_sgd_params(const SGDSettings& s, const StepValues& v) {
+  const double lr = hyperparameter(v.lr, s.lr);
   SGDParams<T> p;
-  p.neg_lr = T(-s.lr);
+  p.neg_lr = T(-lr);
   p.momentum = T(s.momentum);
   p.one_minus_dampening = T(1.0 - s.dampening);
   p.weight_decay = T(s.weight_decay);
@@ -191,7 +204,7 @@ HOST_DEVICE ALWAYS_INLINE inline T sgd_update(T w, T g, T* buf, const SGDParams<
 
 // --- Adam / AdamW (torch.optim.Adam, AdamW) ---------------------------------------------------------
 struct AdamSettings {
-  double lr, beta1, beta2, eps, weight_decay;
+  double lr, beta1, beta2, eps, weight_decay;  // lr: unused when StepValues::lr is given
   bool decoupled, maximize;
 };
 
@@ -210,14 +223,15 @@ struct AdamParams {
 template <typename T>
 HOST_DEVICE inline AdamParams<T> make_adam_params(const AdamSettings& s, const StepValues& v) {
   const double t = double(*v.step) + 1.0;
+  const double lr = hyperparameter(v.lr, s.lr);
   AdamParams<T> p;
   p.lerp_weight = T(1.0 - s.beta1);
   p.beta2 = T(s.beta2);
   p.one_minus_beta2 = T(1.0 - s.beta2);
   p.eps = T(s.eps);
   p.weight_decay = T(s.weight_decay);
-  p.decay = T(1.0 - s.lr * s.weight_decay);
-  p.neg_step_size = T(-(s.lr / (1.0 - pow(s.beta1, t))));
+  p.decay = T(1.0 - lr * s.weight_decay);
+  p.neg_step_size = T(-(lr / (1.0 - pow(s.beta1, t))));
   p.bias_correction2_sqrt = T(sqrt(1.0 - pow(s.beta2, t)));
   p.unscale = T(grad_unscale(v));
   p.l2 = s.weight_decay != 0.0 && !s.decoupled;

@@ -92,12 +92,26 @@ inline void check_optional_step_scalar(const std::optional<at::Tensor>& t, const
   if (t.has_value()) check_step_scalar(*t, weights, name, op);
 }
 
+// A hyperparameter on the device (lr or rho with capturable=True; the op's float argument is then unused):
+// absent, or a float64 tensor of exactly one element on the weights' device.
+inline void check_optional_hyperparameter(const std::optional<at::Tensor>& t, const at::Tensor& weights,
+                                          const char* name, const char* op) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == at::kDouble, "fused_sam::", op, ": ", name, " must be a float64 tensor, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->sym_numel() == 1, "fused_sam::", op, ": ", name, " must have exactly one element, got ",
+              t->sym_numel());
+  TORCH_CHECK(t->device() == weights.device(), "fused_sam::", op, ": ", name, " is on ", t->device(),
+              ", the weights on ", weights.device());
+}
+
 inline void check_step_values(const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf, const at::Tensor& weights,
-                              const char* op) {
+                              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
+                              const at::Tensor& weights, const char* op) {
   check_step_scalar(step, weights, "step", op);
   check_optional_step_scalar(grad_scale, weights, "grad_scale", op);
   check_optional_step_scalar(found_inf, weights, "found_inf", op);
+  check_optional_hyperparameter(lr_tensor, weights, "lr_tensor", op);
 }
 
 // The data pointer of an optional float32 tensor (host or device memory), null when absent.
@@ -105,10 +119,17 @@ inline const float* optional_float_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
-// Pointers to checked step tensors, for kernels that read the values themselves.
+// The data pointer of an optional float64 tensor (host or device memory), null when absent.
+inline const double* optional_double_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<double>() : nullptr;
+}
+
+// Pointers to checked step tensors (and the learning rate on the device, if any), for kernels that read the
+// values themselves.
 inline StepValues step_values(const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf) {
-  return StepValues{step.const_data_ptr<float>(), optional_float_ptr(grad_scale), optional_float_ptr(found_inf)};
+                              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
+  return StepValues{step.const_data_ptr<float>(), optional_float_ptr(grad_scale), optional_float_ptr(found_inf),
+                    optional_double_ptr(lr_tensor)};
 }
 
 inline void check_sq_norm_args(const at::Tensor& grads, const at::Tensor& weights,
@@ -127,9 +148,11 @@ inline void check_perturb_args(const at::Tensor& weights, const at::Tensor& grad
                                const std::optional<at::Tensor>& backup, const std::optional<at::Tensor>& master,
                                const std::optional<at::Tensor>& partials,
                                const std::optional<at::Tensor>& nonfinite_count,
-                               const std::optional<at::Tensor>& grad_scale) {
+                               const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& rho_tensor) {
   check_weights(weights, "perturb");
   check_optional_step_scalar(grad_scale, weights, "grad_scale", "perturb");
+  check_optional_hyperparameter(rho_tensor, weights, "rho_tensor", "perturb");
   check_span_tensor(grads, weights, weights.scalar_type(), "grads", "perturb");
   check_restore_point(weights, backup, master, "perturb");
   if (partials.has_value()) {
@@ -155,9 +178,9 @@ inline void check_sgd_args(const at::Tensor& weights, const std::optional<at::Te
                            const std::optional<at::Tensor>& master, const at::Tensor& grads,
                            const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                           double momentum) {
+                           double momentum, const std::optional<at::Tensor>& lr_tensor) {
   check_weights(weights, "restore_sgd");
-  check_step_values(step, grad_scale, found_inf, weights, "restore_sgd");
+  check_step_values(step, grad_scale, found_inf, lr_tensor, weights, "restore_sgd");
   check_restore_point(weights, backup, master, "restore_sgd");
   check_span_tensor(grads, weights, weights.scalar_type(), "grads", "restore_sgd");
   if (momentum != 0.0) {
@@ -174,9 +197,10 @@ inline void check_adam_args(const at::Tensor& weights, const std::optional<at::T
                             const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                             const std::optional<at::Tensor>& max_exp_avg_sq, const at::Tensor& step,
                             const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf) {
+                            const std::optional<at::Tensor>& found_inf,
+                            const std::optional<at::Tensor>& lr_tensor) {
   check_weights(weights, "restore_adam");
-  check_step_values(step, grad_scale, found_inf, weights, "restore_adam");
+  check_step_values(step, grad_scale, found_inf, lr_tensor, weights, "restore_adam");
   auto sd = state_dtype(weights.scalar_type());
   check_restore_point(weights, backup, master, "restore_adam");
   check_span_tensor(grads, weights, weights.scalar_type(), "grads", "restore_adam");

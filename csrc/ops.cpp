@@ -6,7 +6,10 @@
 // mutation. The restore point is exactly one of ``backup`` (a copy of the weights in their dtype) and
 // ``master`` (a float32 master copy of bfloat16/float16 weights, which the weights are the rounding of).
 // The per-step values (step, grad_scale, found_inf) are float32 tensors of one element on the
-// weights' device, read by the kernels themselves, so a CUDA step never syncs with the host.
+// weights' device, read by the kernels themselves, so a CUDA step never syncs with the host. So are the
+// optional trailing ``lr_tensor`` / ``rho_tensor`` (capturable=True: float64, one element, on the weights'
+// device), which replace the ``lr`` / ``rho`` floats (then unused) so a replayed CUDA graph reads the
+// values a scheduler wrote in place; the results are bit for bit those of the same value as a float.
 // CPU implementations: cpu_kernels.cpp; CUDA: cuda_kernels.cu.
 #include <Python.h>
 
@@ -28,8 +31,8 @@ void sq_norm_partials_meta(const at::Tensor& grads, const at::Tensor& weights,
 void perturb_meta(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
                   const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
                   const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
-                  double, bool, double, bool, double) {
-  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale);
+                  double, bool, double, bool, double, const std::optional<at::Tensor>& rho_tensor) {
+  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor);
 }
 
 void restore_meta(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
@@ -41,8 +44,9 @@ void restore_sgd_meta(const at::Tensor& weights, const std::optional<at::Tensor>
                       const std::optional<at::Tensor>& master, const at::Tensor& grads,
                       const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      double, double momentum, double, double, bool, bool) {
-  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum);
+                      double, double momentum, double, double, bool, bool,
+                      const std::optional<at::Tensor>& lr_tensor) {
+  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor);
 }
 
 void restore_adam_meta(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
@@ -50,9 +54,9 @@ void restore_adam_meta(const at::Tensor& weights, const std::optional<at::Tensor
                        const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
                        const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, double, double, double, double, double, bool,
-                       bool) {
+                       bool, const std::optional<at::Tensor>& lr_tensor) {
   check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
-                  found_inf);
+                  found_inf, lr_tensor);
 }
 
 }  // namespace
@@ -65,16 +69,17 @@ TORCH_LIBRARY(fused_sam, m) {
   m.def(
       "perturb(Tensor(a!) weights, Tensor grads, Tensor(b!)? backup, Tensor? master, Tensor? partials, "
       "Tensor(c!)? nonfinite_count, Tensor? grad_scale, float rho, bool adaptive, float eta, bool normalize, "
-      "float eps) -> ()");
+      "float eps, Tensor? rho_tensor=None) -> ()");
   m.def("restore(Tensor(a!) weights, Tensor? backup, Tensor? master) -> ()");
   m.def(
       "restore_sgd(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, "
       "Tensor(c!)? momentum_buffer, Tensor step, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize) -> ()");
+      "float dampening, float weight_decay, bool nesterov, bool maximize, Tensor? lr_tensor=None) -> ()");
   m.def(
       "restore_adam(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, Tensor(c!) exp_avg, "
       "Tensor(d!) exp_avg_sq, Tensor(e!)? max_exp_avg_sq, Tensor step, Tensor? grad_scale, Tensor? found_inf, "
-      "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize) -> ()");
+      "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, "
+      "Tensor? lr_tensor=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_sam, Meta, m) {

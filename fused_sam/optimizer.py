@@ -5,6 +5,7 @@ each step goes to a backend (``fused_sam.backends``) chosen per (device, dtype).
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -14,7 +15,7 @@ from .backends import Perturbation, StepScalars, check_backend_name, resolve_bac
 from .backends.base import grad_unscale
 from .distributed import is_dtensor, local_of, shard_group, sum_over_ranks
 from .flat import LOW_PRECISION, FlatSegment, is_dense, merged_master
-from .updates import fused_kind, update_from_group
+from .updates import capturing as _capturing, fused_kind, update_from_group
 
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
 MODES = ("paired", "alternate")
@@ -30,7 +31,10 @@ def _tensor_of(entry):
 
 def _check_sam_settings(settings: dict, where: str) -> None:
     rho, eta = settings.get("rho", 0.0), settings.get("eta", 0.0)
-    if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho >= 0:
+    if isinstance(rho, torch.Tensor):  # capturable=True: its value lives on the device and is not read
+        if rho.numel() != 1 or not rho.is_floating_point():
+            raise ValueError(f"rho must be a number or a one-element floating tensor, got {rho!r} ({where})")
+    elif not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho >= 0:
         raise ValueError(f"rho must be a non-negative number, got {rho!r} ({where})")
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
         raise ValueError(f"eta must be a non-negative number, got {eta!r} ({where})")
@@ -110,6 +114,10 @@ class _SAMState:
         self.perturbed_with_scale = False
         self.perturbed_unnormalized = False
         self.opt_called = False  # what LR schedulers check: has a step been taken since they were built?
+        # capturable=True: per (param group, hyperparameter, device), the float64 tensor a Python float lr or
+        # rho is written into before each step (eagerly; under capture a float is refused).
+        self.device_hyperparameters: Dict[tuple, torch.Tensor] = {}
+        self.captured = False  # a step was captured into a CUDA graph: the buffers must stay where they are
 
 
 class FusedSAM(torch.optim.Optimizer):
@@ -127,6 +135,10 @@ class FusedSAM(torch.optim.Optimizer):
         mode: "paired" (both gradients of a SAM step from one batch: ``first_step``/``second_step`` or
             ``step(closure)``) or "alternate" (each ``step()`` call takes one half of a SAM step, for
             trainers that call ``step()`` once per batch without a closure).
+        capturable: the kernels read lr and rho from device tensors (a param group's own tensor, updated
+            in place by LR schedulers, or a copy of a Python float made before each step), as they read
+            the step counts and GradScaler's scale, so ``first_step`` and ``second_step`` can be captured
+            into a CUDA graph and replayed (see README, "CUDA graphs"). Paired mode, fused base only.
         master_weights: keep a float32 master copy of bfloat16/float16 parameters (the model keeps its
             low-precision weights for forward and backward). The master copy is SAM's restore point and
             what the base update reads and writes; the weights are its rounding. Parameters in float32 or
@@ -149,6 +161,7 @@ class FusedSAM(torch.optim.Optimizer):
         perturb_eps: float = 1e-12,
         mode: str = "paired",
         master_weights: bool = False,
+        capturable: bool = False,
         backend: str = "auto",
         **base_kwargs,
     ):
@@ -165,6 +178,11 @@ class FusedSAM(torch.optim.Optimizer):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be True or False, got {capturable!r}")
+        if capturable and mode != "paired":
+            raise ValueError("capturable=True needs mode='paired': in alternate mode each step() call is one half "
+                             "of a SAM step, chosen on the host, and a captured graph would replay one half forever")
 
         _refuse_partitioning_wrapper()
         groups = self._check_params(params)
@@ -176,6 +194,7 @@ class FusedSAM(torch.optim.Optimizer):
                 "these parameters is bfloat16 or float16 (convert the model first, e.g. model.to(torch.bfloat16))"
             )
         self.master_weights = master_weights
+        self.capturable = capturable
         self.backend_name = backend
         self.mode = mode
         self.base_optimizer = None
@@ -189,6 +208,9 @@ class FusedSAM(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         self._fused_kind = fused_kind(base_optimizer)
+        if capturable and not self._fused_kind:
+            raise ValueError(f"capturable=True needs a fused base optimizer (torch.optim.SGD, Adam or AdamW), got "
+                             f"{base_optimizer.__name__}, whose own step() reads found_inf on the host")
         self._build_segments(range(len(self.param_groups)))
 
     # --- construction -----------------------------------------------------------------------------
@@ -239,6 +261,7 @@ class FusedSAM(torch.optim.Optimizer):
             return
         if self._sam.perturbed is not None:
             raise RuntimeError("add_param_group() between first_step() and second_step()")
+        self._refuse_if_captured("add_param_group()")
         seen = {id(p): f"a parameter of param group {gi}" for gi, g in enumerate(self.param_groups) for p in g["params"]}
         (group,) = self._check_params([param_group])
         for i, p in enumerate(group["params"]):
@@ -279,8 +302,16 @@ class FusedSAM(torch.optim.Optimizer):
         elif sam.nonfinite is not None and sam.nonfinite.device != home:
             sam.nonfinite = sam.nonfinite.to(home)
 
+    def _refuse_if_captured(self, what: str) -> None:
+        if self._sam.captured:
+            raise RuntimeError(
+                f"{what} after a SAM step was captured into a CUDA graph: it would move FusedSAM's flat buffers, "
+                "which the graph reads and writes by address; build a new optimizer (and capture anew) instead"
+            )
+
     def _relayout(self, moved: str) -> None:
         """Parameters were moved or re-typed after construction: flatten them anew, keeping the state."""
+        self._refuse_if_captured(f"{moved} changed storage: re-flattening it")
         sam = self._sam
         if sam.perturbed is not None:
             raise RuntimeError(
@@ -297,20 +328,58 @@ class FusedSAM(torch.optim.Optimizer):
     # --- the SAM step ------------------------------------------------------------------------------
 
     def _perturbations(self) -> List[Perturbation]:
+        """Each param group's SAM settings; with capturable=True rho is NaN here (the kernels read it from
+        ``_hyperparameter_on``)."""
         out = []
         for gi, g in enumerate(self.param_groups):
             _check_sam_settings(g, f"param group {gi}")
-            out.append(
-                Perturbation(float(g["rho"]), bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps)
-            )
+            if isinstance(g["rho"], torch.Tensor) and not self.capturable:
+                raise ValueError(f"rho of param group {gi} is a tensor: that needs FusedSAM(..., capturable=True)")
+            rho = math.nan if self.capturable else float(g["rho"])
+            out.append(Perturbation(rho, bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps))
         return out
+
+    def _device_hyperparameters(self, name: str) -> Dict[tuple, torch.Tensor]:
+        """capturable=True: ``name`` (lr or rho) of each param group on each device it has parameters on,
+        keyed (group index, device); empty otherwise."""
+        if not self.capturable:
+            return {}
+        keys = dict.fromkeys((segment.group_index, segment.device) for segment in self._sam.segments)
+        return {(gi, device): self._hyperparameter_on(gi, name, device) for gi, device in keys}
+
+    def _hyperparameter_on(self, gi: int, name: str, device: torch.device) -> torch.Tensor:
+        """capturable=True: param group ``gi``'s ``name`` (lr or rho) as a float64 one-element tensor on
+        ``device``, read by the kernels. A tensor-valued setting is used itself (a scheduler's in-place
+        update reaches a replayed graph); a Python float is written into a buffer kept for it, which under
+        capture would freeze its value into the graph, so it is refused there."""
+        value = self.param_groups[gi][name]
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or not value.is_floating_point():
+                raise ValueError(f"{name} of param group {gi} must be a number or a one-element floating tensor")
+            if value.device != device and _capturing():
+                raise RuntimeError(f"{name} of param group {gi} is a tensor on {value.device}, the parameters on "
+                                   f"{device}: a CUDA graph cannot read it there; create it on {device}")
+            return value.detach().reshape(1).to(device=device, dtype=torch.float64)
+        if _capturing():
+            raise RuntimeError(
+                f"{name} of param group {gi} is a Python float ({value!r}): a CUDA graph would replay it frozen, "
+                f"and a scheduler's later change would be silently ignored. Make it a tensor on {device} and "
+                f"update it in place, e.g. group[{name!r}] = torch.tensor({value!r}, device={str(device)!r}) "
+                "before capturing (LR schedulers then write it with fill_)"
+            )
+        key = (gi, name, device)
+        buffer = self._sam.device_hyperparameters.get(key)
+        if buffer is None:
+            buffer = self._sam.device_hyperparameters[key] = torch.empty(1, dtype=torch.float64, device=device)
+        return buffer.fill_(float(value))
 
     def _base_updates(self) -> list:
         """The fused base update of each param group at this step (empty when the base is not fused)."""
         if not self._fused_kind:
             return []
         base_cls = type(self.base_optimizer)
-        return [update_from_group(self._fused_kind, base_cls, g) for g in self.param_groups]
+        return [update_from_group(self._fused_kind, base_cls, g, lr_on_device=self.capturable)
+                for g in self.param_groups]
 
     def _linked_grads(self, intact: List[bool]) -> List[Optional[List[bool]]]:
         """Link every gradient into the flat buffers; per segment, which parameters have one (None: all)."""
@@ -334,6 +403,7 @@ class FusedSAM(torch.optim.Optimizer):
                 "first_step() called twice; finish the SAM step with second_step() (under a GradScaler: "
                 "scaler.step(optimizer)) before the next first_step()"
             )
+        self._note_capture("first_step()")
         grad_scale = _current_scale(grad_scaler)
         intact = [segment.intact() for segment in sam.segments]
         if not all(intact):
@@ -344,6 +414,7 @@ class FusedSAM(torch.optim.Optimizer):
         for segment in sam.segments:
             segment.sync_from_outside()
         perturbations = self._perturbations()
+        rhos = self._device_hyperparameters("rho")  # before any kernel: a refusal leaves nothing half done
         self._base_updates()  # a base setting second_step() would refuse must fail before w moves
         active = self._linked_grads(intact)
         work = [
@@ -362,7 +433,7 @@ class FusedSAM(torch.optim.Optimizer):
             device_partials = None if partials is None else partials[span.device]
             segment.backend.perturb(
                 span, perturbations[segment.group_index], device_partials, counter if owns_counter else None,
-                scales.on(span.device),
+                scales.on(span.device), rho=rhos.get((segment.group_index, span.device)),
             )
             if owns_counter:
                 counter = None
@@ -435,6 +506,7 @@ class FusedSAM(torch.optim.Optimizer):
         sam = self._sam
         if sam.perturbed is None:
             raise RuntimeError("second_step() called before first_step()")
+        self._note_capture("second_step()")
         intact = [segment.intact() for segment in sam.segments]
         for segment, ok in zip(sam.segments, intact):
             moved = None if ok else segment.storage_moved()
@@ -450,16 +522,19 @@ class FusedSAM(torch.optim.Optimizer):
         scales, infs = _PerDevice(grad_scale), _PerDevice(found_inf)
         if self._fused_kind:
             updates = self._base_updates()
+            lrs = self._device_hyperparameters("lr")
             for segment, perturbed, has_grad in zip(sam.segments, sam.perturbed, active):
                 update = updates[segment.group_index]
                 if segment.ensure_state(update.needed_state()) or not segment.published:
+                    self._refuse_if_captured("a new optimizer state buffer (momentum or amsgrad turned on)")
                     self._publish_state(segment)
                 device_scale, device_inf = scales.on(segment.device), infs.on(segment.device)
+                lr = lrs.get((segment.group_index, segment.device))
                 for first, _, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
                     if updated:
                         if not was_perturbed and span.master is None:  # its gradient appeared only at w + e:
                             span.backup.copy_(span.weights)                # w itself is the restore point
-                        scalars = StepScalars(segment.step_of(first), device_scale, device_inf)
+                        scalars = StepScalars(segment.step_of(first), device_scale, device_inf, lr)
                         segment.backend.restore_and_update(span, update, scalars)
                     elif was_perturbed:
                         segment.backend.restore(span)
@@ -474,6 +549,19 @@ class FusedSAM(torch.optim.Optimizer):
             segment.mark_grads_seen()
         # What an LR scheduler's wrapper of step() records; users of first/second_step never call step().
         self._opt_called = self.base_optimizer._opt_called = True
+
+    def _note_capture(self, what: str) -> None:
+        """Under CUDA graph capture: refuse unless capturable (a float lr and rho would replay frozen); else
+        remember it, so that what would move the buffers the graph uses is refused from now on."""
+        if not _capturing():
+            return
+        if not self.capturable:
+            raise RuntimeError(
+                f"{what} is being captured into a CUDA graph, but this FusedSAM was built with capturable=False: "
+                "its lr and rho are kernel arguments and would replay frozen (a scheduler's changes silently "
+                "ignored). Build it with FusedSAM(..., capturable=True) and make lr a tensor on the device"
+            )
+        self._sam.captured = True
 
     def _scaling_mismatch(self, scaler_step: bool) -> Optional[str]:
         """Why this second step cannot be taken with the scaling first_step saw, or None."""

@@ -5,10 +5,16 @@ goes through the generic path (fused perturb/restore, then the subclass's own ``
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a CUDA graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _scalar(value, name: str) -> float:
@@ -16,6 +22,9 @@ def _scalar(value, name: str) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"hyperparameter {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if value.is_cuda and capturing():
+            raise RuntimeError(f"hyperparameter {name!r} is a CUDA tensor, read on the host at every step, which a "
+                               "CUDA graph cannot capture: only lr and rho may be tensors under capture")
         return float(value.item())
     return float(value)
 
@@ -66,13 +75,15 @@ def fused_kind(base_cls: type) -> Optional[str]:
     return None
 
 
-def update_from_group(kind: str, base_cls: type, group: dict) -> BaseUpdate:
-    """The base update a param group asks for at this step (LR schedulers may have changed it)."""
+def update_from_group(kind: str, base_cls: type, group: dict, lr_on_device: bool = False) -> BaseUpdate:
+    """The base update a param group asks for at this step (LR schedulers may have changed it).
+    lr_on_device: the kernels read lr from a device tensor (capturable=True); it is NaN here, never read."""
+    lr = math.nan if lr_on_device else _scalar(group["lr"], "lr")
     if group.get("differentiable", False):
         raise ValueError("differentiable=True is not supported by FusedSAM's fused base update")
     if kind == "sgd":
         return SGDUpdate(
-            lr=_scalar(group["lr"], "lr"),
+            lr=lr,
             momentum=_scalar(group.get("momentum", 0.0), "momentum"),
             dampening=_scalar(group.get("dampening", 0.0), "dampening"),
             weight_decay=_scalar(group.get("weight_decay", 0.0), "weight_decay"),
@@ -81,7 +92,7 @@ def update_from_group(kind: str, base_cls: type, group: dict) -> BaseUpdate:
         )
     beta1, beta2 = group.get("betas", (0.9, 0.999))
     return AdamUpdate(
-        lr=_scalar(group["lr"], "lr"),
+        lr=lr,
         beta1=_scalar(beta1, "betas[0]"),
         beta2=_scalar(beta2, "betas[1]"),
         eps=_scalar(group.get("eps", 1e-8), "eps"),

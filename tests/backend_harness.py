@@ -244,3 +244,46 @@ def check_master_roundings(backend, device, dtype) -> None:
         op(REFERENCE, ref)
         assert torch.equal(cand.weights.view(torch.int16), ref.weights.view(torch.int16)), what
         assert torch.equal(cand.master.view(torch.int32), masters.view(torch.int32)), what
+
+
+def device_hyperparameter(value: float, device) -> torch.Tensor:
+    """lr or rho as capturable=True passes them: float64, one element, on the span's device."""
+    return torch.tensor([value], dtype=torch.float64, device=device)
+
+
+def _same_span(a: Span, b: Span, what: str) -> None:
+    for name in ("weights", "backup", "master"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), f"{what}: {name}"
+    for name, value in a.state.items():
+        assert torch.equal(value, b.state[name]), f"{what}: state {name}"
+
+
+def check_device_hyperparameters(backend, numel: int, dtype: torch.dtype, device, seed: int = 0,
+                                 master: bool = False) -> None:
+    """lr and rho read from device tensors (capturable=True) give the float path's results bit for bit; the
+    float fields are then NaN, so a backend that still read them would fail."""
+    for k, perturbation in enumerate(PERTURBATIONS):
+        span = make_span(numel, dtype, device, seed=seed + k, master=master)
+        on_device = Perturbation(math.nan, perturbation.adaptive, perturbation.eta, perturbation.normalize,
+                                 perturbation.eps)
+        rho = device_hyperparameter(perturbation.rho, device)
+        for partials, grad_scale in ((norm_partials_for(span, perturbation), None),
+                                     (norm_partials_for(span, perturbation), 1024.0), (None, 2.0**-3)):
+            scale = None if grad_scale is None else torch.tensor([grad_scale], dtype=torch.float32, device=device)
+            expect, cand = clone_span(span), clone_span(span)
+            backend.perturb(expect, perturbation, partials, None, scale)
+            backend.perturb(cand, on_device, partials, None, scale, rho=rho)
+            _same_span(cand, expect, f"perturb {perturbation} grad_scale={grad_scale}")
+    for k, update in enumerate(UPDATES):
+        span = make_span(numel, dtype, device, update, seed=seed + k, master=master)
+        if span.backup is not None:
+            span.backup.copy_(span.weights)  # w restored from it, not NaN
+        nan_lr = type(update)(**dict(update.__dict__, lr=math.nan))
+        for step, grad_scale, found_inf in SCALARS[:4]:
+            scalars = step_scalars(device, step, grad_scale, found_inf)
+            expect, cand = clone_span(span), clone_span(span)
+            backend.restore_and_update(expect, update, scalars)
+            backend.restore_and_update(cand, nan_lr, StepScalars(scalars.step, scalars.grad_scale, scalars.found_inf,
+                                                                 lr=device_hyperparameter(update.lr, device)))
+            _same_span(cand, expect, f"{update} step={step} grad_scale={grad_scale}")

@@ -20,11 +20,13 @@ from backend_harness import (
     PERTURBATIONS,
     UPDATES,
     check_all_ops,
+    check_device_hyperparameters,
     check_master_roundings,
     check_perturb,
     check_restore,
     check_restore_and_update,
     check_sq_norm,
+    device_hyperparameter,
     make_span,
     norm_partials_for,
     restore_point,
@@ -34,7 +36,7 @@ from models import mlp, sam_train
 from fused_sam import BackendUnavailable, FusedSAM
 from fused_sam.backends import native as native_module
 from fused_sam.backends import resolve_backend
-from fused_sam.backends.base import Perturbation, math_dtype
+from fused_sam.backends.base import Perturbation, StepScalars, math_dtype
 from fused_sam.backends.native import NativeBackend
 from fused_sam.backends.reference import ReferenceBackend
 from fused_sam.updates import AdamUpdate, SGDUpdate
@@ -233,6 +235,92 @@ def test_bad_step_scalars(op, name, bad, message):
         _call_with_step_scalar(op, name, bad)()
 
 
+# --- lr and rho on the device (capturable=True) -------------------------------------------------------------
+
+# (dtype, master): every dtype the CPU kernels take, and master weights where they exist (bfloat16/float16).
+HYPERPARAMETER_CASES = [(torch.float64, False), (torch.float32, False), (torch.bfloat16, False),
+                        (torch.float16, False), (torch.bfloat16, True), (torch.float16, True)]
+HYPERPARAMETER_IDS = ["float64", "float32", "bfloat16", "float16", "bfloat16-master", "float16-master"]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,master", HYPERPARAMETER_CASES, ids=HYPERPARAMETER_IDS)
+@pytest.mark.parametrize("numel", [1, 7, 4099])
+def test_lr_and_rho_on_the_device_match_the_floats_bitwise(numel, dtype, master):
+    """lr_tensor / rho_tensor (float64, read by the kernels; the float arguments NaN) give the float path's
+    weights, backup, master and state bit for bit, for every perturbation and update variant."""
+    check_device_hyperparameters(NativeBackend(), numel, dtype, CPU, seed=numel % 89, master=master)
+
+
+@needs_native
+def test_lr_tensor_is_read_at_each_call():
+    """The kernels read the tensor's value when they run (a scheduler updates it in place between steps)."""
+    update = UPDATES[5]  # AdamW: lr enters the step size and the decoupled decay
+    span = make_span(1000, torch.float32, CPU, update, seed=3)
+    span.backup.copy_(span.weights)
+    lr = device_hyperparameter(math.nan, CPU)
+    for value in (1e-3, 0.25, 0.0):
+        lr.fill_(value)
+        cand, expect = copy.deepcopy(span), copy.deepcopy(span)
+        scalars = step_scalars(CPU, 2)
+        NativeBackend().restore_and_update(expect, AdamUpdate(**dict(update.__dict__, lr=value)), scalars)
+        NativeBackend().restore_and_update(cand, AdamUpdate(**dict(update.__dict__, lr=math.nan)),
+                                           StepScalars(scalars.step, lr=lr))
+        assert torch.equal(cand.weights, expect.weights)
+        assert all(torch.equal(cand.state[k], expect.state[k]) for k in expect.state)
+
+
+BAD_HYPERPARAMETERS = [
+    (torch.tensor([0.1], dtype=torch.float32), "must be a float64 tensor, got Float"),
+    (torch.tensor([1], dtype=torch.int64), "must be a float64 tensor, got Long"),
+    (torch.zeros(2, dtype=torch.float64), "must have exactly one element, got 2"),
+    (torch.zeros(0, dtype=torch.float64), "must have exactly one element, got 0"),
+]
+
+
+def _call_with_hyperparameter(op: str, value: torch.Tensor, device="cpu"):
+    """A call of ``op`` on ``device`` (cpu, or meta for the Meta kernel), valid but for its lr_tensor /
+    rho_tensor ``value``; the float lr / rho is NaN, as capturable=True passes it."""
+    update = AdamUpdate(lr=1e-3) if op == "restore_adam" else SGDUpdate(lr=0.1, momentum=0.9)
+    span = make_span(100, torch.float32, device, update)
+    step = torch.zeros((), device=device)
+    ops = torch.ops.fused_sam
+    if op == "perturb":
+        return lambda: ops.perturb(span.weights, span.grads, span.backup, None, None, None, None, math.nan, False,
+                                   0.0, False, 1e-12, rho_tensor=value)
+    if op == "restore_sgd":
+        return lambda: ops.restore_sgd(span.weights, span.backup, None, span.grads, span.state["momentum_buffer"],
+                                       step, None, None, math.nan, 0.9, 0.0, 0.0, False, False, lr_tensor=value)
+    return lambda: ops.restore_adam(span.weights, span.backup, None, span.grads, span.state["exp_avg"],
+                                    span.state["exp_avg_sq"], None, step, None, None, math.nan, 0.9, 0.999, 1e-8, 0.0,
+                                    False, False, lr_tensor=value)
+
+
+HYPERPARAMETER_OPS = [("perturb", "rho_tensor"), ("restore_sgd", "lr_tensor"), ("restore_adam", "lr_tensor")]
+
+
+@needs_native
+@pytest.mark.parametrize("bad,message", BAD_HYPERPARAMETERS, ids=["float32", "int64", "two", "empty"])
+@pytest.mark.parametrize("op,name", HYPERPARAMETER_OPS)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_lr_and_rho_tensors(op, name, bad, message, device):
+    """lr_tensor / rho_tensor are validated by name, in the CPU kernel and in the Meta kernel (fake tensors)."""
+    with pytest.raises(RuntimeError, match=re.escape(f"fused_sam::{op}: {name} {message}")):
+        _call_with_hyperparameter(op, bad.to(device), device)()
+
+
+@needs_native
+@pytest.mark.parametrize("op,name", HYPERPARAMETER_OPS)
+def test_lr_and_rho_tensors_on_another_device(op, name):
+    """A tensor on another device than the weights is refused by name (CPU against meta here; CPU against CUDA
+    in test_native_gpu.py): the dispatcher picks the Meta kernel for the mixed call, which checks the same."""
+    for weights_device, value_device in (("cpu", "meta"), ("meta", "cpu")):
+        value = torch.ones(1, dtype=torch.float64, device=value_device)
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on {value_device}, the weights on "
+                                               f"{weights_device}"):
+            _call_with_hyperparameter(op, value, weights_device)()
+
+
 @needs_native
 def test_float64_partials_for_float32_span():
     """The optimizer sums float32 and float64 spans into one float64 partials buffer on a device."""
@@ -372,6 +460,9 @@ def _opcheck_cases():
     def scalar(value):
         return torch.tensor(float(value))
 
+    def hyper(value):
+        return torch.tensor([0.0, float(value)], dtype=torch.float64)[1]
+
     w, g, bk = t(), t(), t()
     master, g16 = t(), g.bfloat16()  # a float32 master and bfloat16 gradients: the master-weights cases
     w16 = master.bfloat16()
@@ -405,6 +496,19 @@ def _opcheck_cases():
                           scalar(2.0**-3), scalar(math.nan), 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False)),
         ("restore_adam", (w16.clone(), None, master.clone(), g16, t(0.1), t(0.1).abs(), t(0.1).abs(), step,
                           scalar(2.0**-3), scalar(0), 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False)),
+        # lr / rho as float64 tensors (capturable=True; the floats NaN), a 0-d view like the step
+        ("perturb", (w.clone(), g, bk.clone(), None, partials, torch.zeros(1, dtype=torch.int32), scalar(1024),
+                     math.nan, True, 0.01, True, 1e-12, hyper(0.05))),
+        ("perturb", (w16.clone(), g16, None, master, None, None, scalar(0.125), math.nan, False, 0.0, False, 1e-12,
+                     hyper(0.05))),
+        ("restore_sgd", (w.clone(), bk, None, g, t(), step, scalar(1024), scalar(0), math.nan, 0.9, 0.1, 1e-4, False,
+                         True, hyper(0.1))),
+        ("restore_sgd", (w16.clone(), None, master.clone(), g16, t(), step, None, None, math.nan, 0.9, 0.0, 1e-4, True,
+                         False, hyper(0.1))),
+        ("restore_adam", (w.clone(), bk, None, g, t(0.1), t(0.1).abs(), t(0.1).abs(), step, None, None, math.nan,
+                          0.9, 0.999, 1e-8, 0.01, True, False, hyper(1e-3))),
+        ("restore_adam", (w16.clone(), None, master.clone(), g16, t(0.1), t(0.1).abs(), None, step, scalar(2.0**-3),
+                          scalar(0), math.nan, 0.9, 0.999, 1e-8, 0.01, False, True, hyper(1e-3))),
     ]
 
 

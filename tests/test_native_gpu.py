@@ -2,9 +2,10 @@
 
 Parity with the reference backend around the kernels' vector width and block sizes, misaligned spans
 (the scalar fallback), determinism of the two-stage norm, the non-finite counter across many blocks,
-non-default streams, CUDA-graph capture (nothing syncs with the host, and a replay reads the step values
-the tensors hold then), step tensors and masters on the wrong device, opcheck on CUDA tensors, and
-optimizer-level parity in float32 and bfloat16. Master weights (float32 masters of bfloat16/float16
+non-default streams, CUDA-graph capture (nothing syncs with the host, and a replay reads the step values,
+and lr / rho given as tensors, that the tensors hold then), lr / rho tensors bit for bit the floats, step,
+lr and rho tensors and masters on the wrong device, opcheck on CUDA tensors, and optimizer-level parity in
+float32 and bfloat16. Master weights (float32 masters of bfloat16/float16
 weights) go through each of these too, and their roundings are checked bit for bit.
 """
 from __future__ import annotations
@@ -16,17 +17,18 @@ import pytest
 import torch
 
 from backend_harness import (
-    PERTURBATIONS, TOLERANCE, UPDATES, check_all_ops, check_master_roundings, clone_span, make_span, restore_point,
-    step_scalars,
+    PERTURBATIONS, TOLERANCE, UPDATES, check_all_ops, check_device_hyperparameters, check_master_roundings,
+    clone_span, device_hyperparameter, make_span, restore_point, step_scalars,
 )
 from models import batches, loss_of, mlp
 from test_native_backend import (
-    MASTER_DTYPES, MASTER_IDS, masters_of, restore_point_call,
+    HYPERPARAMETER_CASES, HYPERPARAMETER_IDS, HYPERPARAMETER_OPS, MASTER_DTYPES, MASTER_IDS,
+    _call_with_hyperparameter, masters_of, restore_point_call,
 )
 
 from fused_sam import FusedSAM
 from fused_sam.backends import native as native_module
-from fused_sam.backends.base import Span
+from fused_sam.backends.base import Perturbation, Span, StepScalars
 from fused_sam.backends.native import NativeBackend
 from fused_sam.backends.reference import ReferenceBackend
 
@@ -63,6 +65,14 @@ def test_master_ops_match_reference(numel, dtype):
 def test_master_roundings_bitwise(dtype):
     """The CUDA kernels round with c10's device conversions: the same bits as torch's .to()."""
     check_master_roundings(NATIVE, CUDA, dtype)
+
+
+@pytest.mark.parametrize("dtype,master", HYPERPARAMETER_CASES, ids=HYPERPARAMETER_IDS)
+@pytest.mark.parametrize("numel", [1, 7, 4095, BLOCK + 1])
+def test_lr_and_rho_on_the_device_match_the_floats_bitwise(numel, dtype, master):
+    """lr_tensor / rho_tensor read inside the kernels (rho in every thread, lr by each block's parameter
+    builder) give the float path's results bit for bit, in the vector and the tail loops."""
+    check_device_hyperparameters(NATIVE, numel, dtype, CUDA, seed=numel % 89, master=master)
 
 
 def _offset_span(numel, dtype, offset, update=None, seed=0, master=False):
@@ -274,6 +284,64 @@ def test_step_scalars_on_another_device(op, name):
                                  0.0, False, False)
 
 
+def test_cuda_graph_replay_reads_lr_and_rho():
+    """capturable=True: a captured perturb and update read rho and lr from their tensors at each replay, and
+    give what the float path gives for the values the tensors hold then, bit for bit."""
+    update = UPDATES[7]  # AdamW with AMSGrad: lr enters the decoupled decay and the step size
+    perturbation = PERTURBATIONS[1]
+    base = make_span(100_003, torch.float32, CUDA, update)
+    base.backup.copy_(base.weights)
+    partials = torch.empty(NATIVE.partials_len(base), device=CUDA)
+    NATIVE.sq_norm_partials(base, perturbation, partials)
+    scalars = step_scalars(CUDA, 3, grad_scale=1024.0, found_inf=0.0)
+    lr, rho = device_hyperparameter(math.nan, CUDA), device_hyperparameter(math.nan, CUDA)
+    nan_update = type(update)(**dict(update.__dict__, lr=math.nan))
+    nan_perturbation = Perturbation(math.nan, perturbation.adaptive, perturbation.eta, perturbation.normalize,
+                                    perturbation.eps)
+    on_device = StepScalars(scalars.step, scalars.grad_scale, scalars.found_inf, lr=lr)
+
+    def step(span):
+        NATIVE.perturb(span, nan_perturbation, partials, None, scalars.grad_scale, rho=rho)
+        NATIVE.restore_and_update(span, nan_update, on_device)
+
+    graphed = clone_span(base)
+    lr.fill_(update.lr)
+    rho.fill_(perturbation.rho)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(graphed)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graphed)
+    for lr_value, rho_value in ((1e-3, 0.05), (0.1, 0.5), (3e-5, 2.0)):
+        for name in ("weights", "backup"):
+            getattr(graphed, name).copy_(getattr(base, name))
+        for k in graphed.state:
+            graphed.state[k].copy_(base.state[k])
+        lr.fill_(lr_value)
+        rho.fill_(rho_value)
+        graph.replay()
+        expect = clone_span(base)
+        NATIVE.perturb(expect, Perturbation(rho_value, perturbation.adaptive, perturbation.eta,
+                                            perturbation.normalize, perturbation.eps), partials, None,
+                       scalars.grad_scale)
+        NATIVE.restore_and_update(expect, type(update)(**dict(update.__dict__, lr=lr_value)), scalars)
+        torch.cuda.synchronize()
+        assert torch.equal(graphed.weights, expect.weights) and torch.equal(graphed.backup, expect.backup)
+        assert all(torch.equal(graphed.state[k], expect.state[k]) for k in expect.state)
+
+
+@pytest.mark.parametrize("op,name", HYPERPARAMETER_OPS)
+def test_lr_and_rho_tensors_on_another_device(op, name):
+    """An lr_tensor / rho_tensor on the CPU with weights on the GPU (or the other way round) is refused by name."""
+    for weights_device, value_device in ((CUDA, "cpu"), ("cpu", CUDA)):
+        value = torch.ones(1, dtype=torch.float64, device=value_device)
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on"):
+            _call_with_hyperparameter(op, value, weights_device)()
+
+
 @pytest.mark.parametrize("op", ["sq_norm_partials", "perturb", "restore", "restore_sgd", "restore_adam"])
 def test_master_on_another_device(op):
     """A master on the CPU with weights on the GPU (or the other way round) is refused by name."""
@@ -284,9 +352,12 @@ def test_master_on_another_device(op):
             restore_point_call(op, weights, None, master)()
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["floats", "tensors"])
 @pytest.mark.parametrize("master", [False, True], ids=["backup", "master"])
 @pytest.mark.parametrize("name", ["sq_norm_partials", "perturb", "restore", "restore_sgd", "restore_adam"])
-def test_opcheck_cuda(name, master):
+def test_opcheck_cuda(name, master, capturable):
+    if capturable and name in ("sq_norm_partials", "restore"):
+        pytest.skip("takes neither lr nor rho")
     n = 4099
     gen = torch.Generator().manual_seed(0)
 
@@ -312,6 +383,10 @@ def test_opcheck_cuda(name, master):
         "restore_adam": (w.clone(), bk, clone(m), g, t(0.1), t(0.1).abs(), t(0.1).abs(), *step_values, 1e-3, 0.9,
                          0.999, 1e-8, 0.01, True, False),
     }[name]
+    if capturable:  # lr / rho as float64 tensors on the device, the floats NaN
+        float_at = {"perturb": 7, "restore_sgd": 8, "restore_adam": 10}[name]  # rho or lr
+        value = args[float_at]
+        args = (*args[:float_at], math.nan, *args[float_at + 1:], device_hyperparameter(value, CUDA))
     torch.library.opcheck(getattr(torch.ops.fused_sam, name).default, args)
 
 

@@ -6,7 +6,8 @@ import torch
 from fused_sam.backends.base import Span, math_dtype
 
 from backend_harness import (
-    PERTURBATIONS, REFERENCE, TOLERANCE, UPDATES, check_sq_norm, clone_span, exact_sq_norm, make_span, step_scalars,
+    PERTURBATIONS, REFERENCE, TOLERANCE, UPDATES, check_device_hyperparameters, check_sq_norm, clone_span,
+    exact_sq_norm, make_span, step_scalars,
 )
 
 
@@ -97,3 +98,10 @@ def test_master_weight_spans_follow_the_float32_math(dtype):
 def test_reference_master_spans_pass_the_harness(dtype):
     from backend_harness import check_all_ops
     check_all_ops(REFERENCE, 257, dtype, "cpu", master=True)
+
+
+@pytest.mark.parametrize("dtype, master", [(torch.float64, False), (torch.float32, False), (torch.bfloat16, False),
+                                           (torch.bfloat16, True), (torch.float16, True)],
+                         ids=["float64", "float32", "bfloat16", "bfloat16-master", "float16-master"])
+def test_lr_and_rho_on_the_device_match_the_floats_bitwise(dtype, master):
+    check_device_hyperparameters(REFERENCE, 257, dtype, "cpu", master=master)

@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("triton")
 
 from backend_harness import (  # noqa: E402
-    PERTURBATIONS, REFERENCE, UPDATES, check_all_ops, check_master_roundings, check_perturb,
-    check_restore_and_update, check_sq_norm, make_span, step_scalars,
+    PERTURBATIONS, REFERENCE, UPDATES, check_all_ops, check_device_hyperparameters, check_master_roundings,
+    check_perturb, check_restore_and_update, check_sq_norm, make_span, step_scalars,
 )
 from models import batches, loss_of, mlp  # noqa: E402
 
@@ -173,6 +173,16 @@ def test_master_weights_are_rounded_as_torch_rounds(dtype):
     zero gradient, a skipped update) is torch's rounding bit for bit, on values where rounding is easy
     to get wrong; the master keeps its bits where the update leaves it as it is."""
     check_master_roundings(BACKEND, DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
+                                           (torch.bfloat16, True), (torch.float16, True)],
+                         ids=["float32", "bfloat16", "float16", "bfloat16-master", "float16-master"])
+@pytest.mark.parametrize("numel", [1, 37, BLOCK + 3])
+def test_lr_and_rho_on_the_device_match_the_floats_bitwise(numel, dtype, master):
+    """capturable=True: lr and rho read from float64 device tensors (the floats NaN) give the float path's
+    weights, backup, master and state bit for bit, in every perturbation and update variant."""
+    check_device_hyperparameters(BACKEND, numel, dtype, DEVICE, master=master)
 
 
 # --- the shared partials buffer ------------------------------------------------------------------------

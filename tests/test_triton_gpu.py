@@ -16,8 +16,8 @@ pytestmark = [requires_cuda, pytest.mark.cuda]
 triton = pytest.importorskip("triton")
 
 from backend_harness import (  # noqa: E402
-    PERTURBATIONS, REFERENCE, UPDATES, check_all_ops, check_perturb, check_restore_and_update, clone_span, make_span,
-    step_scalars,
+    PERTURBATIONS, REFERENCE, UPDATES, check_all_ops, check_device_hyperparameters, check_perturb,
+    check_restore_and_update, clone_span, make_span, step_scalars,
 )
 from models import batches, conv_net, loss_of, mlp  # noqa: E402
 
@@ -77,6 +77,17 @@ def test_all_ops_match_reference_on_cuda(numel, dtype):
 @pytest.mark.parametrize("numel", SIZES)
 def test_all_ops_with_master_weights_match_reference_on_cuda(numel, dtype):
     check_all_ops(BACKEND, numel, dtype, CUDA, master=True)
+
+
+@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
+                                           (torch.bfloat16, True), (torch.float16, True)],
+                         ids=["float32", "bfloat16", "float16", "bf16-master", "fp16-master"])
+@pytest.mark.parametrize("numel", [1, 37, BLOCK + 3, 3 * BLOCK * 512 + 5])
+def test_lr_and_rho_on_the_device_match_the_floats_bitwise_on_cuda(numel, dtype, master):
+    """capturable=True: lr and rho loaded from float64 device tensors give the float path's results bit for
+    bit in compiled kernels too (where the compiler may contract multiply-adds, which the interpreter does
+    not: AdamW's 1 - lr * wd must keep the two roundings of the launcher's Python double)."""
+    check_device_hyperparameters(BACKEND, numel, dtype, CUDA, master=master)
 
 
 BASES = {

@@ -81,11 +81,16 @@ class StepScalars:
     found_inf: None, or float32 with one element on the span's device: when non-zero (any non-zero
         value: GradScaler sums it over devices) the update is skipped: w <- backup exactly, state
         untouched. The caller advances the step count only where it is zero.
+    lr: None (the update's own ``lr``, a Python float), or float64 with one element on the span's
+        device: the learning rate, read by the kernel, so that a replayed CUDA graph sees a scheduler's
+        in-place update (``capturable=True``; the update's ``lr`` is then NaN). It enters the math exactly
+        as the float does (a Python float is a double): the results are the float path's bit for bit.
     """
 
     step: torch.Tensor
     grad_scale: Optional[torch.Tensor] = None
     found_inf: Optional[torch.Tensor] = None
+    lr: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class Backend(ABC):
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
         grad_scale: Optional[torch.Tensor] = None,
+        rho: Optional[torch.Tensor] = None,
     ) -> None:
         """backup <- w exactly; w <- w + e.
 
@@ -137,6 +143,9 @@ class Backend(ABC):
         partials are scaled by s. The perturbation is that of the unscaled gradient: normalized,
         e = rho * T^2 * g / (sqrt(total) + eps * s) (the scale cancels; eps is scaled with it);
         un-normalized, e = ((1 / s) * rho) * T^2 * g, that factor in the math dtype.
+
+        ``rho`` (None, or float64 with one element on the span's device; ``capturable=True``): replaces
+        ``perturbation.rho`` (then NaN), read by the kernel, with results bit for bit those of the float.
         """
 
     @abstractmethod

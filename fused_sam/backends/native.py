@@ -3,8 +3,10 @@
 The operators live in the optional extension ``fused_sam._C`` (built by setup.py from csrc/), registered
 with the dispatcher for CPU and, when built with CUDA, for CUDA devices. Each method below is one operator
 call, one pass over the span; the step values (``StepScalars``) go in as tensors that the kernels read
-themselves. Spans with master weights pass their float32 ``master`` in place of the backup (every operator
-takes both, exactly one of them set). Without the extension the backend is unavailable and says why.
+themselves, and so do lr and rho when they live on the device (``capturable=True``: float64 tensors passed
+as the operators' trailing ``lr_tensor`` / ``rho_tensor``, which replace the float arguments). Spans with
+master weights pass their float32 ``master`` in place of the backup (every operator takes both, exactly one
+of them set). Without the extension the backend is unavailable and says why.
 """
 from __future__ import annotations
 
@@ -86,11 +88,13 @@ class NativeBackend(Backend):
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
         grad_scale: Optional[torch.Tensor] = None,
+        rho: Optional[torch.Tensor] = None,
     ) -> None:
         _perturb(
             span.weights, span.grads, span.backup, span.master, partials,
             nonfinite_count if partials is not None else None, grad_scale,
             perturbation.rho, perturbation.adaptive, perturbation.eta, perturbation.normalize, perturbation.eps,
+            rho,
         )
 
     def restore(self, span: Span) -> None:
@@ -103,6 +107,7 @@ class NativeBackend(Backend):
                 span.state.get("momentum_buffer") if update.momentum != 0 else None,
                 scalars.step, scalars.grad_scale, scalars.found_inf,
                 update.lr, update.momentum, update.dampening, update.weight_decay, update.nesterov, update.maximize,
+                scalars.lr,
             )
         elif isinstance(update, AdamUpdate):
             _restore_adam(
@@ -110,7 +115,7 @@ class NativeBackend(Backend):
                 span.state["max_exp_avg_sq"] if update.amsgrad else None,
                 scalars.step, scalars.grad_scale, scalars.found_inf,
                 update.lr, update.beta1, update.beta2, update.eps, update.weight_decay, update.decoupled,
-                update.maximize,
+                update.maximize, scalars.lr,
             )
         else:
             raise TypeError(f"unknown base update {type(update).__name__}")

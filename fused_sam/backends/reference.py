@@ -21,6 +21,15 @@ def _math(t: torch.Tensor, span: Span) -> torch.Tensor:
     return t.to(span.state_dtype)
 
 
+def _on_device(value: float, tensor: Optional[torch.Tensor], span: Span) -> torch.Tensor:
+    """A hyperparameter as a float64 0-d tensor on the span's device: the one given (capturable=True), else
+    the Python float. One path for both, so that both give the same bits; a float rounds as it would
+    entering torch's ops (a double, rounded to the dtype of the tensor it meets)."""
+    if tensor is None:
+        tensor = torch.tensor(value, dtype=torch.float64, device=span.device)
+    return tensor.reshape(())
+
+
 def _restore_point(span: Span) -> torch.Tensor:
     """w in the math dtype: the float32 master copy if the span has one, else the backup."""
     return span.master if span.master is not None else _math(span.backup, span)
@@ -48,22 +57,24 @@ class ReferenceBackend(Backend):
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
         grad_scale: Optional[torch.Tensor] = None,
+        rho: Optional[torch.Tensor] = None,
     ) -> None:
         if span.master is not None:
             w = span.master
         else:
             span.backup.copy_(span.weights)
             w = _math(span.weights, span)
-        scale = perturbation.rho
+        rho = _on_device(perturbation.rho, rho, span)
+        scale = rho.to(span.state_dtype)
         if not perturbation.normalize and grad_scale is not None:
-            scale = grad_scale.to(span.state_dtype).reciprocal() * perturbation.rho  # (1 / s) * rho in the math dtype
+            scale = grad_scale.to(span.state_dtype).reciprocal() * scale  # (1 / s) * rho in the math dtype
         finite = None
         if partials is not None:
             total = partials.sum()
             finite = torch.isfinite(total)
             if perturbation.normalize:
                 eps = perturbation.eps if grad_scale is None else grad_scale.to(total.dtype) * perturbation.eps
-                scale = perturbation.rho / (total.sqrt() + eps)
+                scale = rho.to(total.dtype) / (total.sqrt() + eps)
             if nonfinite_count is not None:
                 nonfinite_count.add_(~finite)
         e = _math(span.grads, span) * scale
@@ -83,10 +94,11 @@ class ReferenceBackend(Backend):
             d = d * grad_unscale(scalars.grad_scale).to(d.dtype)
         if update.maximize:
             d = -d
+        lr = _on_device(update.lr, scalars.lr, span)
         if isinstance(update, SGDUpdate):
-            w, new_state = self._sgd(w, d, span, update, scalars.step)
+            w, new_state = self._sgd(w, d, span, update, scalars.step, lr)
         elif isinstance(update, AdamUpdate):
-            w, new_state = self._adam(w, d, span, update, scalars.step)
+            w, new_state = self._adam(w, d, span, update, scalars.step, lr)
         else:
             raise TypeError(f"unknown base update {type(update).__name__}")
         if scalars.found_inf is not None:  # GradScaler's sum over devices: any non-zero skips
@@ -100,7 +112,7 @@ class ReferenceBackend(Backend):
         span.weights.copy_(w)
 
     @staticmethod
-    def _sgd(w: torch.Tensor, d: torch.Tensor, span: Span, u: SGDUpdate, step: torch.Tensor):
+    def _sgd(w: torch.Tensor, d: torch.Tensor, span: Span, u: SGDUpdate, step: torch.Tensor, lr: torch.Tensor):
         if u.weight_decay != 0:
             d = d.add(w, alpha=u.weight_decay)
         new_state = {}
@@ -109,13 +121,13 @@ class ReferenceBackend(Backend):
             buf = torch.where(step.reshape(()) == 0, d, buf.mul(u.momentum).add_(d, alpha=1 - u.dampening))
             new_state["momentum_buffer"] = buf
             d = d.add(buf, alpha=u.momentum) if u.nesterov else buf
-        return w.add(d, alpha=-u.lr), new_state
+        return torch.addcmul(w, d, (-lr).to(w.dtype)), new_state
 
     @staticmethod
-    def _adam(w: torch.Tensor, d: torch.Tensor, span: Span, u: AdamUpdate, step: torch.Tensor):
+    def _adam(w: torch.Tensor, d: torch.Tensor, span: Span, u: AdamUpdate, step: torch.Tensor, lr: torch.Tensor):
         if u.weight_decay != 0:
             if u.decoupled:
-                w = w * (1 - u.lr * u.weight_decay)
+                w = w * (1 - lr * u.weight_decay).to(w.dtype)
             else:
                 d = d.add(w, alpha=u.weight_decay)
         exp_avg = torch.lerp(span.state["exp_avg"], d, 1 - u.beta1)
@@ -124,7 +136,7 @@ class ReferenceBackend(Backend):
         # The bias corrections from the step count on the device, in double as torch.optim computes them in
         # Python, each rounded once to the math dtype.
         t = step.reshape(()).double() + 1
-        neg_step_size = (-u.lr / (1 - torch.pow(u.beta1, t))).to(w.dtype)
+        neg_step_size = (-lr / (1 - torch.pow(u.beta1, t))).to(w.dtype)
         bias_correction2_sqrt = (1 - torch.pow(u.beta2, t)).sqrt().to(w.dtype)
         second_moment = exp_avg_sq
         if u.amsgrad:

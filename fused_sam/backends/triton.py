@@ -39,6 +39,13 @@ partials re-reduction, Adam's float64 bias corrections) is amortised over severa
 Hyperparameters that may change between steps (lr, rho) are kernel arguments: Python floats, i.e.
 float32, or, where the math needs float64 (Adam's lr and betas; rho and eps for float64 partials), their
 bit patterns as int64 (``float64_bits``), not specialised on. A new value neither recompiles nor syncs.
+With ``capturable=True``, lr (``StepScalars.lr``) and rho (``perturb(..., rho=)``) arrive instead as
+float64 tensors on the device, and the kernels' ``LR_ON_DEVICE`` / ``RHO_ON_DEVICE`` variants load them
+(the float fields are then NaN and never read), so a CUDA graph replay sees a scheduler's in-place update.
+The loaded float64 enters the same operations as the float path's value, and what this module derives
+from lr in Python (SGD's -lr, AdamW's 1 - lr * wd, in float64 and then rounded to a float32 argument) is
+derived in the kernel in float64 and rounded to float32 at the same point: results are the float path's
+bit for bit. Without a tensor the variant flag is off and the float path's kernels are unchanged.
 The per-step values on the device (step count, grad scale, found_inf) are tensors the kernels load, so
 the step-dependent branches (SGD's first-step momentum initialisation, Adam's bias corrections, the
 skip) are taken on the device. Other integers passed are only sizes (Triton may specialise those equal to
@@ -174,6 +181,7 @@ class TritonBackend(Backend):
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
         grad_scale: Optional[torch.Tensor] = None,
+        rho: Optional[torch.Tensor] = None,
     ) -> None:
         has_partials = partials is not None
         has_count = has_partials and nonfinite_count is not None
@@ -184,12 +192,14 @@ class TritonBackend(Backend):
                 partials if has_partials else unused,
                 nonfinite_count if has_count else unused,
                 unused if grad_scale is None else grad_scale,
+                unused if rho is None else rho,
                 span.numel, partials.numel() if has_partials else 0,
-                float64_bits(perturbation.rho), float(perturbation.eta), float64_bits(perturbation.eps),
+                float64_bits(perturbation.rho) if rho is None else 0,  # capturable: perturbation.rho is NaN
+                float(perturbation.eta), float64_bits(perturbation.eps),
                 HAS_PARTIALS=has_partials, NORMALIZE=bool(perturbation.normalize),
                 ADAPTIVE=bool(perturbation.adaptive), HAS_COUNT=has_count, HAS_GRAD_SCALE=grad_scale is not None,
-                MASTER=span.master is not None, BLOCK=BLOCK, PBLOCK=PARTIALS_BLOCK, RTNE_BF16=_rtne_bf16(span),
-                num_warps=NUM_WARPS,
+                RHO_ON_DEVICE=rho is not None, MASTER=span.master is not None, BLOCK=BLOCK, PBLOCK=PARTIALS_BLOCK,
+                RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS,
             )
 
     # --- second_step -----------------------------------------------------------------------------
@@ -214,9 +224,12 @@ class TritonBackend(Backend):
             scalars.step,
             unused if scalars.grad_scale is None else scalars.grad_scale,
             unused if scalars.found_inf is None else scalars.found_inf,
+            unused if scalars.lr is None else scalars.lr,
         )
+        # capturable: the lr is read from scalars.lr in the kernel, update.lr (NaN) is not used
         variant = dict(HAS_GRAD_SCALE=scalars.grad_scale is not None, HAS_FOUND_INF=scalars.found_inf is not None,
-                       MASTER=span.master is not None, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS)
+                       LR_ON_DEVICE=scalars.lr is not None, MASTER=span.master is not None, BLOCK=BLOCK,
+                       RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS)
         with _on(span.device):
             launch(span, update, _stream_grid(span), device_scalars, variant)
 
@@ -226,7 +239,8 @@ class TritonBackend(Backend):
         _k.sgd_kernel[grid](
             span.weights, _restore_point(span), span.grads,
             span.state["momentum_buffer"] if has_momentum else span.grads, *device_scalars, span.numel,
-            -float(u.lr), float(u.weight_decay), float(u.momentum), 1.0 - float(u.dampening),
+            0.0 if variant["LR_ON_DEVICE"] else -float(u.lr),  # on the device: the kernel negates the lr it loads
+            float(u.weight_decay), float(u.momentum), 1.0 - float(u.dampening),
             MAXIMIZE=bool(u.maximize), HAS_WD=u.weight_decay != 0, HAS_MOMENTUM=has_momentum,
             NESTEROV=bool(u.nesterov), **variant,
         )
@@ -236,13 +250,18 @@ class TritonBackend(Backend):
         # torch.lerp takes its scalar weight in float32 and picks its formula on that value
         lerp_weight = _f32(1 - u.beta1)
         state = span.state
+        decoupled_wd = u.weight_decay != 0 and bool(u.decoupled)
+        if variant["LR_ON_DEVICE"]:  # u.lr is NaN: the kernel computes 1 - lr * wd from the lr it loads
+            lr_bits, decay, weight_decay_bits = 0, 0.0, float64_bits(u.weight_decay) if decoupled_wd else 0
+        else:
+            lr_bits, decay, weight_decay_bits = float64_bits(u.lr), 1 - u.lr * u.weight_decay, 0
         _k.adam_kernel[grid](
             span.weights, _restore_point(span), span.grads,
             state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if u.amsgrad else state["exp_avg_sq"],
             *device_scalars, span.numel,
-            float64_bits(u.lr), float64_bits(u.beta1), float64_bits(u.beta2),
-            1 - u.lr * u.weight_decay, float(u.weight_decay), lerp_weight, _f32(1.0 - lerp_weight), float(u.eps),
+            lr_bits, float64_bits(u.beta1), float64_bits(u.beta2),
+            decay, float(u.weight_decay), weight_decay_bits, lerp_weight, _f32(1.0 - lerp_weight), float(u.eps),
             MAXIMIZE=bool(u.maximize), L2_WD=u.weight_decay != 0 and not u.decoupled,
-            DECOUPLED_WD=u.weight_decay != 0 and bool(u.decoupled), AMSGRAD=bool(u.amsgrad),
+            DECOUPLED_WD=decoupled_wd, AMSGRAD=bool(u.amsgrad),
             LERP_SMALL=abs(lerp_weight) < 0.5, **variant,
         )

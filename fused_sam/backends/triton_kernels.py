@@ -7,6 +7,13 @@ elements work. Hyperparameters are kernel arguments and the per-step values that
 count, GradScaler's scale and found_inf) are loaded from their tensors, so a new value never recompiles and
 nothing syncs with the host; structure (which options are on) is ``tl.constexpr``.
 
+``LR_ON_DEVICE`` / ``RHO_ON_DEVICE`` (``capturable=True``): lr or rho is loaded from a float64 tensor
+(``lr_ptr`` / ``rho_ptr``) instead of arriving as an argument, so that a replayed CUDA graph sees a
+scheduler's in-place update. The loaded float64 goes through the same operations as the float path's
+value, and what the launcher derives from lr in Python (SGD's -lr, AdamW's 1 - lr * wd) is derived here in
+float64 and rounded to float32 where the argument would have been: the results are the float path's bit
+for bit. Without the flag the pointer is a stand-in that is never read, and the kernel is the float one.
+
 Triton passes Python floats as float32. Values needed in float64 (Adam's lr and betas, rho and eps for
 float64 partials) are passed as their IEEE bit patterns in int64 (``*_bits``, see ``float64_bits`` in
 ``triton.py``) and bit-cast back here; those arguments are ``do_not_specialize`` so that a value whose bit
@@ -62,6 +69,14 @@ def _pow_float64(base, exponent):
         base = base * base
         exponent = exponent >> 1
     return result
+
+
+@triton.jit
+def _float64_hyperparameter(ptr, bits, ON_DEVICE: tl.constexpr):
+    """A float64 hyperparameter: loaded from ``ptr`` (ON_DEVICE, a float64 tensor), else decoded from ``bits``."""
+    if ON_DEVICE:
+        return tl.load(ptr)
+    return _float64_from_bits(bits)
 
 
 @triton.jit
@@ -130,11 +145,11 @@ def sq_norm_partials_kernel(g_ptr, w_ptr, out_ptr, numel, eta, ADAPTIVE: tl.cons
 
 @triton.jit(do_not_specialize=["rho_bits", "eps_bits"])
 def perturb_kernel(
-    w_ptr, g_ptr, restore_ptr, partials_ptr, count_ptr, grad_scale_ptr,
+    w_ptr, g_ptr, restore_ptr, partials_ptr, count_ptr, grad_scale_ptr, rho_ptr,
     numel, n_partials, rho_bits, eta, eps_bits,
     HAS_PARTIALS: tl.constexpr, NORMALIZE: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_COUNT: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
-    RTNE_BF16: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, RHO_ON_DEVICE: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr,
+    PBLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """backup <- w exactly; w <- w + e, e = scale * g (ASAM: * (|w| + eta)^2). MASTER: w is read from the
     master (left unchanged) and the weights receive the rounding of w + e; no backup.
@@ -143,14 +158,15 @@ def perturb_kernel(
     L2), in the same order, so all programs agree on the sum S; normalizing, scale = (1 / (sqrt(S) + eps *
     s)) * rho in the partials' dtype (s the GradScaler scale, 1 without one; the reference's rounding), and
     e = 0 when S is not finite; program 0 then adds one to ``count_ptr``. Not normalizing, scale = (1 / s) *
-    rho in float32 (just rho without partials, where nothing is checked). Grid-stride over blocks so the
+    rho in float32 (just rho without partials, where nothing is checked). rho is float64: decoded from
+    ``rho_bits``, or (RHO_ON_DEVICE) loaded from ``rho_ptr``. Grid-stride over blocks so the
     re-reduction is amortised over several blocks on large spans.
     Bytes per element: 16 (read w, g; write backup, w), plus 4 or 8 per partial per program; MASTER
     with 16-bit weights 8 (read master, g; write w).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    rho = _float64_from_bits(rho_bits)
+    rho = _float64_hyperparameter(rho_ptr, rho_bits, RHO_ON_DEVICE)
     scale = rho.to(tl.float32)
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr)
@@ -208,11 +224,11 @@ def copy_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr, RTNE_BF16: tl.cons
 
 @triton.jit
 def sgd_kernel(
-    w_ptr, restore_ptr, g_ptr, buf_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, numel,
+    w_ptr, restore_ptr, g_ptr, buf_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr, numel,
     neg_lr, weight_decay, momentum, one_minus_dampening,
     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr,
-    RTNE_BF16: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_ON_DEVICE: tl.constexpr, MASTER: tl.constexpr,
+    BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """w <- backup, then torch.optim.SGD's update of w and the momentum buffer, in one pass (MASTER: w is
     the master, and the update writes the master and its rounding to the weights; a skipped one only the
@@ -220,7 +236,8 @@ def sgd_kernel(
 
     d = +-g / grad_scale (+ wd * w); buf = d on the first step (step == 0), else momentum * buf +
     (1 - dampening) * d; d = d + momentum * buf (nesterov) or buf; w = w - lr * d. When found_inf is
-    non-zero, w <- backup bit for bit and nothing else is read or written.
+    non-zero, w <- backup bit for bit and nothing else is read or written. ``neg_lr`` is -lr in float32,
+    or (LR_ON_DEVICE) the float64 at ``lr_ptr`` negated and rounded to float32 here (``neg_lr`` unused).
     Grid-stride like perturb (the launcher caps the programs).
     Bytes per element: 20 with momentum (read backup, g, buf; write w, buf), 16 on the first step (buf
     not read), 12 without momentum; a skipped update 8 (read backup, write w). MASTER with 16-bit weights:
@@ -229,6 +246,8 @@ def sgd_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     apply, inv_scale = _update_controls(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE, HAS_FOUND_INF)
+    if LR_ON_DEVICE:
+        neg_lr = (-tl.load(lr_ptr)).to(tl.float32)
     # Lengths rather than scalar flags and-ed into the masks (which the interpreter mishandles): a skipped
     # update reads no gradient or state, the first step no momentum buffer.
     first = tl.load(step_ptr) == 0
@@ -255,13 +274,14 @@ def sgd_kernel(
         _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, w + neg_lr * d, MASTER, RTNE_BF16)
 
 
-@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits"])
+@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits"])
 def adam_kernel(
-    w_ptr, restore_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, numel,
-    lr_bits, beta1_bits, beta2_bits, decay, weight_decay, lerp_weight, lerp_weight_complement, eps,
+    w_ptr, restore_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr, numel,
+    lr_bits, beta1_bits, beta2_bits, decay, weight_decay, weight_decay_bits, lerp_weight, lerp_weight_complement,
+    eps,
     MAXIMIZE: tl.constexpr, L2_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
-    LERP_SMALL: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MASTER: tl.constexpr,
-    BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    LERP_SMALL: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """w <- backup, then torch.optim.Adam/AdamW's update of w, exp_avg, exp_avg_sq (, max_exp_avg_sq)
     (MASTER: w is the master, and the update writes the master and its rounding to the weights; a skipped
@@ -273,6 +293,9 @@ def adam_kernel(
     count on the device, t = step + 1: step_size = lr / (1 - beta1^t), sqrt(bc2) = sqrt(1 - beta2^t), in
     float64 as torch.optim computes them in Python, each rounded once to float32. When found_inf is
     non-zero, w <- backup bit for bit and nothing else is read or written.
+    lr is float64: decoded from ``lr_bits``, or (LR_ON_DEVICE) loaded from ``lr_ptr``; AdamW's ``decay``
+    (1 - lr * wd, float32) is then computed here from it and ``weight_decay_bits`` (wd in float64), which
+    only that variant reads.
     Grid-stride (the launcher caps the programs) so the float64 scalar work, a few dozen operations per
     program, is amortised over several blocks on large spans.
     Bytes per element: 28 (read backup, g, m, v; write w, m, v), 36 with amsgrad (vmax read and written);
@@ -284,8 +307,13 @@ def adam_kernel(
     apply, inv_scale = _update_controls(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE, HAS_FOUND_INF)
     beta2_f64 = _float64_from_bits(beta2_bits)
     t = tl.load(step_ptr).to(tl.int64) + 1
-    neg_step_size = (-_float64_from_bits(lr_bits) / (1.0 - _pow_float64(_float64_from_bits(beta1_bits), t)))
-    neg_step_size = neg_step_size.to(tl.float32)
+    lr = _float64_hyperparameter(lr_ptr, lr_bits, LR_ON_DEVICE)
+    neg_step_size = (-lr / (1.0 - _pow_float64(_float64_from_bits(beta1_bits), t))).to(tl.float32)
+    if LR_ON_DEVICE and DECOUPLED_WD:
+        # Python's 1 - lr * wd: two float64 roundings. fma(lr, wd, +0.0) is lr * wd rounded once (the +0.0
+        # addend only turns a -0.0 product into +0.0, which 1 - p does not see) and, unlike a multiply, is
+        # never contracted with the subtraction into one fused rounding.
+        decay = (1.0 - tl.fma(lr, _float64_from_bits(weight_decay_bits), 0.0)).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt(1.0 - _pow_float64(beta2_f64, t)).to(tl.float32)
     beta2 = beta2_f64.to(tl.float32)
     one_minus_beta2 = (1.0 - beta2_f64).to(tl.float32)

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of fp32, bf16, fp16, fp64; default: fp32 (+ bf16 on CUDA)")
     p.add_argument("--methods", default=None,
                    help="comma list among classic, torch-native, fused:<backend>, fused:<backend>+GradScaler, "
-                        "fused:<backend>+master (bf16/fp16) (default: all available)")
+                        "fused:<backend>+capturable, fused:<backend>+master (bf16/fp16) (default: all available)")
     p.add_argument("--warmup", type=int, default=None, help="untimed SAM steps per method before timing")
     p.add_argument("--repeats", type=int, default=None, help="timed SAM steps per method")
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,

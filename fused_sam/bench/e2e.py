@@ -7,9 +7,12 @@
 
 For each model: ``plain`` (the base optimizer alone, fused=True where torch supports it; one forward and
 backward per step), ``classic`` (ClassicSAM) and ``fused`` (FusedSAM, backend="auto"), both with two
-forwards and backwards per step. Reported: steps per second (median step time) and each method's step
-time as a multiple of the plain step; SAM's ideal is just over 2x (two forward/backward passes, plus the
-optimizer work).
+forwards and backwards per step. On CUDA also ``plain-graphed`` and ``fused-graphed``: the same whole
+training step captured into one CUDA graph and replayed (FusedSAM with ``capturable=True``, lr and rho as
+device tensors; the plain base optimizer with torch's own ``capturable=True`` where it has one), each
+reported against the graphed plain step. Reported: steps per second (median step time) and each method's
+step time as a multiple of the plain step; SAM's ideal is just over 2x (two forward/backward passes, plus
+the optimizer work).
 """
 from __future__ import annotations
 
@@ -157,18 +160,52 @@ def _train_step(method: str, model: nn.Module, loss_fn, opt):
     return loss
 
 
+def _graphed(step, device: torch.device, warmup: int):
+    """``step`` captured into a CUDA graph after ``warmup`` eager calls on a side stream; its replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 3)):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _build(method: str, params, base_cls, kwargs, device):
+    """(optimizer, info) for an end-to-end method."""
+    if method.startswith("plain"):
+        impl = base_impl(base_cls, device, params[0].dtype)
+        extra = {impl: True}
+        if method.endswith("graphed") and base_cls is not torch.optim.SGD:  # SGD has no capturable flag
+            extra["capturable"] = True
+        return base_cls(params, **kwargs, **extra), f"{base_cls.__name__}({', '.join(f'{k}=True' for k in extra)})"
+    if method == "classic":
+        return ClassicSAM(params, base_cls, rho=RHO, **kwargs), "ClassicSAM"
+    if method.endswith("graphed"):
+        on_device = dict(device=device, dtype=torch.float64)
+        kwargs = dict(kwargs, lr=torch.tensor(kwargs["lr"], **on_device))
+        opt = FusedSAM(params, base_cls, rho=torch.tensor(RHO, **on_device), capturable=True, **kwargs)
+    else:
+        opt = FusedSAM(params, base_cls, rho=RHO, **kwargs)
+    return opt, "FusedSAM " + ", ".join(sorted(set(opt.backends.values())))
+
+
 def run_e2e(device: torch.device, warmup: int, repeats: int, quick: bool = False, progress=None,
             models: Optional[List[str]] = None) -> List[dict]:
     configs = _configs(device, quick)
     models = models or list(configs)
-    plan = [(kind, method) for kind in models for method in ("plain", "classic", "fused")]
+    methods = ("plain", "classic", "fused") + (("plain-graphed", "fused-graphed") if device.type == "cuda" else ())
+    plan = [(kind, method) for kind in models for method in methods]
     bar = progress(total=len(plan), desc="end-to-end", unit="run") if progress else None
     rows = []
     for kind in models:
         cfg = configs[kind]
         base_cls, kwargs = OPTIMIZERS[cfg["optimizer"]]
         kind_rows = []
-        for method in ("plain", "classic", "fused"):
+        for method in methods:
             if bar:
                 bar.set_postfix_str(f"{kind} {method}")
             row = dict(model=kind, method=method, optimizer=cfg["optimizer"], batch=cfg["batch"], error=None)
@@ -176,21 +213,16 @@ def run_e2e(device: torch.device, warmup: int, repeats: int, quick: bool = False
                 model, loss_fn = _model_and_batch(kind, cfg, device)
                 params = [p for p in model.parameters() if p.requires_grad]
                 row["params"] = sum(p.numel() for p in params)
-                if method == "plain":
-                    impl = base_impl(base_cls, device, params[0].dtype)
-                    opt = base_cls(params, **kwargs, **{impl: True})
-                    row["info"] = f"{base_cls.__name__}({impl}=True)"
-                elif method == "classic":
-                    opt = ClassicSAM(params, base_cls, rho=RHO, **kwargs)
-                    row["info"] = "ClassicSAM"
-                else:
-                    opt = FusedSAM(params, base_cls, rho=RHO, **kwargs)
-                    row["info"] = "FusedSAM " + ", ".join(sorted(set(opt.backends.values())))
+                opt, row["info"] = _build(method, params, base_cls, kwargs, device)
+                kind_of_step = method.split("-")[0]
+                step = lambda: _train_step(kind_of_step, model, loss_fn, opt)  # noqa: E731
+                if method.endswith("graphed"):
+                    step = _graphed(step, device, warmup)
                 for _ in range(warmup):
-                    _train_step(method, model, loss_fn, opt)
+                    step()
                 sync(device)
-                times = time_steps(lambda: _train_step(method, model, loss_fn, opt), device, repeats)
-                loss = float(_train_step(method, model, loss_fn, opt).detach())
+                times = time_steps(step, device, repeats)
+                loss = float(_train_step(kind_of_step, model, loss_fn, opt).detach())
                 row.update(summarize(times), loss=loss, finite=math.isfinite(loss))
                 row["steps_per_s"] = 1e3 / row["median_ms"]
             except Exception as exc:
@@ -198,8 +230,9 @@ def run_e2e(device: torch.device, warmup: int, repeats: int, quick: bool = False
             kind_rows.append(row)
             if bar:
                 bar.update(1)
-        plain = next((r for r in kind_rows if r["method"] == "plain" and not r["error"]), None)
-        for r in kind_rows:
+        for r in kind_rows:  # graphed steps against the graphed plain step, the others against the plain one
+            versus = "plain-graphed" if r["method"].endswith("graphed") else "plain"
+            plain = next((p for p in kind_rows if p["method"] == versus and not p["error"]), None)
             r["x_plain"] = r["median_ms"] / plain["median_ms"] if plain and not r["error"] else None
         rows += kind_rows
     if bar:

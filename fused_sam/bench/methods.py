@@ -15,6 +15,9 @@
   are those of ``fused:<backend>``.
 - ``fused:<backend>+master`` (bf16/fp16 parameters, backends with master-weights kernels):
   ``FusedSAM(..., master_weights=True)``, float32 master weights in place of the backup.
+- ``fused:<backend>+capturable``: ``FusedSAM(..., capturable=True)`` with lr and rho as float64 tensors on
+  the device, as a CUDA-graph user keeps them, taken eagerly: what the capturable path costs without a
+  graph (the kernels load lr and rho instead of taking them as arguments).
 
 Every method exposes ``first_step()``, ``second_step()``, ``params`` and ``info`` (a dict of what it
 runs, for the report), and ``held_tensors()`` (every tensor it keeps between steps, for the memory
@@ -180,7 +183,7 @@ def method_names(device: torch.device, dtype: torch.dtype, only: Optional[Sequen
     for backend in available_backends(device, dtype):
         if backend == "triton" and device.type != "cuda" and not (only and "fused:triton" in only):
             continue
-        names += [f"fused:{backend}", f"fused:{backend}+GradScaler"]
+        names += [f"fused:{backend}", f"fused:{backend}+GradScaler", f"fused:{backend}+capturable"]
         if dtype in (torch.bfloat16, torch.float16) and backend in available_backends(device, dtype, master=True):
             names.append(f"fused:{backend}+master")
     if only:
@@ -207,8 +210,12 @@ def build(name: str, params: Sequence[torch.Tensor], optimizer: str):
     if name.startswith("fused:"):
         backend, variant = (name.split(":", 1)[1].split("+") + [""])[:2]
         scaled = variant == "GradScaler"
-        opt = FusedSAM(params, base_cls, rho=RHO, backend=backend, master_weights=variant == "master",
-                       **kwargs)  # SAM eps: its default, 1e-12
+        if variant == "capturable":  # lr and rho where a CUDA graph reads them
+            on_device = dict(device=params[0].device, dtype=torch.float64)
+            kwargs = dict(kwargs, lr=torch.tensor(kwargs["lr"], **on_device), rho=torch.tensor(RHO, **on_device),
+                          capturable=True)
+        opt = FusedSAM(params, base_cls, **{"rho": RHO, **kwargs}, backend=backend,
+                       master_weights=variant == "master")  # SAM eps: its default, 1e-12
         info = {"base": base_cls.__name__, "backends": opt.backends}
         return (_GradScaled if scaled else _Wrapped)(opt, params, info, _fused_held)
     raise ValueError(f"unknown method {name!r}")
