@@ -16,12 +16,14 @@ from .backends.base import grad_unscale
 from .distributed import is_dtensor, local_of, shard_group, sum_over_ranks
 from .flat import LOW_PRECISION, FlatSegment, is_dense, merged_master
 from .updates import capturing as _capturing, fused_kind, update_from_group
+from .variants import LookSAM, Variant, orthogonal_part, resolve as resolve_variant, reuse_coefficient
 
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
 MODES = ("paired", "alternate")
 STATE_DICT_FORMAT = 3  # 1: SAM's epsilon was saved as 'eps'; 2: master weights and restore point under 'sam'
 MASTER_KEY, RESTORE_KEY = "sam_master_weight", "sam_restore_point"  # per-parameter state SAM adds
 BETWEEN_HALVES_KEY = "sam_between_halves"  # in each saved param group: taken between the halves of a step
+LOOKSAM_KEY = "sam_looksam_gv"  # LookSAM's g_v, a per-parameter state buffer (holds g during a SAM step)
 
 
 def _tensor_of(entry):
@@ -118,6 +120,8 @@ class _SAMState:
         # rho is written into before each step (eagerly; under capture a float is refused).
         self.device_hyperparameters: Dict[tuple, torch.Tensor] = {}
         self.captured = False  # a step was captured into a CUDA graph: the buffers must stay where they are
+        self.completed_steps = 0  # SAM and plain steps taken: what a variant decides from
+        self.sam_due: Optional[bool] = None  # the variant's decision for the step under way, once asked
 
 
 class FusedSAM(torch.optim.Optimizer):
@@ -139,6 +143,8 @@ class FusedSAM(torch.optim.Optimizer):
             in place by LR schedulers, or a copy of a Python float made before each step), as they read
             the step counts and GradScaler's scale, so ``first_step`` and ``second_step`` can be captured
             into a CUDA graph and replayed (see README, "CUDA graphs"). Paired mode, fused base only.
+        variant: a ``fused_sam.variants`` object (``Every(k)``, ``Randomly(p)``, ``LookSAM(k)``) that decides
+            per step whether SAM's second pass runs (``sam_step_due``); None: SAM at every step.
         master_weights: keep a float32 master copy of bfloat16/float16 parameters (the model keeps its
             low-precision weights for forward and backward). The master copy is SAM's restore point and
             what the base update reads and writes; the weights are its rounding. Parameters in float32 or
@@ -162,6 +168,7 @@ class FusedSAM(torch.optim.Optimizer):
         mode: str = "paired",
         master_weights: bool = False,
         capturable: bool = False,
+        variant: Optional[Variant] = None,
         backend: str = "auto",
         **base_kwargs,
     ):
@@ -195,6 +202,10 @@ class FusedSAM(torch.optim.Optimizer):
             )
         self.master_weights = master_weights
         self.capturable = capturable
+        self.variant = resolve_variant(variant)
+        if type(self.variant) is not Variant and (mode != "paired" or capturable):
+            raise ValueError(f"variant={self.variant!r} needs mode='paired' and capturable=False: it decides on the "
+                             "host, per step, whether the second pass runs")
         self.backend_name = backend
         self.mode = mode
         self.base_optimizer = None
@@ -212,6 +223,7 @@ class FusedSAM(torch.optim.Optimizer):
             raise ValueError(f"capturable=True needs a fused base optimizer (torch.optim.SGD, Adam or AdamW), got "
                              f"{base_optimizer.__name__}, whose own step() reads found_inf on the host")
         self._build_segments(range(len(self.param_groups)))
+        self.variant.check(self)
 
     # --- construction -----------------------------------------------------------------------------
 
@@ -404,6 +416,9 @@ class FusedSAM(torch.optim.Optimizer):
                 "scaler.step(optimizer)) before the next first_step()"
             )
         self._note_capture("first_step()")
+        if not self.sam_step_due:
+            raise RuntimeError(f"step {sam.completed_steps} is not a SAM step for {self.variant!r} "
+                               "(opt.sam_step_due is False): take it with opt.plain_step() after the backward at w")
         grad_scale = _current_scale(grad_scaler)
         intact = [segment.intact() for segment in sam.segments]
         if not all(intact):
@@ -423,6 +438,10 @@ class FusedSAM(torch.optim.Optimizer):
             for _, _, (has_grad,), span in segment.spans(mask)
             if has_grad
         ]
+        if isinstance(self.variant, LookSAM):  # g, kept until second_step makes g_v of it
+            for segment in sam.segments:
+                segment.ensure_state([LOOKSAM_KEY])
+                segment.state[LOOKSAM_KEY].copy_(segment.grads)
         partials = None
         if any(p.normalize for p in perturbations) and (work or sam.shard_groups):
             partials = self._norm_partials(work, perturbations)
@@ -519,6 +538,14 @@ class FusedSAM(torch.optim.Optimizer):
         if problem:
             self._restore_all()
             raise RuntimeError(problem + "; the weights were restored to w and not updated")
+        if isinstance(self.variant, LookSAM):
+            self._store_orthogonal_part(found_inf)
+        self._update(active, grad_scale, found_inf)
+
+    def _update(self, active, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+        """Restore w where it was perturbed and take the base update with the gradients now in the buffers;
+        end the step. ``sam.perturbed`` says what was perturbed (a plain step: nothing)."""
+        sam = self._sam
         scales, infs = _PerDevice(grad_scale), _PerDevice(found_inf)
         if self._fused_kind:
             updates = self._base_updates()
@@ -545,10 +572,84 @@ class FusedSAM(torch.optim.Optimizer):
             self._restore_all()
             self._unfused_base_step(scales, found_inf)
         sam.perturbed = None
+        sam.completed_steps += 1
+        sam.sam_due = None
         for segment in sam.segments:
             segment.mark_grads_seen()
         # What an LR scheduler's wrapper of step() records; users of first/second_step never call step().
         self._opt_called = self.base_optimizer._opt_called = True
+
+    @property
+    def sam_step_due(self) -> bool:
+        """Is the step under way a SAM step (first_step, a second backward, second_step) or, for a variant
+        that says no, a plain one (``plain_step`` after the one backward at w)? Decided on the host once per
+        step, when first asked; always True without a variant."""
+        sam = self._sam
+        if sam.perturbed is not None:
+            return True
+        if sam.sam_due is None:
+            sam.sam_due = self.variant.sam_due(sam.completed_steps)
+        return sam.sam_due
+
+    @torch.no_grad()
+    def plain_step(self, zero_grad: bool = False) -> None:
+        """The step a variant takes without SAM's second pass: the base update with the gradients at w now
+        in ``.grad`` (LookSAM: plus alpha * ||g|| / ||g_v|| times its stored g_v). Under a GradScaler take it
+        with ``scaler.step(optimizer)`` instead."""
+        self._plain_step(None, None)
+        if zero_grad:
+            self.zero_grad()
+
+    def _plain_step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+        sam = self._sam
+        if sam.perturbed is not None:
+            raise RuntimeError("plain_step() between first_step() and second_step(): finish the SAM step")
+        if self.sam_step_due:
+            raise RuntimeError(f"step {sam.completed_steps} is a SAM step for {self.variant!r} (opt.sam_step_due is "
+                               "True): take it with first_step(), a second backward and second_step()")
+        intact = [segment.intact() for segment in sam.segments]
+        if not all(intact):
+            moved = next(filter(None, (s.storage_moved() for s in sam.segments)), None)
+            if moved:
+                self._relayout(moved)
+                intact = [False] * len(sam.segments)
+        for segment in sam.segments:
+            segment.sync_from_outside()
+        active = self._linked_grads(intact)
+        if isinstance(self.variant, LookSAM):
+            self._add_reused_component()
+        sam.perturbed = [[False] * len(segment.params) for segment in sam.segments]
+        self._update(active, grad_scale, found_inf)
+
+    # --- LookSAM's extra passes over the flat buffers ----------------------------------------------
+
+    def _global_sum(self, per_segment) -> torch.Tensor:
+        """The float64 sum over every segment of ``per_segment(segment)`` (a 0-d tensor on its device)."""
+        home = self._sam.segments[0].device
+        return torch.stack([per_segment(s).to(device=home, dtype=torch.float64) for s in self._sam.segments]).sum()
+
+    def _store_orthogonal_part(self, found_inf: Optional[torch.Tensor]) -> None:
+        """LookSAM's SAM step: g_v = g_s - (g . g_s / ||g||^2) g, g (from first_step) in the g_v buffer and
+        g_s in the gradients. A skipped (found_inf) step stores g_v = 0: nothing is reused until the next."""
+        g_dot_gs = self._global_sum(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.grads.to(s.state_dtype)))
+        g_sq = self._global_sum(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
+        for segment in self._sam.segments:
+            stored = segment.state[LOOKSAM_KEY]
+            g_v = orthogonal_part(segment.grads.to(segment.state_dtype), stored, g_dot_gs.to(segment.device),
+                                  g_sq.to(segment.device))
+            if found_inf is not None:
+                g_v = torch.where(found_inf.to(segment.device).reshape(()) != 0, torch.zeros_like(g_v), g_v)
+            stored.copy_(g_v)
+
+    def _add_reused_component(self) -> None:
+        """LookSAM's reuse step: g <- g + alpha * (||g|| / ||g_v||) * g_v."""
+        g_sq = self._global_sum(lambda s: torch.dot(s.grads.to(s.state_dtype), s.grads.to(s.state_dtype)))
+        gv_sq = self._global_sum(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
+        coefficient = reuse_coefficient(self.variant.alpha, g_sq, gv_sq)
+        for segment in self._sam.segments:
+            reused = segment.grads.to(segment.state_dtype) + coefficient.to(segment.device, segment.state_dtype) \
+                * segment.state[LOOKSAM_KEY]
+            segment.grads.copy_(reused)
 
     def _note_capture(self, what: str) -> None:
         """Under CUDA graph capture: refuse unless capturable (a float lr and rho would replay frozen); else
@@ -623,6 +724,13 @@ class FusedSAM(torch.optim.Optimizer):
                 self.second_step()
             return loss
         grad_scale, found_inf = self._grad_scaler_inputs()
+        if not self.sam_step_due:  # the variant's plain step: one gradient, at w
+            loss = None
+            if closure is not None and not self._grads_fresh():
+                with torch.enable_grad():
+                    loss = closure()
+            self._plain_step(grad_scale, found_inf)
+            return loss
         if sam.perturbed is not None:  # the rest of a SAM step begun by first_step()
             loss = None
             if closure is not None:
@@ -764,7 +872,9 @@ class FusedSAM(torch.optim.Optimizer):
                 base["state"].setdefault(index[pid], {})[RESTORE_KEY] = value
             for group in base["param_groups"]:
                 group[BETWEEN_HALVES_KEY] = sam.perturbed is not None
-        base["sam"] = {"format": STATE_DICT_FORMAT, "perturb_eps": sam.perturb_eps, "nonfinite_steps": self.nonfinite_steps}
+        base["sam"] = {"format": STATE_DICT_FORMAT, "perturb_eps": sam.perturb_eps, "nonfinite_steps": self.nonfinite_steps,
+                       "completed_steps": sam.completed_steps,
+                       "variant": dict(self.variant.state_dict(), name=self.variant.name)}
         return base
 
     def _restore_points(self) -> Dict[int, torch.Tensor]:
@@ -822,6 +932,10 @@ class FusedSAM(torch.optim.Optimizer):
             self.param_groups[:] = loaded_groups
             base.state, base.param_groups = self.state, self.param_groups
         sam.perturb_eps = float(saved_sam.get("perturb_eps", saved_sam.get("eps", sam.perturb_eps)))
+        sam.completed_steps, sam.sam_due = int(saved_sam.get("completed_steps", 0)), None
+        saved_variant = dict(saved_sam.get("variant", {}))
+        if saved_variant.pop("name", None) == self.variant.name:
+            self.variant.load_state_dict(saved_variant)
         if sam.nonfinite is not None:
             sam.nonfinite.fill_(int(saved_sam.get("nonfinite_steps", 0)))
         if masters is not None:

@@ -1,0 +1,148 @@
+"""Cheaper SAM: variants that decide per step whether SAM's second pass runs, and what a step without it does.
+
+A variant is passed as ``FusedSAM(..., variant=...)``. Before each step the training loop asks
+``opt.sam_step_due``: when True it runs the SAM step as usual (``first_step``, a second backward,
+``second_step``); when False it calls ``opt.plain_step()`` after the one backward at w. ``step(closure)``
+does this by itself. The decision is taken on the host, from host state only (no device read), once per
+step; it is kept until the step completes.
+
+- ``Every(k)``: SAM every k-th step (MosaicML composer's interval SAM); otherwise the base update with the
+  gradient at w. Cost per step 1 + 1/k backward passes.
+- ``Randomly(p, seed)``: SAM with probability ``p`` (a settable attribute, so it may be scheduled), drawn from
+  a seeded generator kept in the state dict, so a run repeats and resumes (RST, Zhao et al. 2022).
+- ``LookSAM(k, alpha)`` (Liu et al. 2022): every k-th step a SAM step that also stores g_v, the part of
+  the perturbed gradient g_s orthogonal to the gradient g at w: g_v = g_s - (g . g_s / ||g||^2) g. The other
+  steps update with g + alpha * (||g|| / ||g_v||) * g_v. One flat buffer per segment for g_v (it also holds
+  g during a SAM step).
+
+Every variant works with every backend: the SAM steps are FusedSAM's own, a plain step is the backend's
+restore-and-update from w, and LookSAM's extra passes are a few torch operations over the flat buffers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class Variant:
+    """How FusedSAM chooses between a SAM step and a plain step. Subclasses keep their run state in the
+    object itself (mutated in place), saved by ``state_dict``."""
+
+    name = "sam"
+
+    def check(self, opt) -> None:
+        """Raise if this variant cannot run with ``opt``'s settings."""
+
+    def sam_due(self, step: int) -> bool:
+        """Is step ``step`` (0-based count of completed steps) a SAM step?"""
+        return True
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+class Every(Variant):
+    """SAM on steps 0, k, 2k, ...; the base update with the gradient at w on the others."""
+
+    name = "every"
+
+    def __init__(self, k: int):
+        self.k = _positive_int(k, "Every(k): k")
+
+    def sam_due(self, step: int) -> bool:
+        return step % self.k == 0
+
+    def __repr__(self) -> str:
+        return f"Every({self.k})"
+
+
+class Randomly(Variant):
+    """SAM with probability ``p`` per step, from a generator seeded with ``seed``; ``p`` may be changed
+    between steps (a schedule)."""
+
+    name = "randomly"
+
+    def __init__(self, p: float, seed: int = 0):
+        self.p = p
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"Randomly(p): p must be a probability in [0, 1], got {value!r}")
+        self._p = float(value)
+
+    def sam_due(self, step: int) -> bool:
+        draw = torch.rand((), generator=self.generator, dtype=torch.float64).item()  # a CPU generator: no device
+        return draw < self._p
+
+    def state_dict(self) -> dict:
+        return {"p": self._p, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.p = state["p"]
+        self.generator.set_state(state["generator"])
+
+    def __repr__(self) -> str:
+        return f"Randomly(p={self._p})"
+
+
+class LookSAM(Variant):
+    """SAM every k-th step, storing g_v; the others reuse it: g + alpha * (||g|| / ||g_v||) * g_v."""
+
+    name = "looksam"
+
+    def __init__(self, k: int, alpha: float = 0.7):
+        self.k = _positive_int(k, "LookSAM(k): k")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"LookSAM(alpha): alpha must be a non-negative number, got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def check(self, opt) -> None:
+        if opt._sam.shard_groups:
+            raise ValueError("LookSAM over sharded (FSDP2) parameters is not supported yet: its dot products "
+                             "over g, g_s and g_v would need a sum over the ranks")
+        for gi, group in enumerate(opt.param_groups):
+            if group["adaptive"] or not group["normalize"]:
+                raise ValueError(f"LookSAM works with plain SAM (adaptive=False, normalize=True); param group {gi} "
+                                 "is ASAM or un-normalized: its perturbation is not along g, so g_v would not be "
+                                 "what LookSAM reuses")
+
+    def sam_due(self, step: int) -> bool:
+        return step % self.k == 0
+
+    def __repr__(self) -> str:
+        return f"LookSAM(k={self.k}, alpha={self.alpha})"
+
+
+def orthogonal_part(g_s: torch.Tensor, g: torch.Tensor, g_dot_gs: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
+    """g_s minus its projection on g: g_s - (g . g_s / ||g||^2) g (zero projection when g is zero)."""
+    coefficient = torch.where(g_sq > 0, g_dot_gs / g_sq, torch.zeros_like(g_sq))
+    return g_s - coefficient.to(g_s.dtype) * g
+
+
+def reuse_coefficient(alpha: float, g_sq: torch.Tensor, gv_sq: torch.Tensor) -> torch.Tensor:
+    """alpha * ||g|| / ||g_v||, zero when g_v is (nothing to reuse)."""
+    return torch.where(gv_sq > 0, alpha * g_sq.sqrt() / gv_sq.sqrt(), torch.zeros_like(gv_sq))
+
+
+def resolve(variant: Optional[Variant]) -> Variant:
+    if variant is None:
+        return Variant()
+    if not isinstance(variant, Variant):
+        raise TypeError(f"variant must be a fused_sam.variants.Variant (Every, Randomly, LookSAM), got {variant!r}")
+    return variant

@@ -1,0 +1,199 @@
+"""SAM variants (fused_sam.variants) against independent loops written here from the papers' formulas, on
+twin float64 models: the reference loops use torch.optim's own base step and plain tensor math."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fused_sam import FusedSAM
+from fused_sam.variants import Every, LookSAM, Randomly
+
+from models import batches, loss_of, mlp
+
+STEPS = 30
+RHO, EPS = 0.05, 1e-12
+BASES = {
+    "sgd-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+    "rmsprop-unfused": (torch.optim.RMSprop, dict(lr=1e-3, momentum=0.9)),  # runs its own step()
+}
+TOLERANCE = 1e-10
+
+
+def grads_at(model, x, y):
+    params = list(model.parameters())
+    return list(torch.autograd.grad(loss_of(model, x, y), params))
+
+
+def flat_dot(a, b):
+    return sum((u * v).sum() for u, v in zip(a, b))
+
+
+def reference_run(base: str, decide, looksam_alpha=None, steps=STEPS) -> list:
+    """decide(t) -> SAM or plain at step t. SAM: e = rho g / (||g|| + eps), g_s at w + e, update with g_s.
+    Plain: update with g, or with LookSAM g + alpha ||g|| / ||g_v|| g_v (g_v from the last SAM step)."""
+    model = mlp(torch.float64)
+    params = list(model.parameters())
+    cls, kwargs = BASES[base]
+    opt = cls(params, **kwargs)
+    g_v = None
+    for t, (x, y) in enumerate(batches(model, steps, torch.float64)):
+        g = grads_at(model, x, y)
+        if decide(t):
+            norm = torch.sqrt(flat_dot(g, g))
+            e = [RHO * gi / (norm + EPS) for gi in g]
+            with torch.no_grad():
+                torch._foreach_add_(params, e)
+            g_s = grads_at(model, x, y)
+            with torch.no_grad():
+                torch._foreach_sub_(params, e)
+            if looksam_alpha is not None:
+                c = flat_dot(g, g_s) / flat_dot(g, g)
+                g_v = [gs - c * gi for gs, gi in zip(g_s, g)]
+            update = g_s
+        elif looksam_alpha is not None and g_v is not None:
+            coefficient = looksam_alpha * torch.sqrt(flat_dot(g, g)) / torch.sqrt(flat_dot(g_v, g_v))
+            update = [gi + coefficient * v for gi, v in zip(g, g_v)]
+        else:
+            update = g
+        for p, u in zip(params, update):
+            p.grad = u
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def fused_run(base: str, variant, steps=STEPS, model=None, opt=None, start=0) -> tuple:
+    model = model or mlp(torch.float64)
+    cls, kwargs = BASES[base]
+    opt = opt or FusedSAM(model.parameters(), cls, rho=RHO, perturb_eps=EPS, variant=variant, **kwargs)
+    for x, y in list(batches(model, start + steps, torch.float64))[start:]:
+        loss_of(model, x, y).backward()
+        if opt.sam_step_due:
+            opt.first_step(zero_grad=True)
+            loss_of(model, x, y).backward()
+            opt.second_step(zero_grad=True)
+        else:
+            opt.plain_step(zero_grad=True)
+    return model, opt
+
+
+def distance(a, b) -> float:
+    return max((u.detach() - v.detach()).abs().max().item() for u, v in zip(a, b))
+
+
+def draws(p: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda t: torch.rand((), generator=gen, dtype=torch.float64).item() < p
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("name", ["every-3", "randomly-0.4", "looksam-3", "looksam-4-alpha-1.5"])
+def test_variant_matches_the_papers_formulas(name, base):
+    variant, decide, alpha = {
+        "every-3": (Every(3), lambda t: t % 3 == 0, None),
+        "randomly-0.4": (Randomly(0.4, seed=7), draws(0.4, 7), None),
+        "looksam-3": (LookSAM(3, alpha=0.7), lambda t: t % 3 == 0, 0.7),
+        "looksam-4-alpha-1.5": (LookSAM(4, alpha=1.5), lambda t: t % 4 == 0, 1.5),
+    }[name]
+    model, _ = fused_run(base, variant)
+    expected = reference_run(base, decide, alpha)
+    assert distance(model.parameters(), expected) <= TOLERANCE
+    # and it is neither SAM nor plain descent
+    assert distance(expected, reference_run(base, lambda t: True)) > 1e-6
+    assert distance(expected, reference_run(base, lambda t: False)) > 1e-6
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_degenerate_settings_are_sam_or_the_base_optimizer(base):
+    sam, _ = fused_run(base, None)
+    for variant in (Every(1), LookSAM(1), Randomly(1.0)):
+        model, _ = fused_run(base, variant)
+        assert all(map(torch.equal, model.parameters(), sam.parameters())), variant
+    plain, _ = fused_run(base, Randomly(0.0))
+    assert distance(plain.parameters(), reference_run(base, lambda t: False)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("variant", [Every(3), LookSAM(3), Randomly(0.5, seed=3)], ids=repr)
+def test_resume_mid_interval_is_bitwise(variant, tmp_path):
+    straight, _ = fused_run("adamw", copy.deepcopy(variant), steps=10)
+    model, opt = fused_run("adamw", copy.deepcopy(variant), steps=4)  # 4: between two SAM steps for k=3
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    resumed = mlp(torch.float64, seed=5)
+    resumed.load_state_dict(saved["model"])
+    cls, kwargs = BASES["adamw"]
+    fresh = FusedSAM(resumed.parameters(), cls, rho=RHO, perturb_eps=EPS, variant=copy.deepcopy(variant), **kwargs)
+    fresh.load_state_dict(saved["opt"])
+    fused_run("adamw", None, steps=6, model=resumed, opt=fresh, start=4)
+    assert all(map(torch.equal, resumed.parameters(), straight.parameters()))
+
+
+def test_step_with_closure_calls_it_as_often_as_the_variant_needs():
+    """Classic convention (first backward already ran): a plain step calls no closure, a SAM step one.
+    torch.optim's (nothing ran): one and two."""
+    for backward_first, expected in ((True, [1, 0, 0, 1, 0, 0]), (False, [2, 1, 1, 2, 1, 1])):
+        model = mlp(torch.float64)
+        opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.05, variant=Every(3))
+        calls = []
+        for x, y in batches(model, 6, torch.float64):
+            count = [0]
+
+            def closure():
+                count[0] += 1
+                opt.zero_grad()
+                loss = loss_of(model, x, y)
+                loss.backward()
+                return loss
+
+            if backward_first:
+                loss_of(model, x, y).backward()
+            opt.step(closure)
+            opt.zero_grad()
+            calls.append(count[0])
+        assert calls == expected, (backward_first, calls)
+
+
+def test_grad_scaler_takes_plain_steps_too():
+    """GradScaler("cpu") with Every(2): scaler.step(opt) is the second step of SAM steps and the plain step
+    of the others; with a power-of-two scale the run equals the unscaled one to rounding."""
+    model = mlp(torch.float64)
+    unscaled, _ = fused_run("sgd-momentum", Every(2), steps=8)
+    cls, kwargs = BASES["sgd-momentum"]
+    opt = FusedSAM(model.parameters(), cls, rho=RHO, perturb_eps=EPS, variant=Every(2), **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for x, y in batches(model, 8, torch.float64):
+        scaler.scale(loss_of(model, x, y)).backward()
+        if opt.sam_step_due:
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+            scaler.scale(loss_of(model, x, y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert distance(model.parameters(), unscaled.parameters()) <= TOLERANCE
+
+
+def test_wrong_calls_and_settings_are_refused():
+    model = mlp(torch.float64)
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.05, variant=Every(2))
+    x, y = next(batches(model, 1, torch.float64))
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="is a SAM step for Every"):
+        opt.plain_step()
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="is not a SAM step for Every"):
+        opt.first_step()
+    with pytest.raises(ValueError, match="needs mode='paired'"):
+        FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, variant=Every(2), mode="alternate")
+    with pytest.raises(ValueError, match="LookSAM works with plain SAM"):
+        FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, adaptive=True, variant=LookSAM(2))
+    with pytest.raises(ValueError, match="positive integer"):
+        Every(0)
+    with pytest.raises(ValueError, match="probability"):
+        Randomly(1.5)
+    with pytest.raises(TypeError, match="variant must be"):
+        FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, variant="looksam")
