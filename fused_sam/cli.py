@@ -1,4 +1,4 @@
-"""The ``fused-sam`` command: ``fused-sam bench`` and ``fused-sam demo``."""
+"""The ``fused-sam`` command: ``fused-sam bench``, ``fused-sam demo`` and ``fused-sam study``."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +9,15 @@ from typing import List, Optional
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="fused-sam", description=__doc__)
-    parser.add_argument("command", choices=["bench", "demo"], help="what to run; `fused-sam COMMAND -h` for its options")
+    parser.add_argument("command", choices=["bench", "demo", "study"],
+                        help="what to run; `fused-sam COMMAND -h` for its options")
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "bench":
         from .bench.cli import main as run
-    else:
+    elif args.command == "demo":
         from .demo.cli import main as run
+    else:
+        from .study import main as run
     return run(argv[1:])
 
 

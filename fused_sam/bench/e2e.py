@@ -7,7 +7,8 @@
 
 For each model: ``plain`` (the base optimizer alone, fused=True where torch supports it; one forward and
 backward per step), ``classic`` (ClassicSAM) and ``fused`` (FusedSAM, backend="auto"), both with two
-forwards and backwards per step. On CUDA also ``plain-graphed`` and ``fused-graphed``: the same whole
+forwards and backwards per step, and the cheaper variants ``fused-every-5`` and ``fused-looksam-5``
+(``fused_sam.variants``: SAM on one step in five), timed over whole cycles of 5 steps and reported per step. On CUDA also ``plain-graphed`` and ``fused-graphed``: the same whole
 training step captured into one CUDA graph and replayed (FusedSAM with ``capturable=True``, lr and rho as
 device tensors; the plain base optimizer with torch's own ``capturable=True`` where it has one), each
 reported against the graphed plain step. Reported: steps per second (median step time) and each method's
@@ -27,6 +28,10 @@ from ..classic import ClassicSAM
 from ..optimizer import FusedSAM
 from .measure import summarize, sync, time_steps
 from .methods import OPTIMIZERS, RHO, base_impl
+from ..variants import Every, LookSAM
+
+VARIANTS = {"fused-every-5": lambda: Every(5), "fused-looksam-5": lambda: LookSAM(5)}
+CYCLE = 5  # steps per timed sample of a variant: one SAM step and four plain ones
 
 
 class _Block(nn.Module):
@@ -154,6 +159,9 @@ def _train_step(method: str, model: nn.Module, loss_fn, opt):
     opt.zero_grad()
     loss = loss_fn()
     loss.backward()
+    if not getattr(opt, "sam_step_due", True):  # a FusedSAM variant's plain step (ClassicSAM: always SAM)
+        opt.plain_step()
+        return loss
     opt.first_step(zero_grad=True)
     closure()
     opt.second_step()
@@ -188,6 +196,9 @@ def _build(method: str, params, base_cls, kwargs, device):
         on_device = dict(device=device, dtype=torch.float64)
         kwargs = dict(kwargs, lr=torch.tensor(kwargs["lr"], **on_device))
         opt = FusedSAM(params, base_cls, rho=torch.tensor(RHO, **on_device), capturable=True, **kwargs)
+    elif method in VARIANTS:
+        opt = FusedSAM(params, base_cls, rho=RHO, variant=VARIANTS[method](), **kwargs)
+        return opt, f"FusedSAM variant={opt.variant!r} " + ", ".join(sorted(set(opt.backends.values())))
     else:
         opt = FusedSAM(params, base_cls, rho=RHO, **kwargs)
     return opt, "FusedSAM " + ", ".join(sorted(set(opt.backends.values())))
@@ -197,7 +208,7 @@ def run_e2e(device: torch.device, warmup: int, repeats: int, quick: bool = False
             models: Optional[List[str]] = None) -> List[dict]:
     configs = _configs(device, quick)
     models = models or list(configs)
-    methods = ("plain", "classic", "fused") + (("plain-graphed", "fused-graphed") if device.type == "cuda" else ())
+    methods = ("plain", "classic", "fused", *VARIANTS) + (("plain-graphed", "fused-graphed") if device.type == "cuda" else ())
     plan = [(kind, method) for kind in models for method in methods]
     bar = progress(total=len(plan), desc="end-to-end", unit="run") if progress else None
     rows = []
@@ -215,13 +226,14 @@ def run_e2e(device: torch.device, warmup: int, repeats: int, quick: bool = False
                 row["params"] = sum(p.numel() for p in params)
                 opt, row["info"] = _build(method, params, base_cls, kwargs, device)
                 kind_of_step = method.split("-")[0]
-                step = lambda: _train_step(kind_of_step, model, loss_fn, opt)  # noqa: E731
+                steps_per_sample = CYCLE if method in VARIANTS else 1
+                step = lambda: [_train_step(kind_of_step, model, loss_fn, opt) for _ in range(steps_per_sample)]  # noqa: E731
                 if method.endswith("graphed"):
                     step = _graphed(step, device, warmup)
                 for _ in range(warmup):
                     step()
                 sync(device)
-                times = time_steps(step, device, repeats)
+                times = [t / steps_per_sample for t in time_steps(step, device, repeats)]
                 loss = float(_train_step(kind_of_step, model, loss_fn, opt).detach())
                 row.update(summarize(times), loss=loss, finite=math.isfinite(loss))
                 row["steps_per_s"] = 1e3 / row["median_ms"]
