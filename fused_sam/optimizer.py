@@ -432,12 +432,7 @@ class FusedSAM(torch.optim.Optimizer):
         rhos = self._device_hyperparameters("rho")  # before any kernel: a refusal leaves nothing half done
         self._base_updates()  # a base setting second_step() would refuse must fail before w moves
         active = self._linked_grads(intact)
-        work = [
-            (segment, span)
-            for segment, mask in zip(sam.segments, active)
-            for _, _, (has_grad,), span in segment.spans(mask)
-            if has_grad
-        ]
+        work = self._spans_with_gradients(active)
         if isinstance(self.variant, LookSAM):  # g, kept until second_step makes g_v of it
             for segment in sam.segments:
                 segment.ensure_state([LOOKSAM_KEY])
@@ -445,6 +440,8 @@ class FusedSAM(torch.optim.Optimizer):
         partials = None
         if any(p.normalize for p in perturbations) and (work or sam.shard_groups):
             partials = self._norm_partials(work, perturbations)
+            if self.variant.needs_norm:
+                self.variant.observe(self._squared_norm(partials, grad_scale))
         counter = sam.nonfinite if partials is not None else None  # incremented once per step
         scales = _PerDevice(grad_scale)
         for segment, span in work:
@@ -465,6 +462,22 @@ class FusedSAM(torch.optim.Optimizer):
             segment.mark_grads_seen()
         if zero_grad:
             self.zero_grad()
+
+    def _spans_with_gradients(self, active) -> list:
+        """(segment, span) for every run of parameters that has a gradient (``active``: per segment)."""
+        return [
+            (segment, span)
+            for segment, mask in zip(self._sam.segments, active)
+            for _, _, (has_grad,), span in segment.spans(mask)
+            if has_grad
+        ]
+
+    @staticmethod
+    def _squared_norm(partials: Dict[torch.device, torch.Tensor], grad_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """||g||^2 of the unscaled gradient, a float64 device tensor (one device's partials: with several
+        devices or ranks each already holds the total)."""
+        total = next(iter(partials.values())).sum(dtype=torch.float64)
+        return total if grad_scale is None else total / grad_scale.to(total.device, torch.float64).square()
 
     def _norm_partials(self, work, perturbations) -> Dict[torch.device, torch.Tensor]:
         """Squared-norm partials per device. With several devices, or parameters sharded over ranks, each
@@ -616,6 +629,11 @@ class FusedSAM(torch.optim.Optimizer):
         for segment in sam.segments:
             segment.sync_from_outside()
         active = self._linked_grads(intact)
+        if self.variant.needs_norm:
+            work = self._spans_with_gradients(active)
+            if work:
+                partials = self._norm_partials(work, self._perturbations())
+                self.variant.observe(self._squared_norm(partials, grad_scale))
         if isinstance(self.variant, LookSAM):
             self._add_reused_component()
         sam.perturbed = [[False] * len(segment.params) for segment in sam.segments]

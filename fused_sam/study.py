@@ -13,7 +13,8 @@ per epoch, gradient evaluations (backward passes) per epoch, and the largest Hes
 training loss at the end (power iteration). The table is written as JSON and Markdown, with a plot of
 accuracy against gradient evaluations when matplotlib is installed. Nothing is tuned per method: every
 method runs with the demo's settings (SGD lr 0.05, momentum 0.9, batch 32; rho 0.3 for SAM and every
-variant; LookSAM's alpha 0.7, fused_sam's default).
+variant; LookSAM's alpha 0.7, fused_sam's default; WhenSharp's threshold from -1 to +1 standard
+deviations over the run and delta 0.9).
 """
 from __future__ import annotations
 
@@ -30,14 +31,16 @@ from torch import nn
 
 from .demo.mlp import MLPConfig, accuracy, make_data, top_hessian_eigenvalue
 from .optimizer import FusedSAM
-from .variants import Every, LookSAM, Randomly
+from .variants import Every, LookSAM, Randomly, WhenSharp
 
+# method -> its variant, from the seed and the run's number of steps (None: plain SAM; "sgd" has none)
 METHODS = {
     "sgd": None,
-    "sam": lambda seed: None,
-    "every-5": lambda seed: Every(5),
-    "randomly-0.2": lambda seed: Randomly(0.2, seed=seed),
-    "looksam-5": lambda seed: LookSAM(5, alpha=0.7),
+    "sam": lambda seed, steps: None,
+    "every-5": lambda seed, steps: Every(5),
+    "randomly-0.2": lambda seed, steps: Randomly(0.2, seed=seed),
+    "looksam-5": lambda seed, steps: LookSAM(5, alpha=0.7),
+    "whensharp": lambda seed, steps: WhenSharp(c_start=-1.0, c_end=1.0, total_steps=steps),
 }
 
 
@@ -89,8 +92,9 @@ def train(task: Dict[str, torch.Tensor], method: str, seed: int, cfg: StudyConfi
     if method == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     else:
+        steps = cfg.epochs * -(-len(x) // cfg.batch_size)
         opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=cfg.rho, lr=cfg.lr, momentum=cfg.momentum,
-                       variant=METHODS[method](seed))
+                       variant=METHODS[method](seed, steps))
     gen = torch.Generator().manual_seed(20_000 + seed)  # the same batches for every method
     loss_fn = nn.functional.cross_entropy
     backward_passes, seconds = 0, 0.0

@@ -15,6 +15,13 @@ step; it is kept until the step completes.
   steps update with g + alpha * (||g|| / ||g_v||) * g_v. One flat buffer per segment for g_v (it also holds
   g during a SAM step).
 
+- ``WhenSharp(c_start, c_end, total_steps, delta)`` (AE-SAM, Jiang et al. 2023): SAM when the squared
+  gradient norm ||g||^2 is at least its running mean plus c_t running standard deviations (exponential
+  moving averages with factor delta; c_t linear from c_start to c_end over total_steps). The norm is known
+  only on the device, and reading it would stall the step: the decision for step t is made on the device
+  from step t-1's gradient and copied to the host asynchronously; ``sam_step_due`` waits only if that copy
+  has not landed a whole step later. Plain steps then also take the norm (one more pass over the gradients).
+
 Every variant works with every backend: the SAM steps are FusedSAM's own, a plain step is the backend's
 restore-and-update from w, and LookSAM's extra passes are a few torch operations over the flat buffers.
 """
@@ -30,9 +37,13 @@ class Variant:
     object itself (mutated in place), saved by ``state_dict``."""
 
     name = "sam"
+    needs_norm = False  # does observe() want ||g||^2 at w on plain steps too?
 
     def check(self, opt) -> None:
         """Raise if this variant cannot run with ``opt``'s settings."""
+
+    def observe(self, sq_norm: torch.Tensor) -> None:
+        """The squared norm of this step's gradient at w (a float64 device tensor; ``needs_norm`` variants)."""
 
     def sam_due(self, step: int) -> bool:
         """Is step ``step`` (0-based count of completed steps) a SAM step?"""
@@ -116,17 +127,88 @@ class LookSAM(Variant):
         if opt._sam.shard_groups:
             raise ValueError("LookSAM over sharded (FSDP2) parameters is not supported yet: its dot products "
                              "over g, g_s and g_v would need a sum over the ranks")
-        for gi, group in enumerate(opt.param_groups):
-            if group["adaptive"] or not group["normalize"]:
-                raise ValueError(f"LookSAM works with plain SAM (adaptive=False, normalize=True); param group {gi} "
-                                 "is ASAM or un-normalized: its perturbation is not along g, so g_v would not be "
-                                 "what LookSAM reuses")
+        _plain_sam_only(opt, "LookSAM")  # g_v is defined against g, the direction of plain SAM's e
 
     def sam_due(self, step: int) -> bool:
         return step % self.k == 0
 
     def __repr__(self) -> str:
         return f"LookSAM(k={self.k}, alpha={self.alpha})"
+
+
+def _plain_sam_only(opt, name: str) -> None:
+    for gi, group in enumerate(opt.param_groups):
+        if group["adaptive"] or not group["normalize"]:
+            raise ValueError(f"{name} works with plain SAM (adaptive=False, normalize=True); param group {gi} is ASAM "
+                             "or un-normalized")
+
+
+class WhenSharp(Variant):
+    """AE-SAM: SAM when ||g||^2 >= mu + c_t * sigma (running mean and standard deviation of ||g||^2),
+    decided from the previous step's gradient, on the device, read by the host one step later."""
+
+    name = "whensharp"
+    needs_norm = True
+
+    def __init__(self, c_start: float = -1.0, c_end: float = 1.0, total_steps: int = 1, delta: float = 0.9):
+        for value, what in ((c_start, "c_start"), (c_end, "c_end")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"WhenSharp({what}) must be a number, got {value!r}")
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta < 1:
+            raise ValueError(f"WhenSharp(delta) must be in [0, 1), got {delta!r}")
+        self.c_start, self.c_end, self.delta = float(c_start), float(c_end), float(delta)
+        self.total_steps = _positive_int(total_steps, "WhenSharp(total_steps)")
+        self.observed = 0
+        self.stats: Optional[torch.Tensor] = None  # (mean, variance), float64 on the gradients' device
+        self._decision: Optional[torch.Tensor] = None  # the next step's decision, on the host once copied
+        self._landed: Optional[torch.cuda.Event] = None
+
+    def check(self, opt) -> None:
+        _plain_sam_only(opt, "WhenSharp (AE-SAM)")
+        if opt._sam.shard_groups:
+            raise ValueError("WhenSharp over sharded (FSDP2) parameters is not supported yet")
+
+    def threshold(self, step: int) -> float:
+        """c_t: linear from c_start (step 0) to c_end (step total_steps), then c_end."""
+        return self.c_start + (self.c_end - self.c_start) * min(step, self.total_steps) / self.total_steps
+
+    def observe(self, sq_norm: torch.Tensor) -> None:
+        sq_norm = sq_norm.reshape(()).to(torch.float64)
+        if self.stats is None or self.stats.device != sq_norm.device:
+            self.stats = torch.zeros(2, dtype=torch.float64, device=sq_norm.device)
+        mean = self.stats[0] * self.delta + (1 - self.delta) * sq_norm
+        variance = self.stats[1] * self.delta + (1 - self.delta) * (sq_norm - mean).square()
+        self.stats.copy_(torch.stack([mean, variance]))
+        due = sq_norm >= mean + self.threshold(self.observed) * variance.sqrt()
+        self.observed += 1
+        if sq_norm.is_cuda:
+            if self._decision is None:
+                self._decision = torch.zeros((), dtype=torch.bool, pin_memory=True)
+                self._landed = torch.cuda.Event()
+            self._decision.copy_(due, non_blocking=True)
+            self._landed.record()
+        else:
+            self._decision = due.clone()
+
+    def sam_due(self, step: int) -> bool:
+        if self._decision is None:
+            return True  # nothing seen yet: the first step is a SAM step
+        if self._landed is not None and not self._landed.query():
+            self._landed.synchronize()  # the device is more than a step behind: wait for the copy
+        return bool(self._decision)
+
+    def state_dict(self) -> dict:
+        return {"observed": self.observed, "stats": None if self.stats is None else self.stats.cpu(),
+                "decision": None if self._decision is None else bool(self.sam_due(0))}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.observed = state["observed"]
+        self.stats = None if state["stats"] is None else state["stats"].clone()
+        self._decision = None if state["decision"] is None else torch.tensor(state["decision"])
+        self._landed = None
+
+    def __repr__(self) -> str:
+        return f"WhenSharp(c_start={self.c_start}, c_end={self.c_end}, total_steps={self.total_steps}, delta={self.delta})"
 
 
 def orthogonal_part(g_s: torch.Tensor, g: torch.Tensor, g_dot_gs: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
@@ -144,5 +226,6 @@ def resolve(variant: Optional[Variant]) -> Variant:
     if variant is None:
         return Variant()
     if not isinstance(variant, Variant):
-        raise TypeError(f"variant must be a fused_sam.variants.Variant (Every, Randomly, LookSAM), got {variant!r}")
+        raise TypeError(f"variant must be a fused_sam.variants.Variant (Every, Randomly, LookSAM, WhenSharp), "
+                        f"got {variant!r}")
     return variant

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fused_sam import FusedSAM
-from fused_sam.variants import Every, LookSAM, Randomly
+from fused_sam.variants import Every, LookSAM, Randomly, WhenSharp
 
 from models import batches, loss_of, mlp
 
@@ -31,9 +31,10 @@ def flat_dot(a, b):
     return sum((u * v).sum() for u, v in zip(a, b))
 
 
-def reference_run(base: str, decide, looksam_alpha=None, steps=STEPS) -> list:
+def reference_run(base: str, decide, looksam_alpha=None, steps=STEPS, observe=None) -> list:
     """decide(t) -> SAM or plain at step t. SAM: e = rho g / (||g|| + eps), g_s at w + e, update with g_s.
-    Plain: update with g, or with LookSAM g + alpha ||g|| / ||g_v|| g_v (g_v from the last SAM step)."""
+    Plain: update with g, or with LookSAM g + alpha ||g|| / ||g_v|| g_v (g_v from the last SAM step).
+    observe(g): told each step's gradient at w, after the decision (AE-SAM)."""
     model = mlp(torch.float64)
     params = list(model.parameters())
     cls, kwargs = BASES[base]
@@ -41,7 +42,10 @@ def reference_run(base: str, decide, looksam_alpha=None, steps=STEPS) -> list:
     g_v = None
     for t, (x, y) in enumerate(batches(model, steps, torch.float64)):
         g = grads_at(model, x, y)
-        if decide(t):
+        sam_step = decide(t)
+        if observe is not None:
+            observe(g)
+        if sam_step:
             norm = torch.sqrt(flat_dot(g, g))
             e = [RHO * gi / (norm + EPS) for gi in g]
             with torch.no_grad():
@@ -197,3 +201,52 @@ def test_wrong_calls_and_settings_are_refused():
         Randomly(1.5)
     with pytest.raises(TypeError, match="variant must be"):
         FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, variant="looksam")
+
+
+class AESAMReference:
+    """AE-SAM as Jiang et al. 2023 write it: mean and variance of ||g||^2 as exponential moving averages;
+    SAM when ||g||^2 >= mean + c_t * std, c_t linear over the run; here decided from the previous step."""
+
+    def __init__(self, c_start, c_end, total_steps, delta):
+        self.c_start, self.c_end, self.total_steps, self.delta = c_start, c_end, total_steps, delta
+        self.mean = self.variance = 0.0
+        self.seen, self.decision, self.decisions = 0, None, []
+
+    def decide(self, t):
+        due = True if self.decision is None else self.decision
+        self.decisions.append(due)
+        return due
+
+    def observe(self, g):
+        n = float(flat_dot(g, g))
+        self.mean = self.mean * self.delta + (1 - self.delta) * n
+        self.variance = self.variance * self.delta + (1 - self.delta) * (n - self.mean) ** 2
+        c = self.c_start + (self.c_end - self.c_start) * min(self.seen, self.total_steps) / self.total_steps
+        self.decision = n >= self.mean + c * self.variance ** 0.5
+        self.seen += 1
+
+
+@pytest.mark.parametrize("base", ["sgd-momentum", "adamw"])
+def test_when_sharp_matches_ae_sam(base):
+    settings = dict(c_start=-1.0, c_end=1.0, total_steps=STEPS, delta=0.9)
+    reference = AESAMReference(**settings)
+    expected = reference_run(base, reference.decide, observe=reference.observe)
+    assert 3 <= sum(reference.decisions) <= STEPS - 3, reference.decisions  # both kinds of step happen
+    model, _ = fused_run(base, WhenSharp(**settings))
+    assert distance(model.parameters(), expected) <= TOLERANCE
+
+
+def test_when_sharp_resumes_bitwise_and_refuses_asam(tmp_path):
+    settings = dict(c_start=-1.0, c_end=1.0, total_steps=10, delta=0.9)
+    straight, _ = fused_run("adamw", WhenSharp(**settings), steps=10)
+    model, opt = fused_run("adamw", WhenSharp(**settings), steps=5)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    resumed = mlp(torch.float64, seed=5)
+    resumed.load_state_dict(saved["model"])
+    cls, kwargs = BASES["adamw"]
+    fresh = FusedSAM(resumed.parameters(), cls, rho=RHO, perturb_eps=EPS, variant=WhenSharp(**settings), **kwargs)
+    fresh.load_state_dict(saved["opt"])
+    fused_run("adamw", None, steps=5, model=resumed, opt=fresh, start=5)
+    assert all(map(torch.equal, resumed.parameters(), straight.parameters()))
+    with pytest.raises(ValueError, match="WhenSharp \\(AE-SAM\\) works with plain SAM"):
+        FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, adaptive=True, variant=WhenSharp())
