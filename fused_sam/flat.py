@@ -85,7 +85,8 @@ class FlatSegment:
         # bf16/fp16 with master weights: a float32 master copy is the restore point, so no backup buffer.
         self.has_master = master_weights and self.dtype in LOW_PRECISION
         self.master: Optional[torch.Tensor] = None
-        self.backup: Optional[torch.Tensor] = None if self.has_master else torch.empty_like(self.weights)
+        # zeros, not empty: a backup loaded parameter by parameter (a resume) leaves the padding as it was
+        self.backup: Optional[torch.Tensor] = None if self.has_master else torch.zeros_like(self.weights)
         self.state: dict = {}
         self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
         # Update-history ids: None while every parameter shares one history (the usual case), else one id

@@ -5,8 +5,10 @@ each step goes to a backend (``fused_sam.backends``) chosen per (device, dtype).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
+from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -16,7 +18,7 @@ from .backends.base import grad_unscale
 from .distributed import is_dtensor, local_of, shard_group, sum_over_ranks
 from .flat import LOW_PRECISION, FlatSegment, is_dense, merged_master
 from .updates import capturing as _capturing, fused_kind, update_from_group
-from .variants import LookSAM, Variant, orthogonal_part, resolve as resolve_variant, reuse_coefficient
+from .variants import LookSAM, MomentumSAM, Variant, orthogonal_part, resolve as resolve_variant, reuse_coefficient
 
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
 MODES = ("paired", "alternate")
@@ -122,6 +124,7 @@ class _SAMState:
         self.captured = False  # a step was captured into a CUDA graph: the buffers must stay where they are
         self.completed_steps = 0  # SAM and plain steps taken: what a variant decides from
         self.sam_due: Optional[bool] = None  # the variant's decision for the step under way, once asked
+        self.momentum_perturbed = False  # MomentumSAM: the weights are w - rho v / ||v||, the backup holds w
 
 
 class FusedSAM(torch.optim.Optimizer):
@@ -636,8 +639,45 @@ class FusedSAM(torch.optim.Optimizer):
                 self.variant.observe(self._squared_norm(partials, grad_scale))
         if isinstance(self.variant, LookSAM):
             self._add_reused_component()
-        sam.perturbed = [[False] * len(segment.params) for segment in sam.segments]
+        sam.perturbed = [[sam.momentum_perturbed] * len(segment.params) for segment in sam.segments]
         self._update(active, grad_scale, found_inf)
+        if isinstance(self.variant, MomentumSAM):
+            self._perturb_along_momentum()
+
+    def _perturb_along_momentum(self) -> None:
+        """MomentumSAM: backup <- w, w <- w - rho * v / (||v|| + perturb_eps), v the base optimizer's momentum
+        (SGD's buffer, Adam's first moment), its norm global. The backends' own norm and perturb, over spans
+        whose 'gradient' is the momentum (same dtype: float32/float64 parameters only)."""
+        sam = self._sam
+        name = "momentum_buffer" if self._fused_kind == "sgd" else "exp_avg"
+        perturbations = [dataclasses.replace(p, rho=-p.rho) for p in self._perturbations()]
+        work = []
+        for segment in sam.segments:
+            if segment.numel:
+                span = segment._span(0, segment.numel)
+                work.append((segment, dataclasses.replace(span, grads=segment.state[name])))
+        partials = self._norm_partials(work, perturbations)
+        for segment, span in work:
+            segment.backend.perturb(span, perturbations[segment.group_index], partials[span.device], None)
+            segment.publish_weights()
+        sam.momentum_perturbed = True
+
+    @contextmanager
+    def at_restore_point(self):
+        """Hold the weights at w inside the block (evaluation, export): MomentumSAM keeps the model at its
+        perturbed point between steps. The perturbed weights come back after the block."""
+        sam = self._sam
+        if not sam.momentum_perturbed:
+            yield
+            return
+        held = [segment.weights.clone() for segment in sam.segments]
+        for segment in sam.segments:
+            segment.weights.copy_(segment.backup)
+        try:
+            yield
+        finally:
+            for segment, weights in zip(sam.segments, held):
+                segment.weights.copy_(weights)
 
     # --- LookSAM's extra passes over the flat buffers ----------------------------------------------
 
@@ -885,11 +925,11 @@ class FusedSAM(torch.optim.Optimizer):
             base["state"] = {k: dict(v) for k, v in base["state"].items()}  # entries are the live state dicts
         for pid, value in self._masters().items():
             base["state"].setdefault(index[pid], {})[MASTER_KEY] = value
-        if self.mode == "alternate":
+        if self.mode == "alternate" or isinstance(self.variant, MomentumSAM):
             for pid, value in self._restore_points().items():
                 base["state"].setdefault(index[pid], {})[RESTORE_KEY] = value
             for group in base["param_groups"]:
-                group[BETWEEN_HALVES_KEY] = sam.perturbed is not None
+                group[BETWEEN_HALVES_KEY] = sam.perturbed is not None or sam.momentum_perturbed
         base["sam"] = {"format": STATE_DICT_FORMAT, "perturb_eps": sam.perturb_eps, "nonfinite_steps": self.nonfinite_steps,
                        "completed_steps": sam.completed_steps,
                        "variant": dict(self.variant.state_dict(), name=self.variant.name)}
@@ -899,7 +939,8 @@ class FusedSAM(torch.optim.Optimizer):
         """Per parameter id, the weight a second half would restore: w (its backup) if it was perturbed,
         else the weight itself (restoring it is a no-op)."""
         sam = self._sam
-        masks = sam.perturbed if sam.perturbed is not None else [[False] * len(s.params) for s in sam.segments]
+        masks = sam.perturbed if sam.perturbed is not None else [[sam.momentum_perturbed] * len(s.params)
+                                                                  for s in sam.segments]
         return {
             id(p): segment.backup_of(i) if mask is None or mask[i] else segment.current_weight(i)
             for segment, mask in zip(sam.segments, masks)
@@ -930,7 +971,8 @@ class FusedSAM(torch.optim.Optimizer):
         saved_sam = state_dict.get("sam", {})
         order = [i for g in groups for i in g["params"]]
         state, masters, restore_point = self._split_saved_state(state_dict["state"], saved_sam, groups)
-        if restore_point is not None and self.mode != "alternate":
+        momentum = isinstance(self.variant, MomentumSAM)
+        if restore_point is not None and self.mode != "alternate" and not momentum:
             raise ValueError("this state dict was taken between the two halves of a mode='alternate' SAM step; "
                              "load it into FusedSAM(..., mode='alternate')")
         if restore_point is not None:
@@ -966,6 +1008,10 @@ class FusedSAM(torch.optim.Optimizer):
                                write_weights=restore_point is None)
         if restore_point is not None:
             self._load_restore_point({new: restore_point[old] for new, old in enumerate(order) if old in restore_point})
+            if momentum:  # the model holds w - rho v / ||v||, the backup w: between steps, not inside one
+                sam.perturbed, sam.momentum_perturbed = None, True
+        elif momentum:
+            sam.momentum_perturbed = False
 
     @staticmethod
     def _split_saved_state(saved_state: dict, saved_sam: dict, groups: List[dict]) -> tuple:

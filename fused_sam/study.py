@@ -31,7 +31,7 @@ from torch import nn
 
 from .demo.mlp import MLPConfig, accuracy, make_data, top_hessian_eigenvalue
 from .optimizer import FusedSAM
-from .variants import Every, LookSAM, Randomly, WhenSharp
+from .variants import Every, LookSAM, MomentumSAM, Randomly, WhenSharp
 
 # method -> its variant, from the seed and the run's number of steps (None: plain SAM; "sgd" has none)
 METHODS = {
@@ -41,6 +41,7 @@ METHODS = {
     "randomly-0.2": lambda seed, steps: Randomly(0.2, seed=seed),
     "looksam-5": lambda seed, steps: LookSAM(5, alpha=0.7),
     "whensharp": lambda seed, steps: WhenSharp(c_start=-1.0, c_end=1.0, total_steps=steps),
+    "momentum-sam": lambda seed, steps: MomentumSAM(),
 }
 
 

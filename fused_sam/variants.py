@@ -22,6 +22,11 @@ step; it is kept until the step completes.
   from step t-1's gradient and copied to the host asynchronously; ``sam_step_due`` waits only if that copy
   has not landed a whole step later. Plain steps then also take the norm (one more pass over the gradients).
 
+- ``MomentumSAM()`` (MSAM, Becker et al. 2024): one forward and backward per step, taken at the perturbed
+  point w~ = w - rho * v / ||v|| (v: SGD's momentum buffer, or Adam's first moment); the step restores w,
+  takes the base update with that gradient, and perturbs the new w along the new v. Between steps the model
+  holds w~ (``opt.at_restore_point()`` gives w for evaluation); the backup buffer holds w, as in SAM.
+
 Every variant works with every backend: the SAM steps are FusedSAM's own, a plain step is the backend's
 restore-and-update from w, and LookSAM's extra passes are a few torch operations over the flat buffers.
 """
@@ -211,6 +216,34 @@ class WhenSharp(Variant):
         return f"WhenSharp(c_start={self.c_start}, c_end={self.c_end}, total_steps={self.total_steps}, delta={self.delta})"
 
 
+class MomentumSAM(Variant):
+    """MSAM: every step is one backward at w - rho * v / ||v||; see the module docstring."""
+
+    name = "momentum"
+
+    def check(self, opt) -> None:
+        _plain_sam_only(opt, "MomentumSAM")
+        if opt._fused_kind is None:
+            raise ValueError("MomentumSAM needs a fused base optimizer (SGD with momentum, Adam, AdamW): it perturbs "
+                             "along the base optimizer's momentum, which it reads from the flat state buffers")
+        if opt._fused_kind == "sgd":
+            for gi, group in enumerate(opt.param_groups):
+                if group.get("momentum", 0) == 0:
+                    raise ValueError(f"MomentumSAM needs SGD with momentum > 0 (param group {gi} has none)")
+        for segment in opt._sam.segments:
+            if segment.dtype != segment.state_dtype:
+                raise ValueError(f"MomentumSAM supports float32 and float64 parameters, not {segment.dtype} (its "
+                                 "perturbation reads the float32 momentum where the kernels read gradients)")
+        if opt._sam.shard_groups:
+            raise ValueError("MomentumSAM over sharded (FSDP2) parameters is not supported yet")
+
+    def sam_due(self, step: int) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "MomentumSAM()"
+
+
 def orthogonal_part(g_s: torch.Tensor, g: torch.Tensor, g_dot_gs: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
     """g_s minus its projection on g: g_s - (g . g_s / ||g||^2) g (zero projection when g is zero)."""
     coefficient = torch.where(g_sq > 0, g_dot_gs / g_sq, torch.zeros_like(g_sq))
@@ -226,6 +259,7 @@ def resolve(variant: Optional[Variant]) -> Variant:
     if variant is None:
         return Variant()
     if not isinstance(variant, Variant):
-        raise TypeError(f"variant must be a fused_sam.variants.Variant (Every, Randomly, LookSAM, WhenSharp), "
+        raise TypeError(f"variant must be a fused_sam.variants.Variant (Every, Randomly, LookSAM, WhenSharp, "
+                        "MomentumSAM), "
                         f"got {variant!r}")
     return variant

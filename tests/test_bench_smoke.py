@@ -85,7 +85,7 @@ def test_bench_quick_main_writes_json_and_verifies(tmp_path):
     for r in rows:
         assert r["speedup_vs_classic"] == pytest.approx(classic[(r["optimizer"], r["dtype"])]["median_ms"] / r["median_ms"])
     e2e = data["e2e"]
-    methods = ("plain", "classic", "fused", "fused-every-5", "fused-looksam-5")
+    methods = ("plain", "classic", "fused", "fused-every-5", "fused-looksam-5", "fused-msam")
     assert {(r["model"], r["method"]) for r in e2e} == {(m, k) for m in ("cnn", "gpt") for k in methods}
     assert all(r["error"] is None and r["finite"] and r["steps_per_s"] > 0 for r in e2e)
     assert data["copy_bandwidth"]["gbps"] > 0

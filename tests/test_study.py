@@ -22,5 +22,6 @@ def test_quick_study_runs_every_method_and_counts_its_backward_passes(tmp_path):
         for every_fifth in ("every-5", "looksam-5"):  # SAM on steps 0, 5, 10, ... of the run
             assert steps * 1.2 - 1 <= cost[every_fifth] <= steps * 1.2 + 1, (task, every_fifth, cost)
         assert steps < cost["randomly-0.2"] < 2 * steps and steps < cost["whensharp"] <= 2 * steps
+        assert cost["momentum-sam"] == steps
         for method, s in result["summary"][task].items():
             assert 0 <= s["test_acc"]["min"] <= 1, (task, method)

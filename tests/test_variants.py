@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fused_sam import FusedSAM
-from fused_sam.variants import Every, LookSAM, Randomly, WhenSharp
+from fused_sam.variants import Every, LookSAM, MomentumSAM, Randomly, WhenSharp
 
 from models import batches, loss_of, mlp
 
@@ -250,3 +250,58 @@ def test_when_sharp_resumes_bitwise_and_refuses_asam(tmp_path):
     assert all(map(torch.equal, resumed.parameters(), straight.parameters()))
     with pytest.raises(ValueError, match="WhenSharp \\(AE-SAM\\) works with plain SAM"):
         FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, adaptive=True, variant=WhenSharp())
+
+
+def msam_reference(base: str, steps=STEPS) -> tuple:
+    """MSAM as Becker et al. 2024 write it: the gradient at w~ = w - rho v / ||v||, then the base step from
+    w; v is SGD's momentum buffer (Adam: its first moment) after that step. Returns (w, w~) at the end."""
+    model = mlp(torch.float64)
+    params = list(model.parameters())
+    cls, kwargs = BASES[base]
+    opt = cls(params, **kwargs)
+    name = "momentum_buffer" if cls is torch.optim.SGD else "exp_avg"
+    w = [p.detach().clone() for p in params]
+    for x, y in batches(model, steps, torch.float64):
+        g = grads_at(model, x, y)  # at w~ (w itself on the first step: v = 0)
+        with torch.no_grad():
+            for p, wi, gi in zip(params, w, g):
+                p.copy_(wi)
+                p.grad = gi
+        opt.step()
+        v = [opt.state[p][name] for p in params]
+        scale = RHO / (torch.sqrt(flat_dot(v, v)) + EPS)
+        w = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, vi in zip(params, v):
+                p.sub_(scale * vi)
+    return w, [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("base", ["sgd-momentum", "adamw"])
+def test_momentum_sam_matches_msam(base):
+    expected_w, expected_perturbed = msam_reference(base)
+    model, opt = fused_run(base, MomentumSAM())
+    assert distance(model.parameters(), expected_perturbed) <= TOLERANCE  # the model holds w~
+    with opt.at_restore_point():
+        assert distance(model.parameters(), expected_w) <= TOLERANCE
+    assert distance(model.parameters(), expected_perturbed) <= TOLERANCE  # and again after the block
+    assert distance(expected_w, reference_run(base, lambda t: False)) > 1e-6  # not plain descent
+
+
+def test_momentum_sam_resumes_bitwise_and_refuses_what_it_cannot_do(tmp_path):
+    straight, _ = fused_run("sgd-momentum", MomentumSAM(), steps=10)
+    model, opt = fused_run("sgd-momentum", MomentumSAM(), steps=5)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})  # the model holds w~
+    resumed = mlp(torch.float64, seed=5)
+    resumed.load_state_dict(saved["model"])
+    cls, kwargs = BASES["sgd-momentum"]
+    fresh = FusedSAM(resumed.parameters(), cls, rho=RHO, perturb_eps=EPS, variant=MomentumSAM(), **kwargs)
+    fresh.load_state_dict(saved["opt"])
+    fused_run("sgd-momentum", None, steps=5, model=resumed, opt=fresh, start=5)
+    assert all(map(torch.equal, resumed.parameters(), straight.parameters()))
+    with pytest.raises(ValueError, match="SGD with momentum > 0"):
+        FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, variant=MomentumSAM())
+    with pytest.raises(ValueError, match="needs a fused base optimizer"):
+        FusedSAM(mlp().parameters(), torch.optim.RMSprop, lr=0.1, variant=MomentumSAM())
+    with pytest.raises(ValueError, match="float32 and float64 parameters, not torch.bfloat16"):
+        FusedSAM(mlp().to(torch.bfloat16).parameters(), torch.optim.AdamW, lr=0.1, variant=MomentumSAM())

@@ -8,7 +8,8 @@
 For each model: ``plain`` (the base optimizer alone, fused=True where torch supports it; one forward and
 backward per step), ``classic`` (ClassicSAM) and ``fused`` (FusedSAM, backend="auto"), both with two
 forwards and backwards per step, and the cheaper variants ``fused-every-5`` and ``fused-looksam-5``
-(``fused_sam.variants``: SAM on one step in five), timed over whole cycles of 5 steps and reported per step. On CUDA also ``plain-graphed`` and ``fused-graphed``: the same whole
+(``fused_sam.variants``: SAM on one step in five) and ``fused-msam`` (momentum-SAM, one backward per step),
+timed over whole cycles of 5 steps and reported per step. On CUDA also ``plain-graphed`` and ``fused-graphed``: the same whole
 training step captured into one CUDA graph and replayed (FusedSAM with ``capturable=True``, lr and rho as
 device tensors; the plain base optimizer with torch's own ``capturable=True`` where it has one), each
 reported against the graphed plain step. Reported: steps per second (median step time) and each method's
@@ -28,9 +29,9 @@ from ..classic import ClassicSAM
 from ..optimizer import FusedSAM
 from .measure import summarize, sync, time_steps
 from .methods import OPTIMIZERS, RHO, base_impl
-from ..variants import Every, LookSAM
+from ..variants import Every, LookSAM, MomentumSAM
 
-VARIANTS = {"fused-every-5": lambda: Every(5), "fused-looksam-5": lambda: LookSAM(5)}
+VARIANTS = {"fused-every-5": lambda: Every(5), "fused-looksam-5": lambda: LookSAM(5), "fused-msam": MomentumSAM}
 CYCLE = 5  # steps per timed sample of a variant: one SAM step and four plain ones
 
 
