@@ -705,9 +705,11 @@ class FusedSAM(torch.optim.Optimizer):
         gv_sq = self._global_sum(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
         coefficient = reuse_coefficient(self.variant.alpha, g_sq, gv_sq)
         for segment in self._sam.segments:
-            reused = segment.grads.to(segment.state_dtype) + coefficient.to(segment.device, segment.state_dtype) \
-                * segment.state[LOOKSAM_KEY]
-            segment.grads.copy_(reused)
+            g_v, factor = segment.state[LOOKSAM_KEY], coefficient.to(segment.device, segment.state_dtype)
+            if segment.grads.dtype == g_v.dtype:
+                segment.grads.addcmul_(g_v, factor)  # one pass, in place
+            else:  # 16-bit gradients: the sum in float32, rounded once
+                segment.grads.copy_(segment.grads.to(g_v.dtype).addcmul_(g_v, factor))
 
     def _note_capture(self, what: str) -> None:
         """Under CUDA graph capture: refuse unless capturable (a float lr and rho would replay frozen); else

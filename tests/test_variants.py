@@ -305,3 +305,27 @@ def test_momentum_sam_resumes_bitwise_and_refuses_what_it_cannot_do(tmp_path):
         FusedSAM(mlp().parameters(), torch.optim.RMSprop, lr=0.1, variant=MomentumSAM())
     with pytest.raises(ValueError, match="float32 and float64 parameters, not torch.bfloat16"):
         FusedSAM(mlp().to(torch.bfloat16).parameters(), torch.optim.AdamW, lr=0.1, variant=MomentumSAM())
+
+
+def test_looksam_with_bf16_master_weights_follows_the_float32_run():
+    """The reuse step's 16-bit path (bf16 gradients, float32 g_v): the bf16 run stays nearer the float32
+    LookSAM run than the float32 run without the reuse (Every(3)) is, so the reused part is applied."""
+    def run(dtype, master, variant):
+        model = mlp(dtype)
+        opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.05, momentum=0.9, master_weights=master,
+                       variant=variant)
+        for x, y in batches(model, 12, torch.float32):
+            loss_of(model, x.to(dtype), y).backward()
+            if opt.sam_step_due:
+                opt.first_step(zero_grad=True)
+                loss_of(model, x.to(dtype), y).backward()
+                opt.second_step(zero_grad=True)
+            else:
+                opt.plain_step(zero_grad=True)
+        return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+    float32 = run(torch.float32, False, LookSAM(3, alpha=1.0))
+    bf16 = run(torch.bfloat16, True, LookSAM(3, alpha=1.0))
+    without_reuse = run(torch.float32, False, Every(3))
+    assert torch.isfinite(bf16).all()
+    assert (bf16 - float32).norm() < 0.5 * (without_reuse - float32).norm()
