@@ -423,14 +423,7 @@ class FusedSAM(torch.optim.Optimizer):
             raise RuntimeError(f"step {sam.completed_steps} is not a SAM step for {self.variant!r} "
                                "(opt.sam_step_due is False): take it with opt.plain_step() after the backward at w")
         grad_scale = _current_scale(grad_scaler)
-        intact = [segment.intact() for segment in sam.segments]
-        if not all(intact):
-            moved = next(filter(None, (s.storage_moved() for s in sam.segments)), None)
-            if moved:
-                self._relayout(moved)
-                intact = [False] * len(sam.segments)
-        for segment in sam.segments:
-            segment.sync_from_outside()
+        intact = self._weights_taken_in()
         perturbations = self._perturbations()
         rhos = self._device_hyperparameters("rho")  # before any kernel: a refusal leaves nothing half done
         self._base_updates()  # a base setting second_step() would refuse must fail before w moves
@@ -465,6 +458,20 @@ class FusedSAM(torch.optim.Optimizer):
             segment.mark_grads_seen()
         if zero_grad:
             self.zero_grad()
+
+    def _weights_taken_in(self) -> List[bool]:
+        """At the start of a step: re-flatten parameters moved since the last one, take in weights written
+        from outside; per segment, whether its views were intact (else the gradients need linking)."""
+        sam = self._sam
+        intact = [segment.intact() for segment in sam.segments]
+        if not all(intact):
+            moved = next(filter(None, (s.storage_moved() for s in sam.segments)), None)
+            if moved:
+                self._relayout(moved)
+                intact = [False] * len(sam.segments)
+        for segment in sam.segments:
+            segment.sync_from_outside()
+        return intact
 
     def _spans_with_gradients(self, active) -> list:
         """(segment, span) for every run of parameters that has a gradient (``active``: per segment)."""
@@ -623,15 +630,7 @@ class FusedSAM(torch.optim.Optimizer):
         if self.sam_step_due:
             raise RuntimeError(f"step {sam.completed_steps} is a SAM step for {self.variant!r} (opt.sam_step_due is "
                                "True): take it with first_step(), a second backward and second_step()")
-        intact = [segment.intact() for segment in sam.segments]
-        if not all(intact):
-            moved = next(filter(None, (s.storage_moved() for s in sam.segments)), None)
-            if moved:
-                self._relayout(moved)
-                intact = [False] * len(sam.segments)
-        for segment in sam.segments:
-            segment.sync_from_outside()
-        active = self._linked_grads(intact)
+        active = self._linked_grads(self._weights_taken_in())
         if self.variant.needs_norm:
             work = self._spans_with_gradients(active)
             if work:
