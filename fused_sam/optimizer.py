@@ -680,7 +680,7 @@ class FusedSAM(torch.optim.Optimizer):
 
     # --- LookSAM's extra passes over the flat buffers ----------------------------------------------
 
-    def _global_sum(self, per_segment) -> torch.Tensor:
+    def _sum_over_segments(self, per_segment) -> torch.Tensor:
         """The float64 sum over every segment of ``per_segment(segment)`` (a 0-d tensor on its device)."""
         home = self._sam.segments[0].device
         return torch.stack([per_segment(s).to(device=home, dtype=torch.float64) for s in self._sam.segments]).sum()
@@ -688,8 +688,8 @@ class FusedSAM(torch.optim.Optimizer):
     def _store_orthogonal_part(self, found_inf: Optional[torch.Tensor]) -> None:
         """LookSAM's SAM step: g_v = g_s - (g . g_s / ||g||^2) g, g (from first_step) in the g_v buffer and
         g_s in the gradients. A skipped (found_inf) step stores g_v = 0: nothing is reused until the next."""
-        g_dot_gs = self._global_sum(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.grads.to(s.state_dtype)))
-        g_sq = self._global_sum(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
+        g_dot_gs = self._sum_over_segments(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.grads.to(s.state_dtype)))
+        g_sq = self._sum_over_segments(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
         for segment in self._sam.segments:
             stored = segment.state[LOOKSAM_KEY]
             g_v = orthogonal_part(segment.grads.to(segment.state_dtype), stored, g_dot_gs.to(segment.device),
@@ -700,8 +700,8 @@ class FusedSAM(torch.optim.Optimizer):
 
     def _add_reused_component(self) -> None:
         """LookSAM's reuse step: g <- g + alpha * (||g|| / ||g_v||) * g_v."""
-        g_sq = self._global_sum(lambda s: torch.dot(s.grads.to(s.state_dtype), s.grads.to(s.state_dtype)))
-        gv_sq = self._global_sum(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
+        g_sq = self._sum_over_segments(lambda s: torch.dot(s.grads.to(s.state_dtype), s.grads.to(s.state_dtype)))
+        gv_sq = self._sum_over_segments(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
         coefficient = reuse_coefficient(self.variant.alpha, g_sq, gv_sq)
         for segment in self._sam.segments:
             g_v, factor = segment.state[LOOKSAM_KEY], coefficient.to(segment.device, segment.state_dtype)
