@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fused_sam import FusedSAM
+from fused_sam.bench.e2e import TinyGPT
 
 from models import conv_net
 
@@ -20,20 +21,10 @@ WARMUP, REPLAYS = 3, 100
 VOCAB, CONTEXT = 64, 16
 
 
-class TinyGPT(nn.Module):
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Embedding(VOCAB, 64)
-        self.position = nn.Parameter(torch.randn(CONTEXT, 64) * 0.02)
-        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(64, VOCAB)
-        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(CONTEXT), persistent=False)
-
-    def forward(self, tokens):
-        x = self.embed(tokens) + self.position
-        return self.head(self.blocks(x, mask=self.causal, is_causal=True))
+def tiny_gpt(seed: int = 0) -> nn.Module:
+    """The benchmark's GPT (causal attention, tied embeddings), small."""
+    torch.manual_seed(seed)
+    return TinyGPT(vocab=VOCAB, ctx=CONTEXT, d=64, layers=2, heads=4)
 
 
 def cnn_batch(gen):
@@ -78,7 +69,7 @@ def sam_step(model, opt, grad_scaler, x, y) -> None:
 @pytest.mark.parametrize("scaler", [False, True], ids=["plain", "GradScaler"])
 @pytest.mark.parametrize("net", ["cnn", "gpt"])
 def test_captured_sam_step_replays_as_eager(net, scaler):
-    make, batch = (lambda: conv_net().cuda(), cnn_batch) if net == "cnn" else (lambda: TinyGPT().cuda(), gpt_batch)
+    make, batch = (lambda: conv_net().cuda(), cnn_batch) if net == "cnn" else (lambda: tiny_gpt().cuda(), gpt_batch)
     eager_model = make()
     graphed_model = copy.deepcopy(eager_model)
     eager, graphed = build(eager_model, scaler), build(graphed_model, scaler)
