@@ -5,6 +5,7 @@ each step goes to a backend (``fused_sam.backends``) chosen per (device, dtype).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -26,6 +27,10 @@ STATE_DICT_FORMAT = 3  # 1: SAM's epsilon was saved as 'eps'; 2: master weights 
 MASTER_KEY, RESTORE_KEY = "sam_master_weight", "sam_restore_point"  # per-parameter state SAM adds
 BETWEEN_HALVES_KEY = "sam_between_halves"  # in each saved param group: taken between the halves of a step
 LOOKSAM_KEY = "sam_looksam_gv"  # LookSAM's g_v, a per-parameter state buffer (holds g during a SAM step)
+# What the classic SAM classes keep per parameter in their own state (the last w, the last e): leftovers of a
+# step, not optimizer state. Their state dicts load with these dropped.
+CLASSIC_KEYS = ("old_p", "e_w")
+FUSED_STATE_NAMES = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
 
 
 def _tensor_of(entry):
@@ -81,10 +86,11 @@ def _current_scale(grad_scaler) -> Optional[torch.Tensor]:
 
 
 class _PerDevice:
-    """One small tensor (GradScaler's scale or found_inf), as float32, copied once to each device asking."""
+    """One small tensor (GradScaler's scale or found_inf: float32; LookSAM's reuse scale: float64), copied
+    once to each device asking."""
 
-    def __init__(self, value: Optional[torch.Tensor]):
-        self.value = None if value is None else value.detach().reshape(()).to(torch.float32)
+    def __init__(self, value: Optional[torch.Tensor], dtype: torch.dtype = torch.float32):
+        self.value = None if value is None else value.detach().reshape(()).to(dtype)
         self._copies: Dict[torch.device, torch.Tensor] = {}
 
     def on(self, device: torch.device) -> Optional[torch.Tensor]:
@@ -125,6 +131,9 @@ class _SAMState:
         self.completed_steps = 0  # SAM and plain steps taken: what a variant decides from
         self.sam_due: Optional[bool] = None  # the variant's decision for the step under way, once asked
         self.momentum_perturbed = False  # MomentumSAM: the weights are w - rho v / ||v||, the backup holds w
+        # LookSAM: ||g_v||^2 (float64, on the first segment's device), taken when g_v is stored; None after a
+        # load, then taken again from the loaded g_v.
+        self.looksam_gv_sq: Optional[torch.Tensor] = None
 
 
 class FusedSAM(torch.optim.Optimizer):
@@ -565,11 +574,14 @@ class FusedSAM(torch.optim.Optimizer):
             self._store_orthogonal_part(found_inf)
         self._update(active, grad_scale, found_inf)
 
-    def _update(self, active, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-        """Restore w where it was perturbed and take the base update with the gradients now in the buffers;
-        end the step. ``sam.perturbed`` says what was perturbed (a plain step: nothing)."""
+    def _update(self, active, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                reuse_scale: Optional[torch.Tensor] = None) -> None:
+        """Restore w where it was perturbed and take the base update with the gradients now in the buffers
+        (``reuse_scale``, a fused LookSAM reuse step: plus that times g_v, added inside the kernels); end the
+        step. ``sam.perturbed`` says what was perturbed (a plain step: nothing)."""
         sam = self._sam
-        scales, infs = _PerDevice(grad_scale), _PerDevice(found_inf)
+        scales, infs, reuses = (_PerDevice(grad_scale), _PerDevice(found_inf),
+                                  _PerDevice(reuse_scale, torch.float64))
         if self._fused_kind:
             updates = self._base_updates()
             lrs = self._device_hyperparameters("lr")
@@ -579,12 +591,15 @@ class FusedSAM(torch.optim.Optimizer):
                     self._refuse_if_captured("a new optimizer state buffer (momentum or amsgrad turned on)")
                     self._publish_state(segment)
                 device_scale, device_inf = scales.on(segment.device), infs.on(segment.device)
-                lr = lrs.get((segment.group_index, segment.device))
+                lr, device_reuse = lrs.get((segment.group_index, segment.device)), reuses.on(segment.device)
                 for first, _, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
                     if updated:
-                        if not was_perturbed and span.master is None:  # its gradient appeared only at w + e:
-                            span.backup.copy_(span.weights)                # w itself is the restore point
-                        scalars = StepScalars(segment.step_of(first), device_scale, device_inf, lr)
+                        if not was_perturbed and span.master is None:  # a plain step, or a gradient that
+                            span = dataclasses.replace(span, backup=span.weights)  # appeared only at w + e:
+                            # w itself is the restore point (the kernels read each element before writing it)
+                        if device_reuse is not None:
+                            span = dataclasses.replace(span, reused=span.state[LOOKSAM_KEY])
+                        scalars = StepScalars(segment.step_of(first), device_scale, device_inf, lr, device_reuse)
                         segment.backend.restore_and_update(span, update, scalars)
                     elif was_perturbed:
                         segment.backend.restore(span)
@@ -636,10 +651,14 @@ class FusedSAM(torch.optim.Optimizer):
             if work:
                 partials = self._norm_partials(work, self._perturbations())
                 self.variant.observe(self._squared_norm(partials, grad_scale))
+        reuse_scale = None
         if isinstance(self.variant, LookSAM):
-            self._add_reused_component()
+            reuse_scale = self._reuse_scale(active)
+            if not self._fused_kind:  # the base optimizer reads .grad: add the reused component there
+                self._add_reused_component(reuse_scale)
+                reuse_scale = None
         sam.perturbed = [[sam.momentum_perturbed] * len(segment.params) for segment in sam.segments]
-        self._update(active, grad_scale, found_inf)
+        self._update(active, grad_scale, found_inf, reuse_scale)
         if isinstance(self.variant, MomentumSAM):
             self._perturb_along_momentum()
 
@@ -672,37 +691,63 @@ class FusedSAM(torch.optim.Optimizer):
         held = [segment.weights.clone() for segment in sam.segments]
         for segment in sam.segments:
             segment.weights.copy_(segment.backup)
+            segment.publish_weights()
         try:
             yield
         finally:
             for segment, weights in zip(sam.segments, held):
                 segment.weights.copy_(weights)
+                segment.publish_weights()
 
     # --- LookSAM's extra passes over the flat buffers ----------------------------------------------
 
     def _sum_over_segments(self, per_segment) -> torch.Tensor:
-        """The float64 sum over every segment of ``per_segment(segment)`` (a 0-d tensor on its device)."""
-        home = self._sam.segments[0].device
-        return torch.stack([per_segment(s).to(device=home, dtype=torch.float64) for s in self._sam.segments]).sum()
+        """The float64 sum over every segment of ``per_segment(segment)`` (a 0-d tensor on its device), the
+        sharded segments' shares summed over their ranks (the norm's reduction, so every rank agrees)."""
+        parts: Dict[tuple, list] = {}
+        for segment in self._sam.segments:
+            value = per_segment(segment).to(torch.float64).reshape(1)
+            parts.setdefault((segment.device, segment.shard_group), []).append(value)
+        totals = self._global_sum({key: torch.cat(values) for key, values in parts.items()})
+        return next(iter(totals.values())).reshape(())
 
     def _store_orthogonal_part(self, found_inf: Optional[torch.Tensor]) -> None:
         """LookSAM's SAM step: g_v = g_s - (g . g_s / ||g||^2) g, g (from first_step) in the g_v buffer and
-        g_s in the gradients. A skipped (found_inf) step stores g_v = 0: nothing is reused until the next."""
+        g_s in the gradients. A skipped (found_inf) step stores g_v = 0: nothing is reused until the next. So
+        does a step whose g or g_s holds an inf or NaN (then g . g_s is not finite): a g_v built from it would
+        write NaN into the weights at every reuse step (a non-finite g at w is otherwise harmless: no
+        perturbation, counted in nonfinite_steps)."""
         g_dot_gs = self._sum_over_segments(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.grads.to(s.state_dtype)))
         g_sq = self._sum_over_segments(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
+        discard = ~(torch.isfinite(g_dot_gs) & torch.isfinite(g_sq))
+        if found_inf is not None:
+            discard = discard | (found_inf.to(discard.device).reshape(()) != 0)
         for segment in self._sam.segments:
             stored = segment.state[LOOKSAM_KEY]
             g_v = orthogonal_part(segment.grads.to(segment.state_dtype), stored, g_dot_gs.to(segment.device),
                                   g_sq.to(segment.device))
-            if found_inf is not None:
-                g_v = torch.where(found_inf.to(segment.device).reshape(()) != 0, torch.zeros_like(g_v), g_v)
-            stored.copy_(g_v)
+            stored.copy_(torch.where(discard.to(segment.device), torch.zeros_like(g_v), g_v))
+        self._sam.looksam_gv_sq = self._stored_gv_sq()
 
-    def _add_reused_component(self) -> None:
-        """LookSAM's reuse step: g <- g + alpha * (||g|| / ||g_v||) * g_v."""
-        g_sq = self._sum_over_segments(lambda s: torch.dot(s.grads.to(s.state_dtype), s.grads.to(s.state_dtype)))
-        gv_sq = self._sum_over_segments(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
-        coefficient = reuse_coefficient(self.variant.alpha, g_sq, gv_sq)
+    def _stored_gv_sq(self) -> torch.Tensor:
+        return self._sum_over_segments(lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
+
+    def _reuse_scale(self, active) -> torch.Tensor:
+        """LookSAM's reuse step: alpha * ||g|| / ||g_v|| (float64, on the device), ||g|| from the backends'
+        norm pass over the gradients at w, ||g_v|| as taken when g_v was stored. The gradients may carry a
+        GradScaler's scale: so does the coefficient, and the update unscales g + c * g_v as a whole."""
+        sam = self._sam
+        if sam.looksam_gv_sq is None:
+            sam.looksam_gv_sq = self._stored_gv_sq()
+        work = self._spans_with_gradients(active)
+        if not work:
+            return torch.zeros((), dtype=torch.float64, device=sam.segments[0].device)
+        partials = self._norm_partials(work, self._perturbations())
+        g_sq = next(iter(partials.values())).sum(dtype=torch.float64)
+        return reuse_coefficient(self.variant.alpha, g_sq, sam.looksam_gv_sq.to(g_sq.device))
+
+    def _add_reused_component(self, coefficient: torch.Tensor) -> None:
+        """LookSAM's reuse step for a base optimizer that is not fused: g <- g + coefficient * g_v in .grad."""
         for segment in self._sam.segments:
             g_v, factor = segment.state[LOOKSAM_KEY], coefficient.to(segment.device, segment.state_dtype)
             if segment.grads.dtype == g_v.dtype:
@@ -959,19 +1004,13 @@ class FusedSAM(torch.optim.Optimizer):
         sam = self._sam
         if sam.perturbed is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
-        groups = state_dict.get("param_groups")
-        if groups is None or "state" not in state_dict:
-            raise ValueError("not an optimizer state dict: it needs 'state' and 'param_groups'")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}")
-        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"param group {gi} has {len(group['params'])} parameters, the state dict {len(saved['params'])}"
-                )
-        saved_sam = state_dict.get("sam", {})
+        self._check_loadable(state_dict)  # everything that could fail, before anything changes
+        groups = state_dict["param_groups"]
+        saved_sam = state_dict.get("sam") or {}
         order = [i for g in groups for i in g["params"]]
         state, masters, restore_point = self._split_saved_state(state_dict["state"], saved_sam, groups)
+        if not isinstance(self.variant, LookSAM):  # a LookSAM run continued without LookSAM: g_v is not needed
+            state = {k: {n: v for n, v in s.items() if n != LOOKSAM_KEY} for k, s in state.items()}
         momentum = isinstance(self.variant, MomentumSAM)
         if restore_point is not None and self.mode != "alternate" and not momentum:
             raise ValueError("this state dict was taken between the two halves of a mode='alternate' SAM step; "
@@ -985,9 +1024,13 @@ class FusedSAM(torch.optim.Optimizer):
                 group.update({k: v for k, v in saved.items() if k != "params"})
         else:
             base = self.base_optimizer
+            sam_settings = [{k: g[k] for k in SAM_KEYS if k in g} for g in self.param_groups]
             base.load_state_dict({"state": state, "param_groups": groups})
             # torch.optim rebinds its state and param_groups: refill the shared objects instead.
             loaded_state, loaded_groups = base.state, base.param_groups
+            for loaded, settings in zip(loaded_groups, sam_settings):  # a torch.optim state dict has no rho
+                for key, value in settings.items():
+                    loaded.setdefault(key, value)
             self.state.clear()
             self.state.update(loaded_state)
             self.param_groups[:] = loaded_groups
@@ -1013,12 +1056,143 @@ class FusedSAM(torch.optim.Optimizer):
                 sam.perturbed, sam.momentum_perturbed = None, True
         elif momentum:
             sam.momentum_perturbed = False
+        sam.looksam_gv_sq = None  # the loaded g_v's norm is taken at the next reuse step
+
+    def _check_loadable(self, state_dict) -> None:
+        """Refuse, with an error that says what is wrong, a state dict that cannot be loaded whole: not an
+        optimizer state dict, another layout, another optimizer's state, values of the wrong shape or dtype,
+        non-finite values, a newer format. Runs before ``load_state_dict`` changes anything, so a refused
+        state dict leaves the optimizer (and the model's weights) as they were."""
+        if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+                and isinstance(state_dict.get("param_groups"), (list, tuple))):
+            raise ValueError("not an optimizer state dict: it needs 'state' and 'param_groups'")
+        groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}")
+        merged = []
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"param group {gi} of the state dict has no 'params' list")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi} has {len(group['params'])} parameters, the state dict {len(saved['params'])}"
+                )
+            merged.append(dict(group, **{k: v for k, v in saved.items() if k not in ("params", BETWEEN_HALVES_KEY)}))
+            _check_sam_settings(merged[-1], f"param group {gi} of the state dict")
+        order = [i for g in groups for i in g["params"]]
+        if len(set(order)) != len(order):
+            twice = next(i for i in order if order.count(i) > 1)
+            raise ValueError(f"the state dict's param groups list parameter {twice!r} more than once")
+        unlisted = [k for k in saved_state if k not in set(order)]
+        if unlisted:
+            raise ValueError(f"the state dict has state for parameter {unlisted[0]!r}, which no param group lists "
+                             f"(they list {order[:8]}{'...' if len(order) > 8 else ''}): a corrupt state dict")
+        saved_sam = state_dict.get("sam") or {}
+        if not isinstance(saved_sam, dict):
+            raise ValueError(f"the state dict's 'sam' entry is a {type(saved_sam).__name__}, not a dict")
+        fmt = saved_sam.get("format", 1)
+        if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt > STATE_DICT_FORMAT:
+            raise ValueError(f"this state dict has format {fmt!r}, newer than this fused_sam reads "
+                             f"({STATE_DICT_FORMAT}): it was saved by a newer fused_sam")
+        for key in ("completed_steps", "nonfinite_steps"):
+            value = saved_sam.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"the state dict's sam[{key!r}] must be a non-negative integer, got {value!r}")
+        eps = saved_sam.get("perturb_eps", saved_sam.get("eps", self._sam.perturb_eps))
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"the state dict's perturb_eps must be a positive number, got {eps!r}")
+        if any(not isinstance(s, dict) for s in saved_state.values()):
+            bad = next(k for k, s in saved_state.items() if not isinstance(s, dict))
+            raise ValueError(f"the state of parameter {bad!r} is a {type(saved_state[bad]).__name__}, not a dict")
+        masters = self._split_saved_state(saved_state, saved_sam, groups)[1]
+        if masters and not self.master_weights:
+            raise ValueError("this state dict holds float32 master weights: load it into "
+                             "FusedSAM(..., master_weights=True)")
+        params = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
+        where = {id(p): (segment, i) for segment in self._sam.segments for i, p in enumerate(segment.params)}
+        kind = self._fused_kind
+        needed = [update_from_group(kind, type(self.base_optimizer), g, lr_on_device=self.capturable).needed_state()
+                  if kind else () for g in merged]
+        kept = FUSED_STATE_NAMES.get(kind, ())
+        base_name = type(self.base_optimizer).__name__
+        checks = []  # (tensor, what): values whose finiteness is read in one go at the end
+
+        def check_value(value, what: str, new: int):
+            segment, i = where.get(id(params[new][1]), (None, None))
+            if segment is not None:
+                value = segment.local_value(i, value)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{what} is a {type(value).__name__}, not a tensor")
+            if not value.is_floating_point():
+                raise ValueError(f"{what} has dtype {value.dtype}; optimizer state must be floating-point")
+            shape = local_of(params[new][1]).shape if segment is None else segment.layout[i][0]
+            if value.shape != shape:
+                raise ValueError(f"{what} has shape {tuple(value.shape)}, the parameter {tuple(shape)}")
+            checks.append((value, what))
+
+        for new, old in enumerate(order):
+            entry = saved_state.get(old)
+            if entry is None:
+                continue
+            gi = params[new][0]
+            names = [n for n, v in entry.items() if v is not None and n not in CLASSIC_KEYS]
+            label = f"parameter {old!r} (param group {gi})"
+            for name in names:
+                what = f"state {name!r} of {label}"
+                if name == "step":
+                    step = entry[name]
+                    count = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+                    if isinstance(count, bool) or not isinstance(count, (int, float)) or not (
+                            math.isfinite(count) and count >= 0 and count == int(count)):
+                        raise ValueError(f"{what} must be a non-negative whole number, got {step!r}")
+                elif name in (MASTER_KEY, RESTORE_KEY, LOOKSAM_KEY):
+                    check_value(entry[name], what, new)
+                elif kind:
+                    if name not in kept:
+                        raise ValueError(
+                            f"{what}: {base_name} does not keep {name!r} (FusedSAM over {base_name} keeps "
+                            f"{', '.join(map(repr, kept + ('step',)))}): is this another optimizer's state dict?")
+                    check_value(entry[name], what, new)
+            if kind:
+                base_names = [n for n in names if n in kept or n == "step"]
+                stepped = (float(entry["step"]) > 0 if "step" in entry and entry["step"] is not None
+                           else bool(base_names))
+                if kind == "adam" and base_names and "step" not in base_names:
+                    raise ValueError(f"the state of {label} lacks 'step' (Adam's bias correction needs it)")
+                lacking = [n for n in needed[gi] if n not in base_names]
+                if stepped and lacking:
+                    raise ValueError(f"the state of {label} has taken steps but lacks {lacking[0]!r}, which "
+                                     f"{base_name} with these settings needs: a corrupt or mismatched state dict")
+        for source, what in ((saved_sam.get("master_weights"), "master weight"),  # format 2 kept these under 'sam'
+                             (saved_sam.get("restore_point"), "restore point")):
+            if isinstance(source, dict):
+                for new, old in enumerate(order):
+                    if source.get(old) is not None:
+                        check_value(source[old], f"{what} of parameter {old!r}", new)
+        by_device: Dict[torch.device, list] = {}
+        for k, (value, _) in enumerate(checks):
+            by_device.setdefault(value.device, []).append(k)
+        bad = []
+        for indices in by_device.values():  # one read back per device
+            finite = torch.stack([torch.isfinite(checks[k][0]).all() for k in indices]).cpu()
+            bad += [indices[j] for j in (~finite).nonzero().flatten().tolist()]
+        if bad:
+            raise ValueError(f"non-finite values in {checks[min(bad)][1]}: a corrupt checkpoint (or one saved after "
+                             "training diverged)")
+        saved_variant = dict(saved_sam.get("variant") or {})
+        if saved_variant.pop("name", None) == self.variant.name:
+            try:
+                copy.deepcopy(self.variant).load_state_dict(saved_variant)
+            except Exception as exc:
+                raise ValueError(f"the state dict's variant state does not load into {self.variant!r}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _split_saved_state(saved_state: dict, saved_sam: dict, groups: List[dict]) -> tuple:
         """(base optimizer state, master weights or None, restore point or None), each keyed as saved.
         Format 2 kept the last two under 'sam'."""
-        state = {k: {n: v for n, v in s.items() if n not in (MASTER_KEY, RESTORE_KEY)} for k, s in saved_state.items()}
+        state = {k: {n: v for n, v in s.items() if n not in (MASTER_KEY, RESTORE_KEY) + CLASSIC_KEYS}
+                 for k, s in saved_state.items()}
         masters = {k: s[MASTER_KEY] for k, s in saved_state.items() if MASTER_KEY in s} or saved_sam.get("master_weights")
         restore_point = saved_sam.get("restore_point")
         if any(g.get(BETWEEN_HALVES_KEY) for g in groups):

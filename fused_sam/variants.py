@@ -129,9 +129,6 @@ class LookSAM(Variant):
         self.alpha = float(alpha)
 
     def check(self, opt) -> None:
-        if opt._sam.shard_groups:
-            raise ValueError("LookSAM over sharded (FSDP2) parameters is not supported yet: its dot products "
-                             "over g, g_s and g_v would need a sum over the ranks")
         _plain_sam_only(opt, "LookSAM")  # g_v is defined against g, the direction of plain SAM's e
 
     def sam_due(self, step: int) -> bool:
@@ -170,8 +167,6 @@ class WhenSharp(Variant):
 
     def check(self, opt) -> None:
         _plain_sam_only(opt, "WhenSharp (AE-SAM)")
-        if opt._sam.shard_groups:
-            raise ValueError("WhenSharp over sharded (FSDP2) parameters is not supported yet")
 
     def threshold(self, step: int) -> float:
         """c_t: linear from c_start (step 0) to c_end (step total_steps), then c_end."""
@@ -183,8 +178,11 @@ class WhenSharp(Variant):
             self.stats = torch.zeros(2, dtype=torch.float64, device=sq_norm.device)
         mean = self.stats[0] * self.delta + (1 - self.delta) * sq_norm
         variance = self.stats[1] * self.delta + (1 - self.delta) * (sq_norm - mean).square()
-        self.stats.copy_(torch.stack([mean, variance]))
-        due = sq_norm >= mean + self.threshold(self.observed) * variance.sqrt()
+        # A non-finite norm (an overflow, routine under fp16 GradScaler training) would poison the statistics
+        # for the rest of the run: keep them, and take a SAM step next (the safe choice), on the device.
+        finite = torch.isfinite(sq_norm)
+        self.stats.copy_(torch.where(finite, torch.stack([mean, variance]), self.stats))
+        due = (sq_norm >= mean + self.threshold(self.observed) * variance.sqrt()) | ~finite
         self.observed += 1
         if sq_norm.is_cuda:
             if self._decision is None:
@@ -234,8 +232,6 @@ class MomentumSAM(Variant):
             if segment.dtype != segment.state_dtype:
                 raise ValueError(f"MomentumSAM supports float32 and float64 parameters, not {segment.dtype} (its "
                                  "perturbation reads the float32 momentum where the kernels read gradients)")
-        if opt._sam.shard_groups:
-            raise ValueError("MomentumSAM over sharded (FSDP2) parameters is not supported yet")
 
     def sam_due(self, step: int) -> bool:
         return False

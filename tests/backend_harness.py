@@ -78,7 +78,8 @@ def clone_span(span: Span) -> Span:
         return None if t is None else t.clone()
 
     return Span(weights=span.weights.clone(), grads=span.grads.clone(), backup=clone(span.backup),
-                state={k: v.clone() for k, v in span.state.items()}, master=clone(span.master))
+                state={k: v.clone() for k, v in span.state.items()}, master=clone(span.master),
+                reused=clone(span.reused))
 
 
 def restore_point(span: Span) -> torch.Tensor:
@@ -162,6 +163,9 @@ def check_restore_and_update(backend, span: Span, update, scalars: StepScalars) 
     backend.restore_and_update(cand, update, scalars)
     REFERENCE.restore_and_update(ref, update, scalars)
     what = f"{update}, step {scalars.step.item():g}, grad_scale {scalars.grad_scale}, found_inf {scalars.found_inf}"
+    if span.reused is not None:
+        what += f", reusing g_v x {scalars.reuse_scale.item():g}"
+        assert torch.equal(cand.grads, base.grads), f"the update wrote the gradients: {what}"
     if scalars.found_inf is not None and scalars.found_inf.item() != 0:
         expected = restore_point(base).to(span.weights.dtype)
         assert torch.equal(cand.weights, expected), f"skipped update changed w: {what}"
@@ -206,6 +210,65 @@ def check_all_ops(backend, numel: int, dtype: torch.dtype, device, seed: int = 0
         span = make_span(numel, dtype, device, update, seed=seed + k, master=master)
         for step, grad_scale, found_inf in SCALARS:
             check_restore_and_update(backend, span, update, step_scalars(device, step, grad_scale, found_inf))
+        check_reuse(backend, span, update)
+        if not master:
+            check_update_in_place(backend, span, update)
+
+
+def check_update_in_place(backend, span: Span, update) -> None:
+    """A plain step (nothing perturbed) restores from w itself: ``backup`` may be the weights tensor. Each
+    element is read before it is written, so the result is bit for bit that of a separate backup; also
+    skipped, and reusing a direction."""
+    cases = [(step_scalars(span.device, 3), None), (step_scalars(span.device, 3, 8.0, 1.0), None),
+             (step_scalars(span.device, 0), 0.7310585786300049)]
+    for scalars, reuse in cases:
+        if reuse is not None:
+            span = with_reused(span, seed=1)
+            scalars = StepScalars(scalars.step, reuse_scale=torch.tensor([reuse], dtype=torch.float64,
+                                                                          device=span.device))
+        separate, in_place = clone_span(span), clone_span(span)
+        separate.backup.copy_(separate.weights)
+        in_place.backup = in_place.weights
+        backend.restore_and_update(separate, update, scalars)
+        backend.restore_and_update(in_place, update, scalars)
+        what = f"{update} in place (backup is the weights), found_inf {scalars.found_inf}, reuse {reuse}"
+        assert torch.equal(in_place.weights, separate.weights), what
+        for name in separate.state:
+            assert torch.equal(in_place.state[name], separate.state[name]), f"{name}: {what}"
+
+
+def with_reused(span: Span, seed: int) -> Span:
+    """``span`` plus a random LookSAM direction g_v in its math dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    g_v = torch.randn(span.numel, generator=gen, dtype=torch.float64).to(span.state_dtype).to(span.device)
+    return Span(span.weights, span.grads, span.backup, span.state, span.master, reused=g_v)
+
+
+# (c, (step, grad_scale, found_inf)): a coefficient that is not a round number, one that dwarfs g (under a
+# GradScaler), nothing reused, and a skipped step.
+REUSE_CASES = [(0.7310585786300049, SCALARS[1]), (3.0e4, SCALARS[2]), (0.0, SCALARS[0]),
+               (0.7310585786300049, SCALARS[4])]
+
+
+def check_reuse(backend, span: Span, update) -> None:
+    """LookSAM's reuse update (d = g + c * g_v, g_v in ``span.reused``) matches the reference and writes no
+    gradient; plain, under a GradScaler, and skipped."""
+    span = with_reused(span, seed=span.numel)
+    for lone, scalars in ((span, step_scalars(span.device)),
+                          (make_span(1, span.weights.dtype, span.device, update), StepScalars(
+                              step_scalars(span.device).step, reuse_scale=torch.ones(1, dtype=torch.float64,
+                                                                                     device=span.device)))):
+        try:  # one without the other: refused
+            backend.restore_and_update(clone_span(lone), update, scalars)
+        except (ValueError, RuntimeError) as exc:
+            assert "reuse" in str(exc), exc
+        else:
+            raise AssertionError("restore_and_update took a reused direction without its scale, or the reverse")
+    for scale, (step, grad_scale, found_inf) in REUSE_CASES:
+        plain = step_scalars(span.device, step, grad_scale, found_inf)
+        scalars = StepScalars(plain.step, plain.grad_scale, plain.found_inf,
+                              reuse_scale=torch.tensor([scale], dtype=torch.float64, device=span.device))
+        check_restore_and_update(backend, span, update, scalars)
 
 
 def master_rounding_cases(dtype) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fused_sam import FusedSAM
+from fused_sam.variants import Every, LookSAM, MomentumSAM, WhenSharp
 
 from distributed_harness import max_distance, needs_gloo, rank_part, run_on_ranks
 from models import batches, loss_of
@@ -314,3 +315,53 @@ def test_an_unsharded_checkpoint_loads_into_fsdp2(tmp_path):
     opt = FusedSAM(model.parameters(), BASES["adamw"][0], rho=RHO, **BASES["adamw"][1])
     _train(model, opt, 0, 1, SAVED_AT + RESUMED_FOR, torch.float64)
     assert max_distance(results[0], list(model.parameters())) <= TOLERANCES[torch.float64]
+
+
+# --- variants: the decision, the reuse and the momentum perturbation use the norm summed over ranks --------
+
+VARIANT_STEPS = 12
+VARIANTS = {
+    "every-3": lambda: Every(3),
+    "looksam-3": lambda: LookSAM(3, alpha=0.7),
+    "whensharp": lambda: WhenSharp(c_start=-0.5, c_end=0.5, total_steps=VARIANT_STEPS),
+    "momentum": MomentumSAM,
+}
+
+
+def _variant_run(model, variant_name: str, rank: int, world_size: int) -> tuple:
+    """(full weights at w, which steps were SAM steps) after VARIANT_STEPS steps of SGD-momentum."""
+    base, base_kwargs = BASES["sgd-momentum"]
+    opt = FusedSAM(model.parameters(), base, rho=RHO, variant=VARIANTS[variant_name](), **base_kwargs)
+    decisions = []
+    for x, y in batches(model.layers, VARIANT_STEPS, torch.float64):
+        x, y = rank_part(x, y, rank, world_size)
+        loss_of(model, x, y).backward()
+        decisions.append(opt.sam_step_due)
+        if decisions[-1]:
+            opt.first_step(zero_grad=True)
+            loss_of(model, x, y).backward()
+            opt.second_step(zero_grad=True)
+        else:
+            opt.plain_step(zero_grad=True)
+    with opt.at_restore_point():  # MomentumSAM holds w - rho v / ||v|| between steps
+        weights = _full_weights(model) if world_size > 1 else [p.detach().clone() for p in model.parameters()]
+    return weights, decisions
+
+
+def _variants_over_fsdp2(rank: int) -> dict:
+    return {name: _variant_run(_sharded(torch.float64), name, rank, 2) for name in VARIANTS}
+
+
+def test_variants_over_fsdp2_follow_the_unsharded_run(tmp_path):
+    """Every variant over FSDP2 on 2 ranks ends where it ends on the unsharded model (float64, 1e-10), with
+    the same SAM/plain decisions on every rank: LookSAM's dot products and reuse norm, AE-SAM's ||g||^2 and
+    MSAM's ||v|| are all sums over the ranks."""
+    results = run_on_ranks(_variants_over_fsdp2, (), tmp_path)
+    for name in VARIANTS:
+        expected, expected_decisions = _variant_run(Awkward(torch.float64), name, 0, 1)
+        for rank, result in enumerate(results):
+            weights, decisions = result[name]
+            assert decisions == expected_decisions, f"{name}, rank {rank}: {decisions} vs {expected_decisions}"
+            assert max_distance(weights, expected) <= TOLERANCES[torch.float64], f"{name}, rank {rank}"
+        mixed = not all(expected_decisions) and any(expected_decisions)  # MSAM: one backward, every step
+        assert mixed if name != "momentum" else not any(expected_decisions), f"{name}: {expected_decisions}"

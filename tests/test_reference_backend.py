@@ -3,7 +3,7 @@ the twin-model tests)."""
 import pytest
 import torch
 
-from fused_sam.backends.base import Span, math_dtype
+from fused_sam.backends.base import Span, StepScalars, math_dtype
 
 from backend_harness import (
     PERTURBATIONS, REFERENCE, TOLERANCE, UPDATES, check_device_hyperparameters, check_sq_norm, clone_span,
@@ -105,3 +105,32 @@ def test_reference_master_spans_pass_the_harness(dtype):
                          ids=["float64", "float32", "bfloat16", "bfloat16-master", "float16-master"])
 def test_lr_and_rho_on_the_device_match_the_floats_bitwise(dtype, master):
     check_device_hyperparameters(REFERENCE, 257, dtype, "cpu", master=master)
+
+
+@pytest.mark.parametrize("update", UPDATES, ids=str)
+def test_reused_direction_enters_as_part_of_the_gradient(update):
+    """LookSAM's reuse update (``span.reused`` = g_v, ``reuse_scale`` = c) is the update with the gradient
+    g + c * g_v, formed here in float64 by hand; under a GradScaler that sum is unscaled; the gradient buffer
+    is not written."""
+    c = 0.37
+    span = make_span(1003, torch.float64, "cpu", update, seed=5)
+    span.backup.copy_(span.weights)
+    g_v = torch.randn(1003, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    by_hand = clone_span(span)
+    by_hand.grads.add_(c * g_v)
+    REFERENCE.restore_and_update(by_hand, update, step_scalars("cpu", 2))
+    for grad_scale in (None, 2.0**10):
+        reused = clone_span(span)
+        reused.reused = g_v
+        if grad_scale is not None:
+            reused.grads.mul_(grad_scale)
+            g_v = g_v * grad_scale  # c * g_v carries the scale of g, as LookSAM's coefficient makes it
+            reused.reused = g_v
+        grads = reused.grads.clone()
+        plain = step_scalars("cpu", 2, grad_scale, None if grad_scale is None else 0.0)
+        REFERENCE.restore_and_update(reused, update, StepScalars(
+            plain.step, plain.grad_scale, plain.found_inf, reuse_scale=torch.tensor([c], dtype=torch.float64)))
+        assert torch.equal(reused.grads, grads)
+        torch.testing.assert_close(reused.weights, by_hand.weights, rtol=1e-13, atol=1e-15)
+        for name in by_hand.state:
+            torch.testing.assert_close(reused.state[name], by_hand.state[name], rtol=1e-13, atol=1e-15)

@@ -318,32 +318,40 @@ def test_step_scalars_are_read_on_the_device_without_a_sync(dtype, master):
     torch.cuda.synchronize()
 
 
-def test_cuda_graph_replays_read_the_current_step_scalars():
-    """One captured Adam restore_and_update, replayed while the step, scale and found_inf tensors change in
-    place: each replay matches the reference run eagerly on the same values, so the kernel reads them on
-    the device (a value read on the host would be frozen into the graph)."""
+@pytest.mark.parametrize("reuse", [False, True], ids=["plain", "reuse"])
+def test_cuda_graph_replays_read_the_current_step_scalars(reuse):
+    """One captured Adam restore_and_update, replayed while the step, scale and found_inf tensors (reuse: and
+    LookSAM's reuse scale, with a g_v direction) change in place: each replay matches the reference run
+    eagerly on the same values, so the kernel reads them on the device (a value read on the host would be
+    frozen into the graph)."""
     update = AdamUpdate(lr=1e-3, weight_decay=1e-2, decoupled=True)
     start = make_span(BLOCK + 7, torch.float32, CUDA, update, seed=9)
     start.backup.copy_(start.weights)
+    if reuse:
+        start.reused = torch.randn(start.numel, device=CUDA, generator=torch.Generator(device=CUDA).manual_seed(3))
     steps = torch.zeros(4, device=CUDA)
-    scalars = StepScalars(step=steps[2], grad_scale=torch.ones((), device=CUDA), found_inf=torch.zeros((), device=CUDA))
+    scalars = StepScalars(step=steps[2], grad_scale=torch.ones((), device=CUDA), found_inf=torch.zeros((), device=CUDA),
+                          reuse_scale=torch.zeros(1, dtype=torch.float64, device=CUDA) if reuse else None)
     graphed = clone_span(start)
     BACKEND.restore_and_update(graphed, update, scalars)  # compiles; capturing only records the launch
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         BACKEND.restore_and_update(graphed, update, scalars)
-    for step, grad_scale, found_inf in ((0, 1.0, 0.0), (5, 2.0**12, 0.0), (5, 2.0**12, 1.0), (999, 0.5, 0.0)):
+    for step, grad_scale, found_inf, reuse_scale in ((0, 1.0, 0.0, 0.5), (5, 2.0**12, 0.0, 3.0e4),
+                                                     (5, 2.0**12, 1.0, 2.0), (999, 0.5, 0.0, 0.0)):
         steps[2] = step
         scalars.grad_scale.fill_(grad_scale)
         scalars.found_inf.fill_(found_inf)
+        if reuse:
+            scalars.reuse_scale.fill_(reuse_scale)
         graphed.weights.fill_(float("nan"))
         for name, buf in graphed.state.items():
             buf.copy_(start.state[name])
         graph.replay()
         expected = clone_span(start)
         REFERENCE.restore_and_update(expected, update, scalars)
-        what = f"step {step}, grad_scale {grad_scale}, found_inf {found_inf}"
+        what = f"step {step}, grad_scale {grad_scale}, found_inf {found_inf}, reuse_scale {reuse_scale if reuse else None}"
         torch.testing.assert_close(graphed.weights, expected.weights, rtol=2e-6, atol=1e-6,
                                    msg=lambda m: f"{what}: {m}")
         for name, buf in expected.state.items():

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from fused_sam import FusedSAM
+from fused_sam import FusedSAM, available_backends
 from fused_sam.variants import Every, LookSAM, MomentumSAM, Randomly, WhenSharp
 
 from models import batches, loss_of, mlp
@@ -68,10 +68,11 @@ def reference_run(base: str, decide, looksam_alpha=None, steps=STEPS, observe=No
     return [p.detach() for p in params]
 
 
-def fused_run(base: str, variant, steps=STEPS, model=None, opt=None, start=0) -> tuple:
+def fused_run(base: str, variant, steps=STEPS, model=None, opt=None, start=0, backend="auto") -> tuple:
     model = model or mlp(torch.float64)
     cls, kwargs = BASES[base]
-    opt = opt or FusedSAM(model.parameters(), cls, rho=RHO, perturb_eps=EPS, variant=variant, **kwargs)
+    opt = opt or FusedSAM(model.parameters(), cls, rho=RHO, perturb_eps=EPS, variant=variant, backend=backend,
+                          **kwargs)
     for x, y in list(batches(model, start + steps, torch.float64))[start:]:
         loss_of(model, x, y).backward()
         if opt.sam_step_due:
@@ -107,6 +108,24 @@ def test_variant_matches_the_papers_formulas(name, base):
     # and it is neither SAM nor plain descent
     assert distance(expected, reference_run(base, lambda t: True)) > 1e-6
     assert distance(expected, reference_run(base, lambda t: False)) > 1e-6
+
+
+FLOAT64_CPU_BACKENDS = [name for name in available_backends("cpu", torch.float64)]
+
+
+@pytest.mark.parametrize("backend", FLOAT64_CPU_BACKENDS)
+@pytest.mark.parametrize("base", ["sgd-momentum", "adamw"])
+def test_fused_variants_on_every_backend(base, backend):
+    """LookSAM's reuse update (g + c g_v added inside the update kernel) and MSAM's perturbation along the
+    momentum (the backends' norm and perturb over the state buffers), on each backend, against the papers'
+    loops."""
+    model, _ = fused_run(base, LookSAM(3, alpha=0.7), backend=backend)
+    assert distance(model.parameters(), reference_run(base, lambda t: t % 3 == 0, 0.7)) <= TOLERANCE
+    expected_w, expected_perturbed = msam_reference(base)
+    model, opt = fused_run(base, MomentumSAM(), backend=backend)
+    assert distance(model.parameters(), expected_perturbed) <= TOLERANCE
+    with opt.at_restore_point():
+        assert distance(model.parameters(), expected_w) <= TOLERANCE
 
 
 @pytest.mark.parametrize("base", list(BASES))

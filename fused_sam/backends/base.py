@@ -42,6 +42,9 @@ class Span:
     the exact restore point and what the norm (ASAM), the perturbation and the update read; the update
     writes it, and ``weights`` receive its rounding (perturb: the rounding of master + e). ``backup`` is
     then None.
+
+    ``reused`` (LookSAM's reuse steps): a direction g_v in ``state_dtype`` that the update adds to the
+    gradient, scaled by ``StepScalars.reuse_scale``; None otherwise.
     """
 
     weights: torch.Tensor
@@ -49,6 +52,7 @@ class Span:
     backup: Optional[torch.Tensor]
     state: dict = field(default_factory=dict)
     master: Optional[torch.Tensor] = None
+    reused: Optional[torch.Tensor] = None
 
     @property
     def numel(self) -> int:
@@ -85,12 +89,23 @@ class StepScalars:
         device: the learning rate, read by the kernel, so that a replayed CUDA graph sees a scheduler's
         in-place update (``capturable=True``; the update's ``lr`` is then NaN). It enters the math exactly
         as the float does (a Python float is a double): the results are the float path's bit for bit.
+    reuse_scale: None, or float64 with one element on the span's device, given exactly when the span has
+        ``reused``: the update's gradient is d = g + c * g_v (c this value rounded once to the math dtype,
+        the sum in the math dtype, then unscaled by grad_scale), computed in registers: ``grads`` is not
+        written. LookSAM's reuse step, c = alpha * ||g|| / ||g_v||, in one pass.
     """
 
     step: torch.Tensor
     grad_scale: Optional[torch.Tensor] = None
     found_inf: Optional[torch.Tensor] = None
     lr: Optional[torch.Tensor] = None
+    reuse_scale: Optional[torch.Tensor] = None
+
+
+def check_reuse_inputs(span: Span, scalars: StepScalars) -> None:
+    """A reused direction without its scale (or the reverse) would be read as something else: refuse."""
+    if (span.reused is None) != (scalars.reuse_scale is None):
+        raise ValueError("Span.reused and StepScalars.reuse_scale are given together or not at all")
 
 
 @dataclass(frozen=True)
@@ -154,7 +169,9 @@ class Backend(ABC):
 
     @abstractmethod
     def restore_and_update(self, span: Span, update: BaseUpdate, scalars: StepScalars) -> None:
-        """w <- backup, then one base-optimizer update of w and ``span.state`` with ``span.grads``.
+        """w <- backup, then one base-optimizer update of w and ``span.state`` with ``span.grads`` (plus
+        ``scalars.reuse_scale * span.reused`` when given). ``span.backup`` may be ``span.weights`` itself (a
+        step that perturbed nothing restores from w in place): read each element before writing it.
 
         ``update`` is an ``SGDUpdate`` or an ``AdamUpdate``; ``scalars`` carries the step count and,
         under a GradScaler, the scale to divide the gradients by and the found_inf flag that skips the

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars, grad_unscale
+from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale
 
 
 def _math(t: torch.Tensor, span: Span) -> torch.Tensor:
@@ -88,8 +88,11 @@ class ReferenceBackend(Backend):
         span.weights.copy_(span.master if span.master is not None else span.backup)
 
     def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
+        check_reuse_inputs(span, scalars)
         w = _restore_point(span)
         d = _math(span.grads, span)
+        if span.reused is not None:
+            d = torch.addcmul(d, span.reused, scalars.reuse_scale.reshape(()).to(d.dtype))
         if scalars.grad_scale is not None:
             d = d * grad_unscale(scalars.grad_scale).to(d.dtype)
         if update.maximize:

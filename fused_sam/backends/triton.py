@@ -16,6 +16,7 @@ Launches per span and SAM step, and why not fewer:
    state, and writes w and the state in one pass: the restore is fused into the SGD/Adam/AdamW update.
    The step count, GradScaler's scale and found_inf are read from their device tensors by the kernel
    (``StepScalars``); a skipped step (found_inf non-zero) writes w <- backup and leaves the state alone.
+   LookSAM's reuse steps fold g + c * g_v into the same pass (``Span.reused``, c read from its tensor).
    With a base optimizer that is not fused, ``restore`` (a copy kernel) runs instead and the base
    optimizer's own step follows.
 
@@ -69,7 +70,7 @@ from typing import Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars
+from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs
 
 try:
     import triton
@@ -219,25 +220,28 @@ class TritonBackend(Backend):
             launch = self._adam
         else:
             raise TypeError(f"unknown base update {type(update).__name__}")
-        unused = span.grads  # stands in for the scalars a variant never reads
+        check_reuse_inputs(span, scalars)
+        unused = span.grads  # stands in for the pointers a variant never reads
+        reused = unused if span.reused is None else span.reused
         device_scalars = (
             scalars.step,
             unused if scalars.grad_scale is None else scalars.grad_scale,
             unused if scalars.found_inf is None else scalars.found_inf,
             unused if scalars.lr is None else scalars.lr,
+            unused if scalars.reuse_scale is None else scalars.reuse_scale,
         )
         # capturable: the lr is read from scalars.lr in the kernel, update.lr (NaN) is not used
         variant = dict(HAS_GRAD_SCALE=scalars.grad_scale is not None, HAS_FOUND_INF=scalars.found_inf is not None,
-                       LR_ON_DEVICE=scalars.lr is not None, MASTER=span.master is not None, BLOCK=BLOCK,
-                       RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS)
+                       LR_ON_DEVICE=scalars.lr is not None, REUSE=span.reused is not None,
+                       MASTER=span.master is not None, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS)
         with _on(span.device):
-            launch(span, update, _stream_grid(span), device_scalars, variant)
+            launch(span, update, _stream_grid(span), reused, device_scalars, variant)
 
     @staticmethod
-    def _sgd(span: Span, u: SGDUpdate, grid, device_scalars, variant) -> None:
+    def _sgd(span: Span, u: SGDUpdate, grid, reused, device_scalars, variant) -> None:
         has_momentum = u.momentum != 0
         _k.sgd_kernel[grid](
-            span.weights, _restore_point(span), span.grads,
+            span.weights, _restore_point(span), span.grads, reused,
             span.state["momentum_buffer"] if has_momentum else span.grads, *device_scalars, span.numel,
             0.0 if variant["LR_ON_DEVICE"] else -float(u.lr),  # on the device: the kernel negates the lr it loads
             float(u.weight_decay), float(u.momentum), 1.0 - float(u.dampening),
@@ -246,7 +250,7 @@ class TritonBackend(Backend):
         )
 
     @staticmethod
-    def _adam(span: Span, u: AdamUpdate, grid, device_scalars, variant) -> None:
+    def _adam(span: Span, u: AdamUpdate, grid, reused, device_scalars, variant) -> None:
         # torch.lerp takes its scalar weight in float32 and picks its formula on that value
         lerp_weight = _f32(1 - u.beta1)
         state = span.state
@@ -256,7 +260,7 @@ class TritonBackend(Backend):
         else:
             lr_bits, decay, weight_decay_bits = float64_bits(u.lr), 1 - u.lr * u.weight_decay, 0
         _k.adam_kernel[grid](
-            span.weights, _restore_point(span), span.grads,
+            span.weights, _restore_point(span), span.grads, reused,
             state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if u.amsgrad else state["exp_avg_sq"],
             *device_scalars, span.numel,
             lr_bits, float64_bits(u.beta1), float64_bits(u.beta2),

@@ -4,8 +4,8 @@ Every kernel reads its operands in their storage dtype, does its math in float32
 partials and their re-reduction in the partials buffer's dtype) and writes back in the storage dtype.
 Offsets are int64 (``program id * BLOCK`` is widened before the multiply), so spans of more than 2^31
 elements work. Hyperparameters are kernel arguments and the per-step values that live on the device (step
-count, GradScaler's scale and found_inf) are loaded from their tensors, so a new value never recompiles and
-nothing syncs with the host; structure (which options are on) is ``tl.constexpr``.
+count, GradScaler's scale and found_inf, LookSAM's reuse scale) are loaded from their tensors, so a new
+value never recompiles and nothing syncs with the host; structure (which options are on) is ``tl.constexpr``.
 
 ``LR_ON_DEVICE`` / ``RHO_ON_DEVICE`` (``capturable=True``): lr or rho is loaded from a float64 tensor
 (``lr_ptr`` / ``rho_ptr``) instead of arriving as an argument, so that a replayed CUDA graph sees a
@@ -21,6 +21,10 @@ pattern is divisible by 16 does not compile a second variant.
 
 The docstring of each kernel counts the bytes it moves per element for float32 weights, gradients and
 state (halve the weight/gradient terms for bfloat16 or float16 weights).
+
+``REUSE`` (LookSAM's reuse steps, see ``Span.reused``): the updates add ``reuse_scale * g_v`` to the gradient,
+g_v read from ``reused_ptr`` (float32) and the scale loaded from a float64 tensor; without it both pointers
+are stand-ins that are never read and the kernels compile as before.
 
 ``MASTER`` selects the master-weights variant (bfloat16/float16 weights with a float32 master copy, see
 ``Span``): the kernels then read w from the master, write the updated master, and write the 16-bit weights
@@ -80,24 +84,33 @@ def _float64_hyperparameter(ptr, bits, ON_DEVICE: tl.constexpr):
 
 
 @triton.jit
-def _update_controls(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
-    """(apply, inv_scale) of a base update: whether it runs (found_inf == 0: any non-zero value, NaN
-    included since it compares unequal, skips it) and the float32 factor that unscales the gradient,
-    float32(1 / float64(grad_scale)) as GradScaler's ``unscale_`` computes it. Both are tensors in every
-    variant (true and 1.0 without found_inf or a scale) so the helper returns one type everywhere."""
+def _update_controls(grad_scale_ptr, found_inf_ptr, reuse_scale_ptr, HAS_GRAD_SCALE: tl.constexpr,
+                     HAS_FOUND_INF: tl.constexpr, REUSE: tl.constexpr):
+    """(apply, inv_scale, reuse_scale) of a base update: whether it runs (found_inf == 0: any non-zero
+    value, NaN included since it compares unequal, skips it), the float32 factor that unscales the
+    gradient, float32(1 / float64(grad_scale)) as GradScaler's ``unscale_`` computes it, and the float64
+    reuse scale rounded once to float32. All are tensors in every variant (true, 1.0 and 0.0 without
+    found_inf, a scale or REUSE) so the helper returns one type everywhere."""
     apply = tl.full([], True, tl.int1)
     inv_scale = tl.full([], 1.0, tl.float32)
+    reuse_scale = tl.full([], 0.0, tl.float32)
     if HAS_FOUND_INF:
         apply = tl.load(found_inf_ptr) == 0
     if HAS_GRAD_SCALE:
         inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
-    return apply, inv_scale
+    if REUSE:
+        reuse_scale = tl.load(reuse_scale_ptr).to(tl.float32)
+    return apply, inv_scale, reuse_scale
 
 
 @triton.jit
-def _descent_direction(g_ptr, offs, live, inv_scale, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
-    """The unscaled gradient (negated when maximizing) in float32; lanes outside ``live`` are not read."""
+def _descent_direction(g_ptr, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE: tl.constexpr,
+                       HAS_GRAD_SCALE: tl.constexpr, REUSE: tl.constexpr):
+    """The unscaled gradient (REUSE: of g + reuse_scale * g_v, both carrying the grad scale), negated when
+    maximizing, in float32; lanes outside ``live`` are not read."""
     d = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    if REUSE:
+        d = d + reuse_scale * tl.load(reused_ptr + offs, mask=live, other=0.0)
     if HAS_GRAD_SCALE:
         d = d * inv_scale
     if MAXIMIZE:
@@ -224,28 +237,31 @@ def copy_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr, RTNE_BF16: tl.cons
 
 @triton.jit
 def sgd_kernel(
-    w_ptr, restore_ptr, g_ptr, buf_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr, numel,
-    neg_lr, weight_decay, momentum, one_minus_dampening,
+    w_ptr, restore_ptr, g_ptr, reused_ptr, buf_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr,
+    reuse_scale_ptr, numel, neg_lr, weight_decay, momentum, one_minus_dampening,
     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_ON_DEVICE: tl.constexpr, MASTER: tl.constexpr,
-    BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_ON_DEVICE: tl.constexpr, REUSE: tl.constexpr,
+    MASTER: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """w <- backup, then torch.optim.SGD's update of w and the momentum buffer, in one pass (MASTER: w is
     the master, and the update writes the master and its rounding to the weights; a skipped one only the
     master's rounding to the weights).
 
-    d = +-g / grad_scale (+ wd * w); buf = d on the first step (step == 0), else momentum * buf +
-    (1 - dampening) * d; d = d + momentum * buf (nesterov) or buf; w = w - lr * d. When found_inf is
-    non-zero, w <- backup bit for bit and nothing else is read or written. ``neg_lr`` is -lr in float32,
-    or (LR_ON_DEVICE) the float64 at ``lr_ptr`` negated and rounded to float32 here (``neg_lr`` unused).
+    d = +-g / grad_scale (+ wd * w), REUSE: g + reuse_scale * g_v in place of g; buf = d on the first step
+    (step == 0), else momentum * buf + (1 - dampening) * d; d = d + momentum * buf (nesterov) or buf;
+    w = w - lr * d. When found_inf is non-zero, w <- backup bit for bit and nothing else is read or
+    written. ``neg_lr`` is -lr in float32, or (LR_ON_DEVICE) the float64 at ``lr_ptr`` negated and rounded
+    to float32 here (``neg_lr`` unused).
     Grid-stride like perturb (the launcher caps the programs).
     Bytes per element: 20 with momentum (read backup, g, buf; write w, buf), 16 on the first step (buf
     not read), 12 without momentum; a skipped update 8 (read backup, write w). MASTER with 16-bit weights:
     20 with momentum (read master, g, buf; write master, w, buf); a skipped update 6 (read master, write w).
+    REUSE: 4 more where the update runs (read g_v).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    apply, inv_scale = _update_controls(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE, HAS_FOUND_INF)
+    apply, inv_scale, reuse_scale = _update_controls(grad_scale_ptr, found_inf_ptr, reuse_scale_ptr, HAS_GRAD_SCALE,
+                                                     HAS_FOUND_INF, REUSE)
     if LR_ON_DEVICE:
         neg_lr = (-tl.load(lr_ptr)).to(tl.float32)
     # Lengths rather than scalar flags and-ed into the masks (which the interpreter mishandles): a skipped
@@ -260,7 +276,8 @@ def sgd_kernel(
         live = offs < live_numel
         restore_point = tl.load(restore_ptr + offs, mask=mask, other=0.0)
         w = restore_point.to(tl.float32)
-        d = _descent_direction(g_ptr, offs, live, inv_scale, MAXIMIZE, HAS_GRAD_SCALE)
+        d = _descent_direction(g_ptr, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE, HAS_GRAD_SCALE,
+                               REUSE)
         if HAS_WD:
             d = d + weight_decay * w
         if HAS_MOMENTUM:
@@ -276,23 +293,24 @@ def sgd_kernel(
 
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits"])
 def adam_kernel(
-    w_ptr, restore_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr, numel,
-    lr_bits, beta1_bits, beta2_bits, decay, weight_decay, weight_decay_bits, lerp_weight, lerp_weight_complement,
-    eps,
+    w_ptr, restore_ptr, g_ptr, reused_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr,
+    reuse_scale_ptr, numel, lr_bits, beta1_bits, beta2_bits, decay, weight_decay, weight_decay_bits, lerp_weight,
+    lerp_weight_complement, eps,
     MAXIMIZE: tl.constexpr, L2_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
     LERP_SMALL: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, REUSE: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
 ):
     """w <- backup, then torch.optim.Adam/AdamW's update of w, exp_avg, exp_avg_sq (, max_exp_avg_sq)
     (MASTER: w is the master, and the update writes the master and its rounding to the weights; a skipped
     one only the master's rounding to the weights).
 
-    As torch's single-tensor path: d = +-g / grad_scale; AdamW w *= 1 - lr*wd, Adam d += wd*w;
-    m = lerp(m, d, 1 - beta1); v = beta2*v + (1 - beta2)*d*d; amsgrad vmax = max(vmax, v);
-    w += -step_size * m / (sqrt(v or vmax) / sqrt(bc2) + eps). The bias corrections come from the step
-    count on the device, t = step + 1: step_size = lr / (1 - beta1^t), sqrt(bc2) = sqrt(1 - beta2^t), in
-    float64 as torch.optim computes them in Python, each rounded once to float32. When found_inf is
-    non-zero, w <- backup bit for bit and nothing else is read or written.
+    As torch's single-tensor path: d = +-g / grad_scale (REUSE: g + reuse_scale * g_v in place of g);
+    AdamW w *= 1 - lr*wd, Adam d += wd*w; m = lerp(m, d, 1 - beta1); v = beta2*v + (1 - beta2)*d*d;
+    amsgrad vmax = max(vmax, v); w += -step_size * m / (sqrt(v or vmax) / sqrt(bc2) + eps). The bias
+    corrections come from the step count on the device, t = step + 1: step_size = lr / (1 - beta1^t),
+    sqrt(bc2) = sqrt(1 - beta2^t), in float64 as torch.optim computes them in Python, each rounded once to
+    float32. When found_inf is non-zero, w <- backup bit for bit and nothing else is read or written.
     lr is float64: decoded from ``lr_bits``, or (LR_ON_DEVICE) loaded from ``lr_ptr``; AdamW's ``decay``
     (1 - lr * wd, float32) is then computed here from it and ``weight_decay_bits`` (wd in float64), which
     only that variant reads.
@@ -300,11 +318,12 @@ def adam_kernel(
     program, is amortised over several blocks on large spans.
     Bytes per element: 28 (read backup, g, m, v; write w, m, v), 36 with amsgrad (vmax read and written);
     a skipped update 8. MASTER with 16-bit weights: 28 (read master, g, m, v; write master, w, m, v); a
-    skipped update 6.
+    skipped update 6. REUSE: 4 more where the update runs (read g_v).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    apply, inv_scale = _update_controls(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE, HAS_FOUND_INF)
+    apply, inv_scale, reuse_scale = _update_controls(grad_scale_ptr, found_inf_ptr, reuse_scale_ptr, HAS_GRAD_SCALE,
+                                                     HAS_FOUND_INF, REUSE)
     beta2_f64 = _float64_from_bits(beta2_bits)
     t = tl.load(step_ptr).to(tl.int64) + 1
     lr = _float64_hyperparameter(lr_ptr, lr_bits, LR_ON_DEVICE)
@@ -325,7 +344,8 @@ def adam_kernel(
         live = offs < live_numel
         restore_point = tl.load(restore_ptr + offs, mask=mask, other=0.0)
         w = restore_point.to(tl.float32)
-        d = _descent_direction(g_ptr, offs, live, inv_scale, MAXIMIZE, HAS_GRAD_SCALE)
+        d = _descent_direction(g_ptr, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE, HAS_GRAD_SCALE,
+                               REUSE)
         m = tl.load(m_ptr + offs, mask=live, other=0.0)
         v = tl.load(v_ptr + offs, mask=live, other=0.0)
         if DECOUPLED_WD:
