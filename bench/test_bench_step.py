@@ -1,14 +1,14 @@
 """The SAM optimizer step (first_step + second_step, no forward/backward) per parameter set, base optimizer,
-dtype and method: classic, torch-native, and every fused_sam backend available on the device."""
+dtype and method: every method ``fused-sam bench`` times on the device (classic, torch-native, each
+fused_sam backend, and its +GradScaler, +capturable and +master forms)."""
 import pytest
 import torch
 
 from fused_sam.bench import cases
 from fused_sam.bench.measure import min_bytes_per_param, sync
 from fused_sam.bench.methods import build, method_names
-from fused_sam.bench.runner import DTYPES, compare, draw
+from fused_sam.bench.runner import DTYPES, compare, draw, float32_classic
 
-METHODS = ["classic", "torch-native", "fused:reference", "fused:triton", "fused:native"]
 _CASES = {}
 _CLASSIC = {}
 
@@ -29,16 +29,17 @@ def _run(name, w0, g0, optimizer):
     return build(name, params, optimizer), params
 
 
-def _final(params):
+def _final(method, params):
+    if hasattr(method, "final_weights"):  # the float32 masters where the method keeps them
+        return method.final_weights()
     return torch.cat([p.detach().reshape(-1).float() for p in params])
 
 
-@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_sam_step(benchmark, device, quick, sam_set, sam_dtype, optimizer, method):
+def test_sam_step(benchmark, device, quick, sam_set, sam_dtype, optimizer, sam_method):
     dtype = DTYPES[sam_dtype]
-    if method not in method_names(device, dtype):
-        pytest.skip(f"{method} is not available for {sam_dtype} on {device}")
+    if sam_method not in method_names(device, dtype):
+        pytest.skip(f"{sam_method} is not available for {sam_dtype} on {device}")
     w0, g0 = _case(sam_set, device, dtype)
     rounds, warmup = (3, 1) if quick else ((20, 3) if device.type == "cuda" else (5, 1))
     steps = rounds + warmup
@@ -48,10 +49,10 @@ def test_sam_step(benchmark, device, quick, sam_set, sam_dtype, optimizer, metho
         for _ in range(steps):
             opt.first_step()
             opt.second_step()
-        _CLASSIC[key] = _final(params)
+        _CLASSIC[key] = _final(opt, params)
         del opt, params
 
-    opt, params = _run(method, w0, g0, optimizer)
+    opt, params = _run(sam_method, w0, g0, optimizer)
 
     def step():
         opt.first_step()
@@ -60,11 +61,16 @@ def test_sam_step(benchmark, device, quick, sam_set, sam_dtype, optimizer, metho
 
     benchmark.group = f"{sam_set} {optimizer} {sam_dtype}"
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    err = compare(_final(params), _CLASSIC[key], dtype, torch.cat([w.reshape(-1).float() for w in w0]))
-    assert err <= 1.0, f"{method} differs from classic after {steps} steps (error / tolerance = {err:.3g})"
+    master = sam_method.endswith("+master")
+    if master:  # float32 masters are held to classic SAM run in float32
+        err = compare(_final(opt, params), float32_classic(w0, g0, optimizer, steps), torch.float32)
+    else:
+        err = compare(_final(opt, params), _CLASSIC[key], dtype, torch.cat([w.reshape(-1).float() for w in w0]))
+    assert err <= 1.0, f"{sam_method} differs from classic after {steps} steps (error / tolerance = {err:.3g})"
     numel = sum(w.numel() for w in w0)
-    state = 4 if method.startswith("fused:") and dtype in (torch.bfloat16, torch.float16) else w0[0].element_size()
-    per_param = min_bytes_per_param(optimizer, w0[0].element_size(), state)
+    state = 4 if sam_method.startswith("fused:") and dtype in (torch.bfloat16, torch.float16) else w0[0].element_size()
+    per_param = min_bytes_per_param(optimizer, w0[0].element_size(), state,
+                                    grad_scaler=sam_method.endswith("+GradScaler"), master=master)
     benchmark.extra_info.update(numel=numel, tensors=len(w0), bytes_per_param=per_param)
     try:
         benchmark.extra_info["gbps_at_median"] = per_param * numel / benchmark.stats.stats.median / 1e9

@@ -1,18 +1,18 @@
-"""Smoke tests of ``fused-sam bench``: it runs end to end on a tiny case, writes its JSON, and every method it
-times produces the same weights as classic SAM (so the benchmark never times a broken path)."""
+"""Smoke tests of ``fused-sam bench``: it runs end to end on a tiny case, writes its JSON, every method it
+times produces the same weights as classic SAM (so the benchmark never times a broken path), and a timing
+that cannot be true, or that varies too much from round to round, is flagged in the table and the JSON."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from fused_sam.bench import cases
+from fused_sam.bench import cases, e2e, runner
 from fused_sam.bench.cli import main
-from fused_sam.bench.measure import min_bytes_per_param
+from fused_sam.bench.measure import NOISE_THRESHOLD, min_bytes_per_param, round_order, row_flags, summarize
 from fused_sam.bench.methods import OPTIMIZERS, TorchNativeSAM, build, method_names
-from fused_sam.bench.report import plot
+from fused_sam.bench.report import e2e_table, plot
 from fused_sam.bench.runner import Config, run_micro
 
 
@@ -72,6 +72,9 @@ def test_bench_quick_main_writes_json_and_verifies(tmp_path):
     assert data["partial"] is False
     env = data["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["cpu_model"]
+    assert env["torch_threads"] == 1 and data["config"]["threads"] == 1 and env["cores_available"] >= 1
+    assert len(env["load_average_before"]) == 3 and len(env["load_average_after"]) == 3
+    assert data["config"]["rounds"] == 3 and data["config"]["noise_threshold"] == NOISE_THRESHOLD
     rows = data["results"]
     expected = {(o, d, m) for o in ("sgd", "adamw") for d in ("fp32", "bf16")
                 for m in method_names(torch.device("cpu"), {"fp32": torch.float32, "bf16": torch.bfloat16}[d])}
@@ -80,6 +83,8 @@ def test_bench_quick_main_writes_json_and_verifies(tmp_path):
         assert r["error"] is None, r
         assert r["verified"], r
         assert r["median_ms"] > 0 and r["gbps"] > 0 and r["aten_ops"] > 0
+        assert len(r["rounds_ms"]) == 3 and isinstance(r["flags"], list)
+        assert r["pct_of_copy"] == pytest.approx(100 * r["gbps"] / r["copy_gbps"])
         assert r["bytes_per_param"] == expected_bytes(r["optimizer"], r["dtype"], r["method"]), r
     classic = {(r["optimizer"], r["dtype"]): r for r in rows if r["method"] == "classic"}
     for r in rows:
@@ -87,17 +92,18 @@ def test_bench_quick_main_writes_json_and_verifies(tmp_path):
     e2e = data["e2e"]
     methods = ("plain", "classic", "fused", "fused-every-5", "fused-looksam-5", "fused-msam")
     assert {(r["model"], r["method"]) for r in e2e} == {(m, k) for m in ("cnn", "gpt") for k in methods}
-    assert all(r["error"] is None and r["finite"] and r["steps_per_s"] > 0 for r in e2e)
-    assert data["copy_bandwidth"]["gbps"] > 0
+    for r in e2e:
+        assert r["error"] is None and r["finite"] and r["steps_per_s"] > 0 and len(r["rounds_ms"]) == 3, r
+    copy = data["copy_bandwidth"]
+    assert copy["gbps_min"] <= copy["gbps"] <= copy["gbps_max"] and len(copy["cases"]) == 4
 
 
 def test_bench_quick_module_subprocess(tmp_path):
     out = tmp_path / "sub"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "fused_sam", "bench", "--quick", "--no-e2e", "--optimizer", "sgd", "--no-plot",
-         "--no-progress", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
+         "--no-progress", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "verified" in proc.stdout and "classic" in proc.stdout
@@ -115,7 +121,7 @@ class _NoRestore(TorchNativeSAM):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_verification_catches_a_broken_method(dtype):
     cfg = Config(device=torch.device("cpu"), sets=["tiny"], optimizers=["sgd"], dtypes=[dtype], warmup=1,
-                 repeats=2, methods=["classic", "fused:reference"], flush=False,
+                 repeats=1, rounds=2, methods=["classic", "fused:reference"], flush=False,
                  extra_methods={"broken": lambda params, opt: _NoRestore(params, torch.optim.SGD, **OPTIMIZERS["sgd"][1])})
     rows = {r["method"]: r for r in run_micro(cfg)["rows"]}
     assert rows["classic"]["verified"] and rows["fused:reference"]["verified"]
@@ -146,3 +152,78 @@ def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     msg = plot(str(tmp_path / "x.png"), {"rows": [], "copy": {}}, {})
     assert "matplotlib" in msg and not (tmp_path / "x.png").exists()
+
+
+def test_impossible_timing_is_flagged_in_table_and_json(tmp_path, monkeypatch, capsys):
+    """Every SAM step timed at 1 ns: far faster than the bytes it must move allow, at any copy bandwidth."""
+    def one_nanosecond(step, device, repeats, flush=None):
+        for _ in range(repeats):  # the steps still run, so the final weights still verify
+            step()
+        return [1e-9] * repeats
+
+    monkeypatch.setattr(runner, "time_steps", one_nanosecond)
+    out = tmp_path / "impossible"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--quick", "--no-e2e", "--optimizer", "sgd", "--methods", "classic,fused:reference", "--no-plot",
+                   "--no-progress", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0  # flagged, reported, not fatal
+    text = capsys.readouterr().out
+    assert "IMPOSSIBLE [1]" in text and "IMPOSSIBLE [2]" in text
+    assert "[1] tiny sgd fp32 classic: impossible: " in text and "% of copy bandwidth" in text
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["verified"] and r["pct_of_copy"] > 100
+        assert r["flags"] == [f"impossible: {r['pct_of_copy']:.0f}% of copy bandwidth"]
+    assert "impossible:" in (out / "results.md").read_text()
+
+
+def test_sam_faster_than_the_plain_step_is_flagged(monkeypatch):
+    """End to end, a SAM step timed at 0.13x the plain step is impossible; momentum-SAM (one forward and
+    backward per step, like plain) is not held to that."""
+    seconds = {"plain": 1.0, "fused-msam": 0.9}
+    last = []  # the time the fake step of the method just run "took"
+
+    def fake_prepare(kind, method, device, quick, warmup):
+        return e2e.Trainer(lambda: last.append(seconds.get(method, 0.13)), 1, 100, "fake", lambda: 1.0)
+
+    def fake_time_steps(sample, device, repeats):
+        sample()
+        return [last[-1]] * repeats
+
+    monkeypatch.setattr(e2e, "prepare", fake_prepare)
+    monkeypatch.setattr(e2e, "time_steps", fake_time_steps)
+    rows = {r["method"]: r for r in e2e.run_e2e(torch.device("cpu"), warmup=0, repeats=1, rounds=3, quick=True,
+                                                models=["cnn"])}
+    assert rows["plain"]["flags"] == [] and rows["fused-msam"]["flags"] == []
+    assert rows["classic"]["x_plain"] == pytest.approx(0.13)
+    assert rows["classic"]["flags"] == ["impossible: SAM step 0.13x a plain step (< 1.0)"]
+    assert rows["fused-every-5"]["flags"] == rows["classic"]["flags"]
+    text = e2e_table(list(rows.values()))
+    assert "IMPOSSIBLE [1]" in text and "[1] cnn classic: impossible: SAM step 0.13x a plain step" in text
+
+
+def test_a_large_spread_over_rounds_is_flagged_noisy():
+    stats = summarize([0.010, 0.010, 0.020, 0.011, 0.030])  # seconds per step, one value per round
+    assert stats["median_ms"] == pytest.approx(11.0) and stats["spread"] == pytest.approx(10 / 11)
+    assert row_flags(stats) == ["noisy: IQR/median 0.909 > 0.1"]
+    assert row_flags(stats, threshold=1.0) == []
+
+
+def test_a_clean_sample_gets_no_flag():
+    stats = summarize([0.0100, 0.0101, 0.0099, 0.0100, 0.0102])
+    assert stats["spread"] < NOISE_THRESHOLD
+    assert row_flags(stats, pct_of_copy=85.0, x_plain=2.05) == []
+    assert row_flags(stats, pct_of_copy=101.0) == ["impossible: 101% of copy bandwidth"]
+
+
+def test_round_order_moves_every_method():
+    names = ["a", "b", "c", "d"]
+    orders = [round_order(names, r) for r in range(4)]
+    assert all(sorted(o) == names for o in orders)
+    assert {o[0] for o in orders} == set(names)  # each method leads a round
+    predecessors = {(o[i - 1], o[i]) for o in orders for i in range(1, len(o))}
+    assert ("a", "b") in predecessors and ("c", "b") in predecessors  # b does not always follow a

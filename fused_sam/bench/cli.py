@@ -11,14 +11,20 @@ from typing import List, Optional
 import torch
 
 from . import cases
+from .measure import NOISE_THRESHOLD
+from .report import machine_cores
 from .runner import DTYPES
 
-# (warmup, repeats) for the optimizer-step benchmark and for the end-to-end loop.
+# Untimed steps, rounds, and timed steps per method per round, for the optimizer-step benchmark and for the
+# end-to-end loop (both run `rounds` rounds).
 DEFAULT_REPEATS = {
-    "cuda": dict(warmup=5, repeats=30, e2e_warmup=3, e2e_repeats=20),
-    "cpu": dict(warmup=2, repeats=10, e2e_warmup=2, e2e_repeats=5),
-    "quick": dict(warmup=1, repeats=3, e2e_warmup=1, e2e_repeats=2),
+    "cuda": dict(warmup=5, rounds=10, repeats=3, e2e_warmup=3, e2e_repeats=2),
+    "cpu": dict(warmup=2, rounds=5, repeats=2, e2e_warmup=2, e2e_repeats=1),
+    "quick": dict(warmup=1, rounds=3, repeats=1, e2e_warmup=1, e2e_repeats=1),
 }
+# The 1-minute load average a machine shows with nothing much running; above the idle cores plus this, the
+# run's threads share cores with other work and the header warns.
+IDLE_LOAD = 0.5
 
 
 def _csv(value: str) -> List[str]:
@@ -40,10 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list among classic, torch-native, fused:<backend>, fused:<backend>+GradScaler, "
                         "fused:<backend>+capturable, fused:<backend>+master (bf16/fp16) (default: all available)")
     p.add_argument("--warmup", type=int, default=None, help="untimed SAM steps per method before timing")
-    p.add_argument("--repeats", type=int, default=None, help="timed SAM steps per method")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of timing; in each, every method of a case takes its timed steps in turn "
+                        "(CUDA 10, CPU 5, --quick 3); the reported time is the median over rounds")
+    p.add_argument("--repeats", type=int, default=None, help="timed SAM steps per method per round")
+    p.add_argument("--noise-threshold", type=float, default=NOISE_THRESHOLD,
+                   help=f"flag a row as noisy when its IQR / median over rounds exceeds this "
+                        f"(default {NOISE_THRESHOLD})")
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
                    help="also time end-to-end training steps of two small models (default on)")
-    p.add_argument("--e2e-repeats", type=int, default=None, help="timed training steps per e2e method")
+    p.add_argument("--e2e-repeats", type=int, default=None, help="timed training steps per e2e method per round")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (tests, smoke runs)")
     p.add_argument("--out", default="bench_out", help="output folder for results.json and bench.png")
     p.add_argument("--no-flush", dest="flush", action="store_false",
@@ -52,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count GPU kernels per step with torch.profiler (CUDA; default on)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG plot")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    p.add_argument("--threads", type=int, default=machine_cores(),
+                   help="torch.set_num_threads (default: the cores this process may use)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -78,15 +91,32 @@ def _dtypes(spec: str, device: torch.device) -> List[str]:
     return names
 
 
+def _load_line(env: dict, threads: int) -> str:
+    """What else was running: the load average before the run, against the cores and the threads it uses."""
+    loads, cores = env["load_average_before"], env["cores_available"]
+    line = f"{threads} threads on {cores} cores; "
+    if loads is None:
+        return line + "load average unknown"
+    line += f"load average {loads[0]:.2f} / {loads[1]:.2f} / {loads[2]:.2f} (1 / 5 / 15 min) before the run"
+    if loads[0] > cores - threads + IDLE_LOAD:
+        fewer = max(1, int(cores - loads[0]))
+        line += (f"\nwarning: 1-minute load average {loads[0]:.2f} on {cores} cores: other processes are using or "
+                 f"waiting for the cores, so the {threads} threads of this run compete with them: expect slower, "
+                 f"noisier timings (see the flags); rerun on an idle machine"
+                 + (f" or with --threads {fewer}" if fewer < threads else ""))
+    return line
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .e2e import run_e2e
-    from .report import e2e_table, environment, markdown, micro_table, plot, write_json
+    from .report import e2e_table, environment, load_average, markdown, micro_table, plot, write_json
     from .runner import Config, run_micro
 
     device = _device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise SystemExit("fused-sam bench: --threads must be >= 1")
+    torch.set_num_threads(args.threads)
     defaults = DEFAULT_REPEATS["quick" if args.quick else device.type]
     optimizers = _csv(args.optimizers)
     for o in optimizers:
@@ -100,11 +130,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         device=device, sets=sets, optimizers=optimizers, dtypes=_dtypes(args.dtypes, device),
         warmup=defaults["warmup"] if args.warmup is None else args.warmup,
         repeats=defaults["repeats"] if args.repeats is None else args.repeats,
+        rounds=defaults["rounds"] if args.rounds is None else args.rounds,
         methods=_csv(args.methods) if args.methods else None, flush=args.flush, kernels=args.kernels,
-        seed=args.seed,
+        seed=args.seed, noise_threshold=args.noise_threshold,
     )
-    if cfg.repeats < 1 or cfg.warmup < 0:
-        raise SystemExit("fused-sam bench: --repeats must be >= 1 and --warmup >= 0")
+    e2e_repeats = defaults["e2e_repeats"] if args.e2e_repeats is None else args.e2e_repeats
+    if cfg.repeats < 1 or cfg.rounds < 1 or e2e_repeats < 1 or cfg.warmup < 0:
+        raise SystemExit("fused-sam bench: --rounds, --repeats and --e2e-repeats must be >= 1 and --warmup >= 0")
     progress = None
     if args.progress:
         from tqdm.auto import tqdm as progress
@@ -112,18 +144,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = environment(device)
     print(f"fused-sam bench on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}; "
           f"sets {', '.join(sets)}; {', '.join(optimizers)}; {', '.join(cfg.dtypes)}; "
-          f"warmup {cfg.warmup}, repeats {cfg.repeats}", flush=True)
+          f"warmup {cfg.warmup}, {cfg.rounds} rounds of {cfg.repeats} steps per method, interleaved", flush=True)
+    print(_load_line(env, args.threads), flush=True)
     t0 = time.perf_counter()
     json_path = os.path.join(args.out, "results.json")
     payload = {
         "environment": env,
         "config": {"sets": sets, "optimizers": optimizers, "dtypes": cfg.dtypes, "warmup": cfg.warmup,
-                   "repeats": cfg.repeats, "flush": cfg.flush, "quick": args.quick, "argv": list(argv or sys.argv[1:])},
+                   "rounds": cfg.rounds, "repeats": cfg.repeats, "e2e_repeats": e2e_repeats,
+                   "noise_threshold": cfg.noise_threshold, "threads": args.threads, "flush": cfg.flush,
+                   "quick": args.quick, "argv": list(argv or sys.argv[1:])},
         "sets": {s: dict(zip(("tensors", "numel"), cases.summary(s)), description=cases.DESCRIPTIONS[s]) for s in sets},
         "partial": True,  # until the run completes: results.json is rewritten after every case
     }
 
-    printed = [0]
+    printed = [0, t0]  # rows printed so far, when the last case ended
 
     def save(micro_so_far=None, e2e_rows=None):
         if micro_so_far is not None:
@@ -134,7 +169,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r0 = new[0]
                 parts = [f"{r['method']} " + ("ERROR" if r.get("error") else f"{r['median_ms']:.3f} ms") for r in new]
                 print(f"  {r0['set']} {r0['optimizer']} {r0['dtype']}: {', '.join(parts)} "
-                      f"({sum(r['seconds'] for r in new):.1f} s)", flush=True)
+                      f"({time.perf_counter() - printed[1]:.1f} s)", flush=True)
+                printed[1] = time.perf_counter()
         payload.update(e2e=e2e_rows, seconds=time.perf_counter() - t0)
         write_json(json_path, payload)
 
@@ -142,10 +178,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(micro_table(micro, device.type), flush=True)
     e2e_rows = None
     if args.e2e:
-        e2e_rows = run_e2e(device, defaults["e2e_warmup"],
-                           defaults["e2e_repeats"] if args.e2e_repeats is None else args.e2e_repeats,
-                           quick=args.quick, progress=progress)
+        e2e_rows = run_e2e(device, defaults["e2e_warmup"], e2e_repeats, rounds=cfg.rounds, quick=args.quick,
+                           progress=progress, noise_threshold=cfg.noise_threshold)
         print(e2e_table(e2e_rows), flush=True)
+    env["load_average_after"] = load_average()
     payload["partial"] = False
     save(micro, e2e_rows)
     md_path = os.path.join(args.out, "results.md")
@@ -164,6 +200,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"NOT VERIFIED: {r['set']} {r['optimizer']} {r['dtype']} {r['method']}: {what}", file=sys.stderr)
     for r in failed_e2e:
         print(f"END-TO-END FAILED: {r['model']} {r['method']}: {r.get('error') or 'non-finite loss'}", file=sys.stderr)
+    flagged = [r for r in micro["rows"] + (e2e_rows or []) if r.get("flags")]
+    if flagged:  # reported, not fatal: the numbers are kept, with the reason not to trust them
+        impossible = sum(any(f.startswith("impossible") for f in r["flags"]) for r in flagged)
+        print(f"{len(flagged)} row(s) flagged ({impossible} impossible): the machine was too busy for their numbers "
+              f"to be trusted; rerun on an idle machine, with more --rounds, or with fewer --threads")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 1 if failed or failed_e2e else 0
 

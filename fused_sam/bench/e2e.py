@@ -12,14 +12,20 @@ forwards and backwards per step, and the cheaper variants ``fused-every-5`` and 
 timed over whole cycles of 5 steps and reported per step. On CUDA also ``plain-graphed`` and ``fused-graphed``: the same whole
 training step captured into one CUDA graph and replayed (FusedSAM with ``capturable=True``, lr and rho as
 device tensors; the plain base optimizer with torch's own ``capturable=True`` where it has one), each
-reported against the graphed plain step. Reported: steps per second (median step time) and each method's
-step time as a multiple of the plain step; SAM's ideal is just over 2x (two forward/backward passes, plus
-the optimizer work).
+reported against the graphed plain step. Every method of a model is built and warmed up first (each on its
+own copy of the model), then timed round-robin, a block of ``repeats`` samples per method per round in an
+order that changes every round (measure.round_order), so load from other processes falls on all methods
+alike. Reported: steps per second (the median over rounds of each round's median step time), the spread
+(IQR / median over rounds) and each method's step time as a multiple of the plain step; SAM's ideal is just
+over 2x (two forward/backward passes, plus the optimizer work), and below 1x is impossible for every
+method that runs a second forward/backward on some steps (flagged).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -27,12 +33,15 @@ import torch.nn.functional as F
 
 from ..classic import ClassicSAM
 from ..optimizer import FusedSAM
-from .measure import summarize, sync, time_steps
+from .measure import NOISE_THRESHOLD, round_order, row_flags, summarize, sync, time_steps
 from .methods import OPTIMIZERS, RHO, base_impl
 from ..variants import Every, LookSAM, MomentumSAM
 
 VARIANTS = {"fused-every-5": lambda: Every(5), "fused-looksam-5": lambda: LookSAM(5), "fused-msam": MomentumSAM}
 CYCLE = 5  # steps per timed sample of a variant: one SAM step and four plain ones
+GRAPHED = ("plain-graphed", "fused-graphed")  # CUDA only
+# Methods with one forward and backward per step, like the plain step: not flagged when faster than it.
+ONE_PASS = ("plain", "plain-graphed", "fused-msam")
 
 
 class _Block(nn.Module):
@@ -205,49 +214,93 @@ def _build(method: str, params, base_cls, kwargs, device):
     return opt, "FusedSAM " + ", ".join(sorted(set(opt.backends.values())))
 
 
-def run_e2e(device: torch.device, warmup: int, repeats: int, quick: bool = False, progress=None,
-            models: Optional[List[str]] = None) -> List[dict]:
+def methods_for(device: torch.device) -> tuple:
+    return ("plain", "classic", "fused", *VARIANTS) + (GRAPHED if device.type == "cuda" else ())
+
+
+@dataclass
+class Trainer:
+    """One end-to-end method on its own model, warmed up. ``step()`` takes one training step (graphed: one
+    replay); a timed sample is ``cycle`` steps, so a variant's sample holds its SAM step and its plain ones."""
+    step: Callable[[], object]
+    cycle: int
+    params: int
+    info: str
+    loss: Callable[[], float]  # takes one more (eager) training step and returns its loss
+    round_times: List[float] = field(default_factory=list)  # seconds per training step, median of each round
+
+    def sample(self) -> None:
+        for _ in range(self.cycle):
+            self.step()
+
+
+def prepare(kind: str, method: str, device: torch.device, quick: bool, warmup: int) -> Trainer:
+    """``method`` on a fresh ``kind`` model, after ``warmup`` samples."""
+    cfg = _configs(device, quick)[kind]
+    base_cls, kwargs = OPTIMIZERS[cfg["optimizer"]]
+    model, loss_fn = _model_and_batch(kind, cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, info = _build(method, params, base_cls, kwargs, device)
+    kind_of_step = method.split("-")[0]
+    step = lambda: _train_step(kind_of_step, model, loss_fn, opt)  # noqa: E731
+    if method.endswith("graphed"):
+        step = _graphed(step, device, warmup)
+    trainer = Trainer(step, CYCLE if method in VARIANTS else 1, sum(p.numel() for p in params), info,
+                      lambda: float(_train_step(kind_of_step, model, loss_fn, opt).detach()))
+    for _ in range(warmup):
+        trainer.sample()
+    sync(device)
+    return trainer
+
+
+def run_e2e(device: torch.device, warmup: int, repeats: int, rounds: int = 5, quick: bool = False, progress=None,
+            models: Optional[List[str]] = None, noise_threshold: float = NOISE_THRESHOLD) -> List[dict]:
+    """Every method of every model, interleaved round by round (see the module docstring)."""
     configs = _configs(device, quick)
     models = models or list(configs)
-    methods = ("plain", "classic", "fused", *VARIANTS) + (("plain-graphed", "fused-graphed") if device.type == "cuda" else ())
-    plan = [(kind, method) for kind in models for method in methods]
-    bar = progress(total=len(plan), desc="end-to-end", unit="run") if progress else None
+    bar = progress(total=len(models) * rounds, desc="end-to-end", unit="round") if progress else None
     rows = []
     for kind in models:
         cfg = configs[kind]
-        base_cls, kwargs = OPTIMIZERS[cfg["optimizer"]]
-        kind_rows = []
-        for method in methods:
-            if bar:
-                bar.set_postfix_str(f"{kind} {method}")
-            row = dict(model=kind, method=method, optimizer=cfg["optimizer"], batch=cfg["batch"], error=None)
+        kind_rows, trainers = {}, {}
+        for method in methods_for(device):
+            row = kind_rows[method] = dict(model=kind, method=method, optimizer=cfg["optimizer"], batch=cfg["batch"],
+                                           error=None)
             try:
-                model, loss_fn = _model_and_batch(kind, cfg, device)
-                params = [p for p in model.parameters() if p.requires_grad]
-                row["params"] = sum(p.numel() for p in params)
-                opt, row["info"] = _build(method, params, base_cls, kwargs, device)
-                kind_of_step = method.split("-")[0]
-                steps_per_sample = CYCLE if method in VARIANTS else 1
-                step = lambda: [_train_step(kind_of_step, model, loss_fn, opt) for _ in range(steps_per_sample)]  # noqa: E731
-                if method.endswith("graphed"):
-                    step = _graphed(step, device, warmup)
-                for _ in range(warmup):
-                    step()
-                sync(device)
-                times = [t / steps_per_sample for t in time_steps(step, device, repeats)]
-                loss = float(_train_step(kind_of_step, model, loss_fn, opt).detach())
-                row.update(summarize(times), loss=loss, finite=math.isfinite(loss))
+                trainers[method] = prepare(kind, method, device, quick, warmup)
+                row.update(params=trainers[method].params, info=trainers[method].info)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"
+        if bar:
+            bar.set_postfix_str(kind)
+        for r in range(rounds):
+            for method in round_order(list(trainers), r):
+                t = trainers[method]
+                try:
+                    t.round_times.append(statistics.median(time_steps(t.sample, device, repeats)) / t.cycle)
+                except Exception as exc:
+                    kind_rows[method]["error"] = f"{type(exc).__name__}: {exc}"
+                    del trainers[method]
+            if bar:
+                bar.update(1)
+        for method, t in trainers.items():
+            row = kind_rows[method]
+            try:
+                loss = t.loss()
+                row.update(summarize(t.round_times), rounds_ms=[x * 1e3 for x in t.round_times], loss=loss,
+                           finite=math.isfinite(loss))
                 row["steps_per_s"] = 1e3 / row["median_ms"]
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"
-            kind_rows.append(row)
-            if bar:
-                bar.update(1)
-        for r in kind_rows:  # graphed steps against the graphed plain step, the others against the plain one
+        del trainers
+        for r in kind_rows.values():  # graphed steps against the graphed plain step, the others against the plain one
             versus = "plain-graphed" if r["method"].endswith("graphed") else "plain"
-            plain = next((p for p in kind_rows if p["method"] == versus and not p["error"]), None)
-            r["x_plain"] = r["median_ms"] / plain["median_ms"] if plain and not r["error"] else None
-        rows += kind_rows
+            plain = kind_rows.get(versus)
+            ok = plain is not None and not plain["error"] and not r["error"]
+            r["x_plain"] = r["median_ms"] / plain["median_ms"] if ok else None
+            r["flags"] = [] if r["error"] else row_flags(
+                r, noise_threshold, x_plain=None if r["method"] in ONE_PASS else r["x_plain"])
+        rows += kind_rows.values()
     if bar:
         bar.close()
     return rows

@@ -36,12 +36,15 @@ import ctypes.util
 import gc
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 MASTER_BYTES = 4  # a float32 master weight
+# A row whose IQR / median over rounds exceeds this is flagged noisy (--noise-threshold).
+NOISE_THRESHOLD = 0.10
+
 
 def min_bytes_per_param(optimizer: str, param_bytes: int, state_bytes: int, grad_scaler: bool = False,
                         master: bool = False) -> int:
@@ -102,28 +105,69 @@ def time_steps(step: Callable[[], None], device: torch.device, repeats: int,
 
 
 def summarize(times: List[float]) -> Dict[str, float]:
-    """median, quartiles, min and max, in milliseconds."""
+    """median, quartiles, min and max, in milliseconds, and the spread IQR / median."""
     ms = sorted(t * 1e3 for t in times)
     if len(ms) >= 2:
         q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
     else:
         q1 = q3 = ms[0]
-    return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+    median = statistics.median(ms)
+    return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "spread": (q3 - q1) / median,
             "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
 
 
-def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, repeats: int = 20) -> Dict[str, float]:
-    """Bandwidth of one large tensor copy (bytes read + bytes written per second), median of repeats."""
-    if nbytes is None:
-        nbytes = 1024 * 2**20 if device.type == "cuda" else 128 * 2**20
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    sync(device)
-    times = time_steps(lambda: dst.copy_(src), device, repeats)
-    med = statistics.median(times)
-    return {"bytes": nbytes, "median_ms": med * 1e3, "gbps": 2 * nbytes / med / 1e9}
+def round_order(names: Sequence[str], round_index: int) -> List[str]:
+    """The order of ``names`` in one round: led by each method in turn, walking the list forwards in even rounds
+    and backwards in odd ones, so every method takes every position and no method always follows the same
+    one (a method that heats the CPU or fills the cache must not always slow down, or speed up, the next)."""
+    n = len(names)
+    direction = -1 if round_index % 2 else 1
+    return [names[(round_index + direction * i) % n] for i in range(n)]
+
+
+def row_flags(stats: Dict[str, float], threshold: float = NOISE_THRESHOLD, pct_of_copy: Optional[float] = None,
+              x_plain: Optional[float] = None) -> List[str]:
+    """Why a row's numbers cannot be trusted, one string per reason (empty: none). ``stats`` is a summarize()
+    dict; ``pct_of_copy``: the step's minimum-bytes bandwidth over copy bandwidth (over 100% no step can be,
+    as it must move at least those bytes); ``x_plain``: a SAM step's time over the plain step's (below 1 is
+    impossible: a SAM step does all of the plain step's work and more)."""
+    out = []
+    if stats["spread"] > threshold:
+        out.append(f"noisy: IQR/median {stats['spread']:.3f} > {threshold:g}")
+    if pct_of_copy is not None and pct_of_copy > 100:
+        out.append(f"impossible: {pct_of_copy:.0f}% of copy bandwidth")
+    if x_plain is not None and x_plain < 1:
+        out.append(f"impossible: SAM step {x_plain:.2f}x a plain step (< 1.0)")
+    return out
+
+
+class CopyMeter:
+    """Bandwidth of one large tensor copy (bytes read + bytes written per second). The runner measures it
+    before and after each case, so a step's "% copy" compares it with the memory speed of the same window
+    on a machine whose load changes during the run."""
+
+    def __init__(self, device: torch.device, nbytes: Optional[int] = None, repeats: int = 20):
+        if nbytes is None:
+            nbytes = 1024 * 2**20 if device.type == "cuda" else 128 * 2**20
+        self.device, self.nbytes, self.repeats = device, nbytes, repeats
+        self.src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        self.dst = torch.empty_like(self.src)
+
+    def sample(self) -> List[float]:
+        """Seconds per copy, ``repeats`` copies after 3 untimed ones."""
+        for _ in range(3):
+            self.dst.copy_(self.src)
+        sync(self.device)
+        return time_steps(lambda: self.dst.copy_(self.src), self.device, self.repeats)
+
+    def gbps(self, seconds: float) -> float:
+        return 2 * self.nbytes / seconds / 1e9
+
+    def window(self, before: List[float], after: List[float]) -> Dict[str, float]:
+        """The bandwidth of a case: from the median of all copies timed before and after it."""
+        return {"bytes": self.nbytes, "gbps": self.gbps(statistics.median(before + after)),
+                "gbps_before": self.gbps(statistics.median(before)), "gbps_after": self.gbps(statistics.median(after)),
+                "how": f"median of {len(before)} copies before and {len(after)} after the case"}
 
 
 # --- counting dispatched aten ops, and tracking memory allocated by them --------------------------------

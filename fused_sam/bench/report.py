@@ -5,7 +5,7 @@ import json
 import os
 import platform
 import subprocess
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -44,7 +44,24 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def machine_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15-minute load averages: how many processes were running or waiting for a core."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # not available (Windows)
+        return None
+
+
 def environment(device: torch.device) -> Dict[str, object]:
+    """The machine, versions, threads and the load average before the run."""
     import fused_sam
 
     env = {
@@ -52,7 +69,9 @@ def environment(device: torch.device) -> Dict[str, object]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cores_available": machine_cores(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_before": load_average(),
         "torch": torch.__version__,
         "triton": _version("triton"),
         "cuda": torch.version.cuda,
@@ -78,12 +97,36 @@ def _fmt(v, spec: str, none: str = "-") -> str:
         return str(v)
 
 
+def flag_notes(rows: List[dict], label: Callable[[dict], str]) -> Tuple[List[str], List[str]]:
+    """Per row, a short flag cell ("IMPOSSIBLE [1]", "noisy [2]" or ""), and the numbered footnotes that spell
+    out each flagged row's reasons."""
+    cells, notes = [], []
+    for r in rows:
+        reasons = r.get("flags") or []
+        if not reasons:
+            cells.append("")
+            continue
+        notes.append(f"[{len(notes) + 1}] {label(r)}: {'; '.join(reasons)}")
+        word = "IMPOSSIBLE" if any(f.startswith("impossible") for f in reasons) else "noisy"
+        cells.append(f"{word} [{len(notes)}]")
+    return cells, notes
+
+
+def _micro_label(r: dict) -> str:
+    return f"{r['set']} {r['optimizer']} {r['dtype']} {r['method']}"
+
+
+def _e2e_label(r: dict) -> str:
+    return f"{r['model']} {r['method']}"
+
+
 def micro_table(result: dict, device_type: str) -> str:
     launches = "kernels" if device_type == "cuda" else "aten ops"
     header = ["set", "opt", "dtype", "method", "median ms", "IQR ms", "min ms", "GB/s", "% copy",
-              launches, "extra MB", "x classic", "x torch-native", "verified"]
+              launches, "extra MB", "x classic", "x torch-native", "verified", "flags"]
+    flag_cells, notes = flag_notes(result["rows"], _micro_label)
     lines = []
-    for r in result["rows"]:
+    for r, flag in zip(result["rows"], flag_cells):
         if r.get("error"):
             lines.append([r["set"], r["optimizer"], r["dtype"], r["method"], "ERROR: " + r["error"][:60]])
             continue
@@ -93,25 +136,29 @@ def micro_table(result: dict, device_type: str) -> str:
             r["set"], r["optimizer"], r["dtype"], r["method"], _fmt(r["median_ms"], ".3f"), _fmt(r["iqr_ms"], ".3f"),
             _fmt(r["min_ms"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r.get("pct_of_copy"), ".0f"), _fmt(count, "d"),
             _fmt(extra, ".1f"), _fmt(r.get("speedup_vs_classic"), ".2f"), _fmt(r.get("speedup_vs_torch_native"), ".2f"),
-            "yes" if r.get("verified") else "NO",
+            "yes" if r.get("verified") else "NO", flag,
         ])
     copy = result["copy"]
-    title = (f"SAM optimizer step (first_step + second_step), copy bandwidth {copy['gbps']:.1f} GB/s "
-             f"({copy['bytes'] / 2**20:.0f} MiB copy)")
-    return title + "\n" + _table(header, lines)
+    spread = (f"{copy['gbps_min']:.1f}-{copy['gbps_max']:.1f} GB/s over the cases, each row against its own case's"
+              if len(copy["cases"]) > 1 else "timed before and after the case")
+    title = (f"SAM optimizer step (first_step + second_step), median over rounds; copy bandwidth {copy['gbps']:.1f} "
+             f"GB/s ({copy['bytes'] / 2**20:.0f} MiB copy, {spread})")
+    return "\n".join([title, _table(header, lines)] + notes)
 
 
 def e2e_table(rows: List[dict]) -> str:
-    header = ["model", "params", "batch", "method", "runs", "median ms", "IQR ms", "steps/s", "x plain"]
+    header = ["model", "params", "batch", "method", "runs", "median ms", "IQR ms", "steps/s", "x plain", "flags"]
+    flag_cells, notes = flag_notes(rows, _e2e_label)
     lines = []
-    for r in rows:
+    for r, flag in zip(rows, flag_cells):
         if r.get("error"):
             lines.append([r["model"], "-", r["batch"], r["method"], "ERROR: " + r["error"][:60]])
             continue
         lines.append([r["model"], f"{r['params'] / 1e6:.2f}M", r["batch"], r["method"], r.get("info", ""),
                       _fmt(r["median_ms"], ".2f"), _fmt(r["iqr_ms"], ".2f"), _fmt(r["steps_per_s"], ".1f"),
-                      _fmt(r["x_plain"], ".2f")])
-    return "End-to-end training step (forward + backward + optimizer)\n" + _table(header, lines)
+                      _fmt(r["x_plain"], ".2f"), flag])
+    return "\n".join(["End-to-end training step (forward + backward + optimizer), median over rounds",
+                      _table(header, lines)] + notes)
 
 
 def _table(header: List[str], lines: List[list]) -> str:
@@ -120,46 +167,54 @@ def _table(header: List[str], lines: List[list]) -> str:
     for line in lines:
         if len(line) == len(header):
             widths = [max(w, len(c)) for w, c in zip(widths, line)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     for line in lines:
-        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
     return "\n".join(out)
 
 
 def markdown(payload: dict) -> str:
     """The results as Markdown tables (what docs/bench.md shows), from the results.json payload."""
-    env, copy = payload["environment"], payload["copy_bandwidth"]
+    env, copy, config = payload["environment"], payload["copy_bandwidth"], payload["config"]
     gpu = str(env.get("device", "")).startswith("cuda")
     out = [f"Measured on {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, "
            f"triton {env.get('triton')}, CUDA {env.get('cuda')}, commit {env.get('git_commit')}; "
-           f"copy bandwidth {copy['gbps']:.1f} GB/s; warmup {payload['config']['warmup']}, "
-           f"repeats {payload['config']['repeats']}.", ""]
+           f"{env.get('torch_threads')} threads on {env.get('cores_available')} cores, load average "
+           f"{_loads(env.get('load_average_before'))} before the run and {_loads(env.get('load_average_after'))} "
+           f"after; copy bandwidth {copy['gbps']:.1f} GB/s ({copy['gbps_min']:.1f}-{copy['gbps_max']:.1f}); "
+           f"warmup {config['warmup']}, {config['rounds']} rounds of {config['repeats']} steps, methods interleaved; "
+           f"flags: IQR/median > {config['noise_threshold']:g} or impossible.", ""]
     count = "kernels" if gpu else "aten ops"
     out.append(f"| set | optimizer | dtype | method | median ms | IQR ms | GB/s | % copy | {count} | extra MB "
-               "| x classic | x torch-native | verified |")
-    out.append("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+               "| x classic | x torch-native | verified | flags |")
+    out.append("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for r in payload["results"]:
         if r.get("error"):
             out.append(f"| {r['set']} | {r['optimizer']} | {r['dtype']} | {r['method']} | error: {r['error'][:80]} "
-                       "| | | | | | | | no |")
+                       "| | | | | | | | no | |")
             continue
         n = r.get("kernels") if gpu else r.get("aten_ops")
         extra = None if r.get("extra_bytes") is None else r["extra_bytes"] / 2**20
         cells = [r["set"], r["optimizer"], r["dtype"], r["method"], _fmt(r["median_ms"], ".3f"),
                  _fmt(r["iqr_ms"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r.get("pct_of_copy"), ".0f"), _fmt(n, "d"),
                  _fmt(extra, ".1f"), _fmt(r.get("speedup_vs_classic"), ".2f"), _fmt(r.get("speedup_vs_torch_native"), ".2f"),
-                 "yes" if r.get("verified") else "**no**"]
+                 "yes" if r.get("verified") else "**no**", "; ".join(r.get("flags") or [])]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     if payload.get("e2e"):
-        out += ["", "| model | params | batch | method | runs | median ms | steps/s | x plain |",
-                "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+        out += ["", "| model | params | batch | method | runs | median ms | steps/s | x plain | flags |",
+                "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | --- |"]
         for r in payload["e2e"]:
             if r.get("error"):
-                out.append(f"| {r['model']} | | {r['batch']} | {r['method']} | error: {r['error'][:80]} | | | |")
+                out.append(f"| {r['model']} | | {r['batch']} | {r['method']} | error: {r['error'][:80]} | | | | |")
                 continue
             out.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['method']} | {r.get('info', '')} "
-                       f"| {r['median_ms']:.2f} | {r['steps_per_s']:.1f} | {_fmt(r['x_plain'], '.2f')} |")
+                       f"| {r['median_ms']:.2f} | {r['steps_per_s']:.1f} | {_fmt(r['x_plain'], '.2f')} "
+                       f"| {'; '.join(r.get('flags') or [])} |")
     return "\n".join(out) + "\n"
+
+
+def _loads(loads: Optional[List[float]]) -> str:
+    return "unknown" if not loads else "/".join(f"{x:.2f}" for x in loads)
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -1,17 +1,21 @@
 """The optimizer-step benchmark: every method on the same parameters and gradients, side by side.
 
-For each (parameter set, base optimizer, dtype) the runner draws weights w0 and gradients g once (seeded),
-then for each method: copies w0 and g into fresh tensors, builds the method, runs ``warmup`` SAM steps
-(first_step + second_step, no forward/backward; the gradients stay g), times ``repeats`` steps, runs one
-step under an aten-op counter (and, on CUDA, one under torch.profiler and one for the memory peak), and
-keeps the final weights. Every method runs exactly the same number of steps, so the final weights must
-agree: each method is compared with ``classic`` (the "verified" column). A method that fails the check
-is reported, never silently timed.
+For each (parameter set, base optimizer, dtype) case the runner draws weights w0 and gradients g once
+(seeded), builds every method on its own copies of w0 and g and runs ``warmup`` SAM steps (first_step +
+second_step, no forward/backward; the gradients stay g). Then it times the methods round-robin: in each of
+``rounds`` rounds every method takes ``repeats`` timed steps, in an order that changes from round to round
+(measure.round_order), so a burst of load from other processes slows every method alike instead of
+whichever one happened to run then. A method's time is the median over rounds of its per-round medians,
+and its spread is the IQR / median over rounds. The copy bandwidth that "% copy" divides by is measured
+just before and just after the rounds. Last, each method runs one step under an aten-op counter (and, on
+CUDA, one under torch.profiler and one for the memory peak), and its final weights are kept. Every method
+runs exactly the same number of steps, so the final weights must agree: each method is compared with
+``classic`` (the "verified" column). A method that fails the check is reported, never silently timed.
 """
 from __future__ import annotations
 
 import math
-import time
+import statistics
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -20,8 +24,8 @@ import torch
 
 from . import cases
 from .measure import (
-    CacheFlusher, copy_bandwidth, count_cuda_kernels, count_ops, min_bytes_per_param, storage_bytes, summarize,
-    sync, time_steps,
+    NOISE_THRESHOLD, CacheFlusher, CopyMeter, count_cuda_kernels, count_ops, min_bytes_per_param, round_order,
+    row_flags, storage_bytes, summarize, sync, time_steps,
 )
 from .methods import STATE_TENSORS, build, method_names
 
@@ -47,12 +51,25 @@ class Config:
     optimizers: List[str]
     dtypes: List[str]
     warmup: int
-    repeats: int
+    repeats: int  # timed steps per method per round
+    rounds: int = 5
     methods: Optional[List[str]] = None  # None: all available
     flush: bool = True
     kernels: bool = True  # count GPU kernels with torch.profiler (CUDA)
     seed: int = 0
+    noise_threshold: float = NOISE_THRESHOLD
     extra_methods: Dict[str, Callable] = field(default_factory=dict)  # name -> build(params, optimizer) (tests)
+
+
+@dataclass
+class _Run:
+    """One method of a case, built and warmed up, alive while the rounds interleave it with the others."""
+    name: str
+    method: object
+    params: List[torch.Tensor]
+    step: Callable[[], None]
+    cuda_bytes: int  # CUDA memory its construction and warmup left allocated
+    round_times: List[float] = field(default_factory=list)  # seconds per step, median of each round
 
 
 def draw(shapes: Sequence[tuple], device: torch.device, dtype: torch.dtype, seed: int):
@@ -88,12 +105,11 @@ def float32_classic(w0, g0, optimizer: str, steps: int) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def run_method(name: str, w0, g0, optimizer: str, cfg: Config, flush: Optional[CacheFlusher]):
-    """One method on one case: (row of measurements, final weights as one float32 vector)."""
+def start(name: str, w0, g0, optimizer: str, cfg: Config) -> _Run:
+    """Builds method ``name`` on fresh copies of w0 and g0 and takes its warmup steps."""
     device = cfg.device
-    dtype = w0[0].dtype
     sync(device)
-    mem_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     params = [w.clone().requires_grad_(True) for w in w0]
     for p, g in zip(params, g0):
         p.grad = g.clone()
@@ -106,8 +122,17 @@ def run_method(name: str, w0, g0, optimizer: str, cfg: Config, flush: Optional[C
     for _ in range(cfg.warmup):
         step()
     sync(device)
-    times = time_steps(step, device, cfg.repeats, flush)
-    row = dict(method=name, **summarize(times), info=dict(getattr(method, "info", {})))
+    after = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    return _Run(name, method, params, step, after - before)
+
+
+def finish(run: _Run, optimizer: str, cfg: Config):
+    """A timed method's row (time over rounds, op counts, memory, bytes model) and its final weights as one
+    float32 vector."""
+    device, name, method, params, step = cfg.device, run.name, run.method, run.params, run.step
+    dtype = params[0].dtype
+    row = dict(method=name, **summarize(run.round_times), rounds_ms=[t * 1e3 for t in run.round_times],
+               info=dict(getattr(method, "info", {})))
 
     numel = sum(p.numel() for p in params)
     elsize = params[0].element_size()
@@ -123,10 +148,12 @@ def run_method(name: str, w0, g0, optimizer: str, cfg: Config, flush: Optional[C
             step()  # keep the number of steps the same with and without the profiler
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
+        level = torch.cuda.memory_allocated(device)
         step()
         sync(device)
-        row["extra_bytes"] = torch.cuda.max_memory_allocated(device) - mem_before - baseline
-        row["memory_how"] = "cuda max_memory_allocated during a step - memory before - params/grads/state"
+        row["extra_bytes"] = run.cuda_bytes + torch.cuda.max_memory_allocated(device) - level - baseline
+        row["memory_how"] = ("cuda memory the method's build and warmup left allocated + its peak above that "
+                             "during a step - params/grads/state")
     else:
         row["kernels"] = None
         persistent = storage_bytes(held) - baseline
@@ -147,72 +174,106 @@ def run_method(name: str, w0, g0, optimizer: str, cfg: Config, flush: Optional[C
         final, row["steps"] = method.final_weights(), method.steps
     else:
         final = torch.cat([p.detach().reshape(-1).float() for p in params])
-    del method, params, held, counter
     return row, final
 
 
-def run_micro(cfg: Config, progress=None, on_case: Optional[Callable[[dict], None]] = None) -> Dict[str, object]:
-    """All cases of ``cfg``; returns {'copy': copy-bandwidth dict, 'rows': [...]}. ``on_case`` gets that dict
-    after every (set, optimizer, dtype) case, so partial results survive an interrupted run."""
-    device = cfg.device
-    copy = copy_bandwidth(device, nbytes=(16 * 2**20 if cfg.sets == cases.QUICK_SETS else None))
-    flush = CacheFlusher(device) if cfg.flush else None
-    rows = []
-    plan = []
-    for set_name in cfg.sets:
-        for optimizer in cfg.optimizers:
-            for dtype_name in cfg.dtypes:
-                names = method_names(device, DTYPES[dtype_name], cfg.methods) + list(cfg.extra_methods)
-                plan.append((set_name, optimizer, dtype_name, names))
-    total = sum(len(p[3]) for p in plan)
-    bar = progress(total=total, desc="SAM step", unit="run") if progress else None
-    for set_name, optimizer, dtype_name, names in plan:
-        dtype = DTYPES[dtype_name]
-        shapes = cases.shapes(set_name)
-        w0, g0 = draw(shapes, device, dtype, cfg.seed)
-        numel = sum(w.numel() for w in w0)
-        case_rows, finals = [], {}
-        for name in names:
-            if bar:
-                bar.set_postfix_str(f"{set_name} {optimizer} {dtype_name} {name}")
-            base = dict(set=set_name, tensors=len(shapes), numel=numel, optimizer=optimizer, dtype=dtype_name)
-            t0 = time.perf_counter()
+def _error_row(name: str, exc: Exception) -> dict:
+    """A method that raised: reported with its error, so one broken method does not hide the others."""
+    return dict(method=name, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+
+
+def run_case(set_name: str, optimizer: str, dtype_name: str, names: List[str], cfg: Config, meter: CopyMeter,
+             flush: Optional[CacheFlusher], on_round: Optional[Callable[[int], None]] = None):
+    """One (set, optimizer, dtype) case, its methods interleaved round by round: (rows, copy window)."""
+    device, dtype = cfg.device, DTYPES[dtype_name]
+    shapes = cases.shapes(set_name)
+    w0, g0 = draw(shapes, device, dtype, cfg.seed)
+    failed, runs = {}, {}
+    for name in names:
+        try:
+            runs[name] = start(name, w0, g0, optimizer, cfg)
+        except Exception as exc:
+            failed[name] = _error_row(name, exc)
+    before = meter.sample()
+    for r in range(cfg.rounds):
+        for name in round_order(list(runs), r):
             try:
-                row, final = run_method(name, w0, g0, optimizer, cfg, flush)
-                finals[name] = final
-                row["error"] = None
-            except Exception as exc:  # report and go on: one broken method must not hide the others
-                row = dict(method=name, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-            row["seconds"] = time.perf_counter() - t0  # wall time of this method's whole run
-            case_rows.append(dict(base, **row))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if bar:
-                bar.update(1)
-        ref_name = "classic" if "classic" in finals else next(iter(finals), None)
-        w0_flat = torch.cat([w.reshape(-1).float() for w in w0])
-        by_name = {r["method"]: r for r in case_rows}
-        for r in case_rows:
-            if r.get("error"):
-                r["verified"] = False
-                continue
-            if r["method"].endswith("+master"):  # float32 masters: held to classic SAM run in float32
-                r["verified_against"] = "classic in float32"
-                reference = float32_classic(w0, g0, optimizer, r["steps"])
-                err = compare(finals[r["method"]], reference, torch.float32)
-            else:
-                r["verified_against"] = ref_name
-                err = compare(finals[r["method"]], finals[ref_name], dtype, w0_flat)
-            r["max_err_over_tol"] = err
-            r["verified"] = err <= 1.0
-            r["pct_of_copy"] = 100.0 * r["gbps"] / copy["gbps"]
-            for label, other in (("speedup_vs_classic", "classic"), ("speedup_vs_torch_native", "torch-native")):
-                o = by_name.get(other)
-                r[label] = o["median_ms"] / r["median_ms"] if o and not o.get("error") else None
+                times = time_steps(runs[name].step, device, cfg.repeats, flush)
+                runs[name].round_times.append(statistics.median(times))
+            except Exception as exc:
+                failed[name] = _error_row(name, exc)
+                del runs[name]
+        if on_round:
+            on_round(r)
+    window = meter.window(before, meter.sample())
+    done, finals = {}, {}
+    for name, run in runs.items():
+        try:
+            done[name], finals[name] = finish(run, optimizer, cfg)
+            done[name]["error"] = None
+        except Exception as exc:
+            failed[name] = _error_row(name, exc)
+    del runs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    base = dict(set=set_name, tensors=len(shapes), numel=sum(w.numel() for w in w0), optimizer=optimizer,
+                dtype=dtype_name)
+    rows = [dict(base, **(done.get(name) or failed[name])) for name in names]
+
+    ref_name = "classic" if "classic" in finals else next(iter(finals), None)
+    w0_flat = torch.cat([w.reshape(-1).float() for w in w0])
+    by_name = {r["method"]: r for r in rows}
+    for r in rows:
+        r["flags"] = []
+        if r.get("error"):
+            r["verified"] = False
+            continue
+        if r["method"].endswith("+master"):  # float32 masters: held to classic SAM run in float32
+            r["verified_against"] = "classic in float32"
+            reference = float32_classic(w0, g0, optimizer, r["steps"])
+            err = compare(finals[r["method"]], reference, torch.float32)
+        else:
+            r["verified_against"] = ref_name
+            err = compare(finals[r["method"]], finals[ref_name], dtype, w0_flat)
+        r["max_err_over_tol"] = err
+        r["verified"] = err <= 1.0
+        r["copy_gbps"] = window["gbps"]
+        r["pct_of_copy"] = 100.0 * r["gbps"] / window["gbps"]
+        r["flags"] = row_flags(r, cfg.noise_threshold, pct_of_copy=r["pct_of_copy"])
+        for label, other in (("speedup_vs_classic", "classic"), ("speedup_vs_torch_native", "torch-native")):
+            o = by_name.get(other)
+            r[label] = o["median_ms"] / r["median_ms"] if o and not o.get("error") else None
+    return rows, dict(window, set=set_name, optimizer=optimizer, dtype=dtype_name)
+
+
+def copy_summary(windows: List[dict]) -> Dict[str, object]:
+    """The run's copy bandwidth: the median over the cases' windows, with their range."""
+    gbps = [w["gbps"] for w in windows]
+    return {"bytes": windows[0]["bytes"], "gbps": statistics.median(gbps), "gbps_min": min(gbps),
+            "gbps_max": max(gbps), "how": "each case: median of the copies timed before and after its rounds; "
+                                          "here: the median over cases", "cases": windows}
+
+
+def run_micro(cfg: Config, progress=None, on_case: Optional[Callable[[dict], None]] = None) -> Dict[str, object]:
+    """All cases of ``cfg``; returns {'copy': copy_summary(), 'rows': [...]}. ``on_case`` gets that dict after
+    every (set, optimizer, dtype) case, so partial results survive an interrupted run."""
+    device = cfg.device
+    meter = CopyMeter(device, nbytes=(16 * 2**20 if cfg.sets == cases.QUICK_SETS else None))
+    flush = CacheFlusher(device) if cfg.flush else None
+    plan = [(set_name, optimizer, dtype_name,
+             method_names(device, DTYPES[dtype_name], cfg.methods) + list(cfg.extra_methods))
+            for set_name in cfg.sets for optimizer in cfg.optimizers for dtype_name in cfg.dtypes]
+    bar = progress(total=len(plan) * cfg.rounds, desc="SAM step", unit="round") if progress else None
+    rows, windows = [], []
+    for set_name, optimizer, dtype_name, names in plan:
+        if bar:
+            bar.set_postfix_str(f"{set_name} {optimizer} {dtype_name}")
+        case_rows, window = run_case(set_name, optimizer, dtype_name, names, cfg, meter, flush,
+                                     on_round=(lambda r: bar.update(1)) if bar else None)
         rows += case_rows
-        del finals, w0, g0, w0_flat
+        windows.append(window)
         if on_case:
-            on_case({"copy": copy, "rows": rows})
+            on_case({"copy": copy_summary(windows), "rows": rows})
     if bar:
         bar.close()
-    return {"copy": copy, "rows": rows}
+    return {"copy": copy_summary(windows), "rows": rows}
