@@ -322,8 +322,17 @@ def test_unavailable_backend_says_which_and_why(monkeypatch):
     assert "triton" not in fused_sam.available_backends("cpu")
 
 
-def test_auto_falls_back_to_reference_without_error(monkeypatch):
+def test_auto_falls_back_without_error_and_says_why(monkeypatch):
+    """Without the extension auto takes the torch-ops backend, without it too the reference; the report says
+    why each missing backend is missing."""
     monkeypatch.setitem(backend_registry._REGISTRY, "native", ("fused_sam.no_such_module", "Missing"))
+    monkeypatch.setattr(backend_registry, "_instances", {})
+    opt = FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, backend="auto")
+    assert opt.backends == {"cpu torch.float32": "torch"}
+    report = fused_sam.backend_report("cpu")
+    assert report["torch"] is None and report["reference"] is None
+    assert "fused_sam.no_such_module could not be imported" in report["native"]
+    monkeypatch.setitem(backend_registry._REGISTRY, "torch", ("fused_sam.no_such_module", "Missing"))
     monkeypatch.setattr(backend_registry, "_instances", {})
     opt = FusedSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, backend="auto")
     assert opt.backends == {"cpu torch.float32": "reference"}

@@ -12,7 +12,7 @@ import torch
 from .base import Backend, Perturbation, Span, StepScalars
 
 __all__ = [
-    "Backend", "BackendUnavailable", "Perturbation", "Span", "available_backends", "backend_names",
+    "Backend", "BackendUnavailable", "Perturbation", "Span", "available_backends", "backend_names", "backend_report",
     "StepScalars", "check_backend_name", "resolve_backend",
 ]
 
@@ -21,11 +21,14 @@ _REGISTRY: Dict[str, Tuple[str, str]] = {
     "reference": ("fused_sam.backends.reference", "ReferenceBackend"),
     "triton": ("fused_sam.backends.triton", "TritonBackend"),
     "native": ("fused_sam.backends.native", "NativeBackend"),
+    "torch": ("fused_sam.backends.torch_ops", "TorchBackend"),
 }
-# Fastest first, per device type; "reference" runs everywhere and ends every list.
+# Fastest first, per device type; "reference" runs everywhere and ends every list. On CPU "torch" (stock torch
+# ops, chunked and in place) is the fallback when fused_sam._C is not built: faster than the reference and
+# than classic SAM. It is not in the CUDA list: not yet measured or run on a GPU.
 _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("triton", "native", "reference"),
-    "cpu": ("native", "reference"),
+    "cpu": ("native", "torch", "reference"),
 }
 _instances: Dict[str, Backend] = {}
 
@@ -86,6 +89,13 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, master:
 
 def available_backends(device="cpu", dtype: torch.dtype = torch.float32, master: bool = False) -> List[str]:
     """Names of the backends that can run ``dtype`` parameters on ``device`` in this environment (with
-    master weights if ``master``)."""
+    master weights if ``master``); ``backend_report`` says why the others cannot."""
     device = torch.device(device)
     return [name for name in _REGISTRY if _reason(name, device, dtype, master)[0] is not None]
+
+
+def backend_report(device="cpu", dtype: torch.dtype = torch.float32, master: bool = False) -> Dict[str, Optional[str]]:
+    """Every backend: None where it can run ``dtype`` parameters on ``device``, else the sentence saying why
+    not (e.g. that fused_sam._C was not built, and how to build it)."""
+    device = torch.device(device)
+    return {name: _reason(name, device, dtype, master)[1] for name in _REGISTRY}

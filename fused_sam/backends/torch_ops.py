@@ -1,0 +1,356 @@
+"""The torch backend: the reference backend's formulas as in-place torch ops over cache-sized chunks.
+
+The fallback ``auto`` picks on CPU when the compiled extension (fused_sam._C, the native backend) is
+missing: a plain ``pip install .`` builds none, since pip's build isolation hides torch from setup.py. It
+needs nothing but torch, and nothing in it is specific to a device type.
+
+Why the reference backend is slow, and what this one does instead: the reference writes each formula over
+the whole span, so every intermediate is a fresh span-sized tensor (on CPU: a fresh allocation, page
+faults, and a full pass through memory per op). Here each operation walks the span in chunks of
+``CPU_CHUNK`` elements; on one chunk the whole chain of ops runs in place or into preallocated scratch
+(a few chunk-sized slots, cached per thread and dtype), so the intermediates stay in cache and memory sees
+about one read of each input and one write of each output per operation, as a fused kernel's would.
+
+The math is the reference's: the same torch ops (mul, addcmul, lerp, sqrt, ...) in the same order over the
+same dtypes, and the scalar prologue (the step values on the device, turned into 0-d tensors) is the
+reference's code. Nothing reads a device value on the host. Where the reference selects with
+``torch.where`` on a 0-d condition (torch runs that as an unvectorized loop, ~5x a copy), this backend uses:
+- GradScaler's skip (found_inf): an exact bitwise select on the integer views (``_keep_or``), so a skipped
+  update leaves w the restore point and the state bit for bit, NaNs included;
+- the non-finite norm: e's bits and-ed with 0 (e = +0.0, as masked_fill_ writes);
+- SGD's first step (momentum buffer <- d): buf * c1 + d * c2 with 0-d device coefficients, (0, 1) at step
+  0 and (momentum, 1 - dampening) later, so buf <- d exactly for any finite buffer (the optimizer's are
+  zeros then; a non-finite one would leak into the new buffer, where the reference drops it). Later steps
+  are the reference's bits without dampening, within an ulp with it (addcmul_ for add_(alpha=)).
+
+The squared norm writes one partial per chunk: the squares of the 2-norms of the chunk's rows of
+``NORM_ROW`` elements, summed. torch splits a row-wise reduction between threads by whole rows and sums the
+few row norms of a chunk in one thread, so the partials are the same whatever the thread count.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+from ..updates import AdamUpdate, SGDUpdate
+from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Elements per chunk on CPU, for the elementwise operations (perturb, restore_and_update). A chain of ops on
+# one chunk touches up to ~10 chunk-sized arrays (inputs, state, scratch). With one thread, 1 MiB of
+# float32: the intermediates stay in L2/L3 and a torch call (~5 us) is small against an op on a chunk.
+# With several threads each op on a chunk is also one fork/join of torch's thread pool, which waits for its
+# slowest thread: when other processes share the cores, that is a scheduler time slice per op (classic SAM's
+# per-tensor loop pays it too, per op and tensor). So 4 MiB chunks: a quarter of the fork/joins, still in a
+# shared L3. Measured with bench/cpu_fallback.py (ResNet-50 shapes, 2 cores; --chunks to redo it): one
+# thread: 2^18 = 2^19, 2^20 ~10% slower, 2^16 ~1.5x slower; two threads, idle: 2^19 = 2^20, 2^16 ~1.5x
+# slower; two threads, other processes busy: time roughly proportional to the number of chunks.
+CPU_CHUNK_ONE_THREAD = 1 << 18
+CPU_CHUNK = 1 << 20
+# The squared norm's chunk on CPU (one partial each): one streaming pass, so no cache to fit; fixed, so that
+# the partials do not depend on the thread count.
+NORM_CHUNK = 1 << 20
+# On GPUs the chunk only bounds the scratch memory and the number of launches (no cache to fit).
+GPU_CHUNK = 1 << 22
+# Row length of the squared-norm's row sums (a divisor of both chunk sizes); rows per chunk stay below
+# torch's parallel grain size (32768), so the sum of a chunk's rows is never split between threads.
+NORM_ROW = 512
+
+
+def _on_device(value: float, tensor: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A hyperparameter as a float64 0-d tensor on the device, as the reference makes it."""
+    if tensor is None:
+        tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    return tensor.reshape(())
+
+
+def _chunks(t: Optional[torch.Tensor], size: int):
+    return None if t is None else t.split(size)
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _mask(cond: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-d integer tensor as wide as ``dtype``: all bits set where the 0-d bool ``cond`` holds, else 0."""
+    return cond.to(_BITS[dtype]).neg_()
+
+
+def _keep_or(out: torch.Tensor, other: torch.Tensor, keep: torch.Tensor) -> None:
+    """out <- out where ``keep`` (a ``_mask``) is all ones, else ``other``, bit for bit (NaN and -0.0 too).
+
+    torch.where with a 0-d condition works, but runs an unvectorized loop (~5x a copy); three in-place
+    bitwise ops on the integer views are vectorized: ((out ^ other) & keep) ^ other."""
+    o, x = out.view(keep.dtype), other.view(keep.dtype)
+    o.bitwise_xor_(x).bitwise_and_(keep).bitwise_xor_(x)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    supports_master_weights = True
+
+    def __init__(self, chunk_numel: Optional[int] = None):
+        # chunk_numel: elements per chunk, for every device (tests use a small one); None: per device type
+        if chunk_numel is not None and (chunk_numel <= 0 or chunk_numel % NORM_ROW):
+            raise ValueError(f"chunk_numel must be a positive multiple of {NORM_ROW}, got {chunk_numel}")
+        self.chunk_override = chunk_numel
+        self._scratch = threading.local()  # CPU scratch per thread: concurrent steps never share it
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        if dtype not in _SUPPORTED_DTYPES:
+            return f"the torch backend supports float32, float64, bfloat16 and float16 parameters, not {dtype}"
+        return None
+
+    # --- chunks and scratch ------------------------------------------------------------------------------
+
+    def chunk_numel(self, device: torch.device) -> int:
+        """Elements per chunk of the elementwise operations (perturb, restore_and_update) on ``device``."""
+        if self.chunk_override is not None:
+            return self.chunk_override
+        if device.type != "cpu":
+            return GPU_CHUNK
+        return CPU_CHUNK_ONE_THREAD if torch.get_num_threads() == 1 else CPU_CHUNK
+
+    def norm_chunk_numel(self, device: torch.device) -> int:
+        """Elements per squared-norm partial on ``device`` (whatever the thread count)."""
+        if self.chunk_override is not None:
+            return self.chunk_override
+        return NORM_CHUNK if device.type == "cpu" else GPU_CHUNK
+
+    def _slots(self, span: Span, count: int, size: int):
+        """``count`` scratch buffers of ``size`` elements (fewer for a span smaller than that), in the span's
+        math dtype. On CPU, views of one buffer cached per thread and dtype, grown on demand (a fresh CPU
+        allocation of this size would cost page faults at every call; at most 7 slots: 28 MiB of float32);
+        elsewhere fresh from the device's caching allocator, which keeps them safe across streams and CUDA
+        graph capture."""
+        size = min(size, -(-span.numel // NORM_ROW) * NORM_ROW)  # room for whole norm rows
+        if span.device.type != "cpu":
+            buf = torch.empty(count * size, dtype=span.state_dtype, device=span.device)
+        else:
+            cache = self._scratch.__dict__.setdefault("buffers", {})  # this thread's
+            buf = cache.get(span.state_dtype)
+            if buf is None or buf.numel() < count * size:
+                buf = cache[span.state_dtype] = torch.empty(count * size, dtype=span.state_dtype)
+        return [buf[i * size:(i + 1) * size] for i in range(count)]
+
+    # --- the squared norm --------------------------------------------------------------------------------
+
+    def partials_len(self, span: Span) -> int:
+        return max(1, -(-span.numel // self.norm_chunk_numel(span.device)))
+
+    def sq_norm_partials(self, span: Span, perturbation: Perturbation, out: torch.Tensor) -> None:
+        md = span.state_dtype
+        size = self.norm_chunk_numel(span.device)
+        # norms[k, r]: the 2-norm of row r of chunk k (rows of NORM_ROW elements; a chunk's last, shorter row
+        # its own row); squared and summed per chunk at the end. Unused entries stay zero.
+        norms = torch.zeros(self.partials_len(span), size // NORM_ROW, dtype=md, device=span.device)
+        # (no op below mixes dtypes: on CPU torch would allocate a converted copy for each such op)
+        low = span.grads.dtype != md
+        x_s, g_s = self._slots(span, 2, size) if perturbation.adaptive or low else (None, None)
+        w_src = span.master if span.master is not None else span.weights
+        for k, (g, w) in enumerate(zip(span.grads.split(size), w_src.split(size))):
+            n = g.numel()
+            x = g if not low else g_s[:n].copy_(g)
+            if perturbation.adaptive:  # T * g, T = |w| + eta
+                t = x_s[:n]
+                torch.abs(w, out=t) if w.dtype == md else t.copy_(w).abs_()
+                t.add_(perturbation.eta)
+                x = t.mul_(x)
+            full = n // NORM_ROW
+            if full:
+                torch.linalg.vector_norm(x[:full * NORM_ROW].view(full, NORM_ROW), dim=1, out=norms[k, :full])
+            if full * NORM_ROW < n:
+                torch.linalg.vector_norm(x[full * NORM_ROW:], out=norms[k, full])
+        out.copy_(norms.square_().sum(dim=1))
+
+    # --- perturb and restore -----------------------------------------------------------------------------
+
+    def perturb(
+        self,
+        span: Span,
+        perturbation: Perturbation,
+        partials: Optional[torch.Tensor],
+        nonfinite_count: Optional[torch.Tensor],
+        grad_scale: Optional[torch.Tensor] = None,
+        rho: Optional[torch.Tensor] = None,
+    ) -> None:
+        md = span.state_dtype
+        # The scale of e, as the reference computes it (0-d device tensors).
+        rho = _on_device(perturbation.rho, rho, span.device)
+        scale = rho.to(md)
+        if not perturbation.normalize and grad_scale is not None:
+            scale = grad_scale.to(md).reciprocal() * scale  # (1 / s) * rho in the math dtype
+        finite_bits = None
+        if partials is not None:
+            total = partials.sum()
+            finite = torch.isfinite(total)
+            if perturbation.normalize:
+                eps = perturbation.eps if grad_scale is None else grad_scale.to(total.dtype) * perturbation.eps
+                scale = rho.to(total.dtype) / (total.sqrt() + eps)
+            if nonfinite_count is not None:
+                nonfinite_count.add_(~finite)
+            finite_bits = _mask(finite, md)
+        scale = scale.to(md)  # what g * scale in the math dtype rounds it to
+
+        size = self.chunk_numel(span.device)
+        low = span.master is None and span.weights.dtype != md  # 16-bit weights without a master
+        e_s, t_s = (self._slots(span, 2, size) if perturbation.adaptive or low
+                    else (self._slots(span, 1, size)[0], None))
+        count = -(-span.numel // size)
+        masters = _chunks(span.master, size) or [None] * count
+        backups = _chunks(span.backup, size) or [None] * count
+        for w, g, b, m in zip(span.weights.split(size), span.grads.split(size), backups, masters):
+            n = w.numel()
+            if m is None:
+                b.copy_(w)
+            e = e_s[:n]
+            if g.dtype == md:
+                torch.mul(g, scale, out=e)
+            else:
+                e.copy_(g).mul_(scale)
+            if perturbation.adaptive:  # e *= (|w| + eta)^2
+                t = t_s[:n]
+                src = m if m is not None else w
+                torch.abs(src, out=t) if src.dtype == md else t.copy_(src).abs_()
+                t.add_(perturbation.eta)
+                t.mul_(t)
+                e.mul_(t)
+            if finite_bits is not None:  # e <- 0 (+0.0) unless the total is finite, as masked_fill_ does
+                e.view(finite_bits.dtype).bitwise_and_(finite_bits)
+            # w + e in the math dtype (e + w: the same bits), rounded once to the weights' dtype
+            if m is not None:
+                w.copy_(e.add_(m))
+            elif low:
+                w.copy_(e.add_(t_s[:n].copy_(w)))
+            else:
+                w.add_(e)
+
+    def restore(self, span: Span) -> None:
+        span.weights.copy_(span.master if span.master is not None else span.backup)
+
+    # --- restore and update ------------------------------------------------------------------------------
+
+    def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
+        if not isinstance(update, (SGDUpdate, AdamUpdate)):
+            raise TypeError(f"unknown base update {type(update).__name__}")
+        check_reuse_inputs(span, scalars)
+        md = span.state_dtype
+        device = span.device
+        lr = _on_device(update.lr, scalars.lr, device)
+        reuse = None if span.reused is None else scalars.reuse_scale.reshape(()).to(md)
+        unscale = None if scalars.grad_scale is None else grad_unscale(scalars.grad_scale).to(md)
+        skip = None if scalars.found_inf is None else scalars.found_inf.reshape(()) != 0
+        if skip is not None:
+            skip, run = _mask(skip, md), _mask(~skip, md)  # keep-masks: the old values, the new ones
+        step = scalars.step.reshape(())
+        master = span.master
+        low = master is None and span.weights.dtype != md  # 16-bit weights, backup in 16 bits: w in scratch
+
+        if isinstance(update, SGDUpdate):
+            momentum = update.momentum != 0
+            consts = {"neg_lr": (-lr).to(md)}
+            if momentum:
+                # buf * momentum + (1 - dampening) * d, except d at step 0: there the coefficients are 0 and 1
+                first = step == 0
+                consts["momentum"] = torch.where(first, 0.0, _on_device(update.momentum, None, device)).to(md)
+                consts["d_weight"] = torch.where(first, 1.0, _on_device(1 - update.dampening, None, device)).to(md)
+            names = ["d"] + (["buf"] if momentum and skip is not None else [])
+        else:
+            t = step.double() + 1
+            consts = {
+                "neg_step_size": (-lr / (1 - torch.pow(update.beta1, t))).to(md),
+                "bc2_sqrt": (1 - torch.pow(update.beta2, t)).sqrt().to(md),
+            }
+            if update.weight_decay != 0 and update.decoupled:
+                consts["decay"] = (1 - lr * update.weight_decay).to(md)
+            names = ["d", "q"] + (["m", "v"] + (["vmax"] if update.amsgrad else []) if skip is not None else [])
+        if low:
+            names.append("w")
+        if low or skip is not None:
+            names.append("out")
+
+        size = self.chunk_numel(device)
+        slots = dict(zip(names, self._slots(span, len(names), size)))
+        count = -(-span.numel // size)
+        restore_points = _chunks(master, size) if master is not None else _chunks(span.backup, size)
+        state = {name: buf.split(size) for name, buf in span.state.items()}
+        reused = _chunks(span.reused, size) or [None] * count
+        for k, (w_out, g, r, gv) in enumerate(zip(span.weights.split(size), span.grads.split(size),
+                                                  restore_points, reused)):
+            n = w_out.numel()
+            s = {name: slot[:n] for name, slot in slots.items()}
+            # w: the restore point in the math dtype
+            w = s["w"].copy_(r) if low else r
+            # d: the gradient (+ c * g_v), unscaled, negated for maximize; in scratch once written
+            d = g
+            if d.dtype != md:
+                d = s["d"].copy_(d)
+            if gv is not None:
+                d = torch.addcmul(d, gv, reuse, out=s["d"])
+            if unscale is not None:
+                d = torch.mul(d, unscale, out=s["d"])
+            if update.maximize:
+                d = torch.neg(d, out=s["d"])
+            # where the new w goes: straight into its home (the master, or float32/float64 weights) when no
+            # skip may have to undo it, else into scratch
+            if skip is not None or low:
+                target = s["out"]
+            else:
+                target = r if master is not None else w_out
+            chunk_state = {name: bufs[k] for name, bufs in state.items()}
+            if isinstance(update, SGDUpdate):
+                self._sgd(w, d, target, chunk_state, s, update, consts, skip)
+            else:
+                self._adam(w, d, target, chunk_state, s, update, consts, skip)
+            if skip is not None:
+                _keep_or(target, w, run)
+            if master is not None:
+                if target is not r:
+                    r.copy_(target)
+                w_out.copy_(r)  # the weights: the master's rounding
+            elif target is not w_out:
+                w_out.copy_(target)
+
+    @staticmethod
+    def _sgd(w, d, target, state, s, u: SGDUpdate, consts, skip) -> None:
+        if u.weight_decay != 0:
+            d = torch.add(d, w, alpha=u.weight_decay, out=s["d"])
+        if u.momentum != 0:
+            buf = state["momentum_buffer"]
+            new = buf if skip is None else s["buf"]
+            torch.mul(buf, consts["momentum"], out=new).addcmul_(d, consts["d_weight"])
+            if skip is not None:
+                _keep_or(buf, new, skip)
+            d = torch.add(d, new, alpha=u.momentum, out=s["d"]) if u.nesterov else new
+        torch.addcmul(w, d, consts["neg_lr"], out=target)
+
+    @staticmethod
+    def _adam(w, d, target, state, s, u: AdamUpdate, consts, skip) -> None:
+        if u.weight_decay != 0:
+            if u.decoupled:
+                w = torch.mul(w, consts["decay"], out=target)
+            else:
+                d = torch.add(d, w, alpha=u.weight_decay, out=s["d"])
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if skip is None:
+            m = exp_avg.lerp_(d, 1 - u.beta1)
+            v = exp_avg_sq.mul_(u.beta2).addcmul_(d, d, value=1 - u.beta2)
+        else:
+            m = torch.lerp(exp_avg, d, 1 - u.beta1, out=s["m"])
+            v = torch.mul(exp_avg_sq, u.beta2, out=s["v"]).addcmul_(d, d, value=1 - u.beta2)
+        second = v
+        if u.amsgrad:
+            vmax = state["max_exp_avg_sq"]
+            second = torch.maximum(vmax, v, out=vmax if skip is None else s["vmax"])
+        q = torch.sqrt(second, out=s["q"]).div_(consts["bc2_sqrt"]).add_(u.eps)  # denom
+        torch.div(m, q, out=q).mul_(consts["neg_step_size"])
+        torch.add(w, q, out=target)
+        if skip is not None:
+            _keep_or(exp_avg, m, skip)
+            _keep_or(exp_avg_sq, v, skip)
+            if u.amsgrad:
+                _keep_or(state["max_exp_avg_sq"], second, skip)
