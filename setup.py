@@ -14,10 +14,15 @@ Environment variables:
   CUDA_HOME / CUDA_PATH  the CUDA toolkit; otherwise found from nvcc on PATH (wrappers are resolved).
   FUSED_SAM_CPU_ARCH   e.g. "native" to add -march=native to the CPU kernels (not portable; default off).
   MAX_JOBS             parallel compile jobs (ninja).
+
+The CPU kernels (csrc/cpu_kernels.cpp) are compiled once per instruction set: as an extension source with
+the baseline flags (DEFAULT) and, on x86-64, again with AVX2 and with AVX-512 enabled (CPU_ISAS); the
+extension picks one at load time from the CPU's features (csrc/README.md).
 """
 import copy
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -93,6 +98,21 @@ def _pip_nvidia_include_dirs():
     return dirs
 
 
+# The extra builds of csrc/cpu_kernels.cpp: (CPU_CAPABILITY, compiler flags), the instruction sets ATen
+# builds its own AVX2 / AVX512 kernels for. Each build defines its kernels in namespace
+# fused_sam::cpu::<ISA>; the extension is told which exist by FUSED_SAM_CPU_<ISA>=1. They are linked after
+# the DEFAULT build, in this order: the linker keeps the first copy of an inline function that several
+# builds emit, so no caller gets a copy compiled for a newer ISA than its own.
+# (GCC 12 warns that its own AVX-512 intrinsics use _mm512_undefined_* uninitialized, GCC bug 105593:
+# silenced there; the same code builds for DEFAULT and AVX2 with the warnings on.)
+CPU_ISAS = [
+    ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+    ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                "-Wno-uninitialized", "-Wno-maybe-uninitialized"]),
+]
+CPU_KERNELS = os.path.join(CSRC, "cpu_kernels.cpp")
+
+
 def _extensions():
     if NATIVE == "0":
         if CUDA == "1":
@@ -112,7 +132,9 @@ def _extensions():
         if NATIVE == "1" or CUDA == "1":
             raise SystemExit(f"building fused_sam._C needs torch installed first ({exc}); "
                              "install with --no-build-isolation")
-        _log(f"torch is not importable ({exc}): building no C++ extension")
+        _log(f"WARNING: torch is not importable ({exc}), so the compiled operators fused_sam._C (backend "
+             "'native') are NOT built; pip's build isolation hides an installed torch: to build them, install "
+             "torch first, then `pip install --no-build-isolation .` (without them, the pure-torch fallback runs)")
         return [], {}
 
     cuda_reason = None
@@ -130,12 +152,23 @@ def _extensions():
     else:
         _log(f"building the CPU and CUDA operators (CUDA_HOME={cpp_extension.CUDA_HOME})")
 
-    cxx = ["-O3", "-fno-wrapv", "-fno-math-errno", "-fno-trapping-math"]
+    # -ffp-contract=off: no multiply-add contracted into an FMA where the ISA has one (the CPU kernels give
+    # the same bits on every ISA; the norm partials must). -Wno-unknown-pragmas: ATen's vector headers carry
+    # `#pragma unroll`, which GCC does not know.
+    cxx = ["-O3", "-fno-wrapv", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-Wno-unknown-pragmas"]
+    link = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for runs its threads through OpenMP only when the caller is compiled with it (else
+        # serially); the libgomp torch already loaded is the one used (same soname), so torch.set_num_threads
+        # applies.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if os.environ.get("FUSED_SAM_CPU_ARCH"):
         cxx.append(f"-march={os.environ['FUSED_SAM_CPU_ARCH']}")
     macros = [("FUSED_SAM_CUDA_REQUIRED", "1" if CUDA == "1" else "0")]
-    sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "cpu_kernels.cpp")]
+    sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "cpu_ops.cpp"), CPU_KERNELS]
     include_dirs = [os.path.join(PACKAGE_DIR, CSRC)]
+    depends = sorted(glob.glob(os.path.join(CSRC, "*.h")))  # rebuild when only a header changed
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         _log(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
@@ -145,11 +178,12 @@ def _extensions():
             include_dirs=include_dirs + _pip_nvidia_include_dirs(),
             define_macros=macros + [("FUSED_SAM_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link, depends=depends,
         )
     else:
         ext = cpp_extension.CppExtension(
             "fused_sam._C", sources, include_dirs=include_dirs, define_macros=macros,
-            extra_compile_args={"cxx": cxx},
+            extra_compile_args={"cxx": cxx}, extra_link_args=link, depends=depends,
         )
     ext._fused_sam_cuda = with_cuda
 
@@ -184,9 +218,27 @@ def _extensions():
                 except Exception as exc2:  # noqa: BLE001
                     _log(f"WARNING: installing without fused_sam._C ({type(exc2).__name__}: {exc2})")
 
+        def with_isa_kernels(self, extension):
+            """A copy of the extension that also links CPU_KERNELS built for each of CPU_ISAS (x86-64, GCC or
+            Clang): compiled here, by torch's compile step, with the extension's flags plus the ISA's."""
+            if platform.machine().lower() not in ("x86_64", "amd64") or self.compiler.compiler_type != "unix":
+                return extension
+            ext = copy.copy(extension)
+            ext.define_macros = list(extension.define_macros)
+            ext.extra_objects = list(extension.extra_objects)
+            for isa, flags in CPU_ISAS:
+                ext.extra_objects += self.compiler.compile(
+                    [CPU_KERNELS], output_dir=os.path.join(self.build_temp, f"cpu_{isa.lower()}"),
+                    macros=extension.define_macros + [("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)],
+                    include_dirs=extension.include_dirs, debug=self.debug, depends=extension.depends,
+                    extra_postargs={"cxx": extension.extra_compile_args["cxx"] + flags},
+                )
+                ext.define_macros.append((f"FUSED_SAM_CPU_{isa}", "1"))
+            return ext
+
         def build_extension(self, extension):
             try:
-                return super().build_extension(extension)
+                return super().build_extension(self.with_isa_kernels(extension))
             except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
                 if required:
                     raise
@@ -194,7 +246,7 @@ def _extensions():
                 if getattr(extension, "_fused_sam_cuda", False):
                     _log("retrying with the CPU operators only")
                     try:
-                        return super().build_extension(cpu_only(extension))
+                        return super().build_extension(self.with_isa_kernels(cpu_only(extension)))
                     except Exception as exc2:  # noqa: BLE001
                         _log(f"WARNING: the CPU-only build failed too ({type(exc2).__name__}: {exc2})")
                 _log("WARNING: installing without fused_sam._C; backend='native' will say why it is unavailable")

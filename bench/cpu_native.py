@@ -14,8 +14,10 @@
    Target: >= 30x faster.
 4. Each native operation alone on the ResNet-50 buffer, against its own byte floor; the float32 rows, then
    the bfloat16 rows with a float32 master.
+5. The ResNet-50 SAM step (SGD with momentum, 40 B/param; AdamW, 48 B/param) with the CPU kernels of each
+   instruction set this CPU runs (--isa), in interleaved rounds.
 
-Prints a table of medians. Runs in well under two minutes on 2 cores.
+Prints a table of medians. Runs in about two minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import time
 import torch
 
 from fused_sam import FusedSAM
+from fused_sam.backends import native
 from fused_sam.backends.native import NativeBackend
 from fused_sam.bench.cases import resnet50_shapes
 from fused_sam.classic import ClassicSAM
@@ -75,11 +78,37 @@ def make_opt(kind, params, master_weights=False):
     return FusedSAM(params, torch.optim.SGD, backend=kind, master_weights=master_weights, **kw)
 
 
+def isa_rows(shapes, isas, iters, bw, n):
+    """The native ResNet-50 SAM step per instruction set: for each base optimizer, rounds in which every ISA
+    takes its timed steps in turn (so a busy machine slows them alike); median over the rounds."""
+    rows = []
+    before = native.cpu_capability()
+    bases = [("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4), 40),
+             ("adamw", torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2), 48)]
+    try:
+        for name, base, kw, bytes_per in bases:
+            opt = FusedSAM(make_params(shapes), base, backend="native", rho=0.05, **kw)
+            times = {isa: [] for isa in isas}
+            for _ in range(max(3, iters // 3)):
+                for isa in isas:
+                    native.set_cpu_capability(isa)
+                    times[isa].append(median_time(sam_step(opt), 3, warmup=1))
+            for isa in isas:
+                t = statistics.median(times[isa])
+                rows.append((f"resnet50 SAM step, {name}, {isa}", t, t / (bytes_per * n / bw)))
+            del opt
+    finally:
+        native.set_cpu_capability(before)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--iters", type=int, default=25, help="timed iterations per native row (median reported)")
     ap.add_argument("--quick", action="store_true", help="a few iterations only (smoke run)")
+    ap.add_argument("--isa", default=None,
+                    help="comma list of CPU kernel builds to compare (default: every one this CPU runs)")
     args = ap.parse_args(argv)
     reason = NativeBackend.unavailable_reason(torch.device("cpu"), torch.float32)
     if reason:
@@ -89,7 +118,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     iters = 3 if args.quick else args.iters
     t_start = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {iters} timed iterations per row")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {iters} timed iterations per row; "
+          f"CPU kernels {native.cpu_capability()} (this CPU runs {', '.join(native.cpu_capabilities())})")
 
     bw = copy_bandwidth(iters=5 if args.quick else 9)
     shapes = resnet50_shapes()
@@ -151,11 +181,15 @@ def main(argv=None):
         t = median_time(fn, iters)
         rows.append((name, t, t / (bytes_per * n / bw)))
 
+    # 5. The step per instruction set.
+    isas = args.isa.split(",") if args.isa else list(native.cpu_capabilities())
+    rows += isa_rows(shapes, isas, iters, bw, n)
+
     print()
-    print(f"{'case':<38} {'median ms':>10} {'x floor':>8}")
-    print("-" * 58)
+    print(f"{'case':<42} {'median ms':>10} {'x floor':>8}")
+    print("-" * 62)
     for name, t, ratio in rows:
-        print(f"{name:<38} {t * 1e3:>10.2f} {ratio:>8.2f}")
+        print(f"{name:<42} {t * 1e3:>10.2f} {ratio:>8.2f}")
     print()
     ratio = results["native"] / floor
     speedup = t_classic_small / t_native_small

@@ -1,53 +1,93 @@
-// cpu_kernels.cpp: CPU implementations of the fused_sam operators.
+// cpu_kernels.cpp: the CPU kernels, compiled once per instruction set, each build in its own namespace
+// fused_sam::cpu::<ISA>: as one of the extension's sources with the baseline flags (DEFAULT), and by
+// setup.py with -DCPU_CAPABILITY=AVX2 / AVX512 and those instruction sets enabled. cpu_ops.cpp checks the
+// arguments and calls the build the CPU runs (cpu_kernels.h).
 //
-// One pass over the flat buffers per operation, split across threads with at::parallel_for; the inner
-// loops are plain loops over raw pointers that the compiler vectorises (built with -O3
-// -fno-math-errno). The per-element math comes from fused_sam_math.h, shared with the CUDA kernels.
+// The AVX2 and AVX-512 builds loop explicitly over at::vec::Vectorized<T> (the vectors torch's own CPU
+// kernels use, in the same per-ISA namespaces), two vectors of the math type per step; the DEFAULT build
+// runs the same templates on T, one element per step (see "values" below). Either way the per-element math
+// is fused_sam_math.h's. The flags that decide which buffers a loop reads and writes (ASAM, master weights,
+// momentum, AMSGrad, LookSAM's reuse) are template parameters; the other per-call settings are uniform
+// branches on values in registers. One pass over the flat buffers per operation, split across threads with
+// at::parallel_for (OpenMP) into contiguous ranges, the same ones call after call (first-touch friendly), each
+// worked through in tiles of kTile elements.
 //
-// Determinism: the squared norm is written as one partial per CPU_NORM_CHUNK elements, each chunk summed by
-// one thread (blocks of NORM_LANES interleaved lanes folded in a fixed order, accumulated in double), so
-// partials are bitwise identical whatever the thread count. perturb sums the partials serially, in index order.
-// The step values (step, grad_scale, found_inf) and lr / rho given as tensors (capturable=True) are CPU
-// tensors here, read on the host before the loops.
-// Master weights: each loop has a MASTER variant (compiled for bfloat16/float16 only) reading w from the
-// float32 master; the weights then only receive roundings, so they are written like any output-only buffer.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// Determinism: the squared norm is one partial per CPU_NORM_CHUNK elements, each chunk summed by one thread
+// in NORM_LANES lanes (vectors holding the same lanes on every ISA), folded in a fixed order and accumulated
+// in double, so partials are bitwise identical whatever the thread count and the instruction set. The
+// build uses -ffp-contract=off: no multiply-add is contracted into an FMA on one ISA and not another.
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
 
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
+#include "cpu_kernels.h"
 #include "fused_sam_math.h"
-#include "op_checks.h"
 
-namespace fused_sam {
+namespace fused_sam::cpu::CPU_CAPABILITY {
 namespace {
+
+using at::vec::Vectorized;
 
 // Elements per at::parallel_for task, at least: below ~128k elements (tens of microseconds) a second thread
 // costs more than it saves, and on a busy machine waiting for it can cost far more.
 constexpr int64_t kGrain = 1 << 17;
+// Elements per tile: a thread's range is worked through tile by tile (a tile of each buffer fits in L1).
+constexpr int64_t kTile = 2048;
 
-template <typename scalar_t>
-using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+template <typename S>
+constexpr bool kReduced = std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>;
 
-#define FUSED_SAM_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+// The math type of elements of type S: double for double, else float.
+template <typename S>
+using math_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-// --- element I/O ----------------------------------------------------------------------------------------
-// The loops read and write bfloat16/float16 as raw uint16_t bits with branch-free conversions (GCC does
-// not vectorise loads of c10's wrapper structs, nor c10's branchy fallbacks). Both round to nearest even,
-// exactly like c10's conversions.
+// --- values, loads and stores ------------------------------------------------------------------------------
+// The AVX2 and AVX-512 builds compute on at::vec::Vectorized<T>, two vectors per loop step (for bfloat16/
+// float16 one Vectorized<S>). The DEFAULT build runs the same templates on T, one element per step: ATen's
+// DEFAULT Vectorized is generic array code, several times slower than what the compiler makes of these
+// plain loops for the baseline ISA (SSE2 on x86-64, which it vectorizes itself).
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define FUSED_SAM_SIMD 1
+#else
+#define FUSED_SAM_SIMD 0
+#endif
+constexpr bool kSimd = FUSED_SAM_SIMD;
 
+template <typename T>
+using value_t = std::conditional_t<kSimd, Vectorized<T>, T>;
+
+#if FUSED_SAM_SIMD
+// Rounds to bfloat16/float16, to nearest even. NaN becomes c10's quiet NaN (bfloat16 0x7FC0, float16 the
+// sign and 0x7E00), as torch's scalar conversions and the DEFAULT build write it; at::vec's AVX2 and AVX-512
+// conversions write 0xFFFF (bfloat16) or keep the payload (float16, F16C), so their NaN lanes are cleared of
+// the bits that differ (a lane mask of NaN lanes, all ones, converts to 0xFFFF).
+template <typename S>
+ALWAYS_INLINE inline Vectorized<S> round_to(const Vectorized<float>& a, const Vectorized<float>& b) {
+  const Vectorized<S> r = at::vec::convert_from_float<S>(a, b);
+  constexpr uint16_t differ = std::is_same_v<S, c10::BFloat16> ? 0x803F : 0x01FF;
+  const Vectorized<S> nan_lanes = at::vec::convert_from_float<S>(a.isnan(), b.isnan());
+  return r ^ (r & nan_lanes & Vectorized<S>(S(differ, S::from_bits())));
+}
+#else
+// bfloat16/float16 <-> float one element at a time, on the raw bits and branch-free (the compiler vectorizes
+// these loops; not c10's wrapper structs, nor c10's branchy fallbacks), rounding to nearest even and writing
+// NaN exactly as c10's conversions do.
 inline float bits_to_f32(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
@@ -59,43 +99,29 @@ inline uint32_t f32_to_bits(float f) {
   return u;
 }
 
-template <typename scalar_t>
-struct IO {
-  using raw = scalar_t;
-  using T = scalar_t;
-  static inline T load(raw x) { return x; }
-  static inline raw store(T x) { return x; }
-};
-
-template <>
-struct IO<c10::BFloat16> {
-  using raw = uint16_t;
-  using T = float;
-  static inline float load(uint16_t x) { return bits_to_f32(static_cast<uint32_t>(x) << 16); }
-  static inline uint16_t store(float f) {
-    const uint32_t u = f32_to_bits(f);
-    const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-    return (f != f) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
-  }
-};
-
-// IEEE half <-> float, the branch-free algorithms of the FP16 library (which c10 uses without F16C).
-template <>
-struct IO<c10::Half> {
-  using raw = uint16_t;
-  using T = float;
-  static inline float load(uint16_t h) {
-    const uint32_t w = static_cast<uint32_t>(h) << 16;
+template <typename S>
+ALWAYS_INLINE inline float to_float(uint16_t x) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    return bits_to_f32(static_cast<uint32_t>(x) << 16);
+  } else {  // IEEE half, the FP16 library's algorithm (c10's without F16C)
+    const uint32_t w = static_cast<uint32_t>(x) << 16;
     const uint32_t sign = w & 0x80000000u;
     const uint32_t two_w = w + w;
     const float normalized = bits_to_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
     const float denormalized = bits_to_f32((two_w >> 17) | (126u << 23)) - 0.5f;
     // Comparisons on small non-negative int32 values: SSE2 has no unsigned vector compare.
     const bool subnormal = static_cast<int32_t>(two_w >> 27) == 0;  // two_w < 1 << 27
-    const uint32_t result = sign | (subnormal ? f32_to_bits(denormalized) : f32_to_bits(normalized));
-    return bits_to_f32(result);
+    return bits_to_f32(sign | (subnormal ? f32_to_bits(denormalized) : f32_to_bits(normalized)));
   }
-  static inline uint16_t store(float f) {
+}
+
+template <typename S>
+ALWAYS_INLINE inline uint16_t from_float(float f) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const uint32_t u = f32_to_bits(f);
+    const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    return (f != f) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+  } else {
     float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
     const uint32_t w = f32_to_bits(f);
     const uint32_t shl1_w = w + w;
@@ -108,39 +134,102 @@ struct IO<c10::Half> {
     const bool nan = static_cast<int32_t>(shl1_w >> 1) > 0x7F800000;  // shl1_w > 0xFF000000
     return static_cast<uint16_t>((sign >> 16) | (nan ? 0x7E00u : nonsign));
   }
+}
+#endif
+
+// Loads and stores of a buffer of S elements as values of its math type T: kVals values per loop step.
+// FULL: a whole step; else its first ``count`` elements (loads fill the rest with zeros).
+template <typename S>
+struct Mem {
+  using T = math_t<S>;
+  using V = value_t<T>;
+  static constexpr int kVals = kSimd ? 2 : 1;
+  static constexpr int64_t kLanes = kSimd ? Vectorized<T>::size() : 1;  // elements per value
+  static constexpr int64_t kStep = kVals * kLanes;
+
+  template <bool FULL>
+  ALWAYS_INLINE static void load(const S* p, int64_t count, V (&v)[kVals]) {
+#if FUSED_SAM_SIMD
+    if constexpr (kReduced<S>) {
+      const Vectorized<S> raw = FULL ? Vectorized<S>::loadu(p) : Vectorized<S>::loadu(p, count);
+      std::tie(v[0], v[1]) = at::vec::convert_to_float<S>(raw);
+    } else if constexpr (FULL) {
+      v[0] = V::loadu(p);
+      v[1] = V::loadu(p + kLanes);
+    } else {
+      v[0] = V::loadu(p, std::min(count, kLanes));
+      v[1] = count > kLanes ? V::loadu(p + kLanes, count - kLanes) : V(T(0));
+    }
+#else
+    v[0] = load1<FULL>(p, count);
+#endif
+  }
+
+  template <bool FULL>
+  ALWAYS_INLINE static void store(S* p, int64_t count, const V (&v)[kVals]) {
+#if FUSED_SAM_SIMD
+    if constexpr (kReduced<S>) {
+      round_to<S>(v[0], v[1]).store(p, FULL ? Vectorized<S>::size() : count);
+    } else if constexpr (FULL) {
+      v[0].store(p);
+      v[1].store(p + kLanes);
+    } else {
+      v[0].store(p, std::min(count, kLanes));
+      if (count > kLanes) v[1].store(p + kLanes, count - kLanes);
+    }
+#else
+    if constexpr (kReduced<S>) {
+      *reinterpret_cast<uint16_t*>(p) = from_float<S>(v[0]);
+    } else {
+      *p = v[0];
+    }
+#endif
+  }
+
+  // One value: kLanes elements (the norm's lanes).
+  template <bool FULL>
+  ALWAYS_INLINE static V load1(const S* p, int64_t count) {
+#if FUSED_SAM_SIMD
+    if constexpr (!kReduced<S>) {
+      return FULL ? V::loadu(p) : V::loadu(p, count);
+    } else if constexpr (FULL) {
+      V out;
+      at::vec::load_to_float<S>(p, out);
+      return out;
+    } else {
+      return std::get<0>(at::vec::convert_to_float<S>(Vectorized<S>::loadu(p, count)));
+    }
+#else
+    if constexpr (kReduced<S>) {
+      return to_float<S>(*reinterpret_cast<const uint16_t*>(p));
+    } else {
+      return *p;
+    }
+#endif
+  }
 };
 
-template <typename scalar_t>
-using raw_t = typename IO<scalar_t>::raw;
+// The loops over a span (or a norm chunk) are functions of their own, called from the at::parallel_for
+// bodies: one copy each, not one in the serial and one in the OpenMP path of every at::parallel_for.
+#define SPAN_FN __attribute__((noinline))
 
-template <typename scalar_t>
-inline raw_t<scalar_t>* raw_ptr(const at::Tensor& t) {
-  return reinterpret_cast<raw_t<scalar_t>*>(t.data_ptr());
-}
-
-// The restore point as the loops read it (see point_t): the backup's raw bits, or a float32 master.
-template <typename scalar_t, bool MASTER>
-using raw_point_t = point_t<raw_t<scalar_t>, MASTER>;
-
-template <typename scalar_t, bool MASTER>
-inline math_t<scalar_t> load_point(raw_point_t<scalar_t, MASTER> x) {
-  if constexpr (MASTER) {
-    return x;
-  } else {
-    return IO<scalar_t>::load(x);
-  }
+// Runs body(std::bool_constant<FULL>, k, count) over [0, len) in steps of kStep elements: the whole steps,
+// then the rest (one step with count < kStep).
+template <int64_t kStep, typename Body>
+ALWAYS_INLINE inline void for_each_step(int64_t len, const Body& body) {
+  int64_t k = 0;
+  for (; k + kStep <= len; k += kStep) body(std::true_type{}, k, kStep);
+  if (k < len) body(std::false_type{}, k, len - k);
 }
 
 // --- streaming stores -----------------------------------------------------------------------------------
-// A buffer the operation only writes (the backup in perturb, the weights after an update, the weights in
+// A buffer an operation only writes (the backup in perturb, the weights after an update, the weights in
 // every operation with master weights) is written with non-temporal stores when the span is far larger
-// than the caches: that skips reading each line before overwriting it (8 of the 40 bytes per parameter a
-// SAM step would otherwise move). Results are computed tile by tile into a small on-stack buffer (plain
-// vectorised loops) and then streamed out.
-constexpr int64_t kTile = 2048;               // elements per staged tile
+// than the caches: that skips reading each line before overwriting it. The tile is computed into a buffer
+// on the stack (in L1), then streamed out.
 
 template <typename R>
-inline void stream_copy(R* __restrict__ dst, const R* __restrict__ src, int64_t n) {
+void stream_copy(R* dst, const R* src, int64_t n) {
 #if defined(__SSE2__)
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
@@ -169,358 +258,389 @@ inline bool use_streaming(int64_t n) {
 #endif
 }
 
-// Writes the output-only buffer out[0, n) in parallel tasks: ``fill(dst, i, len)`` computes elements
-// [i, i + len) into dst, which is out + i, or for large spans a tile on the stack that is then streamed out.
+template <typename R>
+inline void copy_out(R* dst, const R* src, int64_t n, bool stream) {
+  if (stream) {
+    stream_copy(dst, src, n);
+  } else {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(R));
+  }
+}
+
+// Writes the output-only buffer out[0, n): ``fill(dst, i, len)`` computes elements [i, i + len) into dst,
+// which is out + i, or for large spans a tile on the stack that is then streamed out.
 template <typename R, typename Fill>
 void write_output(R* out, int64_t n, const Fill& fill) {
   const bool stream = use_streaming(n);
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    if (!stream) {
-      fill(out + b, b, e - b);
-      return;
-    }
     alignas(64) R tile[kTile];
     for (int64_t t = b; t < e; t += kTile) {
       const int64_t len = std::min(e, t + kTile) - t;
-      fill(tile, t, len);
-      stream_copy(out + t, tile, len);
+      if (stream) {
+        fill(tile, t, len);
+        stream_copy(out + t, tile, len);
+      } else {
+        fill(out + t, t, len);
+      }
     }
-    stream_fence();
+    if (stream) stream_fence();
   });
 }
+
+// --- dispatch -------------------------------------------------------------------------------------------
+
+template <typename S>
+struct Type {
+  using type = S;
+};
+
+// f(Type<S>{}) for the weights' dtype (checked by the operator).
+template <typename F>
+void dispatch(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kDouble: return f(Type<double>{});
+    case at::kBFloat16: return f(Type<c10::BFloat16>{});
+    case at::kHalf: return f(Type<c10::Half>{});
+    default: return f(Type<float>{});
+  }
+}
+
+// f(std::bool_constant<flag>...): one template instance per combination of the flags.
+template <typename F>
+void with_flags(const F& f) {
+  f();
+}
+template <typename F, typename... Flags>
+void with_flags(const F& f, bool flag, Flags... flags) {
+  if (flag) {
+    with_flags([&](auto... rest) { f(std::true_type{}, rest...); }, flags...);
+  } else {
+    with_flags([&](auto... rest) { f(std::false_type{}, rest...); }, flags...);
+  }
+}
+
+// The restore point: the backup in the weights' dtype (read only), or the float32 master (MASTER).
+template <typename S, bool MASTER>
+using point_t = std::conditional_t<MASTER, float, const S>;
 
 // --- squared-norm partials ------------------------------------------------------------------------------
 
-// ASAM's T reads w from the weights, or from the master (MASTER).
-template <bool ADAPTIVE, bool MASTER, typename scalar_t, typename out_t>
-void sq_norm_chunks(const raw_t<scalar_t>* __restrict__ g, const raw_point_t<scalar_t, MASTER>* __restrict__ w,
-                    int64_t n, math_t<scalar_t> eta, out_t* __restrict__ out, int64_t nchunks) {
-  using T = math_t<scalar_t>;
-  static_assert(CPU_NORM_CHUNK % CPU_NORM_BLOCK == 0 && CPU_NORM_BLOCK % NORM_LANES == 0, "norm blocking");
-  at::parallel_for(0, nchunks, std::max<int64_t>(1, kGrain / CPU_NORM_CHUNK), [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t start = c * CPU_NORM_CHUNK;
-      const int64_t stop = std::min(n, start + CPU_NORM_CHUNK);
-      // Blocks of CPU_NORM_BLOCK elements: NORM_LANES interleaved lanes in the math type (vectorised),
-      // folded in a fixed order and added to a double total, block after block.
-      double total = 0.0;
-      for (int64_t b = start; b < stop; b += CPU_NORM_BLOCK) {
-        const int64_t bstop = std::min(stop, b + CPU_NORM_BLOCK);
-        T acc[NORM_LANES] = {};
-        if (bstop - b == CPU_NORM_BLOCK) {  // a full block: a fixed trip count the compiler vectorises
-          for (int64_t k = 0; k < CPU_NORM_BLOCK; k += NORM_LANES) {
-            for (int j = 0; j < NORM_LANES; ++j) {
-              const int64_t i = b + k + j;
-              const T wi = ADAPTIVE ? load_point<scalar_t, MASTER>(w[i]) : T(0);
-              acc[j] += sq_norm_term<T>(IO<scalar_t>::load(g[i]), wi, ADAPTIVE, eta);
-            }
-          }
-        } else {
-          for (int64_t i = b; i < bstop; ++i) {
-            const T wi = ADAPTIVE ? load_point<scalar_t, MASTER>(w[i]) : T(0);
-            acc[(i - b) % NORM_LANES] += sq_norm_term<T>(IO<scalar_t>::load(g[i]), wi, ADAPTIVE, eta);
-          }
+// The partial of elements [start, stop): blocks of CPU_NORM_BLOCK elements in NORM_LANES lanes (lane j of a
+// block, acc[j / size] lane j % size, sums its elements j, j + NORM_LANES, ... in order), folded in a fixed
+// order and added to a double total, block after block. ASAM's T reads w from the weights, or from the
+// master (MASTER). Arguments by value: the loop keeps them in registers (intrinsic stores may alias anything
+// reached through memory).
+template <bool ADAPTIVE, bool MASTER, typename S>
+SPAN_FN double chunk_partial(const S* g, const point_t<S, MASTER>* w, int64_t start, int64_t stop, math_t<S> eta) {
+  using T = math_t<S>;
+  using V = value_t<T>;
+  using WMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
+  constexpr int64_t kLanes = Mem<S>::kLanes;
+  constexpr int kVecs = NORM_LANES / kLanes;
+  static_assert(NORM_LANES % kLanes == 0 && CPU_NORM_BLOCK % NORM_LANES == 0 && CPU_NORM_CHUNK % CPU_NORM_BLOCK == 0,
+                "norm blocking");
+  double total = 0.0;
+  for (int64_t b = start; b < stop; b += CPU_NORM_BLOCK) {
+    V acc[kVecs];
+    for (V& a : acc) a = V(T(0));
+    auto block = [&](auto full, int64_t len) {
+      constexpr bool FULL = decltype(full)::value;
+      for (int64_t k = 0; k < len; k += NORM_LANES) {
+        for (int q = 0; q < kVecs; ++q) {
+          const int64_t i = b + k + q * kLanes;
+          const int64_t count = b + len - i;  // a missing value adds nothing (acc + 0 is acc: acc >= +0)
+          if (!FULL && count <= 0) break;
+          const V gv = Mem<S>::template load1<FULL>(g + i, count);
+          const V wv = ADAPTIVE ? WMem::template load1<FULL>(w + i, count) : V(T(0));
+          acc[q] = acc[q] + sq_norm_term(gv, wv, ADAPTIVE, eta);
         }
-        for (int width = NORM_LANES / 2; width > 0; width /= 2) {
-          for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
-        }
-        total += static_cast<double>(acc[0]);
       }
-      out[c] = static_cast<out_t>(total);
+    };
+    if (stop - b >= CPU_NORM_BLOCK) {
+      block(std::true_type{}, CPU_NORM_BLOCK);
+    } else {
+      block(std::false_type{}, stop - b);
     }
-  });
+    T lanes[NORM_LANES];
+    for (int q = 0; q < kVecs; ++q) {
+#if FUSED_SAM_SIMD
+      acc[q].store(lanes + q * kLanes);
+#else
+      lanes[q] = acc[q];
+#endif
+    }
+    for (int width = NORM_LANES / 2; width > 0; width /= 2) {
+      for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+    }
+    total += static_cast<double>(lanes[0]);
+  }
+  return total;
 }
 
-void sq_norm_partials_cpu(const at::Tensor& grads, const at::Tensor& weights,
-                          const std::optional<at::Tensor>& master, bool adaptive, double eta, const at::Tensor& out) {
-  const int64_t n = weights.numel();
-  const int64_t nchunks = cpu_partials_len(n);
-  check_sq_norm_args(grads, weights, master, out, nchunks);
-  FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::sq_norm_partials", [&] {
-    using T = math_t<scalar_t>;
-    const auto* g = raw_ptr<scalar_t>(grads);
-    auto run = [&](auto* o) {
-      if (!adaptive) {  // w is not read
-        sq_norm_chunks<false, false, scalar_t>(g, nullptr, n, static_cast<T>(eta), o, nchunks);
-        return;
-      }
-      with_master<scalar_t>(master.has_value(), [&](auto has_master) {
-        constexpr bool MASTER = decltype(has_master)::value;
-        sq_norm_chunks<true, MASTER, scalar_t>(g, point_ptr<raw_t<scalar_t>, MASTER>(weights, master), n,
-                                               static_cast<T>(eta), o, nchunks);
-      });
-    };
-    if (out.scalar_type() == at::kDouble) {
-      run(out.mutable_data_ptr<double>());
-    } else {
-      run(out.mutable_data_ptr<float>());
-    }
+void sq_norm_partials(const NormCall& c) {
+  dispatch(c.dtype, [&](auto type) {
+    using S = typename decltype(type)::type;
+    const auto* g = static_cast<const S*>(c.grads);
+    const auto eta = static_cast<math_t<S>>(c.eta);
+    with_flags(
+        [&](auto adaptive, auto master, auto out_double) {
+          constexpr bool ADAPTIVE = decltype(adaptive)::value, MASTER = decltype(master)::value;
+          using O = std::conditional_t<decltype(out_double)::value, double, float>;
+          if constexpr (!MASTER || (ADAPTIVE && kReduced<S>)) {
+            const point_t<S, MASTER>* w;
+            if constexpr (MASTER) {
+              w = c.master;
+            } else {
+              w = static_cast<const S*>(c.weights);
+            }
+            auto* out = static_cast<O*>(c.out);
+            const int64_t n = c.n;
+            at::parallel_for(0, cpu_partials_len(n), std::max<int64_t>(1, kGrain / CPU_NORM_CHUNK),
+                             [&](int64_t cb, int64_t ce) {
+                               for (int64_t k = cb; k < ce; ++k) {
+                                 const int64_t start = k * CPU_NORM_CHUNK;
+                                 out[k] = static_cast<O>(chunk_partial<ADAPTIVE, MASTER, S>(
+                                     g, w, start, std::min(n, start + CPU_NORM_CHUNK), eta));
+                               }
+                             });
+          }
+        },
+        c.adaptive, c.adaptive && c.master != nullptr, c.out_double);
   });
 }
 
 // --- perturb ---------------------------------------------------------------------------------------------
+// The span functions below take everything by value: their loops keep pointers, coefficients and flags in
+// registers (intrinsic stores may alias anything the loop would otherwise reach through memory).
 
-// The perturbation's scale from the partials, summed serially in index order.
-template <typename T, typename P>
-ScaleResult<T> scale_from_partials(const P* partials, int64_t len, double rho, double eps, bool normalize,
-                                   const float* grad_scale) {
-  double total = 0.0;
-  for (int64_t i = 0; i < len; ++i) total += static_cast<double>(partials[i]);
-  return perturb_scale<T>(static_cast<P>(total), rho, eps, normalize, grad_scale);
+// w <- w + e for len elements (in place; the backup is taken before).
+template <bool ADAPTIVE, typename S>
+SPAN_FN void perturb_span(S* w, const S* g, int64_t len, math_t<S> scale, math_t<S> eta, bool finite) {
+  using M = Mem<S>;
+  for_each_step<M::kStep>(len, [=](auto full, int64_t k, int64_t count) {
+    constexpr bool FULL = decltype(full)::value;
+    typename M::V wv[M::kVals], gr[M::kVals];
+    M::template load<FULL>(w + k, count, wv);
+    M::template load<FULL>(g + k, count, gr);
+    for (int j = 0; j < M::kVals; ++j) wv[j] = perturb_value(wv[j], gr[j], scale, ADAPTIVE, eta, finite);
+    M::template store<FULL>(w + k, count, wv);
+  });
 }
 
-// w[i] <- w[i] + e (and backup[i] <- w[i] when WRITE_BACKUP) for len elements.
-template <bool ADAPTIVE, bool WRITE_BACKUP, typename scalar_t>
-inline void perturb_span(raw_t<scalar_t>* __restrict__ w, const raw_t<scalar_t>* __restrict__ g,
-                         raw_t<scalar_t>* __restrict__ backup, int64_t len, math_t<scalar_t> scale,
-                         math_t<scalar_t> eta, bool finite) {
-  using T = math_t<scalar_t>;
-  for (int64_t i = 0; i < len; ++i) {
-    const raw_t<scalar_t> wi = w[i];
-    if (WRITE_BACKUP) backup[i] = wi;
-    w[i] = IO<scalar_t>::store(
-        perturb_value<T>(IO<scalar_t>::load(wi), IO<scalar_t>::load(g[i]), scale, ADAPTIVE, eta, finite));
-  }
+// out <- the rounding of master + e for len elements; the master is left as it is.
+template <bool ADAPTIVE, typename S>
+SPAN_FN void perturb_master_span(S* out, const float* master, const S* g, int64_t len, float scale, float eta,
+                                 bool finite) {
+  using M = Mem<S>;
+  for_each_step<M::kStep>(len, [=](auto full, int64_t k, int64_t count) {
+    constexpr bool FULL = decltype(full)::value;
+    typename M::V wv[M::kVals], gr[M::kVals];
+    Mem<float>::load<FULL>(master + k, count, wv);
+    M::template load<FULL>(g + k, count, gr);
+    for (int j = 0; j < M::kVals; ++j) wv[j] = perturb_value(wv[j], gr[j], scale, ADAPTIVE, eta, finite);
+    M::template store<FULL>(out + k, count, wv);
+  });
 }
 
-// out[i] <- the rounding of master[i] + e for len elements; the master is left as it is.
-template <bool ADAPTIVE, typename scalar_t>
-inline void perturb_master_span(raw_t<scalar_t>* __restrict__ out, const float* __restrict__ master,
-                                const raw_t<scalar_t>* __restrict__ g, int64_t len, float scale, float eta,
-                                bool finite) {
-  for (int64_t i = 0; i < len; ++i) {
-    out[i] = IO<scalar_t>::store(
-        perturb_value<float>(master[i], IO<scalar_t>::load(g[i]), scale, ADAPTIVE, eta, finite));
-  }
-}
-
-// Without a master: backup <- w, w <- w + e. With one (MASTER): w <- the rounding of master + e, and the
-// weights are output only.
-template <bool ADAPTIVE, bool MASTER, typename scalar_t>
-void perturb_loop(raw_t<scalar_t>* __restrict__ w, const raw_t<scalar_t>* __restrict__ g,
-                  raw_t<scalar_t>* __restrict__ backup, const float* __restrict__ master,
-                  int64_t n, math_t<scalar_t> scale, math_t<scalar_t> eta, bool finite) {
+// Without a master: backup <- w, w <- w + e, tile by tile (the tile's backup, then its update from cache).
+// With one (MASTER): w <- the rounding of master + e, and the weights are output only.
+template <bool ADAPTIVE, bool MASTER, typename S>
+void perturb_loop(const PerturbCall& c) {
+  using T = math_t<S>;
+  const T scale = static_cast<T>(c.scale), eta = static_cast<T>(c.eta);
+  const bool finite = c.finite;
+  auto* w = static_cast<S*>(c.weights);
+  const auto* g = static_cast<const S*>(c.grads);
   if constexpr (MASTER) {
-    write_output(w, n, [&](raw_t<scalar_t>* out, int64_t i, int64_t len) {
-      perturb_master_span<ADAPTIVE, scalar_t>(out, master + i, g + i, len, scale, eta, finite);
+    write_output(w, c.n, [&](S* out, int64_t i, int64_t len) {
+      perturb_master_span<ADAPTIVE, S>(out, c.master + i, g + i, len, scale, eta, finite);
     });
   } else {
-    const bool stream = use_streaming(n);
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      if (!stream) {
-        perturb_span<ADAPTIVE, true, scalar_t>(w + b, g + b, backup + b, e - b, scale, eta, finite);
-        return;
-      }
-      for (int64_t t = b; t < e; t += kTile) {  // stream the backup out, then update the tile (now cached)
+    auto* backup = static_cast<S*>(c.backup);
+    const bool stream = use_streaming(c.n);
+    at::parallel_for(0, c.n, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; t += kTile) {
         const int64_t len = std::min(e, t + kTile) - t;
-        stream_copy(backup + t, w + t, len);
-        perturb_span<ADAPTIVE, false, scalar_t>(w + t, g + t, nullptr, len, scale, eta, finite);
+        copy_out(backup + t, w + t, len, stream);
+        perturb_span<ADAPTIVE, S>(w + t, g + t, len, scale, eta, finite);
       }
-      stream_fence();
+      if (stream) stream_fence();
     });
   }
 }
 
-void perturb_cpu(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
-                 const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
-                 const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
-                 double rho_arg, bool adaptive, double eta, bool normalize, double eps,
-                 const std::optional<at::Tensor>& rho_tensor) {
-  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor);
-  const float* scale_of_grads = optional_float_ptr(grad_scale);
-  const double rho = hyperparameter(optional_double_ptr(rho_tensor), rho_arg);
-  FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::perturb", [&] {
-    using T = math_t<scalar_t>;
-    ScaleResult<T> r{scale_without_norm<T>(rho, normalize, scale_of_grads), true};
-    if (partials.has_value()) {
-      if (partials->scalar_type() == at::kDouble) {
-        r = scale_from_partials<T>(partials->const_data_ptr<double>(), partials->numel(), rho, eps, normalize,
-                                   scale_of_grads);
-      } else {
-        r = scale_from_partials<T>(partials->const_data_ptr<float>(), partials->numel(), rho, eps, normalize,
-                                   scale_of_grads);
-      }
-      if (!r.finite && nonfinite_count.has_value()) {
-        nonfinite_count->mutable_data_ptr<int32_t>()[0] += 1;
-      }
-    }
-    auto* w = raw_ptr<scalar_t>(weights);
-    const auto* g = raw_ptr<scalar_t>(grads);
-    auto* bk = backup.has_value() ? raw_ptr<scalar_t>(*backup) : nullptr;
-    const float* m = optional_float_ptr(master);
-    const int64_t n = weights.numel();
-    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
-      constexpr bool MASTER = decltype(has_master)::value;
-      if (adaptive) {
-        perturb_loop<true, MASTER, scalar_t>(w, g, bk, m, n, r.scale, static_cast<T>(eta), r.finite);
-      } else {
-        perturb_loop<false, MASTER, scalar_t>(w, g, bk, m, n, r.scale, static_cast<T>(eta), r.finite);
-      }
-    });
+void perturb(const PerturbCall& c) {
+  dispatch(c.dtype, [&](auto type) {
+    using S = typename decltype(type)::type;
+    with_flags(
+        [&](auto adaptive, auto master) {
+          if constexpr (!decltype(master)::value || kReduced<S>) {
+            perturb_loop<decltype(adaptive)::value, decltype(master)::value, S>(c);
+          }
+        },
+        c.adaptive, c.master != nullptr);
   });
 }
 
 // --- restore ---------------------------------------------------------------------------------------------
 
-// w <- backup bit for bit.
-void copy_backup(const at::Tensor& weights, const at::Tensor& backup) {
-  auto* dst = static_cast<char*>(weights.mutable_data_ptr());
-  const auto* src = static_cast<const char*>(backup.const_data_ptr());
-  const int64_t item = weights.element_size();
-  const bool stream = use_streaming(weights.numel());
-  at::parallel_for(0, weights.numel(), kGrain, [&](int64_t b, int64_t e) {
-    if (stream) {
-      stream_copy(dst + b * item, src + b * item, (e - b) * item);
-      stream_fence();
-    } else {
-      std::memcpy(dst + b * item, src + b * item, static_cast<size_t>((e - b) * item));
+// out <- the rounding of master for len elements.
+template <typename S>
+SPAN_FN void round_master_span(S* out, const float* master, int64_t len) {
+  for_each_step<Mem<S>::kStep>(len, [=](auto full, int64_t k, int64_t count) {
+    constexpr bool FULL = decltype(full)::value;
+    value_t<float> wv[Mem<S>::kVals];
+    Mem<float>::load<FULL>(master + k, count, wv);
+    Mem<S>::template store<FULL>(out + k, count, wv);
+  });
+}
+
+// w <- the backup bit for bit, or the rounding of the master. Also what a skipped update does.
+void restore(const RestoreCall& c) {
+  if (c.backup != nullptr) {
+    const int64_t item = static_cast<int64_t>(c10::elementSize(c.dtype));
+    auto* dst = static_cast<char*>(c.weights);
+    const auto* src = static_cast<const char*>(c.backup);
+    const bool stream = use_streaming(c.n);
+    at::parallel_for(0, c.n, kGrain, [&](int64_t b, int64_t e) {
+      copy_out(dst + b * item, src + b * item, (e - b) * item, stream);
+      if (stream) stream_fence();
+    });
+    return;
+  }
+  dispatch(c.dtype, [&](auto type) {
+    using S = typename decltype(type)::type;
+    if constexpr (kReduced<S>) {
+      write_output(static_cast<S*>(c.weights), c.n,
+                   [&](S* out, int64_t i, int64_t len) { round_master_span<S>(out, c.master + i, len); });
     }
   });
 }
 
-// out[i] <- the rounding of master[i] for len elements.
-template <typename scalar_t>
-inline void round_master_span(raw_t<scalar_t>* __restrict__ out, const float* __restrict__ master, int64_t len) {
-  for (int64_t i = 0; i < len; ++i) out[i] = IO<scalar_t>::store(master[i]);
-}
+// --- restore + SGD ---------------------------------------------------------------------------------------
 
-// w <- the restore point: the backup bit for bit, or the rounding of the master. Also what a skipped
-// update does.
-void restore_weights(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                     const std::optional<at::Tensor>& master) {
-  if (backup.has_value()) {
-    copy_backup(weights, *backup);
-    return;
-  }
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(weights.scalar_type(), "fused_sam::restore", [&] {
-    const float* m = master->const_data_ptr<float>();
-    write_output(raw_ptr<scalar_t>(weights), weights.numel(), [&](raw_t<scalar_t>* out, int64_t i, int64_t len) {
-      round_master_span<scalar_t>(out, m + i, len);
-    });
+// out <- the updated w (also written to the master: MASTER) for len elements. The momentum buffer is read
+// and written when MOMENTUM, g_v read when REUSE.
+template <bool MOMENTUM, bool MASTER, bool REUSE, typename S>
+SPAN_FN void sgd_span(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv, math_t<S>* buf, int64_t len,
+              const SGDParams<math_t<S>> p) {
+  using T = math_t<S>;
+  using M = Mem<S>;
+  using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
+  for_each_step<M::kStep>(len, [=](auto full, int64_t k, int64_t count) {
+    constexpr bool FULL = decltype(full)::value;
+    typename M::V wv[M::kVals], gr[M::kVals], b[M::kVals], rv[M::kVals] = {};
+    PMem::template load<FULL>(point + k, count, wv);
+    M::template load<FULL>(g + k, count, gr);
+    if constexpr (REUSE) Mem<T>::template load<FULL>(gv + k, count, rv);
+    if constexpr (MOMENTUM) Mem<T>::template load<FULL>(buf + k, count, b);
+    for (int j = 0; j < M::kVals; ++j) wv[j] = sgd_update<MOMENTUM, REUSE>(wv[j], gr[j], rv[j], &b[j], p);
+    if constexpr (MOMENTUM) Mem<T>::template store<FULL>(buf + k, count, b);
+    if constexpr (MASTER) PMem::template store<FULL>(point + k, count, wv);
+    M::template store<FULL>(out + k, count, wv);
   });
 }
 
-void restore_cpu(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                 const std::optional<at::Tensor>& master) {
-  check_restore_args(weights, backup, master);
-  restore_weights(weights, backup, master);
-}
-
-// --- restore + update: the output ---------------------------------------------------------------------------
-
-// The updated w: written back to the master (MASTER), and its rounding to the weights.
-template <bool MASTER, typename scalar_t>
-inline void write_updated(raw_t<scalar_t>* __restrict__ out, raw_point_t<scalar_t, MASTER>* __restrict__ point,
-                          math_t<scalar_t> w) {
-  if constexpr (MASTER) *point = w;
-  *out = IO<scalar_t>::store(w);
-}
-
-// --- restore + SGD ---------------------------------------------------------------------------------------
-
-template <bool MOMENTUM, bool MASTER, typename scalar_t>
-inline void sgd_span(raw_t<scalar_t>* __restrict__ out, raw_point_t<scalar_t, MASTER>* __restrict__ point,
-                     const raw_t<scalar_t>* __restrict__ g, math_t<scalar_t>* __restrict__ buf, int64_t len,
-                     const SGDParams<math_t<scalar_t>> p) {  // by value: the coefficients stay in registers
-  using T = math_t<scalar_t>;
-  for (int64_t i = 0; i < len; ++i) {
-    T* bi = MOMENTUM ? buf + i : nullptr;
-    write_updated<MASTER, scalar_t>(
-        out + i, point + i,
-        sgd_update<MOMENTUM, T>(load_point<scalar_t, MASTER>(point[i]), IO<scalar_t>::load(g[i]), bi, p));
+template <bool MOMENTUM, bool MASTER, bool REUSE, typename S>
+void sgd_loop(const SgdCall& c) {
+  using T = math_t<S>;
+  const SGDParams<T> p = make_sgd_params<T>(c.settings, c.values);
+  point_t<S, MASTER>* point;
+  if constexpr (MASTER) {
+    point = c.master;
+  } else {
+    point = static_cast<const S*>(c.backup);
   }
+  const auto* g = static_cast<const S*>(c.grads);
+  const auto* gv = static_cast<const T*>(c.reused);
+  auto* buf = static_cast<T*>(c.momentum_buffer);
+  write_output(static_cast<S*>(c.weights), c.n, [&](S* out, int64_t i, int64_t len) {
+    sgd_span<MOMENTUM, MASTER, REUSE, S>(out, point + i, g + i, REUSE ? gv + i : nullptr,
+                                         MOMENTUM ? buf + i : nullptr, len, p);
+  });
 }
 
-void restore_sgd_cpu(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                     const std::optional<at::Tensor>& master, const at::Tensor& grads,
-                     const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                     bool maximize, const std::optional<at::Tensor>& lr_tensor) {
-  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor);
-  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor);
-  if (update_skipped(values)) {  // the momentum buffer is not even read, the master not written
-    restore_weights(weights, backup, master);
-    return;
-  }
-  const SGDSettings settings{lr, momentum, dampening, weight_decay, nesterov, maximize};
-  FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_sgd", [&] {
-    using T = math_t<scalar_t>;
-    const auto p = make_sgd_params<T>(settings, values);
-    const auto* g = raw_ptr<scalar_t>(grads);
-    T* buf = momentum != 0.0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
-    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
-      constexpr bool MASTER = decltype(has_master)::value;
-      auto* point = point_ptr<raw_t<scalar_t>, MASTER>(backup, master);
-      write_output(raw_ptr<scalar_t>(weights), weights.numel(), [&](raw_t<scalar_t>* out, int64_t i, int64_t len) {
-        if (buf != nullptr) {
-          sgd_span<true, MASTER, scalar_t>(out, point + i, g + i, buf + i, len, p);
-        } else {
-          sgd_span<false, MASTER, scalar_t>(out, point + i, g + i, nullptr, len, p);
-        }
-      });
-    });
+void restore_sgd(const SgdCall& c) {
+  dispatch(c.dtype, [&](auto type) {
+    using S = typename decltype(type)::type;
+    with_flags(
+        [&](auto momentum, auto master, auto reuse) {
+          if constexpr (!decltype(master)::value || kReduced<S>) {
+            sgd_loop<decltype(momentum)::value, decltype(master)::value, decltype(reuse)::value, S>(c);
+          }
+        },
+        c.momentum_buffer != nullptr, c.master != nullptr, c.reused != nullptr);
   });
 }
 
 // --- restore + Adam / AdamW ------------------------------------------------------------------------------
 
-template <bool AMSGRAD, bool MASTER, typename scalar_t>
-inline void adam_span(raw_t<scalar_t>* __restrict__ out, raw_point_t<scalar_t, MASTER>* __restrict__ point,
-                      const raw_t<scalar_t>* __restrict__ g, math_t<scalar_t>* __restrict__ m,
-                      math_t<scalar_t>* __restrict__ v, math_t<scalar_t>* __restrict__ vmax, int64_t len,
-                      const AdamParams<math_t<scalar_t>> p) {
-  using T = math_t<scalar_t>;
-  for (int64_t i = 0; i < len; ++i) {
-    T* vm = AMSGRAD ? vmax + i : nullptr;
-    write_updated<MASTER, scalar_t>(out + i, point + i,
-                                    adam_update<AMSGRAD, T>(load_point<scalar_t, MASTER>(point[i]),
-                                                            IO<scalar_t>::load(g[i]), m + i, v + i, vm, p));
-  }
+// out <- the updated w (also written to the master: MASTER) for len elements; the moments m, v (and vmax:
+// AMSGRAD) are read and written, g_v read when REUSE.
+template <bool AMSGRAD, bool MASTER, bool REUSE, typename S>
+SPAN_FN void adam_span(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv, math_t<S>* m, math_t<S>* v,
+               math_t<S>* vmax, int64_t len, const AdamParams<math_t<S>> p) {
+  using T = math_t<S>;
+  using M = Mem<S>;
+  using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
+  for_each_step<M::kStep>(len, [=](auto full, int64_t k, int64_t count) {
+    constexpr bool FULL = decltype(full)::value;
+    typename M::V wv[M::kVals], gr[M::kVals], mv[M::kVals], sv[M::kVals], xv[M::kVals], rv[M::kVals] = {};
+    PMem::template load<FULL>(point + k, count, wv);
+    M::template load<FULL>(g + k, count, gr);
+    if constexpr (REUSE) Mem<T>::template load<FULL>(gv + k, count, rv);
+    Mem<T>::template load<FULL>(m + k, count, mv);
+    Mem<T>::template load<FULL>(v + k, count, sv);
+    if constexpr (AMSGRAD) Mem<T>::template load<FULL>(vmax + k, count, xv);
+    for (int j = 0; j < M::kVals; ++j) {
+      wv[j] = adam_update<AMSGRAD, REUSE>(wv[j], gr[j], rv[j], &mv[j], &sv[j], &xv[j], p);
+    }
+    Mem<T>::template store<FULL>(m + k, count, mv);
+    Mem<T>::template store<FULL>(v + k, count, sv);
+    if constexpr (AMSGRAD) Mem<T>::template store<FULL>(vmax + k, count, xv);
+    if constexpr (MASTER) PMem::template store<FULL>(point + k, count, wv);
+    M::template store<FULL>(out + k, count, wv);
+  });
 }
 
-void restore_adam_cpu(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                      const std::optional<at::Tensor>& master, const at::Tensor& grads, const at::Tensor& exp_avg,
-                      const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                      const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
-                      double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& lr_tensor) {
-  check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
-                  found_inf, lr_tensor);
-  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor);
-  if (update_skipped(values)) {  // the moments are not even read, the master not written
-    restore_weights(weights, backup, master);
-    return;
+template <bool AMSGRAD, bool MASTER, bool REUSE, typename S>
+void adam_loop(const AdamCall& c) {
+  using T = math_t<S>;
+  const AdamParams<T> p = make_adam_params<T>(c.settings, c.values);
+  point_t<S, MASTER>* point;
+  if constexpr (MASTER) {
+    point = c.master;
+  } else {
+    point = static_cast<const S*>(c.backup);
   }
-  const AdamSettings settings{lr, beta1, beta2, eps, weight_decay, decoupled, maximize};
-  FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_adam", [&] {
-    using T = math_t<scalar_t>;
-    const auto p = make_adam_params<T>(settings, values);
-    const auto* g = raw_ptr<scalar_t>(grads);
-    auto* m = exp_avg.mutable_data_ptr<T>();
-    auto* v = exp_avg_sq.mutable_data_ptr<T>();
-    T* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->mutable_data_ptr<T>() : nullptr;
-    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
-      constexpr bool MASTER = decltype(has_master)::value;
-      auto* point = point_ptr<raw_t<scalar_t>, MASTER>(backup, master);
-      write_output(raw_ptr<scalar_t>(weights), weights.numel(), [&](raw_t<scalar_t>* out, int64_t i, int64_t len) {
-        if (vmax != nullptr) {
-          adam_span<true, MASTER, scalar_t>(out, point + i, g + i, m + i, v + i, vmax + i, len, p);
-        } else {
-          adam_span<false, MASTER, scalar_t>(out, point + i, g + i, m + i, v + i, nullptr, len, p);
-        }
-      });
-    });
+  const auto* g = static_cast<const S*>(c.grads);
+  const auto* gv = static_cast<const T*>(c.reused);
+  auto* m = static_cast<T*>(c.exp_avg);
+  auto* v = static_cast<T*>(c.exp_avg_sq);
+  auto* vmax = static_cast<T*>(c.max_exp_avg_sq);
+  write_output(static_cast<S*>(c.weights), c.n, [&](S* out, int64_t i, int64_t len) {
+    adam_span<AMSGRAD, MASTER, REUSE, S>(out, point + i, g + i, REUSE ? gv + i : nullptr, m + i, v + i,
+                                         AMSGRAD ? vmax + i : nullptr, len, p);
+  });
+}
+
+void restore_adam(const AdamCall& c) {
+  dispatch(c.dtype, [&](auto type) {
+    using S = typename decltype(type)::type;
+    with_flags(
+        [&](auto amsgrad, auto master, auto reuse) {
+          if constexpr (!decltype(master)::value || kReduced<S>) {
+            adam_loop<decltype(amsgrad)::value, decltype(master)::value, decltype(reuse)::value, S>(c);
+          }
+        },
+        c.max_exp_avg_sq != nullptr, c.master != nullptr, c.reused != nullptr);
   });
 }
 
 }  // namespace
-}  // namespace fused_sam
 
-TORCH_LIBRARY_IMPL(fused_sam, CPU, m) {
-  m.impl("sq_norm_partials", &fused_sam::sq_norm_partials_cpu);
-  m.impl("perturb", &fused_sam::perturb_cpu);
-  m.impl("restore", &fused_sam::restore_cpu);
-  m.impl("restore_sgd", &fused_sam::restore_sgd_cpu);
-  m.impl("restore_adam", &fused_sam::restore_adam_cpu);
+Kernels kernels() {
+  return {&sq_norm_partials, &perturb, &restore, &restore_sgd, &restore_adam};
 }
+
+}  // namespace fused_sam::cpu::CPU_CAPABILITY

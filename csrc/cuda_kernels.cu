@@ -7,10 +7,10 @@
 //   (cuda_partials_len), each block reduces its share in double in a fixed tree order and writes one
 //   partial. perturb re-reduces the whole partials buffer in every block (fixed order, no host sync),
 //   so the non-finite check and the scale never leave the device.
-// - The step values (step, grad_scale, found_inf), and lr / rho when given as float64 tensors
-//   (capturable=True), are read through pointers inside the kernels: no host sync, and CUDA-graph capture
-//   records the tensors, not their values. A skipped update (found_inf) restores the weights in the same
-//   launch and leaves the optimizer state untouched.
+// - The step values (step, grad_scale, found_inf), lr / rho when given as float64 tensors
+//   (capturable=True), and LookSAM's reuse_scale are read through pointers inside the kernels: no host
+//   sync, and CUDA-graph capture records the tensors, not their values. A skipped update (found_inf)
+//   restores the weights in the same launch and leaves the optimizer state untouched.
 // - Master weights: each kernel has a MASTER variant (bfloat16/float16 only) that reads w from the float32
 //   master (see point_t); the updates write it back, and the weights receive its rounding (round to
 //   nearest even, c10's conversions as torch's .to()).
@@ -379,11 +379,12 @@ __device__ __forceinline__ Params block_params(const Build& build) {
 
 // --- restore + SGD ---------------------------------------------------------------------------------------
 
-template <typename scalar_t, bool MOMENTUM, bool MASTER, int N>
+// gv: LookSAM's reused direction, read only when REUSE.
+template <typename scalar_t, bool MOMENTUM, bool MASTER, bool REUSE, int N>
 __global__ void __launch_bounds__(kThreads)
     sgd_kernel(scalar_t* __restrict__ w, point_t<scalar_t, MASTER>* __restrict__ point,
-               const scalar_t* __restrict__ g, math_t<scalar_t>* __restrict__ buf, int64_t n,
-               const SGDSettings settings, const StepValues values) {
+               const scalar_t* __restrict__ g, const math_t<scalar_t>* __restrict__ gv,
+               math_t<scalar_t>* __restrict__ buf, int64_t n, const SGDSettings settings, const StepValues values) {
   using T = math_t<scalar_t>;
   if (update_skipped(values)) {  // the same value in every thread: the whole grid returns here
     restore_from<N, MASTER>(w, point, n);
@@ -393,14 +394,16 @@ __global__ void __launch_bounds__(kThreads)
   for_each_vec<N>(n, [&](auto width, int64_t i) {
     constexpr int M = decltype(width)::value;
     point_elem_t<scalar_t, MASTER> pv[M];
-    scalar_t gv[M], out[M];
-    T mb[M];
+    scalar_t gr[M], out[M];
+    T rv[M], mb[M];
     load_vec<M>(point + i, pv);
-    load_vec<M>(g + i, gv);
+    load_vec<M>(g + i, gr);
+    if (REUSE) load_vec<M>(gv + i, rv);
     if (MOMENTUM) load_vec<M>(buf + i, mb);
 #pragma unroll
     for (int j = 0; j < M; ++j) {
-      const T updated = sgd_update<MOMENTUM, T>(static_cast<T>(pv[j]), static_cast<T>(gv[j]), mb + j, p);
+      const T updated = sgd_update<MOMENTUM, REUSE, T>(static_cast<T>(pv[j]), static_cast<T>(gr[j]),
+                                                       REUSE ? rv[j] : T(0), mb + j, p);
       if constexpr (MASTER) pv[j] = updated;
       out[j] = static_cast<scalar_t>(updated);
     }
@@ -410,21 +413,22 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-template <bool MASTER, typename scalar_t>
-void launch_sgd(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g, math_t<scalar_t>* buf,
-                int64_t n, const SGDSettings& settings, const StepValues& values, int device, cudaStream_t stream) {
+template <bool MASTER, bool REUSE, typename scalar_t>
+void launch_sgd(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g, const math_t<scalar_t>* gv,
+                math_t<scalar_t>* buf, int64_t n, const SGDSettings& settings, const StepValues& values, int device,
+                cudaStream_t stream) {
   constexpr int N = vec_elems<scalar_t>();
-  const bool vec = vectors_aligned<N>(w, point, g, buf);
+  const bool vec = vectors_aligned<N>(w, point, g, gv, buf);
   const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, device);
   auto launch = [&](auto kernel) {
-    kernel<<<blocks, kThreads, 0, stream>>>(w, point, g, buf, n, settings, values);
+    kernel<<<blocks, kThreads, 0, stream>>>(w, point, g, gv, buf, n, settings, values);
   };
   if (buf != nullptr) {
-    if (vec) launch(sgd_kernel<scalar_t, true, MASTER, N>);
-    else launch(sgd_kernel<scalar_t, true, MASTER, 1>);
+    if (vec) launch(sgd_kernel<scalar_t, true, MASTER, REUSE, N>);
+    else launch(sgd_kernel<scalar_t, true, MASTER, REUSE, 1>);
   } else {
-    if (vec) launch(sgd_kernel<scalar_t, false, MASTER, N>);
-    else launch(sgd_kernel<scalar_t, false, MASTER, 1>);
+    if (vec) launch(sgd_kernel<scalar_t, false, MASTER, REUSE, N>);
+    else launch(sgd_kernel<scalar_t, false, MASTER, REUSE, 1>);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -434,31 +438,39 @@ void restore_sgd_cuda(const at::Tensor& weights, const std::optional<at::Tensor>
                       const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                       double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                      bool maximize, const std::optional<at::Tensor>& lr_tensor) {
-  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor);
+                      bool maximize, const std::optional<at::Tensor>& lr_tensor,
+                      const std::optional<at::Tensor>& reused, const std::optional<at::Tensor>& reuse_scale) {
+  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor,
+                 reused, reuse_scale);
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = weights.numel();
   if (n == 0) return;
   const SGDSettings settings{lr, momentum, dampening, weight_decay, nesterov, maximize};
-  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor);
+  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor, reuse_scale);
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_sgd", [&] {
     using T = math_t<scalar_t>;
+    const T* gv = reused.has_value() ? reused->const_data_ptr<T>() : nullptr;
     T* buf = momentum != 0.0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
     with_master<scalar_t>(master.has_value(), [&](auto has_master) {
       constexpr bool MASTER = decltype(has_master)::value;
-      launch_sgd<MASTER>(weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
-                         grads.const_data_ptr<scalar_t>(), buf, n, settings, values, weights.get_device(), stream);
+      with_reuse(gv != nullptr, [&](auto reuse) {
+        launch_sgd<MASTER, decltype(reuse)::value>(
+            weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
+            grads.const_data_ptr<scalar_t>(), gv, buf, n, settings, values, weights.get_device(), stream);
+      });
     });
   });
 }
 
 // --- restore + Adam / AdamW ------------------------------------------------------------------------------
 
-template <typename scalar_t, bool AMSGRAD, bool MASTER, int N>
+// gv: LookSAM's reused direction, read only when REUSE.
+template <typename scalar_t, bool AMSGRAD, bool MASTER, bool REUSE, int N>
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(scalar_t* __restrict__ w, point_t<scalar_t, MASTER>* __restrict__ point,
-                const scalar_t* __restrict__ g, math_t<scalar_t>* __restrict__ m, math_t<scalar_t>* __restrict__ v,
+                const scalar_t* __restrict__ g, const math_t<scalar_t>* __restrict__ gv,
+                math_t<scalar_t>* __restrict__ m, math_t<scalar_t>* __restrict__ v,
                 math_t<scalar_t>* __restrict__ vmax, int64_t n, const AdamSettings settings,
                 const StepValues values) {
   using T = math_t<scalar_t>;
@@ -470,17 +482,18 @@ __global__ void __launch_bounds__(kThreads)
   for_each_vec<N>(n, [&](auto width, int64_t i) {
     constexpr int M = decltype(width)::value;
     point_elem_t<scalar_t, MASTER> pv[M];
-    scalar_t gv[M], out[M];
-    T mv[M], vv[M], xv[M];
+    scalar_t gr[M], out[M];
+    T rv[M], mv[M], vv[M], xv[M];
     load_vec<M>(point + i, pv);
-    load_vec<M>(g + i, gv);
+    load_vec<M>(g + i, gr);
+    if (REUSE) load_vec<M>(gv + i, rv);
     load_vec<M>(m + i, mv);
     load_vec<M>(v + i, vv);
     if (AMSGRAD) load_vec<M>(vmax + i, xv);
 #pragma unroll
     for (int j = 0; j < M; ++j) {
-      const T updated =
-          adam_update<AMSGRAD, T>(static_cast<T>(pv[j]), static_cast<T>(gv[j]), mv + j, vv + j, xv + j, p);
+      const T updated = adam_update<AMSGRAD, REUSE, T>(static_cast<T>(pv[j]), static_cast<T>(gr[j]),
+                                                       REUSE ? rv[j] : T(0), mv + j, vv + j, xv + j, p);
       if constexpr (MASTER) pv[j] = updated;
       out[j] = static_cast<scalar_t>(updated);
     }
@@ -492,22 +505,22 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-template <bool MASTER, typename scalar_t>
-void launch_adam(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g, math_t<scalar_t>* m,
-                 math_t<scalar_t>* v, math_t<scalar_t>* vmax, int64_t n, const AdamSettings& settings,
-                 const StepValues& values, int device, cudaStream_t stream) {
+template <bool MASTER, bool REUSE, typename scalar_t>
+void launch_adam(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g, const math_t<scalar_t>* gv,
+                 math_t<scalar_t>* m, math_t<scalar_t>* v, math_t<scalar_t>* vmax, int64_t n,
+                 const AdamSettings& settings, const StepValues& values, int device, cudaStream_t stream) {
   constexpr int N = vec_elems<scalar_t>();
-  const bool vec = vectors_aligned<N>(w, point, g, m, v, vmax);
+  const bool vec = vectors_aligned<N>(w, point, g, gv, m, v, vmax);
   const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, device);
   auto launch = [&](auto kernel) {
-    kernel<<<blocks, kThreads, 0, stream>>>(w, point, g, m, v, vmax, n, settings, values);
+    kernel<<<blocks, kThreads, 0, stream>>>(w, point, g, gv, m, v, vmax, n, settings, values);
   };
   if (vmax != nullptr) {
-    if (vec) launch(adam_kernel<scalar_t, true, MASTER, N>);
-    else launch(adam_kernel<scalar_t, true, MASTER, 1>);
+    if (vec) launch(adam_kernel<scalar_t, true, MASTER, REUSE, N>);
+    else launch(adam_kernel<scalar_t, true, MASTER, REUSE, 1>);
   } else {
-    if (vec) launch(adam_kernel<scalar_t, false, MASTER, N>);
-    else launch(adam_kernel<scalar_t, false, MASTER, 1>);
+    if (vec) launch(adam_kernel<scalar_t, false, MASTER, REUSE, N>);
+    else launch(adam_kernel<scalar_t, false, MASTER, REUSE, 1>);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -518,23 +531,28 @@ void restore_adam_cuda(const at::Tensor& weights, const std::optional<at::Tensor
                        const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
                        double weight_decay, bool decoupled, bool maximize,
-                       const std::optional<at::Tensor>& lr_tensor) {
+                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& reused,
+                       const std::optional<at::Tensor>& reuse_scale) {
   check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
-                  found_inf, lr_tensor);
+                  found_inf, lr_tensor, reused, reuse_scale);
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = weights.numel();
   if (n == 0) return;
   const AdamSettings settings{lr, beta1, beta2, eps, weight_decay, decoupled, maximize};
-  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor);
+  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor, reuse_scale);
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_adam", [&] {
     using T = math_t<scalar_t>;
+    const T* gv = reused.has_value() ? reused->const_data_ptr<T>() : nullptr;
     T* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->mutable_data_ptr<T>() : nullptr;
     with_master<scalar_t>(master.has_value(), [&](auto has_master) {
       constexpr bool MASTER = decltype(has_master)::value;
-      launch_adam<MASTER>(weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
-                          grads.const_data_ptr<scalar_t>(), exp_avg.mutable_data_ptr<T>(),
-                          exp_avg_sq.mutable_data_ptr<T>(), vmax, n, settings, values, weights.get_device(), stream);
+      with_reuse(gv != nullptr, [&](auto reuse) {
+        launch_adam<MASTER, decltype(reuse)::value>(
+            weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
+            grads.const_data_ptr<scalar_t>(), gv, exp_avg.mutable_data_ptr<T>(), exp_avg_sq.mutable_data_ptr<T>(),
+            vmax, n, settings, values, weights.get_device(), stream);
+      });
     });
   });
 }

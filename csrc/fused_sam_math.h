@@ -8,11 +8,18 @@
 // T. The per-step values that may live on the device (the step count, GradScaler's scale and found_inf)
 // are float32 and read through pointers: on the host by the CPU kernels, inside the kernel on CUDA. So are
 // lr and rho when they live on the device (capturable=True: float64, so the double the kernels read is the
-// Python float they replace, and every value derived from it is bit for bit the float path's).
+// Python float they replace, and every value derived from it is bit for bit the float path's), and the
+// scale c of LookSAM's reused direction (float64).
 //
 // w below is the restore point: the weights (the backup) in their dtype, or with master weights the
 // float32 master of bfloat16/float16 weights (T is float then). The kernels choose where w comes from
 // and where results go; the math is the same.
+//
+// The per-element functions take their values as V: T itself (CUDA, and the scalar code), or on the CPU
+// at::vec::Vectorized<T>, a SIMD vector of T that the CPU kernels (cpu_kernels.cpp, built once per
+// instruction set, CPU_CAPABILITY defined) compute a vector of elements with, lane by lane the same
+// operations. Coefficients stay scalars of T. The few operations that are not +, -, * or / (abs, sqrt,
+// torch.maximum) are fs_* functions overloaded for both, declared before the templates that call them.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +34,10 @@
 #include <cmath>
 #endif
 
+#if defined(CPU_CAPABILITY)
+#include <ATen/cpu/vec/vec.h>
+#endif
+
 // The per-element functions below run once per element in every kernel's hot loop: always inlined, since
 // an out-of-line call there costs more than the arithmetic and stops vectorisation (GCC's inliner stops
 // inlining some of them once a translation unit has many such loops).
@@ -36,8 +47,9 @@ namespace fused_sam {
 
 // Squared-norm partials. CPU: one partial per CPU_NORM_CHUNK elements, each chunk summed serially by one
 // thread (blocks of CPU_NORM_BLOCK elements in NORM_LANES interleaved lanes, folded in a fixed order and
-// accumulated in double), so partials do not depend on the thread count. CUDA: one partial per block of a
-// grid whose size depends on numel only.
+// accumulated in double), so partials do not depend on the thread count; nor on the instruction set: the
+// 16 lanes are one AVX-512 vector of floats, two of AVX2 (or of the default build's Vectorized), four of
+// doubles, all holding the same lanes. CUDA: one partial per block of a grid whose size depends on numel only.
 constexpr int64_t CPU_NORM_CHUNK = 1 << 15;
 constexpr int64_t CPU_NORM_BLOCK = 256;
 constexpr int NORM_LANES = 16;
@@ -70,6 +82,21 @@ HOST_DEVICE ALWAYS_INLINE inline T fs_maximum(T a, T b) {
   return (b != b) ? b : r;
 }
 
+#if defined(CPU_CAPABILITY)
+// The same on SIMD vectors (CPU kernels), lane by lane: the comparisons give lane masks, blendv selects.
+template <typename T>
+ALWAYS_INLINE inline at::vec::Vectorized<T> fs_abs(const at::vec::Vectorized<T>& x) { return x.abs(); }
+template <typename T>
+ALWAYS_INLINE inline at::vec::Vectorized<T> fs_sqrt(const at::vec::Vectorized<T>& x) { return x.sqrt(); }
+template <typename T>
+ALWAYS_INLINE inline at::vec::Vectorized<T> fs_maximum(const at::vec::Vectorized<T>& a,
+                                                       const at::vec::Vectorized<T>& b) {
+  using V = at::vec::Vectorized<T>;
+  const V r = V::blendv(a, b, a < b);
+  return V::blendv(r, b, b != b);
+}
+#endif
+
 // A hyperparameter that may live on the device (lr, rho; capturable=True): the float64 the pointer points
 // to when given, else the Python float. Resolved once per kernel (per thread or block on CUDA), before the
 // element loop; everything downstream is the float path's code, so the results are bit for bit the same.
@@ -79,13 +106,13 @@ HOST_DEVICE ALWAYS_INLINE inline double hyperparameter(const double* on_device, 
 
 // --- ASAM scaling ---------------------------------------------------------------------------------
 // T = |w| + eta (ASAM), applied to the gradient for the norm and squared for the perturbation.
-template <typename T>
-HOST_DEVICE ALWAYS_INLINE inline T asam_scale(T w, T eta) { return fs_abs(w) + eta; }
+template <typename V, typename T>
+HOST_DEVICE ALWAYS_INLINE inline V asam_scale(V w, T eta) { return fs_abs(w) + eta; }
 
 // One term of ||g||^2, or of ||T g||^2 for ASAM.
-template <typename T>
-HOST_DEVICE ALWAYS_INLINE inline T sq_norm_term(T g, T w, bool adaptive, T eta) {
-  T x = adaptive ? asam_scale(w, eta) * g : g;
+template <typename V, typename T>
+HOST_DEVICE ALWAYS_INLINE inline V sq_norm_term(V g, V w, bool adaptive, T eta) {
+  V x = adaptive ? asam_scale(w, eta) * g : g;
   return x * x;
 }
 
@@ -125,24 +152,26 @@ HOST_DEVICE inline ScaleResult<T> perturb_scale(P total, double rho, double eps,
 }
 
 // w + e with e = g * scale (* (|w| + eta)^2 for ASAM); e = 0 when the norm was not finite.
-template <typename T>
-HOST_DEVICE ALWAYS_INLINE inline T perturb_value(T w, T g, T scale, bool adaptive, T eta, bool finite) {
-  T e = g * scale;
+template <typename V, typename T>
+HOST_DEVICE ALWAYS_INLINE inline V perturb_value(V w, V g, T scale, bool adaptive, T eta, bool finite) {
+  V e = g * scale;
   if (adaptive) {
-    T t = asam_scale(w, eta);
+    V t = asam_scale(w, eta);
     e = e * (t * t);
   }
-  return w + (finite ? e : T(0));
+  return w + (finite ? e : V(T(0)));
 }
 
 // --- the base update's step values ------------------------------------------------------------------
 // Pointers to the float32 step values of one update (grad_scale and found_inf null without a GradScaler),
-// and to the float64 learning rate when it lives on the device (null: the settings' lr).
+// to the float64 learning rate when it lives on the device (null: the settings' lr), and to the float64
+// scale of LookSAM's reused direction (null: not a reuse step).
 struct StepValues {
-  const float* step;        // the updates before this one
-  const float* grad_scale;  // GradScaler's scale of the gradients
-  const float* found_inf;   // GradScaler's inf/NaN flag
-  const double* lr;         // capturable=True: replaces the settings' lr (then NaN)
+  const float* step;          // the updates before this one
+  const float* grad_scale;    // GradScaler's scale of the gradients
+  const float* found_inf;     // GradScaler's inf/NaN flag
+  const double* lr;           // capturable=True: replaces the settings' lr (then NaN)
+  const double* reuse_scale;  // c: the update's gradient is g + c * g_v
 };
 
 // GradScaler's unscale_ factor: the reciprocal of the scale in double, rounded to float32. 1 without a
@@ -156,6 +185,19 @@ HOST_DEVICE inline bool update_skipped(const StepValues& v) {
   return v.found_inf != nullptr && *v.found_inf != 0.0f;
 }
 
+// LookSAM's c, rounded once to the math type; 0 when not a reuse step (the updates then never read it).
+template <typename T>
+HOST_DEVICE inline T reuse_scale(const StepValues& v) {
+  return v.reuse_scale != nullptr ? T(*v.reuse_scale) : T(0);
+}
+
+// The gradient an update uses, before anything else happens to it: g, plus c * g_v in LookSAM's reuse
+// steps (REUSE; the sum in the math type, as the reference's addcmul), then unscaled (GradScaler).
+template <bool REUSE, typename V, typename T>
+HOST_DEVICE ALWAYS_INLINE inline V update_gradient(V g, V g_v, T c, T unscale) {
+  return (REUSE ? g + c * g_v : g) * unscale;
+}
+
 // --- SGD (torch.optim.SGD) --------------------------------------------------------------------------
 // The update's settings as the Python update object holds them.
 struct SGDSettings {
@@ -166,7 +208,8 @@ struct SGDSettings {
 template <typename T>
 struct SGDParams {
   T neg_lr, momentum, one_minus_dampening, weight_decay;
-  T unscale;  // grad_unscale: the gradient is multiplied by it first
+  T reuse_scale;  // LookSAM's c (reuse steps only)
+  T unscale;      // grad_unscale: the gradient is multiplied by it first
   bool has_weight_decay, nesterov, maximize, first_step;
 };
 
@@ -179,6 +222,7 @@ HOST_DEVICE inline SGDParams<T> make_sgd_params(const SGDSettings& s, const Step
   p.momentum = T(s.momentum);
   p.one_minus_dampening = T(1.0 - s.dampening);
   p.weight_decay = T(s.weight_decay);
+  p.reuse_scale = reuse_scale<T>(v);
   p.unscale = T(grad_unscale(v));
   p.has_weight_decay = s.weight_decay != 0.0;
   p.nesterov = s.nesterov;
@@ -187,15 +231,15 @@ HOST_DEVICE inline SGDParams<T> make_sgd_params(const SGDSettings& s, const Step
   return p;
 }
 
-// One SGD update of w (the restore point) with gradient g; ``buf`` is the momentum buffer, used
-// only when MOMENTUM (momentum != 0). On the first step the buffer becomes the gradient.
-template <bool MOMENTUM, typename T>
-HOST_DEVICE ALWAYS_INLINE inline T sgd_update(T w, T g, T* buf, const SGDParams<T>& p) {
-  g = g * p.unscale;
-  T d = p.maximize ? -g : g;
+// One SGD update of w (the restore point) with gradient g (plus c * g_v when REUSE); ``buf`` is the
+// momentum buffer, used only when MOMENTUM (momentum != 0). On the first step the buffer becomes the gradient.
+template <bool MOMENTUM, bool REUSE, typename V, typename T>
+HOST_DEVICE ALWAYS_INLINE inline V sgd_update(V w, V g, V g_v, V* buf, const SGDParams<T>& p) {
+  g = update_gradient<REUSE>(g, g_v, p.reuse_scale, p.unscale);
+  V d = p.maximize ? -g : g;
   d = p.has_weight_decay ? d + p.weight_decay * w : d;
   if (MOMENTUM) {
-    T b = p.first_step ? d : (*buf) * p.momentum + p.one_minus_dampening * d;
+    V b = p.first_step ? d : (*buf) * p.momentum + p.one_minus_dampening * d;
     *buf = b;
     d = p.nesterov ? d + p.momentum * b : b;
   }
@@ -215,6 +259,7 @@ struct AdamParams {
   T eps, weight_decay, decay;  // decay = 1 - lr * weight_decay (AdamW)
   T neg_step_size;             // -lr / (1 - beta1^t), t = step + 1
   T bias_correction2_sqrt;     // (1 - beta2^t) ** 0.5
+  T reuse_scale;               // LookSAM's c (reuse steps only)
   T unscale;                   // grad_unscale: the gradient is multiplied by it first
   bool l2, decoupled, maximize;
 };
@@ -233,6 +278,7 @@ HOST_DEVICE inline AdamParams<T> make_adam_params(const AdamSettings& s, const S
   p.decay = T(1.0 - lr * s.weight_decay);
   p.neg_step_size = T(-(lr / (1.0 - pow(s.beta1, t))));
   p.bias_correction2_sqrt = T(sqrt(1.0 - pow(s.beta2, t)));
+  p.reuse_scale = reuse_scale<T>(v);
   p.unscale = T(grad_unscale(v));
   p.l2 = s.weight_decay != 0.0 && !s.decoupled;
   p.decoupled = s.weight_decay != 0.0 && s.decoupled;
@@ -241,28 +287,29 @@ HOST_DEVICE inline AdamParams<T> make_adam_params(const AdamSettings& s, const S
 }
 
 // torch.lerp with a scalar weight (ATen/native/Lerp.h).
-template <typename T>
-HOST_DEVICE ALWAYS_INLINE inline T lerp(T self, T end, T weight) {
+template <typename V, typename T>
+HOST_DEVICE ALWAYS_INLINE inline V fs_lerp(V self, V end, T weight) {
   return fs_abs(weight) < T(0.5) ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
 }
 
-// One Adam/AdamW update of w with gradient g and moments m, v (and vmax for AMSGrad).
-template <bool AMSGRAD, typename T>
-HOST_DEVICE ALWAYS_INLINE inline T adam_update(T w, T g, T* m, T* v, T* vmax, const AdamParams<T>& p) {
-  g = g * p.unscale;
-  T d = p.maximize ? -g : g;
+// One Adam/AdamW update of w with gradient g (plus c * g_v when REUSE) and moments m, v (and vmax for
+// AMSGrad).
+template <bool AMSGRAD, bool REUSE, typename V, typename T>
+HOST_DEVICE ALWAYS_INLINE inline V adam_update(V w, V g, V g_v, V* m, V* v, V* vmax, const AdamParams<T>& p) {
+  g = update_gradient<REUSE>(g, g_v, p.reuse_scale, p.unscale);
+  V d = p.maximize ? -g : g;
   w = p.decoupled ? w * p.decay : w;
   d = p.l2 ? d + p.weight_decay * w : d;
-  T m_new = lerp(*m, d, p.lerp_weight);
-  T v_new = (*v) * p.beta2 + p.one_minus_beta2 * d * d;
+  V m_new = fs_lerp(*m, d, p.lerp_weight);
+  V v_new = (*v) * p.beta2 + p.one_minus_beta2 * d * d;
   *m = m_new;
   *v = v_new;
-  T second = v_new;
+  V second = v_new;
   if (AMSGRAD) {
     second = fs_maximum(*vmax, v_new);
     *vmax = second;
   }
-  T denom = fs_sqrt(second) / p.bias_correction2_sqrt + p.eps;
+  V denom = fs_sqrt(second) / p.bias_correction2_sqrt + p.eps;
   return w + p.neg_step_size * (m_new / denom);
 }
 

@@ -92,8 +92,8 @@ inline void check_optional_step_scalar(const std::optional<at::Tensor>& t, const
   if (t.has_value()) check_step_scalar(*t, weights, name, op);
 }
 
-// A hyperparameter on the device (lr or rho with capturable=True; the op's float argument is then unused):
-// absent, or a float64 tensor of exactly one element on the weights' device.
+// A hyperparameter on the device (lr or rho with capturable=True; the op's float argument is then unused),
+// or LookSAM's reuse_scale: absent, or a float64 tensor of exactly one element on the weights' device.
 inline void check_optional_hyperparameter(const std::optional<at::Tensor>& t, const at::Tensor& weights,
                                           const char* name, const char* op) {
   if (!t.has_value()) return;
@@ -114,6 +114,17 @@ inline void check_step_values(const at::Tensor& step, const std::optional<at::Te
   check_optional_hyperparameter(lr_tensor, weights, "lr_tensor", op);
 }
 
+// LookSAM's reuse step: both or neither of ``reused`` (g_v, in the math dtype, like the weights) and
+// ``reuse_scale`` (c).
+inline void check_reuse(const std::optional<at::Tensor>& reused, const std::optional<at::Tensor>& reuse_scale,
+                        const at::Tensor& weights, const char* op) {
+  TORCH_CHECK(reused.has_value() == reuse_scale.has_value(), "fused_sam::", op,
+              ": pass both reused and reuse_scale or neither, got only ",
+              reused.has_value() ? "reused" : "reuse_scale");
+  if (reused.has_value()) check_span_tensor(*reused, weights, state_dtype(weights.scalar_type()), "reused", op);
+  check_optional_hyperparameter(reuse_scale, weights, "reuse_scale", op);
+}
+
 // The data pointer of an optional float32 tensor (host or device memory), null when absent.
 inline const float* optional_float_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<float>() : nullptr;
@@ -124,12 +135,13 @@ inline const double* optional_double_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<double>() : nullptr;
 }
 
-// Pointers to checked step tensors (and the learning rate on the device, if any), for kernels that read the
-// values themselves.
+// Pointers to checked step tensors (and the learning rate on the device and LookSAM's reuse_scale, if any),
+// for kernels that read the values themselves.
 inline StepValues step_values(const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
+                              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
+                              const std::optional<at::Tensor>& reuse_scale) {
   return StepValues{step.const_data_ptr<float>(), optional_float_ptr(grad_scale), optional_float_ptr(found_inf),
-                    optional_double_ptr(lr_tensor)};
+                    optional_double_ptr(lr_tensor), optional_double_ptr(reuse_scale)};
 }
 
 inline void check_sq_norm_args(const at::Tensor& grads, const at::Tensor& weights,
@@ -178,11 +190,13 @@ inline void check_sgd_args(const at::Tensor& weights, const std::optional<at::Te
                            const std::optional<at::Tensor>& master, const at::Tensor& grads,
                            const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                           double momentum, const std::optional<at::Tensor>& lr_tensor) {
+                           double momentum, const std::optional<at::Tensor>& lr_tensor,
+                           const std::optional<at::Tensor>& reused, const std::optional<at::Tensor>& reuse_scale) {
   check_weights(weights, "restore_sgd");
   check_step_values(step, grad_scale, found_inf, lr_tensor, weights, "restore_sgd");
   check_restore_point(weights, backup, master, "restore_sgd");
   check_span_tensor(grads, weights, weights.scalar_type(), "grads", "restore_sgd");
+  check_reuse(reused, reuse_scale, weights, "restore_sgd");
   if (momentum != 0.0) {
     TORCH_CHECK(momentum_buffer.has_value(), "fused_sam::restore_sgd: momentum != 0 needs a momentum_buffer");
   }
@@ -198,12 +212,14 @@ inline void check_adam_args(const at::Tensor& weights, const std::optional<at::T
                             const std::optional<at::Tensor>& max_exp_avg_sq, const at::Tensor& step,
                             const std::optional<at::Tensor>& grad_scale,
                             const std::optional<at::Tensor>& found_inf,
-                            const std::optional<at::Tensor>& lr_tensor) {
+                            const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& reused,
+                            const std::optional<at::Tensor>& reuse_scale) {
   check_weights(weights, "restore_adam");
   check_step_values(step, grad_scale, found_inf, lr_tensor, weights, "restore_adam");
   auto sd = state_dtype(weights.scalar_type());
   check_restore_point(weights, backup, master, "restore_adam");
   check_span_tensor(grads, weights, weights.scalar_type(), "grads", "restore_adam");
+  check_reuse(reused, reuse_scale, weights, "restore_adam");
   check_span_tensor(exp_avg, weights, sd, "exp_avg", "restore_adam");
   check_span_tensor(exp_avg_sq, weights, sd, "exp_avg_sq", "restore_adam");
   if (max_exp_avg_sq.has_value()) {
@@ -239,6 +255,17 @@ inline void with_master(bool has_master, const Body& body) {
     }
   }
   body(std::false_type{});
+}
+
+// Runs ``body(std::bool_constant<REUSE>{})``, REUSE telling whether the update adds LookSAM's reused
+// direction, so that the update loops without one stay as they are.
+template <typename Body>
+inline void with_reuse(bool reuse, const Body& body) {
+  if (reuse) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
 }
 
 }  // namespace fused_sam

@@ -10,12 +10,19 @@
 // optional trailing ``lr_tensor`` / ``rho_tensor`` (capturable=True: float64, one element, on the weights'
 // device), which replace the ``lr`` / ``rho`` floats (then unused) so a replayed CUDA graph reads the
 // values a scheduler wrote in place; the results are bit for bit those of the same value as a float.
-// CPU implementations: cpu_kernels.cpp; CUDA: cuda_kernels.cu.
+// The updates' optional trailing ``reused`` / ``reuse_scale`` (both or neither) are LookSAM's reuse step: the
+// update's gradient is grads + c * reused (reused in the math dtype, c float64 with one element on the
+// weights' device, rounded once to the math dtype), formed in registers: grads is not written.
+// CPU implementations: cpu_ops.cpp (kernels: cpu_kernels.cpp, one build per instruction set); CUDA:
+// cuda_kernels.cu.
 #include <Python.h>
 
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <stdexcept>
+
+#include "cpu_kernels.h"
 #include "fused_sam_math.h"
 #include "op_checks.h"
 
@@ -45,8 +52,10 @@ void restore_sgd_meta(const at::Tensor& weights, const std::optional<at::Tensor>
                       const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                       double, double momentum, double, double, bool, bool,
-                      const std::optional<at::Tensor>& lr_tensor) {
-  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor);
+                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& reused,
+                      const std::optional<at::Tensor>& reuse_scale) {
+  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor,
+                 reused, reuse_scale);
 }
 
 void restore_adam_meta(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
@@ -54,9 +63,10 @@ void restore_adam_meta(const at::Tensor& weights, const std::optional<at::Tensor
                        const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
                        const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, double, double, double, double, double, bool,
-                       bool, const std::optional<at::Tensor>& lr_tensor) {
+                       bool, const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& reused,
+                       const std::optional<at::Tensor>& reuse_scale) {
   check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
-                  found_inf, lr_tensor);
+                  found_inf, lr_tensor, reused, reuse_scale);
 }
 
 }  // namespace
@@ -74,12 +84,13 @@ TORCH_LIBRARY(fused_sam, m) {
   m.def(
       "restore_sgd(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, "
       "Tensor(c!)? momentum_buffer, Tensor step, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize, Tensor? lr_tensor=None) -> ()");
+      "float dampening, float weight_decay, bool nesterov, bool maximize, Tensor? lr_tensor=None, "
+      "Tensor? reused=None, Tensor? reuse_scale=None) -> ()");
   m.def(
       "restore_adam(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, Tensor(c!) exp_avg, "
       "Tensor(d!) exp_avg_sq, Tensor(e!)? max_exp_avg_sq, Tensor step, Tensor? grad_scale, Tensor? found_inf, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, "
-      "Tensor? lr_tensor=None) -> ()");
+      "Tensor? lr_tensor=None, Tensor? reused=None, Tensor? reuse_scale=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_sam, Meta, m) {
@@ -134,9 +145,50 @@ static PyObject* views_intact(PyObject*, PyObject* args) {
   Py_RETURN_TRUE;
 }
 
+static PyObject* string_tuple(const std::vector<std::string>& names) {
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyObject* name = PyUnicode_FromString(names[i].c_str());
+    if (name == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), name);
+  }
+  return out;
+}
+
+static PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fused_sam::cpu::capability().c_str());
+}
+
+static PyObject* cpu_capabilities(PyObject*, PyObject*) {
+  return string_tuple(fused_sam::cpu::supported_capabilities());
+}
+
+static PyObject* set_cpu_capability(PyObject*, PyObject* args) {
+  const char* name;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  try {
+    fused_sam::cpu::set_capability(name);
+  } catch (const std::invalid_argument& exc) {
+    PyErr_SetString(PyExc_ValueError, exc.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef fused_sam_methods[] = {
     {"views_intact", views_intact, METH_VARARGS,
      "views_intact(params, data_ptrs, grad_views) -> bool: parameters and gradients are still the flat views"},
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "cpu_capability() -> str: the instruction set of the CPU kernels in use (default, avx2 or avx512)"},
+    {"cpu_capabilities", cpu_capabilities, METH_NOARGS,
+     "cpu_capabilities() -> tuple[str, ...]: the instruction sets built that this CPU runs"},
+    {"set_cpu_capability", set_cpu_capability, METH_VARARGS,
+     "set_cpu_capability(name): use the CPU kernels of that instruction set (ValueError if unknown, not built, "
+     "or this CPU lacks it)"},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -156,7 +208,15 @@ PyMODINIT_FUNC PyInit__C(void) {
       PyModule_AddIntConstant(m, "CUDA_NORM_BLOCK_ELEMS", fused_sam::CUDA_NORM_BLOCK_ELEMS) < 0 ||
       PyModule_AddIntConstant(m, "CUDA_NORM_MAX_BLOCKS", fused_sam::CUDA_NORM_MAX_BLOCKS) < 0 ||
       PyModule_AddIntConstant(m, "WITH_CUDA", FUSED_SAM_WITH_CUDA) < 0 ||
-      PyModule_AddIntConstant(m, "CUDA_REQUIRED_AT_BUILD", FUSED_SAM_CUDA_REQUIRED) < 0) {
+      PyModule_AddIntConstant(m, "CUDA_REQUIRED_AT_BUILD", FUSED_SAM_CUDA_REQUIRED) < 0 ||
+      PyModule_AddObject(m, "CPU_CAPABILITIES_BUILT", string_tuple(fused_sam::cpu::built_capabilities())) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  // The instruction set is chosen now; a FUSED_SAM_CPU_CAPABILITY this CPU (or build) cannot follow is a
+  // warning, not an error: the best usable kernels run instead.
+  const std::string warning = fused_sam::cpu::capability_warning();
+  if (!warning.empty() && PyErr_WarnEx(PyExc_RuntimeWarning, warning.c_str(), 1) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

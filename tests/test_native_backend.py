@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 import math
 import os
+import platform
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,6 +34,7 @@ from backend_harness import (
     norm_partials_for,
     restore_point,
     step_scalars,
+    with_reused,
 )
 from models import mlp, sam_train
 from fused_sam import BackendUnavailable, FusedSAM
@@ -64,6 +68,36 @@ def one_thread():
 needs_native = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"native backend unavailable: {UNAVAILABLE}")
 CHUNK = _C.CPU_NORM_CHUNK if _C is not None else 1 << 15
 
+# The instruction sets the CPU kernels are built for (csrc/cpu_kernels.cpp, one build each; x86-64 builds all
+# three). Tests taking the ``isa`` fixture run once per instruction set this CPU has, the others skipped.
+ISAS = ["default", "avx2", "avx512"]
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _isa_unusable(name: str):
+    """None if the CPU kernels built for ``name`` run here, else why not."""
+    if UNAVAILABLE is not None:
+        return f"native backend unavailable: {UNAVAILABLE}"
+    if name not in _C.CPU_CAPABILITIES_BUILT:
+        return f"fused_sam._C has no {name} CPU kernels (built for {', '.join(_C.CPU_CAPABILITIES_BUILT)})"
+    if name not in native_module.cpu_capabilities():
+        return f"this CPU cannot run the {name} CPU kernels (it runs {', '.join(native_module.cpu_capabilities())})"
+    return None
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs the test with the CPU kernels of one instruction set (skipped where the CPU lacks it)."""
+    reason = _isa_unusable(request.param)
+    if reason:
+        pytest.skip(reason)
+    before = native_module.cpu_capability()
+    native_module.set_cpu_capability(request.param)
+    try:
+        yield request.param
+    finally:
+        native_module.set_cpu_capability(before)
+
 
 # --- build -----------------------------------------------------------------------------------------------
 
@@ -95,6 +129,48 @@ def test_cpu_and_meta_kernels_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_sam::{op}", "Meta"), op
 
 
+@needs_native
+def test_cpu_kernels_built_for_every_isa():
+    """x86-64 builds compile the CPU kernels for AVX2 and AVX-512 too (whether or not this CPU runs them)."""
+    if not X86_64:
+        pytest.skip(f"the AVX2 / AVX-512 builds are x86-64 only, this is {platform.machine()}")
+    assert _C.CPU_CAPABILITIES_BUILT == tuple(ISAS)
+    usable = native_module.cpu_capabilities()
+    assert usable[0] == "default" and set(usable) <= set(ISAS)
+    assert native_module.cpu_capability() == usable[-1] or os.environ.get("FUSED_SAM_CPU_CAPABILITY")
+
+
+@needs_native
+def test_set_cpu_capability_refuses_what_the_cpu_lacks():
+    before = native_module.cpu_capability()
+    with pytest.raises(ValueError, match="'sse9' is not one of default, avx2, avx512"):
+        native_module.set_cpu_capability("sse9")
+    lacking = [name for name in ISAS if name not in native_module.cpu_capabilities()]
+    for name in lacking:
+        with pytest.raises(ValueError, match=f"cannot use the '{name}' CPU kernels: (this CPU lacks|this build of "
+                                             f"fused_sam._C has no) {name}"):
+            native_module.set_cpu_capability(name)
+    assert native_module.cpu_capability() == before
+    if not lacking:
+        pytest.skip("this CPU runs every instruction set built: nothing to refuse")
+
+
+@needs_native
+def test_cpu_capability_environment_variable():
+    """FUSED_SAM_CPU_CAPABILITY chooses the kernels at load time; one this CPU cannot run is a warning and the
+    best usable kernels run instead. (Two fresh interpreters, side by side.)"""
+    code = "from fused_sam.backends import native; print(native.cpu_capability())"
+    runs = {value: subprocess.Popen([sys.executable, "-W", "always", "-c", code], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True,
+                                    env=dict(os.environ, FUSED_SAM_CPU_CAPABILITY=value))
+            for value in ("default", "sse9")}
+    out = {value: run.communicate(timeout=120) for value, run in runs.items()}
+    assert all(run.returncode == 0 for run in runs.values()), out
+    assert out["default"] == ("default\n", "")
+    assert out["sse9"][0] == native_module.cpu_capabilities()[-1] + "\n"
+    assert "RuntimeWarning: FUSED_SAM_CPU_CAPABILITY=sse9 is ignored: 'sse9' is not one of" in out["sse9"][1]
+
+
 def test_unavailable_reasons(monkeypatch):
     monkeypatch.setattr(native_module, "_C", None)
     monkeypatch.setattr(native_module, "_IMPORT_ERROR", "ImportError: no module named fused_sam._C")
@@ -106,7 +182,7 @@ def test_unavailable_reasons(monkeypatch):
     try:
         with pytest.raises(BackendUnavailable, match="fused_sam._C"):
             resolve_backend("native", CPU, torch.float32)
-        assert resolve_backend("auto", CPU, torch.float32).name == "reference"
+        assert resolve_backend("auto", CPU, torch.float32).name != "native"  # the next in the CPU order
     finally:
         _instances.clear()
         _instances.update(saved)
@@ -133,13 +209,13 @@ SIZES = [1, 7, CHUNK - 1, CHUNK + 1, 100_003]
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("numel", SIZES)
-def test_ops_match_reference(numel, dtype):
+def test_ops_match_reference(numel, dtype, isa):
     check_all_ops(NativeBackend(), numel, dtype, CPU, seed=numel % 97)
 
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-def test_low_precision_conversions_bitwise(dtype):
+def test_low_precision_conversions_bitwise(dtype, isa):
     """w + 1.0 * g (USAM, rho=1) rounds the same float32 sum the reference rounds: the conversions to and
     from bfloat16/float16 (incl. inf, NaN, subnormals, overflow, ties) must match torch's bit for bit."""
     info = torch.finfo(dtype)
@@ -246,7 +322,7 @@ HYPERPARAMETER_IDS = ["float64", "float32", "bfloat16", "float16", "bfloat16-mas
 @needs_native
 @pytest.mark.parametrize("dtype,master", HYPERPARAMETER_CASES, ids=HYPERPARAMETER_IDS)
 @pytest.mark.parametrize("numel", [1, 7, 4099])
-def test_lr_and_rho_on_the_device_match_the_floats_bitwise(numel, dtype, master):
+def test_lr_and_rho_on_the_device_match_the_floats_bitwise(numel, dtype, master, isa):
     """lr_tensor / rho_tensor (float64, read by the kernels; the float arguments NaN) give the float path's
     weights, backup, master and state bit for bit, for every perturbation and update variant."""
     check_device_hyperparameters(NativeBackend(), numel, dtype, CPU, seed=numel % 89, master=master)
@@ -335,6 +411,76 @@ def test_float64_partials_for_float32_span():
     torch.testing.assert_close(cand.weights, expect.weights, rtol=2e-6, atol=1e-7)
 
 
+# --- LookSAM's reuse step: reused (g_v) and reuse_scale (c) ---------------------------------------------------
+# (The update itself is checked against the reference by check_all_ops: test_ops_match_reference and
+# test_master_ops_match_reference.)
+
+REUSE_OPS = ["restore_sgd", "restore_adam"]
+
+
+def _call_with_reuse(op: str, dtype: torch.dtype, reused, reuse_scale, device="cpu"):
+    """A call of ``op`` on 100 ``dtype`` weights on ``device`` (cpu, or meta for the Meta kernel), valid but
+    perhaps for its ``reused`` / ``reuse_scale``."""
+    update = AdamUpdate(lr=1e-3) if op == "restore_adam" else SGDUpdate(lr=0.1, momentum=0.9)
+    span = make_span(100, dtype, device, update)
+    step = torch.zeros((), device=device)
+    ops = torch.ops.fused_sam
+    if op == "restore_sgd":
+        return lambda: ops.restore_sgd(span.weights, span.backup, None, span.grads, span.state["momentum_buffer"],
+                                       step, None, None, 0.1, 0.9, 0.0, 0.0, False, False, reused=reused,
+                                       reuse_scale=reuse_scale)
+    return lambda: ops.restore_adam(span.weights, span.backup, None, span.grads, span.state["exp_avg"],
+                                    span.state["exp_avg_sq"], None, step, None, None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                                    False, False, reused=reused, reuse_scale=reuse_scale)
+
+
+_SCALE = torch.tensor([0.5], dtype=torch.float64)
+# (what, the weights' dtype, reused, reuse_scale, the error)
+BAD_REUSE = [
+    ("float64-reused", torch.float32, torch.zeros(100, dtype=torch.float64), _SCALE,
+     "reused must be Float, got Double"),
+    ("bfloat16-reused", torch.bfloat16, torch.zeros(100, dtype=torch.bfloat16), _SCALE,
+     "reused must be Float, got BFloat16"),
+    ("float32-reused-float64-weights", torch.float64, torch.zeros(100), _SCALE, "reused must be Double, got Float"),
+    ("short-reused", torch.float32, torch.zeros(99), _SCALE, "reused has 99 elements, the weights 100"),
+    ("strided-reused", torch.float32, torch.zeros(200)[::2], _SCALE, "reused must be a contiguous 1-D tensor"),
+    ("float32-scale", torch.float32, torch.zeros(100), torch.tensor([0.5]),
+     "reuse_scale must be a float64 tensor, got Float"),
+    ("two-scales", torch.float32, torch.zeros(100), torch.zeros(2, dtype=torch.float64),
+     "reuse_scale must have exactly one element, got 2"),
+    ("only-reused", torch.float32, torch.zeros(100), None,
+     "pass both reused and reuse_scale or neither, got only reused"),
+    ("only-scale", torch.float32, None, _SCALE, "pass both reused and reuse_scale or neither, got only reuse_scale"),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("op", REUSE_OPS)
+@pytest.mark.parametrize("what,dtype,reused,reuse_scale,message", BAD_REUSE, ids=[case[0] for case in BAD_REUSE])
+def test_bad_reuse_arguments(op, what, dtype, reused, reuse_scale, message):
+    """reused / reuse_scale are validated by name (dtype, size, layout, both or neither), in the CPU kernel and
+    in the Meta kernel (fake tensors)."""
+    on_meta = tuple(None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                    for t in (reused, reuse_scale))
+    for device, args in (("cpu", (reused, reuse_scale)), ("meta", on_meta)):
+        with pytest.raises(RuntimeError, match=re.escape(f"fused_sam::{op}: {message}")):
+            _call_with_reuse(op, dtype, *args, device)()
+
+
+@needs_native
+@pytest.mark.parametrize("op", REUSE_OPS)
+@pytest.mark.parametrize("name", ["reused", "reuse_scale"])
+def test_reuse_arguments_on_another_device(op, name):
+    """reused / reuse_scale on another device than the weights are refused by name (CPU against meta here; CPU
+    against CUDA in test_native_gpu.py)."""
+    for weights_device, other_device in (("cpu", "meta"), ("meta", "cpu")):
+        args = {"reused": torch.zeros(100), "reuse_scale": torch.ones(1, dtype=torch.float64)}
+        args = {key: value.to(other_device if key == name else weights_device) for key, value in args.items()}
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on {other_device}, the weights on "
+                                               f"{weights_device}"):
+            _call_with_reuse(op, torch.float32, args["reused"], args["reuse_scale"], weights_device)()
+
+
 # --- master weights ---------------------------------------------------------------------------------------
 
 MASTER_DTYPES = [torch.bfloat16, torch.float16]
@@ -351,7 +497,7 @@ def test_auto_picks_native_for_master_weights():
 @needs_native
 @pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=MASTER_IDS)
 @pytest.mark.parametrize("numel", SIZES)
-def test_master_ops_match_reference(numel, dtype):
+def test_master_ops_match_reference(numel, dtype, isa):
     """Spans with a float32 master instead of a backup: perturb leaves the master as it is, the weights are
     its exact rounding after every update, a skipped update rounds the master again."""
     check_all_ops(NativeBackend(), numel, dtype, CPU, seed=numel % 97, master=True)
@@ -359,7 +505,7 @@ def test_master_ops_match_reference(numel, dtype):
 
 @needs_native
 @pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=MASTER_IDS)
-def test_master_roundings_bitwise(dtype):
+def test_master_roundings_bitwise(dtype, isa):
     check_master_roundings(NativeBackend(), CPU, dtype)
 
 
@@ -421,7 +567,7 @@ def test_bad_restore_points(op, what, weights, backup, master, message):
                                           (torch.bfloat16, True)],
                          ids=["float32", "bfloat16", "float64", "bfloat16-master"])
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_norm_partials_bitwise_across_thread_counts(dtype, master, adaptive):
+def test_norm_partials_bitwise_across_thread_counts(dtype, master, adaptive, isa):
     backend = NativeBackend()
     span = make_span(7 * CHUNK + 1234, dtype, CPU, seed=3, master=master)
     perturbation = PERTURBATIONS[1] if adaptive else PERTURBATIONS[0]
@@ -445,6 +591,52 @@ def test_norm_partials_bitwise_across_thread_counts(dtype, master, adaptive):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def _every_op_outputs(dtype: torch.dtype) -> list:
+    """Every CPU operation's outputs on one span (2 chunks and a tail, with inf and NaN in it): norms, perturb,
+    SGD, Adam with AMSGrad, LookSAM's reuse, master weights (bfloat16/float16)."""
+    master = dtype in MASTER_DTYPES
+    span = make_span(2 * CHUNK + 1001, dtype, CPU, UPDATES[7], seed=11, master=master)
+    span.grads[5], span.grads[40000] = math.inf, math.nan
+    outputs = []
+    for perturbation in PERTURBATIONS[:2]:
+        out = torch.empty(NativeBackend().partials_len(span), dtype=math_dtype(dtype))
+        NativeBackend().sq_norm_partials(span, perturbation, out)
+        cand = copy.deepcopy(span)
+        NativeBackend().perturb(cand, perturbation, out, torch.zeros(1, dtype=torch.int32))
+        outputs += [out, cand.weights]
+    reuse = StepScalars(step_scalars(CPU, 2).step, reuse_scale=torch.tensor([0.7], dtype=torch.float64))
+    for update in (UPDATES[3], UPDATES[7]):
+        base = make_span(2 * CHUNK + 1001, dtype, CPU, update, seed=12, master=master)
+        for cand, scalars in ((copy.deepcopy(base), step_scalars(CPU, 2, grad_scale=8.0, found_inf=0.0)),
+                              (with_reused(copy.deepcopy(base), seed=13), reuse)):
+            if cand.backup is not None:
+                cand.backup.copy_(cand.weights)
+            NativeBackend().restore_and_update(cand, update, scalars)
+            outputs += [cand.weights, restore_point(cand), *cand.state.values()]
+    return outputs
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_isas_agree_bitwise(dtype):
+    """Every instruction set's kernels give the same bits (no FMA contraction anywhere; the norm's lanes are the
+    same on every ISA; NaN written as c10 writes it)."""
+    usable = native_module.cpu_capabilities()
+    if len(usable) < 2:
+        pytest.skip(f"this CPU runs only the {usable[0]} CPU kernels")
+    before = native_module.cpu_capability()
+    results = {}
+    try:
+        for name in usable:
+            native_module.set_cpu_capability(name)
+            results[name] = _every_op_outputs(dtype)
+    finally:
+        native_module.set_cpu_capability(before)
+    for name in usable[1:]:
+        for a, b in zip(results["default"], results[name]):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
 
 
 # --- torch.library.opcheck -------------------------------------------------------------------------------
@@ -509,6 +701,15 @@ def _opcheck_cases():
                           0.9, 0.999, 1e-8, 0.01, True, False, hyper(1e-3))),
         ("restore_adam", (w16.clone(), None, master.clone(), g16, t(0.1), t(0.1).abs(), None, step, scalar(2.0**-3),
                           scalar(0), math.nan, 0.9, 0.999, 1e-8, 0.01, False, True, hyper(1e-3))),
+        # LookSAM's reuse step: reused (g_v, in the math dtype) and reuse_scale (float64, a 0-d view)
+        ("restore_sgd", (w.double(), bk.double(), None, g.double(), t().double(), step, scalar(1024), scalar(0), 0.1,
+                         0.9, 0.0, 1e-4, True, False, None, t().double(), hyper(0.7))),
+        ("restore_sgd", (w16.clone(), None, master.clone(), g16, None, step, None, None, math.nan, 0.0, 0.0, 1e-4,
+                         False, True, hyper(0.1), t(), hyper(0.7))),
+        ("restore_adam", (w.clone(), bk, None, g, t(0.1), t(0.1).abs(), t(0.1).abs(), step, scalar(512), scalar(0),
+                          1e-3, 0.9, 0.999, 1e-8, 0.01, True, False, None, t(), hyper(0.7))),
+        ("restore_adam", (w16.clone(), None, master.clone(), g16, t(0.1), t(0.1).abs(), None, step, scalar(2.0**-3),
+                          scalar(1), 1e-3, 0.9, 0.999, 1e-8, 0.01, False, True, None, t(), hyper(0.7))),
     ]
 
 

@@ -4,9 +4,10 @@ Parity with the reference backend around the kernels' vector width and block siz
 (the scalar fallback), determinism of the two-stage norm, the non-finite counter across many blocks,
 non-default streams, CUDA-graph capture (nothing syncs with the host, and a replay reads the step values,
 and lr / rho given as tensors, that the tensors hold then), lr / rho tensors bit for bit the floats, step,
-lr and rho tensors and masters on the wrong device, opcheck on CUDA tensors, and optimizer-level parity in
-float32 and bfloat16. Master weights (float32 masters of bfloat16/float16
-weights) go through each of these too, and their roundings are checked bit for bit.
+lr and rho tensors and masters on the wrong device, LookSAM's reused direction (misaligned alone, and it or
+its scale on the wrong device), opcheck on CUDA tensors, and optimizer-level parity in float32 and bfloat16.
+Master weights (float32 masters of bfloat16/float16 weights) go through each of these too, and their roundings
+are checked bit for bit.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from backend_harness import (
 )
 from models import batches, loss_of, mlp
 from test_native_backend import (
-    HYPERPARAMETER_CASES, HYPERPARAMETER_IDS, HYPERPARAMETER_OPS, MASTER_DTYPES, MASTER_IDS,
-    _call_with_hyperparameter, masters_of, restore_point_call,
+    HYPERPARAMETER_CASES, HYPERPARAMETER_IDS, HYPERPARAMETER_OPS, MASTER_DTYPES, MASTER_IDS, REUSE_OPS,
+    _call_with_hyperparameter, _call_with_reuse, masters_of, restore_point_call,
 )
 
 from fused_sam import FusedSAM
@@ -126,6 +127,28 @@ def test_misaligned_spans(dtype, master, offset):
                 assert torch.equal(cand.weights, cand.master.to(dtype))
             for k in expect.state:
                 torch.testing.assert_close(cand.state[k], expect.state[k], rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32", "bfloat16-master"])
+def test_misaligned_reused_direction(dtype, master):
+    """A reused direction g_v that alone is not 16-byte aligned sends the update to the scalar fallback (a
+    vector load of it would fault)."""
+    n = 3 * BLOCK + 11
+    g_v = torch.randn(n + 1, generator=torch.Generator().manual_seed(7)).to(CUDA)[1:]
+    scalars = StepScalars(step_scalars(CUDA, 3).step, reuse_scale=torch.tensor([0.7], dtype=torch.float64, device=CUDA))
+    for update in (UPDATES[3], UPDATES[7]):
+        cand = make_span(n, dtype, CUDA, update, master=master)
+        if cand.backup is not None:
+            cand.backup.copy_(cand.weights)
+        cand.reused = g_v
+        expect = clone_span(cand)
+        NATIVE.restore_and_update(cand, update, scalars)
+        REFERENCE.restore_and_update(expect, update, scalars)
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(cand.weights, expect.weights, rtol=tol[0], atol=tol[1])
+        for k in expect.state:
+            torch.testing.assert_close(cand.state[k], expect.state[k], rtol=2e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -340,6 +363,17 @@ def test_lr_and_rho_tensors_on_another_device(op, name):
         value = torch.ones(1, dtype=torch.float64, device=value_device)
         with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on"):
             _call_with_hyperparameter(op, value, weights_device)()
+
+
+@pytest.mark.parametrize("op", REUSE_OPS)
+@pytest.mark.parametrize("name", ["reused", "reuse_scale"])
+def test_reuse_arguments_on_another_device(op, name):
+    """reused / reuse_scale on the CPU with weights on the GPU (or the other way round) are refused by name."""
+    for weights_device, other_device in ((CUDA, "cpu"), ("cpu", CUDA)):
+        args = {"reused": torch.zeros(100), "reuse_scale": torch.ones(1, dtype=torch.float64)}
+        args = {key: value.to(other_device if key == name else weights_device) for key, value in args.items()}
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on"):
+            _call_with_reuse(op, torch.float32, args["reused"], args["reuse_scale"], weights_device)()
 
 
 @pytest.mark.parametrize("op", ["sq_norm_partials", "perturb", "restore", "restore_sgd", "restore_adam"])

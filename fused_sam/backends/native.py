@@ -4,9 +4,10 @@ The operators live in the optional extension ``fused_sam._C`` (built by setup.py
 with the dispatcher for CPU and, when built with CUDA, for CUDA devices. Each method below is one operator
 call, one pass over the span; the step values (``StepScalars``) go in as tensors that the kernels read
 themselves, and so do lr and rho when they live on the device (``capturable=True``: float64 tensors passed
-as the operators' trailing ``lr_tensor`` / ``rho_tensor``, which replace the float arguments). Spans with
-master weights pass their float32 ``master`` in place of the backup (every operator takes both, exactly one
-of them set). Without the extension the backend is unavailable and says why.
+as the operators' trailing ``lr_tensor`` / ``rho_tensor``, which replace the float arguments) and LookSAM's
+reuse scale (``span.reused`` and ``scalars.reuse_scale`` go in as the updates' ``reused`` / ``reuse_scale``).
+Spans with master weights pass their float32 ``master`` in place of the backup (every operator takes both,
+exactly one of them set). Without the extension the backend is unavailable and says why.
 """
 from __future__ import annotations
 
@@ -37,15 +38,46 @@ else:
 def extension_unavailable_reason() -> Optional[str]:
     """None if fused_sam._C is loaded, else why not."""
     if _C is None:
+        if "no module named" in str(_IMPORT_ERROR).lower():  # no file: it was never built
+            return (
+                f"the compiled extension fused_sam._C is not built ({_IMPORT_ERROR}): a plain `pip install .` "
+                "builds in an isolated environment where torch is not importable, so it builds no extension (or "
+                "the optional build failed: see the install log); install torch first, then reinstall with "
+                "`pip install --no-build-isolation .` (until then, auto uses backend 'torch' on CPU)"
+            )
         return (
-            f"the compiled extension fused_sam._C could not be loaded ({_IMPORT_ERROR}); "
-            "reinstall fused_sam with a C++ compiler available (pip install --no-build-isolation .)"
+            f"the compiled extension fused_sam._C is built but could not be loaded ({_IMPORT_ERROR}), e.g. "
+            "built against another torch version: rebuild it against this torch with "
+            "`pip install --no-build-isolation .`"
         )
     return None
 
 
 def has_cuda_kernels() -> bool:
     return _C is not None and bool(_C.WITH_CUDA)
+
+
+def _extension():
+    if _C is None:
+        raise RuntimeError(extension_unavailable_reason())
+    return _C
+
+
+def cpu_capability() -> str:
+    """The instruction set of the CPU kernels in use: 'default', 'avx2' or 'avx512'. Chosen when the extension
+    loads: the best one built that this CPU runs, or the one FUSED_SAM_CPU_CAPABILITY names."""
+    return _extension().cpu_capability()
+
+
+def cpu_capabilities() -> tuple:
+    """The instruction sets of the CPU kernels built into the extension that this CPU runs, in increasing order."""
+    return _extension().cpu_capabilities()
+
+
+def set_cpu_capability(name: str) -> None:
+    """Runs the CPU kernels built for ``name`` ('default', 'avx2', 'avx512') from now on, in this process.
+    ValueError for an unknown name, or one this build or this CPU lacks."""
+    _extension().set_cpu_capability(name)
 
 
 class NativeBackend(Backend):
@@ -107,7 +139,7 @@ class NativeBackend(Backend):
                 span.state.get("momentum_buffer") if update.momentum != 0 else None,
                 scalars.step, scalars.grad_scale, scalars.found_inf,
                 update.lr, update.momentum, update.dampening, update.weight_decay, update.nesterov, update.maximize,
-                scalars.lr,
+                scalars.lr, span.reused, scalars.reuse_scale,
             )
         elif isinstance(update, AdamUpdate):
             _restore_adam(
@@ -115,7 +147,7 @@ class NativeBackend(Backend):
                 span.state["max_exp_avg_sq"] if update.amsgrad else None,
                 scalars.step, scalars.grad_scale, scalars.found_inf,
                 update.lr, update.beta1, update.beta2, update.eps, update.weight_decay, update.decoupled,
-                update.maximize, scalars.lr,
+                update.maximize, scalars.lr, span.reused, scalars.reuse_scale,
             )
         else:
             raise TypeError(f"unknown base update {type(update).__name__}")
