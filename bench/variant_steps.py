@@ -13,7 +13,8 @@ Bytes per parameter element (P parameter bytes, S state bytes, n state buffers: 
                  it goes, the perturbation then reads backup and v and writes w: 5P + S + 2nS)
 
 The "floor" column is the least a step of that kind must move; "% copy" is the bytes of the passes the
-optimizer runs over the time, against a large copy measured in the same window. Methods interleave
+optimizer runs over the time, against the memory bandwidth of a large stream (a copy, or an in-place add
+where that is faster: fused_sam.bench.measure.CopyMeter) measured in the same window. Methods interleave
 round-robin; medians over rounds.
 
 Usage: python bench/variant_steps.py [--device cpu|cuda] [--set resnet50] [--rounds 7] [--repeats 5]
@@ -104,7 +105,7 @@ def main() -> None:
             pct = 100 * moved * numel / (stats["median_ms"] / 1e3) / 1e9 / gbps
             print(f"{optimizer:9} {kind:14} {stats['median_ms']:10.2f} {stats['spread']:7.2f} {moved:8d} {floor:6d} "
                   f"{moved / floor:8.2f} {pct:6.0f}%")
-    print(f"copy bandwidth {gbps:.1f} GB/s")
+    print(f"memory bandwidth {gbps:.1f} GB/s ({meter.stream})")
 
 
 if __name__ == "__main__":

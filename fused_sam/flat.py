@@ -94,8 +94,8 @@ class FlatSegment:
         self._history: Optional[List[int]] = None
         self._steps_version = self.steps._version
         self.published = False  # optimizer.state[p] holds views into this segment's state
-        self.weight_views = [self._view(self.weights, i) for i in range(len(self.params))]
-        self.grad_views = [self._view(self.grads, i) for i in range(len(self.params))]
+        self.weight_views = [self.param_view(self.weights, i) for i in range(len(self.params))]
+        self.grad_views = [self.param_view(self.grads, i) for i in range(len(self.params))]
         # What each parameter's .grad is while linked: the view, or for a DTensor a DTensor over the view.
         self.grad_handles = (
             [like_dtensor(g, p) for g, p in zip(self.grad_views, self.params)] if self.sharded else self.grad_views
@@ -112,7 +112,7 @@ class FlatSegment:
         self.weight_ptrs = [w.data_ptr() for w in self.weight_views]
         if self.has_master:
             self.master = self.weights.to(torch.float32)
-            self.master_views = [self._view(self.master, i) for i in range(len(self.params))]
+            self.master_views = [self.param_view(self.master, i) for i in range(len(self.params))]
         self._seen_versions = self._versions()
         # Gradients present at construction were not produced after the optimizer last looked at them.
         self.seen_grads_version = -1 if existing else self.grads._version
@@ -121,7 +121,7 @@ class FlatSegment:
         """Each parameter's own tensor: its local shard for a DTensor (looked up anew: FSDP2 may re-pad it)."""
         return list(map(local_of, self.params)) if self.sharded else self.params
 
-    def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+    def param_view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         shape, stride = self.layout[i]
         return flat.as_strided(shape, stride, flat.storage_offset() + self.offsets[i])
 
@@ -212,7 +212,7 @@ class FlatSegment:
     def state_views(self, i: int) -> dict:
         """Parameter ``i``'s optimizer state in torch.optim's shape: views into the flat buffers, and
         'step' as a 0-d view of the step counts (in-place edits reach the optimizer)."""
-        views = {name: self.exported(i, self._view(buf, i)) for name, buf in self.state.items()}
+        views = {name: self.exported(i, self.param_view(buf, i)) for name, buf in self.state.items()}
         views["step"] = self.steps[i]
         return views
 
@@ -267,7 +267,7 @@ class FlatSegment:
         the first update unless state buffers exist (a fused base creates them at construction)."""
         if step == 0 and not self.state:
             return {}
-        state = {name: self.exported(i, self._view(buf, i).clone()) for name, buf in self.state.items()}
+        state = {name: self.exported(i, self.param_view(buf, i).clone()) for name, buf in self.state.items()}
         state["step"] = torch.tensor(float(step), dtype=torch.float32)
         return state
 
@@ -275,7 +275,7 @@ class FlatSegment:
         """Copy torch.optim-style state into parameter ``i``'s slices; return its step count."""
         shape = self.layout[i][0]
         for buf in self.state.values():
-            self._view(buf, i).zero_()
+            self.param_view(buf, i).zero_()
         for name, value in state.items():
             if name == "step" or value is None:
                 continue
@@ -286,7 +286,7 @@ class FlatSegment:
                     f"{tuple(getattr(value, 'shape', ()))}, the parameter {tuple(shape)}"
                 )
             self.ensure_state([name])
-            self._view(self.state[name], i).copy_(value)
+            self.param_view(self.state[name], i).copy_(value)
         if "step" not in state:  # a torch.optim.SGD momentum buffer carries no step: it has had one
             return 1 if any(v is not None for v in state.values()) else 0
         step = state["step"]
@@ -295,7 +295,7 @@ class FlatSegment:
     def backup_of(self, i: int) -> torch.Tensor:
         """A copy of parameter ``i``'s restore point (w while the weights are at w + e): the float32
         master weight with master weights."""
-        return self.exported(i, self._view(self.backup if self.master is None else self.master, i).clone())
+        return self.exported(i, self.param_view(self.backup if self.master is None else self.master, i).clone())
 
     def current_weight(self, i: int) -> torch.Tensor:
         """A copy of parameter ``i``'s weight: its float32 master with master weights."""
@@ -304,7 +304,7 @@ class FlatSegment:
     def set_backup(self, i: int, value: torch.Tensor) -> None:
         value = self.local_value(i, value)
         self.check_shape(i, value, "restore point")
-        self._view(self.backup if self.master is None else self.master, i).copy_(value)
+        self.param_view(self.backup if self.master is None else self.master, i).copy_(value)
 
     def check_shape(self, i: int, value, what: str) -> None:
         shape = self.layout[i][0]

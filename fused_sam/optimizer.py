@@ -23,9 +23,16 @@ from .variants import LookSAM, MomentumSAM, Variant, orthogonal_part, resolve as
 
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
 MODES = ("paired", "alternate")
-STATE_DICT_FORMAT = 3  # 1: SAM's epsilon was saved as 'eps'; 2: master weights and restore point under 'sam'
+# 1: SAM's epsilon was saved as 'eps'; 2: master weights and restore point under 'sam'; 3: both per parameter;
+# 4: SAM's progress (the 'sam' entry's counters and variant state) also in each param group (PROGRESS_KEY)
+STATE_DICT_FORMAT = 4
 MASTER_KEY, RESTORE_KEY = "sam_master_weight", "sam_restore_point"  # per-parameter state SAM adds
 BETWEEN_HALVES_KEY = "sam_between_halves"  # in each saved param group: taken between the halves of a step
+# In each saved param group, a copy of the 'sam' entry: torch.distributed.checkpoint's get/set_optimizer_state_dict
+# (the FSDP2 path) keep only 'state' and 'param_groups', and a variant decides from the step count. Live groups
+# hold it as None: with flatten_optimizer_state_dict=True those helpers load only the keys live groups have.
+PROGRESS_KEY = "sam_progress"
+SAVED_GROUP_KEYS = (BETWEEN_HALVES_KEY, PROGRESS_KEY)  # in saved groups, not settings: never loaded into live ones
 LOOKSAM_KEY = "sam_looksam_gv"  # LookSAM's g_v, a per-parameter state buffer (holds g during a SAM step)
 # What the classic SAM classes keep per parameter in their own state (the last w, the last e): leftovers of a
 # step, not optimizer state. Their state dicts load with these dropped.
@@ -47,6 +54,16 @@ def _check_sam_settings(settings: dict, where: str) -> None:
         raise ValueError(f"rho must be a non-negative number, got {rho!r} ({where})")
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
         raise ValueError(f"eta must be a non-negative number, got {eta!r} ({where})")
+
+
+def _saved_progress(state_dict: dict):
+    """The state dict's 'sam' entry; from a param group when only 'state' and 'param_groups' came through
+    (torch.distributed.checkpoint's helpers keep those, format 4 copies the entry into each group)."""
+    saved = state_dict.get("sam")
+    if saved is None:
+        groups = state_dict.get("param_groups") or [{}]
+        saved = groups[0].get(PROGRESS_KEY) if isinstance(groups[0], dict) else None
+    return saved or {}
 
 
 def _refuse_partitioning_wrapper() -> None:
@@ -119,6 +136,7 @@ class _SAMState:
         # perturbed (None: all of them). None outside a SAM step.
         self.perturbed: Optional[List[Optional[List[bool]]]] = None
         self.nonfinite: Optional[torch.Tensor] = None  # device counter of first_steps with a non-finite norm
+        self.skipped: Optional[torch.Tensor] = None  # device counter of updates skip_nonfinite skipped
         # Between first_step and second_step: did first_step know the GradScaler's scale, and did it
         # perturb an un-normalized group (whose e = rho * g would carry the scale without it)?
         self.perturbed_with_scale = False
@@ -157,6 +175,10 @@ class FusedSAM(torch.optim.Optimizer):
             into a CUDA graph and replayed (see README, "CUDA graphs"). Paired mode, fused base only.
         variant: a ``fused_sam.variants`` object (``Every(k)``, ``Randomly(p)``, ``LookSAM(k)``) that decides
             per step whether SAM's second pass runs (``sam_step_due``); None: SAM at every step.
+        skip_nonfinite: without a GradScaler, skip an update whose gradients hold an inf or NaN (w restored
+            exactly, state and step counts unchanged; counted in ``skipped_steps``), decided on the device
+            from one more read of the gradients (their squared norm, summed over ranks). Under a GradScaler
+            its own found_inf decides. False: apply whatever the gradients hold, as torch.optim does.
         master_weights: keep a float32 master copy of bfloat16/float16 parameters (the model keeps its
             low-precision weights for forward and backward). The master copy is SAM's restore point and
             what the base update reads and writes; the weights are its rounding. Parameters in float32 or
@@ -181,6 +203,7 @@ class FusedSAM(torch.optim.Optimizer):
         master_weights: bool = False,
         capturable: bool = False,
         variant: Optional[Variant] = None,
+        skip_nonfinite: bool = True,
         backend: str = "auto",
         **base_kwargs,
     ):
@@ -199,6 +222,8 @@ class FusedSAM(torch.optim.Optimizer):
             raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be True or False, got {capturable!r}")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
         if capturable and mode != "paired":
             raise ValueError("capturable=True needs mode='paired': in alternate mode each step() call is one half "
                              "of a SAM step, chosen on the host, and a captured graph would replay one half forever")
@@ -214,6 +239,7 @@ class FusedSAM(torch.optim.Optimizer):
             )
         self.master_weights = master_weights
         self.capturable = capturable
+        self.skip_nonfinite = skip_nonfinite
         self.variant = resolve_variant(variant)
         if type(self.variant) is not Variant and (mode != "paired" or capturable):
             raise ValueError(f"variant={self.variant!r} needs mode='paired' and capturable=False: it decides on the "
@@ -223,6 +249,7 @@ class FusedSAM(torch.optim.Optimizer):
         self.base_optimizer = None
         self._sam = _SAMState(float(perturb_eps))
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, **base_kwargs)
+        defaults[PROGRESS_KEY] = None
         super().__init__(groups, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One param-group list and one state mapping, shared with the base optimizer (LR schedulers may be
@@ -290,7 +317,7 @@ class FusedSAM(torch.optim.Optimizer):
         (group,) = self._check_params([param_group])
         for i, p in enumerate(group["params"]):
             self._check_tensor(_tensor_of(p), f"parameter {i} of the new param group", seen)
-        for key in SAM_KEYS:
+        for key in SAM_KEYS + (PROGRESS_KEY,):
             group.setdefault(key, self.defaults[key])
         self.base_optimizer.add_param_group(group)
         self._build_segments([len(self.param_groups) - 1])
@@ -321,10 +348,13 @@ class FusedSAM(torch.optim.Optimizer):
                 segment.ensure_state(updates[gi].needed_state())
                 self._publish_state(segment)
         home = sam.segments[0].device if sam.segments else None
-        if sam.nonfinite is None and home is not None:
-            sam.nonfinite = torch.zeros(1, dtype=torch.int32, device=home)
-        elif sam.nonfinite is not None and sam.nonfinite.device != home:
-            sam.nonfinite = sam.nonfinite.to(home)
+        if home is not None:
+            for name in ("nonfinite", "skipped"):
+                counter = getattr(sam, name)
+                if counter is None:
+                    setattr(sam, name, torch.zeros(1, dtype=torch.int32, device=home))
+                elif counter.device != home:
+                    setattr(sam, name, counter.to(home))
 
     def _refuse_if_captured(self, what: str) -> None:
         if self._sam.captured:
@@ -570,6 +600,8 @@ class FusedSAM(torch.optim.Optimizer):
         if problem:
             self._restore_all()
             raise RuntimeError(problem + "; the weights were restored to w and not updated")
+        if found_inf is None:
+            found_inf = self._nonfinite_gradients(self._spans_with_gradients(active))
         if isinstance(self.variant, LookSAM):
             self._store_orthogonal_part(found_inf)
         self._update(active, grad_scale, found_inf)
@@ -646,11 +678,13 @@ class FusedSAM(torch.optim.Optimizer):
             raise RuntimeError(f"step {sam.completed_steps} is a SAM step for {self.variant!r} (opt.sam_step_due is "
                                "True): take it with first_step(), a second backward and second_step()")
         active = self._linked_grads(self._weights_taken_in())
-        if self.variant.needs_norm:
-            work = self._spans_with_gradients(active)
-            if work:
-                partials = self._norm_partials(work, self._perturbations())
-                self.variant.observe(self._squared_norm(partials, grad_scale))
+        work = self._spans_with_gradients(active)
+        squared_norm = None
+        if self.variant.needs_norm and work:
+            squared_norm = self._squared_norm(self._norm_partials(work, self._perturbations()), grad_scale)
+            self.variant.observe(squared_norm)
+        if found_inf is None:
+            found_inf = self._nonfinite_gradients(work, squared_norm)
         reuse_scale = None
         if isinstance(self.variant, LookSAM):
             reuse_scale = self._reuse_scale(active)
@@ -661,6 +695,21 @@ class FusedSAM(torch.optim.Optimizer):
         self._update(active, grad_scale, found_inf, reuse_scale)
         if isinstance(self.variant, MomentumSAM):
             self._perturb_along_momentum()
+
+    def _nonfinite_gradients(self, work, squared_norm: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """With ``skip_nonfinite``, the found_inf of an update without a GradScaler: 1.0 (float32, on the
+        device) if the gradients about to be applied hold an inf or NaN, read from their squared norm (one
+        pass; summed over ranks, so every rank skips alike; a norm that overflows float32 counts too, as in
+        first_step), and counted in ``skipped_steps``; else None."""
+        sam = self._sam
+        if not self.skip_nonfinite or not (work or sam.shard_groups):
+            return None
+        if squared_norm is None:
+            plain = Perturbation(rho=0.0, adaptive=False, eta=0.0, normalize=True, eps=sam.perturb_eps)
+            squared_norm = self._squared_norm(self._norm_partials(work, [plain] * len(self.param_groups)), None)
+        found_inf = (~torch.isfinite(squared_norm)).to(torch.float32).reshape(1)
+        sam.skipped += found_inf.to(sam.skipped.device, torch.int32)
+        return found_inf
 
     def _perturb_along_momentum(self) -> None:
         """MomentumSAM: backup <- w, w <- w - rho * v / (||v|| + perturb_eps), v the base optimizer's momentum
@@ -922,6 +971,58 @@ class FusedSAM(torch.optim.Optimizer):
         return 0 if counter is None else int(counter.item())
 
     @property
+    def skipped_steps(self) -> int:
+        """How many updates ``skip_nonfinite`` skipped for an inf or NaN in their gradients (reads the
+        device). Steps a GradScaler skips are its own: its scale backs off."""
+        counter = self._sam.skipped
+        return 0 if counter is None else int(counter.item())
+
+    @torch.no_grad()
+    def check_finite(self, weights: bool = True) -> None:
+        """Raise ValueError naming the first parameter whose optimizer state, float32 master weight or (with
+        ``weights``) weight holds an inf or NaN. One read of every buffer and a host sync: for checkpoints
+        and debugging, not every step. ``state_dict()`` runs it on what it exports (no weights), so a
+        corrupt state never reaches a checkpoint that ``load_state_dict`` would refuse. With sharded
+        parameters every rank takes part and every rank raises alike."""
+        sam = self._sam
+        index = self._param_index()
+        bad: List[tuple] = []  # (segment, buffer name, flat buffer, non-finite count, its sum over ranks)
+        for segment in sam.segments:
+            buffers = dict(segment.state)
+            if segment.master is not None:
+                buffers[MASTER_KEY] = segment.master
+            if weights:
+                buffers["weight"] = segment.weights
+            for name, buf in buffers.items():
+                count = (~torch.isfinite(buf)).sum(dtype=torch.float64)
+                handle = sum_over_ranks(count, segment.shard_group) if segment.shard_group is not None else None
+                bad.append((segment, name, buf, count, handle))
+        if not self._fused_kind:  # the base optimizer's own state, per parameter
+            for p, entry in self.state.items():
+                for name, value in entry.items():
+                    if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"parameter {index[id(p)]} (shape {tuple(p.shape)}) holds non-finite "
+                                         f"value(s) in its {name!r}: resume from an earlier checkpoint")
+        for segment, name, buf, count, handle in bad:
+            if handle is not None:
+                handle.wait()
+            if count.item() == 0:
+                continue
+            for i, p in enumerate(segment.params):
+                view = segment.param_view(buf, i)
+                if view.numel() and not bool(torch.isfinite(view).all()):
+                    break
+            else:  # the non-finite values are in another rank's shard
+                raise ValueError(f"{int(count.item())} non-finite value(s) in the optimizer's {name!r} buffers "
+                                 "(in another rank's shard)")
+            raise ValueError(
+                f"parameter {index[id(p)]} (param group {segment.group_index}, shape {tuple(p.shape)}) holds "
+                f"{int((~torch.isfinite(view)).sum())} non-finite value(s) in its {name!r}: an edit through "
+                "opt.state, a load that bypassed load_state_dict, or memory gone bad (training itself skips "
+                "non-finite gradients). Resume from an earlier checkpoint."
+            )
+
+    @property
     def backends(self) -> Dict[str, str]:
         """Backend name per parameter storage, e.g. {'cuda:0 torch.bfloat16': 'triton'}."""
         return {f"{s.device} {s.dtype}": s.backend.name for s in self._sam.segments}
@@ -957,6 +1058,7 @@ class FusedSAM(torch.optim.Optimizer):
         if sam.perturbed is not None and self.mode != "alternate":
             raise RuntimeError("state_dict() between first_step() and second_step(): the weights are perturbed")
         index = self._param_index()
+        self.check_finite(weights=False)
         if self._fused_kind:
             state = {}
             for segment in sam.segments:
@@ -976,9 +1078,12 @@ class FusedSAM(torch.optim.Optimizer):
                 base["state"].setdefault(index[pid], {})[RESTORE_KEY] = value
             for group in base["param_groups"]:
                 group[BETWEEN_HALVES_KEY] = sam.perturbed is not None or sam.momentum_perturbed
+        entries = sorted({k for s in base["state"].values() for k in s if k in (MASTER_KEY, RESTORE_KEY)})
         base["sam"] = {"format": STATE_DICT_FORMAT, "perturb_eps": sam.perturb_eps, "nonfinite_steps": self.nonfinite_steps,
-                       "completed_steps": sam.completed_steps,
-                       "variant": dict(self.variant.state_dict(), name=self.variant.name)}
+                       "skipped_steps": self.skipped_steps, "completed_steps": sam.completed_steps,
+                       "variant": dict(self.variant.state_dict(), name=self.variant.name), "entries": entries}
+        for group in base["param_groups"]:
+            group[PROGRESS_KEY] = base["sam"]
         return base
 
     def _restore_points(self) -> Dict[int, torch.Tensor]:
@@ -1006,7 +1111,7 @@ class FusedSAM(torch.optim.Optimizer):
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         self._check_loadable(state_dict)  # everything that could fail, before anything changes
         groups = state_dict["param_groups"]
-        saved_sam = state_dict.get("sam") or {}
+        saved_sam = _saved_progress(state_dict)
         order = [i for g in groups for i in g["params"]]
         state, masters, restore_point = self._split_saved_state(state_dict["state"], saved_sam, groups)
         if not isinstance(self.variant, LookSAM):  # a LookSAM run continued without LookSAM: g_v is not needed
@@ -1017,14 +1122,14 @@ class FusedSAM(torch.optim.Optimizer):
                              "load it into FusedSAM(..., mode='alternate')")
         if restore_point is not None:
             self._check_restore_point(restore_point, order)
-        groups = [{k: v for k, v in g.items() if k != BETWEEN_HALVES_KEY} for g in groups]
+        groups = [{k: v for k, v in g.items() if k not in SAVED_GROUP_KEYS} for g in groups]
         if self._fused_kind:
             self._load_fused_state({new: state[old] for new, old in enumerate(order) if old in state})
             for saved, group in zip(groups, self.param_groups):
                 group.update({k: v for k, v in saved.items() if k != "params"})
         else:
             base = self.base_optimizer
-            sam_settings = [{k: g[k] for k in SAM_KEYS if k in g} for g in self.param_groups]
+            sam_settings = [{k: g[k] for k in SAM_KEYS + (PROGRESS_KEY,) if k in g} for g in self.param_groups]
             base.load_state_dict({"state": state, "param_groups": groups})
             # torch.optim rebinds its state and param_groups: refill the shared objects instead.
             loaded_state, loaded_groups = base.state, base.param_groups
@@ -1040,8 +1145,9 @@ class FusedSAM(torch.optim.Optimizer):
         saved_variant = dict(saved_sam.get("variant", {}))
         if saved_variant.pop("name", None) == self.variant.name:
             self.variant.load_state_dict(saved_variant)
-        if sam.nonfinite is not None:
-            sam.nonfinite.fill_(int(saved_sam.get("nonfinite_steps", 0)))
+        for counter, key in ((sam.nonfinite, "nonfinite_steps"), (sam.skipped, "skipped_steps")):
+            if counter is not None:
+                counter.fill_(int(saved_sam.get(key, 0)))
         if masters is not None:
             if not self.master_weights:
                 raise ValueError("this state dict holds float32 master weights: load it into "
@@ -1077,7 +1183,7 @@ class FusedSAM(torch.optim.Optimizer):
                 raise ValueError(
                     f"param group {gi} has {len(group['params'])} parameters, the state dict {len(saved['params'])}"
                 )
-            merged.append(dict(group, **{k: v for k, v in saved.items() if k not in ("params", BETWEEN_HALVES_KEY)}))
+            merged.append(dict(group, **{k: v for k, v in saved.items() if k != "params" and k not in SAVED_GROUP_KEYS}))
             _check_sam_settings(merged[-1], f"param group {gi} of the state dict")
         order = [i for g in groups for i in g["params"]]
         if len(set(order)) != len(order):
@@ -1087,14 +1193,23 @@ class FusedSAM(torch.optim.Optimizer):
         if unlisted:
             raise ValueError(f"the state dict has state for parameter {unlisted[0]!r}, which no param group lists "
                              f"(they list {order[:8]}{'...' if len(order) > 8 else ''}): a corrupt state dict")
-        saved_sam = state_dict.get("sam") or {}
+        saved_sam = _saved_progress(state_dict)
         if not isinstance(saved_sam, dict):
             raise ValueError(f"the state dict's 'sam' entry is a {type(saved_sam).__name__}, not a dict")
         fmt = saved_sam.get("format", 1)
         if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt > STATE_DICT_FORMAT:
             raise ValueError(f"this state dict has format {fmt!r}, newer than this fused_sam reads "
                              f"({STATE_DICT_FORMAT}): it was saved by a newer fused_sam")
-        for key in ("completed_steps", "nonfinite_steps"):
+        entries = saved_sam.get("entries", []) if fmt >= 4 else []  # older formats kept them elsewhere
+        if not (isinstance(entries, (list, tuple)) and all(isinstance(k, str) for k in entries)):
+            raise ValueError(f"the state dict's sam['entries'] must be a list of key names, got {entries!r}")
+        lost = [k for k in entries if not any(isinstance(s, dict) and k in s for s in saved_state.values())]
+        if lost:
+            raise ValueError(f"this state dict was saved with {lost} in its per-parameter state and has lost them "
+                             "(torch.distributed.checkpoint's get/set_optimizer_state_dict with "
+                             "flatten_optimizer_state_dict=True keep only the keys opt.state[p] shows): save it "
+                             "with flatten_optimizer_state_dict=False or opt.state_dict()")
+        for key in ("completed_steps", "nonfinite_steps", "skipped_steps"):
             value = saved_sam.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"the state dict's sam[{key!r}] must be a non-negative integer, got {value!r}")

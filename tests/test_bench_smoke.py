@@ -227,3 +227,21 @@ def test_round_order_moves_every_method():
     assert {o[0] for o in orders} == set(names)  # each method leads a round
     predecessors = {(o[i - 1], o[i]) for o in orders for i in range(1, len(o))}
     assert ("a", "b") in predecessors and ("c", "b") in predecessors  # b does not always follow a
+
+
+@pytest.mark.parametrize("slow", ["copy", "add in place"])
+def test_memory_meter_takes_the_faster_stream_and_counts_its_bytes(monkeypatch, slow):
+    """The reference "% copy" divides by is the faster of a copy and an in-place add (a CPU copy pays an
+    uncounted read for ownership): slow one down and the meter must take the other, and count its bytes."""
+    import time
+
+    from fused_sam.bench import measure
+
+    op, factor = measure.STREAMS[slow]
+    monkeypatch.setitem(measure.STREAMS, slow, (lambda dst, src: (time.sleep(0.01), op(dst, src)), factor))
+    meter = measure.CopyMeter(torch.device("cpu"), nbytes=2**20, repeats=3)
+    other = next(name for name in measure.STREAMS if name != slow)
+    assert meter.stream == other and meter.probe[other] > meter.probe[slow]
+    assert meter.gbps(1.0) == pytest.approx(measure.STREAMS[other][1] * 2**20 / 1e9)
+    window = meter.window(meter.sample(), meter.sample())
+    assert window["stream"] == other and other in window["how"]

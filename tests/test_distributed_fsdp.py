@@ -258,36 +258,48 @@ def test_replicated_dtensors_and_refused_placements(tmp_path):
 SKIPPED_AT = 2
 
 
-def _grad_scaler_with_an_overflow_on_one_rank(rank: int) -> dict:
-    """GradScaler over FSDP2, paired SAM; at batch SKIPPED_AT only rank 1's shard of one gradient is made
-    infinite after the second backward. Per batch: the scale after the step, and whether the weights were
-    left exactly as before the SAM step (a skipped step restores w)."""
+def _an_overflow_on_one_rank(rank: int, scaled: bool) -> dict:
+    """Paired SAM over FSDP2, with a GradScaler or with skip_nonfinite alone; at batch SKIPPED_AT only rank
+    1's shard of one gradient is made infinite after the second backward. Per batch: the scale after the
+    step (None without a scaler), and whether the weights were left exactly as before the SAM step (a
+    skipped step restores w)."""
     model = _sharded(torch.float32)
     opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.05, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if scaled else None
     steps = []
     for i, (x, y) in enumerate(batches(model.layers, 4, torch.float32)):
         x, y = rank_part(x, y, rank, 2)
         before = _full_weights(model)
-        scaler.scale(loss_of(model, x, y)).backward()
+        loss = loss_of(model, x, y)
+        (scaler.scale(loss) if scaled else loss).backward()
         opt.first_step(zero_grad=True, grad_scaler=scaler)
-        scaler.scale(loss_of(model, x, y)).backward()
+        loss = loss_of(model, x, y)
+        (scaler.scale(loss) if scaled else loss).backward()
         if i == SKIPPED_AT and rank == 1:
             model.layers[0].bias.grad.to_local()[0] = float("inf")
-        scaler.step(opt)
-        scaler.update()
-        steps.append((scaler.get_scale(), all(map(torch.equal, before, _full_weights(model)))))
-    return {"steps": steps}
+        if scaled:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.second_step(zero_grad=True)
+        steps.append((scaler.get_scale() if scaled else None, all(map(torch.equal, before, _full_weights(model)))))
+    return {"steps": steps, "skipped_steps": opt.skipped_steps}
 
 
-def test_grad_scaler_skips_on_every_rank_when_one_shard_overflows(tmp_path):
-    """GradScaler's inf check runs on the DTensor gradients, so a non-finite value in one rank's shard is
-    seen by all: every rank skips that SAM step (w restored exactly, also the shards of rank 0, whose
-    gradients were finite) and lowers its scale alike; the other steps update."""
-    results = run_on_ranks(_grad_scaler_with_an_overflow_on_one_rank, (), tmp_path)
+@pytest.mark.parametrize("scaled", [True, False], ids=["gradscaler", "skip_nonfinite"])
+def test_every_rank_skips_when_one_shard_overflows(tmp_path, scaled):
+    """GradScaler's inf check runs on the DTensor gradients, and skip_nonfinite sums the gradients' squared
+    norm over the ranks, so a non-finite value in one rank's shard is seen by all: every rank skips that
+    SAM step (w restored exactly, also the shards of rank 0, whose gradients were finite), lowers its scale
+    alike or counts it; the other steps update."""
+    results = run_on_ranks(_an_overflow_on_one_rank, (scaled,), tmp_path)
     for result in results:
         assert [kept for _, kept in result["steps"]] == [i == SKIPPED_AT for i in range(4)], result["steps"]
-        assert [scale for scale, _ in result["steps"]] == [1024.0, 1024.0, 512.0, 512.0]
+        if scaled:
+            assert [scale for scale, _ in result["steps"]] == [1024.0, 1024.0, 512.0, 512.0]
+            assert result["skipped_steps"] == 0  # GradScaler's own skip
+        else:
+            assert result["skipped_steps"] == 1
 
 
 def _unsharded_checkpoint_into_fsdp2(rank: int) -> list:

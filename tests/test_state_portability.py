@@ -22,6 +22,7 @@ import torch
 
 from fused_sam import FusedSAM, available_backends
 from fused_sam.classic import ClassicSAM
+from fused_sam.optimizer import PROGRESS_KEY
 from fused_sam.variants import LookSAM, Randomly
 
 from models import batches, loss_of, mlp, sam_train
@@ -513,24 +514,53 @@ def test_looksam_state_loads_into_plain_sam_without_its_buffer():
     assert all(set(s) == {"momentum_buffer", "step"} for s in plain.state_dict()["state"].values())
 
 
-@pytest.mark.xfail(strict=True, reason="open finding: get_optimizer_state_dict / set_optimizer_state_dict (the FSDP2 "
-                                       "checkpoint path) keep only 'state' and 'param_groups'; the step count and "
-                                       "the variant's state live under 'sam' and are lost (docs/reliability.md)")
-def test_variant_schedule_survives_torch_distributed_checkpoint_state_dicts():
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+def test_variant_schedule_survives_torch_distributed_checkpoint_state_dicts(flatten):
     """Single process: the same helpers FSDP2 checkpoints go through. A Randomly run resumed through them
     must draw the same SAM/plain sequence as the uninterrupted run."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
 
     def make_run():
         model = mlp()
         return model, FusedSAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9,
                                variant=Randomly(0.5, seed=1), backend="reference")
 
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     model, opt = make_run()
     sam_train(model, opt, 5, closure_api=True)
-    sd = get_optimizer_state_dict(model, opt)
+    opt._sam.skipped.fill_(2)  # counters come through too
+    sd = get_optimizer_state_dict(model, opt, options=options)
+    assert "sam" not in sd  # what these helpers drop: format 4 keeps SAM's progress in the param groups
     resumed, resumed_opt = make_run()
     resumed.load_state_dict(model.state_dict())
-    set_optimizer_state_dict(resumed, resumed_opt, sd)
-    assert resumed_opt.state_dict()["sam"]["completed_steps"] == 5
+    set_optimizer_state_dict(resumed, resumed_opt, sd, options=options)
+    assert resumed_opt.state_dict()["sam"]["completed_steps"] == 5 and resumed_opt.skipped_steps == 2
+    assert all(g[PROGRESS_KEY] is None for g in resumed_opt.param_groups)  # live groups hold only the key
     assert [opt.variant.sam_due(k) for k in range(20)] == [resumed_opt.variant.sam_due(k) for k in range(20)]
+
+
+def test_flattened_checkpoint_without_master_weights_is_refused():
+    """flatten_optimizer_state_dict=True loads only the per-parameter keys opt.state[p] shows: the float32
+    master weights do not arrive. Loading on would re-derive them from the bf16 weights, silently; the
+    state dict says what it saved, so this is refused, and the nested layout carries them bit for bit."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    def make_run():
+        model = mlp(torch.bfloat16)
+        return model, FusedSAM(model.parameters(), torch.optim.AdamW, lr=1e-3, master_weights=True,
+                               backend="reference")
+
+    model, opt = make_run()
+    sam_train(model, opt, 3, dtype=torch.bfloat16, closure_api=True)
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    resumed, resumed_opt = make_run()
+    resumed.load_state_dict(model.state_dict())
+    before = copy.deepcopy(resumed_opt.state_dict())
+    with pytest.raises(ValueError, match=r"lost them .*flatten_optimizer_state_dict=True"):
+        set_optimizer_state_dict(resumed, resumed_opt, get_optimizer_state_dict(model, opt, options=flat),
+                                 options=flat)
+    assert_bitwise_equal(before["state"], resumed_opt.state_dict()["state"], "state after the refusal")
+    set_optimizer_state_dict(resumed, resumed_opt, get_optimizer_state_dict(model, opt))
+    assert_bitwise_equal(opt.state_dict()["state"], resumed_opt.state_dict()["state"])

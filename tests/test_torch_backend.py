@@ -37,6 +37,8 @@ IDS = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", tor
 SMALL_CHUNK = 8 * NORM_ROW
 SMALL = TorchBackend(chunk_numel=SMALL_CHUNK)
 DEFAULT = TorchBackend()
+# The skip as other devices take it (a bitwise select, no host read): on a CPU found_inf is read on the host.
+SELECT = TorchBackend(chunk_numel=SMALL_CHUNK, skip_on_host=False)
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +60,7 @@ def test_ops_match_reference(numel, dtype):
     """Sizes below, at and across the small chunk (4097 = one chunk and a bit; 100_003 = 24 chunks and a
     partial one); the default chunk for the smaller ones (one partial chunk)."""
     check_all_ops(SMALL, numel, dtype, CPU, seed=numel % 97)
+    check_all_ops(SELECT, numel, dtype, CPU, seed=numel % 83)
     if numel < 10_000:
         check_all_ops(DEFAULT, numel, dtype, CPU, seed=numel % 89)
 

@@ -141,8 +141,8 @@ def micro_table(result: dict, device_type: str) -> str:
     copy = result["copy"]
     spread = (f"{copy['gbps_min']:.1f}-{copy['gbps_max']:.1f} GB/s over the cases, each row against its own case's"
               if len(copy["cases"]) > 1 else "timed before and after the case")
-    title = (f"SAM optimizer step (first_step + second_step), median over rounds; copy bandwidth {copy['gbps']:.1f} "
-             f"GB/s ({copy['bytes'] / 2**20:.0f} MiB copy, {spread})")
+    title = (f"SAM optimizer step (first_step + second_step), median over rounds; memory bandwidth {copy['gbps']:.1f} "
+             f"GB/s ({copy['bytes'] / 2**20:.0f} MiB {copy.get('stream', 'copy')}, {spread}); % copy is against it")
     return "\n".join([title, _table(header, lines)] + notes)
 
 
@@ -181,7 +181,8 @@ def markdown(payload: dict) -> str:
            f"triton {env.get('triton')}, CUDA {env.get('cuda')}, commit {env.get('git_commit')}; "
            f"{env.get('torch_threads')} threads on {env.get('cores_available')} cores, load average "
            f"{_loads(env.get('load_average_before'))} before the run and {_loads(env.get('load_average_after'))} "
-           f"after; copy bandwidth {copy['gbps']:.1f} GB/s ({copy['gbps_min']:.1f}-{copy['gbps_max']:.1f}); "
+           f"after; memory bandwidth {copy['gbps']:.1f} GB/s ({copy.get('stream', 'copy')}, "
+           f"{copy['gbps_min']:.1f}-{copy['gbps_max']:.1f}), what % copy divides by; "
            f"warmup {config['warmup']}, {config['rounds']} rounds of {config['repeats']} steps, methods interleaved; "
            f"flags: IQR/median > {config['noise_threshold']:g} or impossible.", ""]
     count = "kernels" if gpu else "aten ops"

@@ -250,8 +250,9 @@ def copy_summary(windows: List[dict]) -> Dict[str, object]:
     """The run's copy bandwidth: the median over the cases' windows, with their range."""
     gbps = [w["gbps"] for w in windows]
     return {"bytes": windows[0]["bytes"], "gbps": statistics.median(gbps), "gbps_min": min(gbps),
-            "gbps_max": max(gbps), "how": "each case: median of the copies timed before and after its rounds; "
-                                          "here: the median over cases", "cases": windows}
+            "gbps_max": max(gbps), "stream": windows[0]["stream"],
+            "how": f"each case: median of the {windows[0]['stream']} passes timed before and after its rounds; "
+                   "here: the median over cases", "cases": windows}
 
 
 def run_micro(cfg: Config, progress=None, on_case: Optional[Callable[[dict], None]] = None) -> Dict[str, object]:
