@@ -24,7 +24,7 @@ BASES = {
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
 }
 SCALER = dict(init_scale=2.0**10, growth_factor=2.0, backoff_factor=0.5, growth_interval=4)
-BACKENDS = ["reference"] + [b for b in ("native", "triton") if b in available_backends("cpu", torch.float32)]
+BACKENDS = ["reference"] + [b for b in ("native", "torch", "triton") if b in available_backends("cpu", torch.float32)]
 # step -> where an inf goes: into the gradient of the first pass, the second, or both
 OVERFLOWS = {
     "none": {},

@@ -15,8 +15,8 @@ BASES = {
     "sgd-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)),
     "adamw-amsgrad": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2, amsgrad=True)),
 }
-DTYPES = {"reference": torch.float64, "native": torch.float64, "triton": torch.float32}
-BACKENDS = [b for b in ("reference", "native", "triton") if b in available_backends("cpu", DTYPES[b])]
+DTYPES = {"reference": torch.float64, "native": torch.float64, "torch": torch.float64, "triton": torch.float32}
+BACKENDS = [b for b in ("reference", "native", "torch", "triton") if b in available_backends("cpu", DTYPES[b])]
 
 
 def scheduled_run(backend: str, base: str, capturable: bool, lr_kind: str, rho_kind: str = "float") -> list:

@@ -27,7 +27,7 @@ CPU_BACKENDS = [
     pytest.param(name, marks=pytest.mark.skipif(
         name not in fused_sam.available_backends(torch.device("cpu"), torch.float32),
         reason=f"backend {name} unavailable here"))
-    for name in ("reference", "native", "triton")
+    for name in ("reference", "native", "torch", "triton")
 ]
 
 
