@@ -151,36 +151,29 @@ def test_unnormalized_sam_restores_exactly_after_a_nonfinite_first_gradient_unde
 
 # --- (b) the gradient at w + e ------------------------------------------------------------------------------
 
+SCALERS = pytest.mark.parametrize("scaler", [True, False], ids=["gradscaler", "skip_nonfinite"])
+
+
+@SCALERS
 @pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nonfinite_second_gradient_under_gradscaler_skips_the_step(backend, base, value):
-    model, opt, grad_scaler, data = setup(backend, base, True)
+def test_nonfinite_second_gradient_skips_the_step(backend, base, value, scaler):
+    """Under a GradScaler its found_inf skips the step and its scale backs off; without one skip_nonfinite
+    (the default) skips it and counts it in skipped_steps."""
+    model, opt, grad_scaler, data = setup(backend, base, scaler)
     state = copy.deepcopy(opt.state_dict())
     w = weights(model)
     sam_step(model, opt, grad_scaler, *data[0], second=poke(value))
     assert_bitwise_equal(w, weights(model), "weights after a skipped step")
     assert_bitwise_equal(state["state"], opt.state_dict()["state"], "optimizer state after a skipped step")
-    assert grad_scaler.get_scale() == SCALER["init_scale"] / 2
-    assert opt.nonfinite_steps == 0
+    if scaler:
+        assert grad_scaler.get_scale() == SCALER["init_scale"] / 2
+    skipped = 0 if scaler else 1  # a GradScaler's skip is its own
+    assert (opt.skipped_steps, opt.nonfinite_steps) == (skipped, 0)
     sam_step(model, opt, grad_scaler, *data[1])
     assert all_finite(model) and not torch.equal(weights(model)[0], w[0])
-
-
-@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
-@pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nonfinite_second_gradient_without_gradscaler_is_skipped_and_counted(backend, base, value):
-    model, opt, _, data = setup(backend, base, False)
-    state = copy.deepcopy(opt.state_dict())
-    w = weights(model)
-    sam_step(model, opt, None, *data[0], second=poke(value))
-    assert_bitwise_equal(w, weights(model), "weights after a skipped step")
-    assert_bitwise_equal(state["state"], opt.state_dict()["state"], "optimizer state after a skipped step")
-    assert (opt.skipped_steps, opt.nonfinite_steps) == (1, 0)
-    sam_step(model, opt, None, *data[1])
-    assert all_finite(model) and not torch.equal(weights(model)[0], w[0])
-    assert opt.skipped_steps == 1 and opt.state_dict()["sam"]["skipped_steps"] == 1
+    assert opt.skipped_steps == skipped and opt.state_dict()["sam"]["skipped_steps"] == skipped
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,35 +186,23 @@ def test_skip_nonfinite_false_applies_a_nonfinite_gradient_as_torch_optim_does(b
 
 # --- (c) a weight -------------------------------------------------------------------------------------------
 
+@SCALERS
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_weight_under_gradscaler_skips_every_step_and_changes_nothing_else(backend, base):
+def test_nan_weight_skips_every_step_and_changes_nothing_else(backend, base, scaler):
     """A NaN weight makes every gradient NaN: each first_step is counted and does not perturb, each second
-    step is skipped; the other weights and the optimizer state stay exactly as they were."""
-    model, opt, grad_scaler, data = setup(backend, base, True)
+    step is skipped (by the GradScaler, whose scale backs off each time, or by skip_nonfinite, counted);
+    the other weights and the optimizer state stay exactly as they were; check_finite names the weight."""
+    model, opt, grad_scaler, data = setup(backend, base, scaler)
     with torch.no_grad():
         model[2].weight[3, 5] = math.nan
     state = copy.deepcopy(opt.state_dict())
     w = weights(model)
     for k, (x, y) in enumerate(data[:3], start=1):
         sam_step(model, opt, grad_scaler, x, y)
-        assert opt.nonfinite_steps == k
-        assert grad_scaler.get_scale() == SCALER["init_scale"] / 2**k
-    assert_bitwise_equal(w, weights(model))
-    assert_bitwise_equal(state["state"], opt.state_dict()["state"])
-
-
-@pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_weight_without_gradscaler_skips_every_step_and_changes_nothing_else(backend, base):
-    model, opt, _, data = setup(backend, base, False)
-    with torch.no_grad():
-        model[2].weight[3, 5] = math.nan
-    state = copy.deepcopy(opt.state_dict())
-    w = weights(model)
-    for k, (x, y) in enumerate(data[:3], start=1):
-        sam_step(model, opt, None, x, y)
-        assert (opt.nonfinite_steps, opt.skipped_steps) == (k, k)
+        assert (opt.nonfinite_steps, opt.skipped_steps) == (k, 0 if scaler else k)
+        if scaler:
+            assert grad_scaler.get_scale() == SCALER["init_scale"] / 2**k
     assert_bitwise_equal(w, weights(model))
     assert_bitwise_equal(state["state"], opt.state_dict()["state"])
     with pytest.raises(ValueError, match=r"parameter 2 .*non-finite value\(s\) in its 'weight'"):
