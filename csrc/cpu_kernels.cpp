@@ -325,13 +325,13 @@ using point_t = std::conditional_t<MASTER, float, const S>;
 
 // --- squared-norm partials ------------------------------------------------------------------------------
 
-// The partial of elements [start, stop): blocks of CPU_NORM_BLOCK elements in NORM_LANES lanes (lane j of a
-// block, acc[j / size] lane j % size, sums its elements j, j + NORM_LANES, ... in order), folded in a fixed
-// order and added to a double total, block after block. ASAM's T reads w from the weights, or from the
-// master (MASTER). Arguments by value: the loop keeps them in registers (intrinsic stores may alias anything
-// reached through memory).
-template <bool ADAPTIVE, bool MASTER, typename S>
-SPAN_FN double chunk_partial(const S* g, const point_t<S, MASTER>* w, int64_t start, int64_t stop, math_t<S> eta) {
+// The sum of block [b, b + len), len <= CPU_NORM_BLOCK, in NORM_LANES lanes (lane j, acc[j / size] lane
+// j % size, sums its elements j, j + NORM_LANES, ... in order), folded in a fixed order. ASAM's T reads w
+// from the weights, or from the master (MASTER). Arguments by value: the loop keeps them in registers
+// (intrinsic stores may alias anything reached through memory).
+template <bool ADAPTIVE, bool MASTER, bool FULL, typename S>
+ALWAYS_INLINE inline double block_sum(const S* g, const point_t<S, MASTER>* w, int64_t b, int64_t len,
+                                      math_t<S> eta) {
   using T = math_t<S>;
   using V = value_t<T>;
   using WMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
@@ -339,42 +339,57 @@ SPAN_FN double chunk_partial(const S* g, const point_t<S, MASTER>* w, int64_t st
   constexpr int kVecs = NORM_LANES / kLanes;
   static_assert(NORM_LANES % kLanes == 0 && CPU_NORM_BLOCK % NORM_LANES == 0 && CPU_NORM_CHUNK % CPU_NORM_BLOCK == 0,
                 "norm blocking");
-  double total = 0.0;
-  for (int64_t b = start; b < stop; b += CPU_NORM_BLOCK) {
-    V acc[kVecs];
-    for (V& a : acc) a = V(T(0));
-    auto block = [&](auto full, int64_t len) {
-      constexpr bool FULL = decltype(full)::value;
-      for (int64_t k = 0; k < len; k += NORM_LANES) {
-        for (int q = 0; q < kVecs; ++q) {
-          const int64_t i = b + k + q * kLanes;
-          const int64_t count = b + len - i;  // a missing value adds nothing (acc + 0 is acc: acc >= +0)
-          if (!FULL && count <= 0) break;
-          const V gv = Mem<S>::template load1<FULL>(g + i, count);
-          const V wv = ADAPTIVE ? WMem::template load1<FULL>(w + i, count) : V(T(0));
-          acc[q] = acc[q] + sq_norm_term(gv, wv, ADAPTIVE, eta);
-        }
-      }
-    };
-    if (stop - b >= CPU_NORM_BLOCK) {
-      block(std::true_type{}, CPU_NORM_BLOCK);
-    } else {
-      block(std::false_type{}, stop - b);
-    }
-    T lanes[NORM_LANES];
+  V acc[kVecs];
+  for (V& a : acc) a = V(T(0));
+  for (int64_t k = 0; k < len; k += NORM_LANES) {
     for (int q = 0; q < kVecs; ++q) {
-#if FUSED_SAM_SIMD
-      acc[q].store(lanes + q * kLanes);
-#else
-      lanes[q] = acc[q];
-#endif
+      const int64_t i = b + k + q * kLanes;
+      const int64_t count = b + len - i;  // a missing value adds nothing (acc + 0 is acc: acc >= +0)
+      if (!FULL && count <= 0) break;
+      const V gv = Mem<S>::template load1<FULL>(g + i, count);
+      const V wv = ADAPTIVE ? WMem::template load1<FULL>(w + i, count) : V(T(0));
+      acc[q] = acc[q] + sq_norm_term(gv, wv, ADAPTIVE, eta);
     }
-    for (int width = NORM_LANES / 2; width > 0; width /= 2) {
-      for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-    }
-    total += static_cast<double>(lanes[0]);
   }
+  T lanes[NORM_LANES];
+  for (int q = 0; q < kVecs; ++q) {
+#if FUSED_SAM_SIMD
+    acc[q].store(lanes + q * kLanes);
+#else
+    lanes[q] = acc[q];
+#endif
+  }
+  for (int width = NORM_LANES / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return static_cast<double>(lanes[0]);
+}
+
+// The partial of elements [start, stop): its blocks' sums added to a double total, block after block.
+template <bool ADAPTIVE, bool MASTER, typename S>
+SPAN_FN double chunk_partial(const S* g, const point_t<S, MASTER>* w, int64_t start, int64_t stop, math_t<S> eta) {
+  double total = 0.0;
+  int64_t b = start;
+  for (; b + CPU_NORM_BLOCK <= stop; b += CPU_NORM_BLOCK) {
+    total += block_sum<ADAPTIVE, MASTER, true, S>(g, w, b, CPU_NORM_BLOCK, eta);
+  }
+  if (b < stop) total += block_sum<ADAPTIVE, MASTER, false, S>(g, w, b, stop - b, eta);
   return total;
+}
+
+// The partials of kStreams whole chunks from ``start`` on, their blocks taken in turn (block 0 of each chunk,
+// then block 1, ...): each partial is the same sum as chunk_partial's, in the same order, but a thread reading
+// several streams at once gets more memory bandwidth than one reading a single stream.
+constexpr int kStreams = 4;
+template <bool ADAPTIVE, bool MASTER, typename S>
+SPAN_FN void chunk_partials_interleaved(const S* g, const point_t<S, MASTER>* w, int64_t start, math_t<S> eta,
+                                        double (&totals)[kStreams]) {
+  for (double& t : totals) t = 0.0;
+  for (int64_t b = start; b < start + CPU_NORM_CHUNK; b += CPU_NORM_BLOCK) {
+    for (int s = 0; s < kStreams; ++s) {
+      totals[s] += block_sum<ADAPTIVE, MASTER, true, S>(g, w, b + s * CPU_NORM_CHUNK, CPU_NORM_BLOCK, eta);
+    }
+  }
 }
 
 void sq_norm_partials(const NormCall& c) {
@@ -397,7 +412,13 @@ void sq_norm_partials(const NormCall& c) {
             const int64_t n = c.n;
             at::parallel_for(0, cpu_partials_len(n), std::max<int64_t>(1, kGrain / CPU_NORM_CHUNK),
                              [&](int64_t cb, int64_t ce) {
-                               for (int64_t k = cb; k < ce; ++k) {
+                               int64_t k = cb;
+                               for (; k + kStreams <= ce && (k + kStreams) * CPU_NORM_CHUNK <= n; k += kStreams) {
+                                 double totals[kStreams];
+                                 chunk_partials_interleaved<ADAPTIVE, MASTER, S>(g, w, k * CPU_NORM_CHUNK, eta, totals);
+                                 for (int s = 0; s < kStreams; ++s) out[k + s] = static_cast<O>(totals[s]);
+                               }
+                               for (; k < ce; ++k) {
                                  const int64_t start = k * CPU_NORM_CHUNK;
                                  out[k] = static_cast<O>(chunk_partial<ADAPTIVE, MASTER, S>(
                                      g, w, start, std::min(n, start + CPU_NORM_CHUNK), eta));

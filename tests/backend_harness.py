@@ -6,6 +6,8 @@ fails the comparison.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import torch
@@ -228,7 +230,7 @@ def check_update_in_place(backend, span: Span, update) -> None:
                                                                           device=span.device))
         separate, in_place = clone_span(span), clone_span(span)
         separate.backup.copy_(separate.weights)
-        in_place.backup = in_place.weights
+        in_place = dataclasses.replace(in_place, backup=in_place.weights)
         backend.restore_and_update(separate, update, scalars)
         backend.restore_and_update(in_place, update, scalars)
         what = f"{update} in place (backup is the weights), found_inf {scalars.found_inf}, reuse {reuse}"

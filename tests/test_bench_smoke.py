@@ -33,6 +33,8 @@ def test_minimum_bytes_model():
     assert min_bytes_per_param("sgd", 2, 4) == 24
     assert min_bytes_per_param("adamw", 2, 4) == 32
     assert min_bytes_per_param("adamw", 2, 2) == 24
+    assert min_bytes_per_param("sgd", 4, 4, inf_check=True) == 44
+    assert min_bytes_per_param("adamw", 2, 4, inf_check=True, master=True) == 40
 
 
 def test_default_sets_per_device():
@@ -50,13 +52,16 @@ def test_triton_interpreter_is_never_timed_on_cpu():
 
 
 def expected_bytes(optimizer, dtype, method):
-    """The minimum-bytes model of fused_sam/bench/measure.py, written out per case (B/param)."""
+    """The minimum-bytes model of fused_sam/bench/measure.py, written out per case (B/param). Every fused
+    method reads the gradients once more to decide whether to skip its update (the skip_nonfinite guard, or
+    GradScaler's inf check); classic and torch-native check nothing."""
     fused_16bit = {"sgd": 24, "adamw": 32}  # bf16 weights, float32 state
     plain = {("sgd", "fp32"): 40, ("adamw", "fp32"): 48, ("sgd", "bf16"): 20, ("adamw", "bf16"): 24}
+    check = {"fp32": 4, "bf16": 2}[dtype] if method.startswith("fused:") else 0
     if method.endswith("+master"):
-        return {"sgd": 30, "adamw": 38}[optimizer]
+        return {"sgd": 30, "adamw": 38}[optimizer] + check
     base = fused_16bit[optimizer] if dtype == "bf16" and method.startswith("fused:") else plain[(optimizer, dtype)]
-    return base + ({"fp32": 4, "bf16": 2}[dtype] if method.endswith("+GradScaler") else 0)
+    return base + check
 
 
 def test_bench_quick_main_writes_json_and_verifies(tmp_path):

@@ -9,6 +9,7 @@ operators (FUSED_SAM_CUDA=1), ``test_cuda_kernels_registered`` makes a CUDA comp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import platform
@@ -581,8 +582,8 @@ def test_norm_partials_bitwise_across_thread_counts(dtype, master, adaptive, isa
             backend.sq_norm_partials(span, perturbation, out)
             cand = copy.deepcopy(span)
             backend.perturb(cand, perturbation, out, None)
-            update = copy.deepcopy(cand)
-            update.state = {"momentum_buffer": torch.ones(span.numel, dtype=state_dtype)}
+            update = dataclasses.replace(copy.deepcopy(cand),
+                                         state={"momentum_buffer": torch.ones(span.numel, dtype=state_dtype)})
             backend.restore_and_update(update, UPDATES[3], step_scalars(CPU, 1))
             results.append((out, cand.weights, update.weights, restore_point(update),
                             update.state["momentum_buffer"]))

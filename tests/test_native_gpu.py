@@ -11,6 +11,8 @@ are checked bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import math
 
@@ -141,7 +143,7 @@ def test_misaligned_reused_direction(dtype, master):
         cand = make_span(n, dtype, CUDA, update, master=master)
         if cand.backup is not None:
             cand.backup.copy_(cand.weights)
-        cand.reused = g_v
+        cand = dataclasses.replace(cand, reused=g_v)
         expect = clone_span(cand)
         NATIVE.restore_and_update(cand, update, scalars)
         REFERENCE.restore_and_update(expect, update, scalars)
@@ -184,11 +186,9 @@ def test_nonfinite_counter_incremented_once_across_blocks():
 def test_cpu_and_cuda_kernels_agree():
     for dtype, master in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
         cpu = make_span(100_003, dtype, "cpu", UPDATES[6], master=master)
-        gpu = clone_span(cpu)
-        for name in ("weights", "grads", "backup", "master"):
-            value = getattr(gpu, name)
-            setattr(gpu, name, None if value is None else value.cuda())
-        gpu.state = {k: v.cuda() for k, v in cpu.state.items()}
+        on_gpu = {name: None if getattr(cpu, name) is None else getattr(cpu, name).cuda()
+                  for name in ("weights", "grads", "backup", "master")}
+        gpu = dataclasses.replace(cpu, **on_gpu, state={k: v.cuda() for k, v in cpu.state.items()})
         for span in (cpu, gpu):
             out = torch.empty(NATIVE.partials_len(span), device=span.device)
             NATIVE.sq_norm_partials(span, PERTURBATIONS[1], out)

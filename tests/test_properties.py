@@ -590,7 +590,7 @@ def check_update(backend, case: UpdateCase) -> None:
     )
     cand, ref = clone_span(span), clone_span(span)
     if case.in_place:
-        cand.backup = cand.weights
+        cand = dataclasses.replace(cand, backup=cand.weights)
     else:
         cand.weights.fill_(math.nan)
     ref.weights.fill_(math.nan)

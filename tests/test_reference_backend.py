@@ -1,5 +1,7 @@
 """The reference backend against independent float64 formulas (its base updates are held to torch.optim by
 the twin-model tests)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -120,12 +122,11 @@ def test_reused_direction_enters_as_part_of_the_gradient(update):
     by_hand.grads.add_(c * g_v)
     REFERENCE.restore_and_update(by_hand, update, step_scalars("cpu", 2))
     for grad_scale in (None, 2.0**10):
-        reused = clone_span(span)
-        reused.reused = g_v
+        reused = dataclasses.replace(clone_span(span), reused=g_v)
         if grad_scale is not None:
             reused.grads.mul_(grad_scale)
             g_v = g_v * grad_scale  # c * g_v carries the scale of g, as LookSAM's coefficient makes it
-            reused.reused = g_v
+            reused = dataclasses.replace(reused, reused=g_v)
         grads = reused.grads.clone()
         plain = step_scalars("cpu", 2, grad_scale, None if grad_scale is None else 0.0)
         REFERENCE.restore_and_update(reused, update, StepScalars(

@@ -37,8 +37,9 @@ IDS = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", tor
 SMALL_CHUNK = 8 * NORM_ROW
 SMALL = TorchBackend(chunk_numel=SMALL_CHUNK)
 DEFAULT = TorchBackend()
-# The skip as other devices take it (a bitwise select, no host read): on a CPU found_inf is read on the host.
-SELECT = TorchBackend(chunk_numel=SMALL_CHUNK, skip_on_host=False)
+# The device path, as other devices take it (no host read: a bitwise select for the skip, the chained formulas
+# for the update): on a CPU the scalars are read on the host and torch's fused CPU ops run.
+SELECT = TorchBackend(chunk_numel=SMALL_CHUNK, host_scalars=False)
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ Triton's interpreter)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -328,7 +329,8 @@ def test_cuda_graph_replays_read_the_current_step_scalars(reuse):
     start = make_span(BLOCK + 7, torch.float32, CUDA, update, seed=9)
     start.backup.copy_(start.weights)
     if reuse:
-        start.reused = torch.randn(start.numel, device=CUDA, generator=torch.Generator(device=CUDA).manual_seed(3))
+        g_v = torch.randn(start.numel, device=CUDA, generator=torch.Generator(device=CUDA).manual_seed(3))
+        start = dataclasses.replace(start, reused=g_v)
     steps = torch.zeros(4, device=CUDA)
     scalars = StepScalars(step=steps[2], grad_scale=torch.ones((), device=CUDA), found_inf=torch.zeros((), device=CUDA),
                           reuse_scale=torch.zeros(1, dtype=torch.float64, device=CUDA) if reuse else None)

@@ -30,7 +30,7 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@dataclass
+@dataclass(frozen=True)
 class Span:
     """Contiguous 1-D slices of one flat segment: the unit every backend operation works on.
 

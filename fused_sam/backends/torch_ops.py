@@ -13,12 +13,24 @@ about one read of each input and one write of each output per operation, as a fu
 
 The math is the reference's: the same torch ops (mul, addcmul, lerp, sqrt, ...) in the same order over the
 same dtypes, and the scalar prologue (the step values on the device, turned into 0-d tensors) is the
-reference's code. Nothing reads a device value on the host. Where the reference selects with
-``torch.where`` on a 0-d condition (torch runs that as an unvectorized loop, ~5x a copy), this backend uses:
-- GradScaler's skip (found_inf), and skip_nonfinite's: on a CPU, where reading a tensor costs no sync, the
-  decision is read on the host (a skipped update is a restore; a taken one runs without the select, which
-  cost ~60% more than the update itself); elsewhere an exact bitwise select on the integer views
-  (``_keep_or``), so a skipped update leaves w the restore point and the state bit for bit, NaNs included;
+reference's code. Off the CPU nothing reads a device value on the host.
+
+On a CPU, where reading a tensor costs no sync (``host_scalars``), the step's scalars are read on the host:
+GradScaler's skip (found_inf) and skip_nonfinite's (a skipped update is a restore; a taken one runs without
+a select, which cost ~60% more than the update itself), the perturbation's scale, the step count and lr.
+There, for float32/float64 weights (no master weights, no ASAM), the perturbation is w += scale * g in one
+op (``add_`` with alpha: one rounding where the reference rounds e first, an ulp of e at most), and the base
+update without a GradScaler scale or LookSAM's reuse term is torch's own fused CPU kernel, what torch.optim
+runs with ``fused=True`` (``torch._fused_sgd_``, ``_fused_adam_``, ``_fused_adamw_``), on the restored
+chunk: 2 ops per chunk where the chained formulas take 5 (SGD) to 10 (AdamW), within a few ulps of the
+reference (its own order of the same operations).
+
+Where the chained formulas run (off the CPU, 16-bit weights, ASAM, GradScaler, reuse), and where the
+reference selects with ``torch.where`` on a 0-d condition (torch runs that as an unvectorized loop, ~5x a
+copy), this backend uses:
+- GradScaler's skip (found_inf), and skip_nonfinite's, off the CPU: an exact bitwise select on the integer
+  views (``_keep_or``), so a skipped update leaves w the restore point and the state bit for bit, NaNs
+  included;
 - the non-finite norm: e's bits and-ed with 0 (e = +0.0, as masked_fill_ writes);
 - SGD's first step (momentum buffer <- d): the buffer's bits and-ed with a mask that is 0 at step 0 (so
   whatever it held, a NaN too, becomes +0.0), then buf * c1 + d * c2 with 0-d device coefficients, (0, 1)
@@ -94,13 +106,14 @@ class TorchBackend(Backend):
     name = "torch"
     supports_master_weights = True
 
-    def __init__(self, chunk_numel: Optional[int] = None, skip_on_host: Optional[bool] = None):
+    def __init__(self, chunk_numel: Optional[int] = None, host_scalars: Optional[bool] = None):
         # chunk_numel: elements per chunk, for every device (tests use a small one); None: per device type.
-        # skip_on_host: read found_inf on the host; None: on CPU devices (tests also run the select there).
+        # host_scalars: read the step's scalars on the host and take the host path (module docstring); None:
+        # on CPU devices. False runs the device path on a CPU too (tests).
         if chunk_numel is not None and (chunk_numel <= 0 or chunk_numel % NORM_ROW):
             raise ValueError(f"chunk_numel must be a positive multiple of {NORM_ROW}, got {chunk_numel}")
         self.chunk_override = chunk_numel
-        self.skip_on_host = skip_on_host
+        self.host_scalars = host_scalars
         self._scratch = threading.local()  # CPU scratch per thread: concurrent steps never share it
 
     @classmethod
@@ -110,6 +123,14 @@ class TorchBackend(Backend):
         return None
 
     # --- chunks and scratch ------------------------------------------------------------------------------
+
+    def _on_host(self, span: Span) -> bool:
+        """Whether this span's step reads its scalars on the host (a CPU span, unless host_scalars says)."""
+        return span.device.type == "cpu" if self.host_scalars is None else self.host_scalars
+
+    def _plain_weights(self, span: Span) -> bool:
+        """Host path, weights in the math dtype and no master: the fused torch ops apply."""
+        return self._on_host(span) and span.master is None and span.weights.dtype == span.state_dtype
 
     def chunk_numel(self, device: torch.device) -> int:
         """Elements per chunk of the elementwise operations (perturb, restore_and_update) on ``device``."""
@@ -201,6 +222,9 @@ class TorchBackend(Backend):
         scale = scale.to(md)  # what g * scale in the math dtype rounds it to
 
         size = self.chunk_numel(span.device)
+        if not perturbation.adaptive and self._plain_weights(span):
+            self._perturb_on_host(span, scale, finite_bits, size)
+            return
         low = span.master is None and span.weights.dtype != md  # 16-bit weights without a master
         e_s, t_s = (self._slots(span, 2, size) if perturbation.adaptive or low
                     else (self._slots(span, 1, size)[0], None))
@@ -233,6 +257,19 @@ class TorchBackend(Backend):
             else:
                 w.add_(e)
 
+    @staticmethod
+    def _perturb_on_host(span: Span, scale: torch.Tensor, finite_bits: Optional[torch.Tensor], size: int) -> None:
+        """backup <- w, w += scale * g, chunk by chunk (the scale read on the host). A non-finite norm adds
+        +0.0, as the reference's zeroed e does (-0.0 becomes +0.0)."""
+        finite = finite_bits is None or bool(finite_bits)
+        alpha = scale.item()  # exact: the math dtype's value, converted back by add_
+        for w, g, b in zip(span.weights.split(size), span.grads.split(size), span.backup.split(size)):
+            b.copy_(w)
+            if finite:
+                w.add_(g, alpha=alpha)
+            else:
+                w.add_(0.0)
+
     def restore(self, span: Span) -> None:
         span.weights.copy_(span.master if span.master is not None else span.backup)
 
@@ -248,11 +285,14 @@ class TorchBackend(Backend):
         reuse = None if span.reused is None else scalars.reuse_scale.reshape(()).to(md)
         unscale = None if scalars.grad_scale is None else grad_unscale(scalars.grad_scale).to(md)
         skip = None if scalars.found_inf is None else scalars.found_inf.reshape(()) != 0
-        if skip is not None and (device.type == "cpu" if self.skip_on_host is None else self.skip_on_host):
+        if skip is not None and self._on_host(span):
             if bool(skip):  # skipped: the weights become the restore point; nothing else is written
                 self.restore(span)
                 return
             skip = None
+        if unscale is None and reuse is None and self._plain_weights(span):
+            self._fused_update(span, update, scalars.step, lr.item())
+            return
         if skip is not None:
             skip, run = _mask(skip, md), _mask(~skip, md)  # keep-masks: the old values, the new ones
         step = scalars.step.reshape(())
@@ -324,6 +364,31 @@ class TorchBackend(Backend):
                 w_out.copy_(r)  # the weights: the master's rounding
             elif target is not w_out:
                 w_out.copy_(target)
+
+    def _fused_update(self, span: Span, update, step: torch.Tensor, lr: float) -> None:
+        """w <- backup, then torch's fused CPU update of w in place, chunk by chunk (the chunk restored is
+        still in cache when the update reads it)."""
+        size = self.chunk_numel(span.device)
+        state = {name: buf.split(size) for name, buf in span.state.items()}
+        in_place = span.backup.data_ptr() == span.weights.data_ptr()  # a plain step: the restore point is w
+        u = update
+        if isinstance(u, SGDUpdate):
+            settings = dict(weight_decay=u.weight_decay, momentum=u.momentum, lr=lr, dampening=u.dampening,
+                            nesterov=u.nesterov, maximize=u.maximize, is_first_step=bool(step.reshape(()) == 0))
+        else:
+            fused = torch._fused_adamw_ if u.decoupled else torch._fused_adam_
+            settings = dict(lr=lr, beta1=u.beta1, beta2=u.beta2, weight_decay=u.weight_decay, eps=u.eps,
+                            amsgrad=u.amsgrad, maximize=u.maximize)
+            t = [step.reshape(()).to(torch.float32) + 1]  # the fused kernels read the count after this update
+        for k, (w, b, g) in enumerate(zip(span.weights.split(size), span.backup.split(size), span.grads.split(size))):
+            if not in_place:
+                w.copy_(b)
+            if isinstance(u, SGDUpdate):
+                bufs = [state["momentum_buffer"][k]] if u.momentum != 0 else []
+                torch._fused_sgd_([w], [g], bufs, **settings)
+            else:
+                vmax = [state["max_exp_avg_sq"][k]] if u.amsgrad else []
+                fused([w], [g], [state["exp_avg"][k]], [state["exp_avg_sq"][k]], vmax, t, **settings)
 
     @staticmethod
     def _sgd(w, d, target, state, s, u: SGDUpdate, consts, skip) -> None:

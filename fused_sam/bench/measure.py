@@ -11,17 +11,20 @@ element, S = bytes of one optimizer-state element):
   SGD-momentum: 8P + 2S   fp32: 40 B/param    bf16 params, fp32 state: 24   bf16 params and state: 20
   AdamW:        8P + 4S   fp32: 48 B/param    bf16 params, fp32 state: 32   bf16 params and state: 24
 
-Under a GradScaler (the ``+GradScaler`` methods), GradScaler first reads every gradient once for its inf
-check (P more), and the unscaling update reads only the scale and found_inf scalars: SGD-momentum fp32
-44 B/param (1.10x), AdamW fp32 52 (1.08x). A skipped step (found_inf) only restores w: read backup,
-write w (2P) after the first step.
+A step that decides whether to skip its update reads every gradient once more (P more): under a GradScaler
+(the ``+GradScaler`` methods), GradScaler's inf check, after which the unscaling update reads only the
+scale and found_inf scalars; without one, FusedSAM's ``skip_nonfinite`` guard (the default: every
+``fused:`` method), a norm pass over the second gradients. SGD-momentum fp32 44 B/param (1.10x), AdamW fp32
+52 (1.08x). classic and torch-native check nothing and are charged without it. A skipped step (found_inf)
+only restores w: read backup, write w (2P) after the first step.
 
 With float32 master weights (``+master`` methods, bf16/fp16 parameters; M = 4 bytes of a master element):
 
   first_step   read g for the norm; read master, g; write w (master + e)  3P + M
   second_step  read master, g, state; write master, w, state              2P + 2M + 2nS
 
-  bf16 + master: SGD-momentum 30 B/param, AdamW 38 (against 24 and 32 without, 40 and 48 in float32).
+  bf16 + master: SGD-momentum 30 B/param, AdamW 38 (against 24 and 32 without, 40 and 48 in float32), plus
+  P for the skip decision.
 
 The restore is exact (w comes back from the backup, not w - e), so second_step reads the backup and never
 the perturbed w; the perturbed w is simply overwritten. AdamW's decoupled weight decay scales the restored
@@ -46,9 +49,10 @@ MASTER_BYTES = 4  # a float32 master weight
 NOISE_THRESHOLD = 0.10
 
 
-def min_bytes_per_param(optimizer: str, param_bytes: int, state_bytes: int, grad_scaler: bool = False,
+def min_bytes_per_param(optimizer: str, param_bytes: int, state_bytes: int, inf_check: bool = False,
                         master: bool = False) -> int:
-    """The minimum-bytes model above, per parameter element."""
+    """The minimum-bytes model above, per parameter element (``inf_check``: the step reads every gradient once
+    more to decide whether to skip its update)."""
     n_state = {"sgd": 1, "adamw": 2}[optimizer]
     if master:  # the float32 master replaces the backup and is read and written in its place
         first = 3 * param_bytes + MASTER_BYTES
@@ -56,8 +60,7 @@ def min_bytes_per_param(optimizer: str, param_bytes: int, state_bytes: int, grad
     else:
         first = 5 * param_bytes
         second = 3 * param_bytes + 2 * n_state * state_bytes
-    inf_check = param_bytes if grad_scaler else 0
-    return first + second + inf_check
+    return first + second + (param_bytes if inf_check else 0)
 
 
 def sync(device: torch.device) -> None:

@@ -141,6 +141,12 @@ class _Wrapped:
     def held_tensors(self) -> List[torch.Tensor]:
         return self._held(self.opt)
 
+    @property
+    def checks_gradients(self) -> bool:
+        """Whether a step reads every gradient once more to decide whether to skip its update (FusedSAM's
+        skip_nonfinite guard): the minimum-bytes model charges it."""
+        return isinstance(self.opt, FusedSAM) and self.opt.skip_nonfinite
+
 
 class _GradScaled(_Wrapped):
     """FusedSAM whose second step a GradScaler takes (scale 1, never growing: the numbers stay plain)."""
@@ -149,6 +155,8 @@ class _GradScaled(_Wrapped):
         super().__init__(opt, params, info, held)
         self.scaler = torch.amp.GradScaler(params[0].device.type, init_scale=1.0, growth_interval=2**30)
         self.scaler.scale(torch.ones((), device=params[0].device))  # creates the scale tensor
+
+    checks_gradients = True  # GradScaler's inf check
 
     def first_step(self) -> None:
         self.opt.first_step(grad_scaler=self.scaler)

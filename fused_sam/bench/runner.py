@@ -167,7 +167,7 @@ def finish(run: _Run, optimizer: str, cfg: Config):
     fused = name.startswith("fused:")
     row["state_bytes_per_elem"] = 4 if fused and dtype in (torch.bfloat16, torch.float16) else elsize
     row["bytes_per_param"] = min_bytes_per_param(optimizer, elsize, row["state_bytes_per_elem"],
-                                                 grad_scaler=name.endswith("+GradScaler"),
+                                                 inf_check=getattr(method, "checks_gradients", False),
                                                  master=name.endswith("+master"))
     row["gbps"] = row["bytes_per_param"] * numel / (row["median_ms"] / 1e3) / 1e9
     if hasattr(method, "final_weights"):
