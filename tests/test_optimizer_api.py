@@ -130,6 +130,45 @@ def test_parameters_and_grads_are_views_into_flat_buffers():
         assert off % 16 == 0
 
 
+def _vm_flags(address: int) -> list:
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"), reason="no transparent huge pages")
+def test_large_cpu_flat_buffers_are_advised_to_huge_pages():
+    """Every flat buffer of a large CPU segment (weights, grads, backup, optimizer state, float32 master) is
+    madvise(MADV_HUGEPAGE)d before its first write: its memory's mapping carries the 'hg' flag. Small
+    buffers and tensors off the CPU are not advised."""
+    big = torch.nn.Parameter(torch.randn(3 * flat.HUGE_PAGE_MIN_BYTES // 4))  # 3x the threshold, float32
+    half = torch.nn.Parameter(torch.randn(flat.HUGE_PAGE_MIN_BYTES, dtype=torch.bfloat16))  # 2x, bf16
+    opt = FusedSAM([big], torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    big.grad = torch.randn_like(big)
+    opt.first_step()
+    opt.second_step()
+    low = FusedSAM([half], torch.optim.AdamW, rho=0.05, lr=0.1, master_weights=True)
+    half.grad = torch.randn_like(half)
+    low.first_step()
+    low.second_step()
+    (segment,), (low_segment,) = opt._sam.segments, low._sam.segments
+    buffers = [segment.weights, segment.grads, segment.backup, segment.state["momentum_buffer"], low_segment.weights,
+               low_segment.master, low_segment.state["exp_avg"], low_segment.state["exp_avg_sq"]]
+    for buf in buffers:
+        assert "hg" in _vm_flags(buf.data_ptr() + buf.numel() * buf.element_size() // 2), (buf.dtype, buf.numel())
+    assert not flat.advise_huge_pages(torch.empty(1000))  # no whole 2 MiB page inside
+    assert not flat.advise_huge_pages(torch.empty(2**22, device="meta"))
+    assert torch.equal(big.detach(), segment.weights[:big.numel()])  # advised memory holds what was written
+
+
 def test_zero_grad_keeps_views_even_with_set_to_none():
     model = mlp()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)

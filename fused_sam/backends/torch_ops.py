@@ -1,8 +1,8 @@
-"""The torch backend: the reference backend's formulas as in-place torch ops over cache-sized chunks.
+"""The torch backend: the SAM step as stock torch ops, in place over cache-sized chunks.
 
 The fallback ``auto`` picks on CPU when the compiled extension (fused_sam._C, the native backend) is
 missing: a plain ``pip install .`` builds none, since pip's build isolation hides torch from setup.py. It
-needs nothing but torch, and nothing in it is specific to a device type.
+needs nothing but torch; off the CPU it runs on any device (the chained formulas below).
 
 Why the reference backend is slow, and what this one does instead: the reference writes each formula over
 the whole span, so every intermediate is a fresh span-sized tensor (on CPU: a fresh allocation, page
@@ -11,8 +11,8 @@ faults, and a full pass through memory per op). Here each operation walks the sp
 (a few chunk-sized slots, cached per thread and dtype), so the intermediates stay in cache and memory sees
 about one read of each input and one write of each output per operation, as a fused kernel's would.
 
-The math is the reference's: the same torch ops (mul, addcmul, lerp, sqrt, ...) in the same order over the
-same dtypes, and the scalar prologue (the step values on the device, turned into 0-d tensors) is the
+Where the chained formulas run (below), the math is the reference's: the same torch ops (mul, addcmul,
+lerp, sqrt, ...) in the same order over the same dtypes, and the scalar prologue (the step values on the device, turned into 0-d tensors) is the
 reference's code. Off the CPU nothing reads a device value on the host.
 
 On a CPU, where reading a tensor costs no sync (``host_scalars``), the step's scalars are read on the host:
@@ -365,13 +365,12 @@ class TorchBackend(Backend):
             elif target is not w_out:
                 w_out.copy_(target)
 
-    def _fused_update(self, span: Span, update, step: torch.Tensor, lr: float) -> None:
+    def _fused_update(self, span: Span, u, step: torch.Tensor, lr: float) -> None:
         """w <- backup, then torch's fused CPU update of w in place, chunk by chunk (the chunk restored is
         still in cache when the update reads it)."""
         size = self.chunk_numel(span.device)
         state = {name: buf.split(size) for name, buf in span.state.items()}
         in_place = span.backup.data_ptr() == span.weights.data_ptr()  # a plain step: the restore point is w
-        u = update
         if isinstance(u, SGDUpdate):
             settings = dict(weight_decay=u.weight_decay, momentum=u.momentum, lr=lr, dampening=u.dampening,
                             nesterov=u.nesterov, maximize=u.maximize, is_first_step=bool(step.reshape(()) == 0))
