@@ -70,7 +70,7 @@ def test_sam_step(benchmark, device, quick, sam_set, sam_dtype, optimizer, sam_m
     numel = sum(w.numel() for w in w0)
     state = 4 if sam_method.startswith("fused:") and dtype in (torch.bfloat16, torch.float16) else w0[0].element_size()
     per_param = min_bytes_per_param(optimizer, w0[0].element_size(), state,
-                                    grad_scaler=sam_method.endswith("+GradScaler"), master=master)
+                                    inf_check=getattr(opt, "checks_gradients", False), master=master)
     benchmark.extra_info.update(numel=numel, tensors=len(w0), bytes_per_param=per_param)
     try:
         benchmark.extra_info["gbps_at_median"] = per_param * numel / benchmark.stats.stats.median / 1e9

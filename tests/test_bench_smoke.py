@@ -2,8 +2,10 @@
 times produces the same weights as classic SAM (so the benchmark never times a broken path), and a timing
 that cannot be true, or that varies too much from round to round, is flagged in the table and the JSON."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +116,28 @@ def test_bench_quick_module_subprocess(tmp_path):
     assert "verified" in proc.stdout and "classic" in proc.stdout
     data = json.loads((out / "results.json").read_text())
     assert data["results"] and all(r["verified"] for r in data["results"])
+
+
+def test_pytest_benchmark_suites_run(tmp_path):
+    """The pytest-benchmark suites in bench/ (docs/bench.md) on tiny sets: every method's step verifies
+    against classic SAM and records its bytes model; the end-to-end suite runs too."""
+    repo = Path(__file__).resolve().parent.parent
+    report = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(repo / "bench"), "--benchmark-only", "--sam-quick", "-q",
+         "-p", "no:cacheprovider", f"--benchmark-json={report}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))},
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    steps = [b for b in json.loads(report.read_text())["benchmarks"] if b["name"].startswith("test_sam_step")]
+    assert steps and all(b["extra_info"]["bytes_per_param"] > 0 for b in steps)
+    fused = [b for b in steps if "fused:" in b["name"]]
+    classic = [b for b in steps if "classic" in b["name"]]
+    assert fused and classic
+    # a fused step also reads the gradients to decide on skipping; classic SAM does not
+    assert min(b["extra_info"]["bytes_per_param"] for b in fused if "fp32" in b["name"] and "sgd" in b["name"]) == 44
+    assert {b["extra_info"]["bytes_per_param"] for b in classic if "fp32" in b["name"] and "sgd" in b["name"]} == {40}
 
 
 class _NoRestore(TorchNativeSAM):

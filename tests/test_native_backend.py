@@ -562,11 +562,14 @@ def test_bad_restore_points(op, what, weights, backup, master, message):
 
 # --- determinism -----------------------------------------------------------------------------------------
 
+# The spans the determinism tests take norms of: float32/float64, bfloat16 with and without master weights.
+NORM_SPANS = pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, False),
+                                                      (torch.float64, False), (torch.bfloat16, True)],
+                                     ids=["float32", "bfloat16", "float64", "bfloat16-master"])
+
 
 @needs_native
-@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False),
-                                          (torch.bfloat16, True)],
-                         ids=["float32", "bfloat16", "float64", "bfloat16-master"])
+@NORM_SPANS
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_norm_partials_bitwise_across_thread_counts(dtype, master, adaptive, isa):
     backend = NativeBackend()
@@ -595,9 +598,7 @@ def test_norm_partials_bitwise_across_thread_counts(dtype, master, adaptive, isa
 
 
 @needs_native
-@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False),
-                                          (torch.bfloat16, True)],
-                         ids=["float32", "bfloat16", "float64", "bfloat16-master"])
+@NORM_SPANS
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_norm_partial_of_a_chunk_is_the_same_read_alone_or_with_others(dtype, master, adaptive, isa):
     """The CPU norm reads four chunks at a time (more memory bandwidth per thread); each chunk's partial must
