@@ -2,7 +2,8 @@
 
 - Drift: thousands of SAM steps of a small float64 model stay within 1e-9 of the classic per-tensor oracle
   (``fused_sam.classic.ClassicSAM`` with torch.optim's own step), with SGD-momentum and AdamW, on the
-  backend ``auto`` picks here and on the reference. Default: 500 steps; ``-m slow``: 10,000.
+  backend ``auto`` picks here, on the reference, and on the torch backend (the fallback without the
+  compiled extension: torch's fused SGD/Adam kernels on CPU). Default: 500 steps; ``-m slow``: 10,000.
 - Memory: after a warm-up, running more steps of every kind of loop (SGD, AdamW+amsgrad, GradScaler, LookSAM,
   Randomly, WhenSharp, MomentumSAM, bf16 with master weights, capturable=True, mode="alternate") leaves the
   number of Python objects of every type (gc census), the number of live tensors and the host RSS where
@@ -79,10 +80,10 @@ def drift_run(steps, base, backend, rho=0.05, oracle_rho=0.05, check_every=250):
     return worst, moved
 
 
-DRIFT_BACKENDS = ["auto", "reference"]
+DRIFT_BACKENDS = ["auto", "reference", "torch"]
 
 
-@pytest.mark.parametrize("backend, steps", [("auto", 500), ("reference", 200)])
+@pytest.mark.parametrize("backend, steps", [("auto", 500), ("reference", 200), ("torch", 500)])
 @pytest.mark.parametrize("base", list(BASES))
 def test_float64_drift_from_the_classic_oracle_stays_below_1e9(base, backend, steps):
     worst, moved = drift_run(steps, base, backend, check_every=100)
