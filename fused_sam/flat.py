@@ -73,7 +73,7 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
 def flat_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed flat buffer; a large CPU one is advised to huge pages before its first write."""
     t = torch.empty(numel, dtype=dtype, device=device)
-    if t.device.type == "cpu" and numel * t.element_size() >= HUGE_PAGE_MIN_BYTES:
+    if numel * t.element_size() >= HUGE_PAGE_MIN_BYTES:
         advise_huge_pages(t)
     return t.zero_()
 
@@ -133,7 +133,8 @@ class FlatSegment:
         self.has_master = master_weights and self.dtype in LOW_PRECISION
         self.master: Optional[torch.Tensor] = None
         # zeros, not empty: a backup loaded parameter by parameter (a resume) leaves the padding as it was
-        self.backup: Optional[torch.Tensor] = None if self.has_master else flat_zeros(self.numel, self.dtype, self.device)
+        self.backup: Optional[torch.Tensor] = (
+            None if self.has_master else flat_zeros(self.numel, self.dtype, self.device))
         self.state: dict = {}
         self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
         # Update-history ids: None while every parameter shares one history (the usual case), else one id
