@@ -323,6 +323,16 @@ void with_flags(const F& f, bool flag, Flags... flags) {
 template <typename S, bool MASTER>
 using point_t = std::conditional_t<MASTER, float, const S>;
 
+// An update call's restore point (SgdCall, AdamCall): its master (MASTER) or its backup.
+template <typename S, bool MASTER, typename Call>
+point_t<S, MASTER>* restore_point(const Call& c) {
+  if constexpr (MASTER) {
+    return c.master;
+  } else {
+    return static_cast<const S*>(c.backup);
+  }
+}
+
 // --- squared-norm partials ------------------------------------------------------------------------------
 
 // The sum of block [b, b + len), len <= CPU_NORM_BLOCK, in NORM_LANES lanes (lane j, acc[j / size] lane
@@ -566,12 +576,7 @@ template <bool MOMENTUM, bool MASTER, bool REUSE, typename S>
 void sgd_loop(const SgdCall& c) {
   using T = math_t<S>;
   const SGDParams<T> p = make_sgd_params<T>(c.settings, c.values);
-  point_t<S, MASTER>* point;
-  if constexpr (MASTER) {
-    point = c.master;
-  } else {
-    point = static_cast<const S*>(c.backup);
-  }
+  point_t<S, MASTER>* point = restore_point<S, MASTER>(c);
   const auto* g = static_cast<const S*>(c.grads);
   const auto* gv = static_cast<const T*>(c.reused);
   auto* buf = static_cast<T*>(c.momentum_buffer);
@@ -628,12 +633,7 @@ template <bool AMSGRAD, bool MASTER, bool REUSE, typename S>
 void adam_loop(const AdamCall& c) {
   using T = math_t<S>;
   const AdamParams<T> p = make_adam_params<T>(c.settings, c.values);
-  point_t<S, MASTER>* point;
-  if constexpr (MASTER) {
-    point = c.master;
-  } else {
-    point = static_cast<const S*>(c.backup);
-  }
+  point_t<S, MASTER>* point = restore_point<S, MASTER>(c);
   const auto* g = static_cast<const S*>(c.grads);
   const auto* gv = static_cast<const T*>(c.reused);
   auto* m = static_cast<T*>(c.exp_avg);
