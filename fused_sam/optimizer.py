@@ -721,7 +721,7 @@ class FusedSAM(torch.optim.Optimizer):
         work = []
         for segment in sam.segments:
             if segment.numel:
-                span = segment._span(0, segment.numel)
+                span = segment._whole_span()
                 work.append((segment, dataclasses.replace(span, grads=segment.state[name])))
         partials = self._norm_partials(work, perturbations)
         for segment, span in work:

@@ -344,18 +344,22 @@ def near_overflow(dtype: torch.dtype, *tensors, headroom: float = HEADROOM) -> b
     return any(bool(((t.abs() > limit) | t.isnan()).any()) for t in tensors if isinstance(t, torch.Tensor))
 
 
-# --- 1. the squared-norm partials ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class NormCase:
-    span: SpanCase
-    adaptive: bool
-    eta: float
+class OnSpan:
+    """A case over one drawn span: it runs with the span's thread count."""
 
     @property
     def threads(self):
         return self.span.threads
+
+
+# --- 1. the squared-norm partials ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NormCase(OnSpan):
+    span: SpanCase
+    adaptive: bool
+    eta: float
 
 
 @st.composite
@@ -394,16 +398,12 @@ def test_norm_partials_sum_to_the_squared_norm(cand, dtype):
 
 
 @dataclasses.dataclass(frozen=True)
-class PerturbCase:
+class PerturbCase(OnSpan):
     span: SpanCase
     perturbation: Perturbation
     with_partials: bool  # False: no group normalizes (partials=None); only when this one does not
     extra_partial: float  # another span's share of the norm: 0, or a non-finite one
     grad_scale: Optional[float]
-
-    @property
-    def threads(self):
-        return self.span.threads
 
 
 @st.composite
@@ -499,7 +499,7 @@ def test_restore_after_perturb_is_exact(cand, dtype):
 
 
 @dataclasses.dataclass(frozen=True)
-class UpdateCase:
+class UpdateCase(OnSpan):
     span: SpanCase
     update: object  # SGDUpdate | AdamUpdate
     state: dict  # state name -> Values
@@ -508,10 +508,6 @@ class UpdateCase:
     found_inf: Optional[float]
     reuse: Optional[tuple]  # (c, Values of g_v): LookSAM's d = g + c g_v
     in_place: bool  # backup is the weights tensor (a step that perturbed nothing)
-
-    @property
-    def threads(self):
-        return self.span.threads
 
     @property
     def skipped(self) -> bool:
@@ -632,17 +628,13 @@ def test_restore_and_update_matches_reference(cand, dtype):
 
 
 @dataclasses.dataclass(frozen=True)
-class NonfiniteCase:
+class NonfiniteCase(OnSpan):
     span: SpanCase
     perturbation: Perturbation
     poison: str  # what goes into the gradient (or, under ASAM, the weights): inf, -inf, nan, overflow
     in_weights: bool
     positions: tuple  # fractions of the span where it goes
     grad_scale: Optional[float]
-
-    @property
-    def threads(self):
-        return self.span.threads
 
 
 @st.composite
