@@ -335,6 +335,23 @@ point_t<S, MASTER>* restore_point(const Call& c) {
 
 // --- squared-norm partials ------------------------------------------------------------------------------
 
+// One block's NORM_LANES lanes (acc[j / size] lane j % size) folded in a fixed order, widened to double.
+template <typename T, int64_t kLanes, typename V, int kVecs>
+ALWAYS_INLINE inline double fold_lanes(const V (&acc)[kVecs]) {
+  T lanes[NORM_LANES];
+  for (int q = 0; q < kVecs; ++q) {
+#if FUSED_SAM_SIMD
+    acc[q].store(lanes + q * kLanes);
+#else
+    lanes[q] = acc[q];
+#endif
+  }
+  for (int width = NORM_LANES / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return static_cast<double>(lanes[0]);
+}
+
 // The sum of block [b, b + len), len <= CPU_NORM_BLOCK, in NORM_LANES lanes (lane j, acc[j / size] lane
 // j % size, sums its elements j, j + NORM_LANES, ... in order), folded in a fixed order. ASAM's T reads w
 // from the weights, or from the master (MASTER). Arguments by value: the loop keeps them in registers
@@ -361,18 +378,7 @@ ALWAYS_INLINE inline double block_sum(const S* g, const point_t<S, MASTER>* w, i
       acc[q] = acc[q] + sq_norm_term(gv, wv, ADAPTIVE, eta);
     }
   }
-  T lanes[NORM_LANES];
-  for (int q = 0; q < kVecs; ++q) {
-#if FUSED_SAM_SIMD
-    acc[q].store(lanes + q * kLanes);
-#else
-    lanes[q] = acc[q];
-#endif
-  }
-  for (int width = NORM_LANES / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-  }
-  return static_cast<double>(lanes[0]);
+  return fold_lanes<T, kLanes>(acc);
 }
 
 // The partial of elements [start, stop): its blocks' sums added to a double total, block after block.
@@ -387,18 +393,37 @@ SPAN_FN double chunk_partial(const S* g, const point_t<S, MASTER>* w, int64_t st
   return total;
 }
 
-// The partials of kStreams whole chunks from ``start`` on, their blocks taken in turn (block 0 of each chunk,
-// then block 1, ...): each partial is the same sum as chunk_partial's, in the same order, but a thread reading
-// several streams at once gets more memory bandwidth than one reading a single stream.
+// The partials of kStreams whole chunks from ``start`` on, read together: block k of every chunk at once, one
+// vector of each chunk in turn, each chunk in its own accumulators. Each partial is the same sum as
+// chunk_partial's, in the same order (bitwise), but a thread reading several streams at once, finely
+// interleaved, gets more memory bandwidth than one reading a single stream or one block of each in turn
+// (16M float32, two threads on the CI VM: 3.3-3.9 -> 2.6-2.9 ms).
 constexpr int kStreams = 4;
 template <bool ADAPTIVE, bool MASTER, typename S>
 SPAN_FN void chunk_partials_interleaved(const S* g, const point_t<S, MASTER>* w, int64_t start, math_t<S> eta,
                                         double (&totals)[kStreams]) {
+  using T = math_t<S>;
+  using V = value_t<T>;
+  using WMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
+  constexpr int64_t kLanes = Mem<S>::kLanes;
+  constexpr int kVecs = NORM_LANES / kLanes;
   for (double& t : totals) t = 0.0;
   for (int64_t b = start; b < start + CPU_NORM_CHUNK; b += CPU_NORM_BLOCK) {
-    for (int s = 0; s < kStreams; ++s) {
-      totals[s] += block_sum<ADAPTIVE, MASTER, true, S>(g, w, b + s * CPU_NORM_CHUNK, CPU_NORM_BLOCK, eta);
+    V acc[kStreams][kVecs];
+    for (auto& chunk : acc) {
+      for (V& a : chunk) a = V(T(0));
     }
+    for (int64_t k = 0; k < CPU_NORM_BLOCK; k += NORM_LANES) {
+      for (int s = 0; s < kStreams; ++s) {
+        for (int q = 0; q < kVecs; ++q) {
+          const int64_t i = b + s * CPU_NORM_CHUNK + k + q * kLanes;
+          const V gv = Mem<S>::template load1<true>(g + i, kLanes);
+          const V wv = ADAPTIVE ? WMem::template load1<true>(w + i, kLanes) : V(T(0));
+          acc[s][q] = acc[s][q] + sq_norm_term(gv, wv, ADAPTIVE, eta);
+        }
+      }
+    }
+    for (int s = 0; s < kStreams; ++s) totals[s] += fold_lanes<T, kLanes>(acc[s]);
   }
 }
 
