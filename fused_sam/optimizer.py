@@ -700,14 +700,20 @@ class FusedSAM(torch.optim.Optimizer):
         """With ``skip_nonfinite``, the found_inf of an update without a GradScaler: 1.0 (float32, on the
         device) if the gradients about to be applied hold an inf or NaN, read from their squared norm (one
         pass; summed over ranks, so every rank skips alike; a norm that overflows float32 counts too, as in
-        first_step), and counted in ``skipped_steps``; else None."""
+        first_step), and counted in ``skipped_steps``; else None. Off a CPU found_inf is always a tensor
+        (0.0 when finite): deciding on the host would sync."""
         sam = self._sam
         if not self.skip_nonfinite or not (work or sam.shard_groups):
             return None
         if squared_norm is None:
             plain = Perturbation(rho=0.0, adaptive=False, eta=0.0, normalize=True, eps=sam.perturb_eps)
             squared_norm = self._squared_norm(self._norm_partials(work, [plain] * len(self.param_groups)), None)
-        found_inf = (~torch.isfinite(squared_norm)).to(torch.float32).reshape(1)
+        if squared_norm.device.type == "cpu":  # read on the host (no sync on a CPU): no tensor ops if finite
+            if math.isfinite(squared_norm.item()):
+                return None
+            found_inf = torch.ones(1, dtype=torch.float32)
+        else:
+            found_inf = (~torch.isfinite(squared_norm)).to(torch.float32).reshape(1)
         sam.skipped += found_inf.to(sam.skipped.device, torch.int32)
         return found_inf
 
