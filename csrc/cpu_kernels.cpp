@@ -352,6 +352,18 @@ ALWAYS_INLINE inline double fold_lanes(const V (&acc)[kVecs]) {
   return static_cast<double>(lanes[0]);
 }
 
+// One vector's norm terms: elements [i, i + kLanes) of g (and, for ASAM, of w: the weights or the master),
+// the first ``count`` of them unless FULL.
+template <bool ADAPTIVE, bool MASTER, bool FULL, typename S>
+ALWAYS_INLINE inline value_t<math_t<S>> norm_terms_at(const S* g, const point_t<S, MASTER>* w, int64_t i,
+                                                      int64_t count, math_t<S> eta) {
+  using V = value_t<math_t<S>>;
+  using WMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
+  const V gv = Mem<S>::template load1<FULL>(g + i, count);
+  const V wv = ADAPTIVE ? WMem::template load1<FULL>(w + i, count) : V(math_t<S>(0));
+  return sq_norm_term(gv, wv, ADAPTIVE, eta);
+}
+
 // The sum of block [b, b + len), len <= CPU_NORM_BLOCK, in NORM_LANES lanes (lane j, acc[j / size] lane
 // j % size, sums its elements j, j + NORM_LANES, ... in order), folded in a fixed order. ASAM's T reads w
 // from the weights, or from the master (MASTER). Arguments by value: the loop keeps them in registers
@@ -361,7 +373,6 @@ ALWAYS_INLINE inline double block_sum(const S* g, const point_t<S, MASTER>* w, i
                                       math_t<S> eta) {
   using T = math_t<S>;
   using V = value_t<T>;
-  using WMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
   constexpr int64_t kLanes = Mem<S>::kLanes;
   constexpr int kVecs = NORM_LANES / kLanes;
   static_assert(NORM_LANES % kLanes == 0 && CPU_NORM_BLOCK % NORM_LANES == 0 && CPU_NORM_CHUNK % CPU_NORM_BLOCK == 0,
@@ -373,9 +384,7 @@ ALWAYS_INLINE inline double block_sum(const S* g, const point_t<S, MASTER>* w, i
       const int64_t i = b + k + q * kLanes;
       const int64_t count = b + len - i;  // a missing value adds nothing (acc + 0 is acc: acc >= +0)
       if (!FULL && count <= 0) break;
-      const V gv = Mem<S>::template load1<FULL>(g + i, count);
-      const V wv = ADAPTIVE ? WMem::template load1<FULL>(w + i, count) : V(T(0));
-      acc[q] = acc[q] + sq_norm_term(gv, wv, ADAPTIVE, eta);
+      acc[q] = acc[q] + norm_terms_at<ADAPTIVE, MASTER, FULL>(g, w, i, count, eta);
     }
   }
   return fold_lanes<T, kLanes>(acc);
@@ -404,7 +413,6 @@ SPAN_FN void chunk_partials_interleaved(const S* g, const point_t<S, MASTER>* w,
                                         double (&totals)[kStreams]) {
   using T = math_t<S>;
   using V = value_t<T>;
-  using WMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
   constexpr int64_t kLanes = Mem<S>::kLanes;
   constexpr int kVecs = NORM_LANES / kLanes;
   for (double& t : totals) t = 0.0;
@@ -417,9 +425,7 @@ SPAN_FN void chunk_partials_interleaved(const S* g, const point_t<S, MASTER>* w,
       for (int s = 0; s < kStreams; ++s) {
         for (int q = 0; q < kVecs; ++q) {
           const int64_t i = b + s * CPU_NORM_CHUNK + k + q * kLanes;
-          const V gv = Mem<S>::template load1<true>(g + i, kLanes);
-          const V wv = ADAPTIVE ? WMem::template load1<true>(w + i, kLanes) : V(T(0));
-          acc[s][q] = acc[s][q] + sq_norm_term(gv, wv, ADAPTIVE, eta);
+          acc[s][q] = acc[s][q] + norm_terms_at<ADAPTIVE, MASTER, true>(g, w, i, kLanes, eta);
         }
       }
     }

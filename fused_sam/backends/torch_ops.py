@@ -12,8 +12,9 @@ faults, and a full pass through memory per op). Here each operation walks the sp
 about one read of each input and one write of each output per operation, as a fused kernel's would.
 
 Where the chained formulas run (below), the math is the reference's: the same torch ops (mul, addcmul,
-lerp, sqrt, ...) in the same order over the same dtypes, and the scalar prologue (the step values on the device, turned into 0-d tensors) is the
-reference's code. Off the CPU nothing reads a device value on the host.
+lerp, sqrt, ...) in the same order over the same dtypes, and the scalar prologue (the step values on the
+device, turned into 0-d tensors) is the reference's code. Off the CPU nothing reads a device value on the
+host.
 
 On a CPU, where reading a tensor costs no sync (``host_scalars``), the step's scalars are read on the host:
 GradScaler's skip (found_inf) and skip_nonfinite's (a skipped update is a restore; a taken one runs without
