@@ -137,6 +137,10 @@ class FlatSegment:
             None if self.has_master else flat_zeros(self.numel, self.dtype, self.device))
         self.state: dict = {}
         self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
+        self._step_views = self.steps.unbind()  # made once: a fresh view per step costs a tensor operation
+        # What a step adds to the counts: a Python 1 would be wrapped in a new tensor at every step (~40 us
+        # on a CPU with a cold cache).
+        self._one = torch.ones((), dtype=torch.float32, device=self.device)
         # Update-history ids: None while every parameter shares one history (the usual case), else one id
         # per parameter. Rebuilt from the counts when their version shows an edit through opt.state.
         self._history: Optional[List[int]] = None
@@ -262,7 +266,7 @@ class FlatSegment:
         """Parameter ``i``'s optimizer state in torch.optim's shape: views into the flat buffers, and
         'step' as a 0-d view of the step counts (in-place edits reach the optimizer)."""
         views = {name: self.exported(i, self.param_view(buf, i)) for name, buf in self.state.items()}
-        views["step"] = self.steps[i]
+        views["step"] = self._step_views[i]
         return views
 
     def spans(self, *masks: Optional[Sequence[bool]]) -> Iterator[tuple]:
@@ -286,7 +290,7 @@ class FlatSegment:
 
     def step_of(self, i: int) -> torch.Tensor:
         """Parameter ``i``'s count of base updates: a 0-d view on the device (the whole run's count)."""
-        return self.steps[i]
+        return self._step_views[i]
 
     def _whole_span(self) -> Span:
         """The span of the whole segment, made once for the buffers it holds (slicing five buffers costs
@@ -430,7 +434,7 @@ class FlatSegment:
         """Count one base update of the ``updated`` parameters (None: all); ``taken`` (a device tensor,
         1 or 0) is whether it happened, for a GradScaler step that may have been skipped."""
         history = self._current_history()
-        increment = 1 if taken is None else taken
+        increment = self._one if taken is None else taken
         if updated is None or all(updated):
             self.steps.add_(increment)
         else:
