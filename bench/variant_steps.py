@@ -93,12 +93,13 @@ def main() -> None:
         for step in steps.values():  # warm up
             step()
         sync(device)
-        before = meter.sample()
+        before, during = meter.sample(), []
         per_round = {kind: [] for kind in kinds}
         for r in range(args.rounds):
             for kind in round_order(kinds, r):
                 per_round[kind].append(statistics.median(time_steps(steps[kind], device, args.repeats)))
-        gbps = meter.window(before, meter.sample())["gbps"]
+            during.append(meter.round_sample())
+        gbps = meter.window(before, meter.sample(), during)["gbps"]
         for kind in kinds:
             stats = summarize(per_round[kind])
             moved, floor = bytes_per_param(kind, optimizer, 4, 4)

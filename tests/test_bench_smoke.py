@@ -103,6 +103,8 @@ def test_bench_quick_main_writes_json_and_verifies(tmp_path):
         assert r["error"] is None and r["finite"] and r["steps_per_s"] > 0 and len(r["rounds_ms"]) == 3, r
     copy = data["copy_bandwidth"]
     assert copy["gbps_min"] <= copy["gbps"] <= copy["gbps_max"] and len(copy["cases"]) == 4
+    for case in copy["cases"]:  # the bandwidth is also timed between the rounds, not only around them
+        assert len(case["gbps_rounds"]) == 3 and "after each of its 3 rounds" in case["how"], case
 
 
 def test_bench_quick_module_subprocess(tmp_path):
@@ -272,5 +274,19 @@ def test_memory_meter_takes_the_faster_stream_and_counts_its_bytes(monkeypatch, 
     other = next(name for name in measure.STREAMS if name != slow)
     assert meter.stream == other and meter.probe[other] > meter.probe[slow]
     assert meter.gbps(1.0) == pytest.approx(measure.STREAMS[other][1] * 2**20 / 1e9)
-    window = meter.window(meter.sample(), meter.sample())
-    assert window["stream"] == other and other in window["how"]
+    window = meter.window(meter.sample(), meter.sample(), [meter.round_sample(), meter.round_sample()])
+    assert window["stream"] == other and other in window["how"] and len(window["gbps_rounds"]) == 2
+
+
+def test_memory_window_pools_the_passes_of_the_whole_case():
+    """A case's bandwidth is the median over every pass timed before, between the rounds and after: seven
+    rounds' passes at half the time do not outvote the 40 around the case, and each part keeps its own."""
+    from fused_sam.bench import measure
+
+    meter = measure.CopyMeter(torch.device("cpu"), nbytes=2**20, repeats=3)
+    window = meter.window([2.0] * 20, [2.0] * 20, [[1.0] * 3] * 7)
+    assert window["gbps"] == pytest.approx(meter.gbps(2.0))
+    assert window["gbps_rounds"] == [pytest.approx(meter.gbps(1.0))] * 7
+    assert window["gbps_before"] == window["gbps_after"] == pytest.approx(meter.gbps(2.0))
+    assert "20 passes before the case, 3 after each of its 7 rounds and 20 after it" in window["how"]
+    assert meter.window([1.0] * 3, [3.0] * 3, [[2.0] * 3] * 3)["gbps"] == pytest.approx(meter.gbps(2.0))

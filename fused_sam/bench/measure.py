@@ -156,9 +156,11 @@ STREAMS = {
 
 class CopyMeter:
     """Memory bandwidth from one large streaming operation (bytes it must read + write per second): the
-    faster of a copy and an in-place add on this device, chosen once by a short probe. The runner measures
-    it before and after each case, so a step's "% copy" compares it with the memory speed of the same
-    window on a machine whose load changes during the run."""
+    faster of a copy and an in-place add on this device, chosen once by a short probe. The runner times it
+    before each case, after each of its rounds and after it, so a step's "% copy" compares the step with
+    the memory speed of the same stretch of time on a machine whose load changes during the run."""
+
+    ROUND_PASSES = 3  # timed passes after each round (after one untimed pass)
 
     def __init__(self, device: torch.device, nbytes: Optional[int] = None, repeats: int = 20):
         if nbytes is None:
@@ -169,9 +171,9 @@ class CopyMeter:
         self.probe = {name: self._gbps(name, statistics.median(self._time(name, 5))) for name in STREAMS}
         self.stream = max(self.probe, key=self.probe.get)
 
-    def _time(self, name: str, repeats: int) -> List[float]:
+    def _time(self, name: str, repeats: int, untimed: int = 3) -> List[float]:
         op = STREAMS[name][0]
-        for _ in range(3):
+        for _ in range(untimed):
             op(self.dst, self.src)
         sync(self.device)
         return time_steps(lambda: op(self.dst, self.src), self.device, repeats)
@@ -183,15 +185,25 @@ class CopyMeter:
         """Seconds per pass of the chosen stream, ``repeats`` passes after 3 untimed ones."""
         return self._time(self.stream, self.repeats)
 
+    def round_sample(self) -> List[float]:
+        """The few passes timed after a round (``ROUND_PASSES``, after one untimed pass)."""
+        return self._time(self.stream, self.ROUND_PASSES, untimed=1)
+
     def gbps(self, seconds: float) -> float:
         return self._gbps(self.stream, seconds)
 
-    def window(self, before: List[float], after: List[float]) -> Dict[str, float]:
-        """The bandwidth of a case: from the median of all copies timed before and after it."""
-        return {"bytes": self.nbytes, "gbps": self.gbps(statistics.median(before + after)),
+    def window(self, before: List[float], after: List[float], rounds: Sequence[List[float]] = ()) -> Dict[str, object]:
+        """The bandwidth of a case: the median of every pass timed before it, after each of its ``rounds``
+        and after it; each part's own median is kept too (``gbps_rounds`` per round), to show how much
+        the memory speed moved."""
+        during = [t for passes in rounds for t in passes]
+        parts = f"{len(before)} passes before the case" + (
+            f", {len(rounds[0])} after each of its {len(rounds)} rounds" if rounds else "") + f" and {len(after)} after it"
+        return {"bytes": self.nbytes, "gbps": self.gbps(statistics.median(before + during + after)),
                 "gbps_before": self.gbps(statistics.median(before)), "gbps_after": self.gbps(statistics.median(after)),
+                "gbps_rounds": [self.gbps(statistics.median(passes)) for passes in rounds],
                 "stream": self.stream, "probe_gbps": self.probe,
-                "how": f"{self.stream}: median of {len(before)} passes before and {len(after)} after the case"}
+                "how": f"{self.stream}: median of {parts}"}
 
 
 # --- counting dispatched aten ops, and tracking memory allocated by them --------------------------------

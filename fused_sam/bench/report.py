@@ -140,7 +140,7 @@ def micro_table(result: dict, device_type: str) -> str:
         ])
     copy = result["copy"]
     spread = (f"{copy['gbps_min']:.1f}-{copy['gbps_max']:.1f} GB/s over the cases, each row against its own case's"
-              if len(copy["cases"]) > 1 else "timed before and after the case")
+              if len(copy["cases"]) > 1 else "timed before, between the rounds of and after the case")
     title = (f"SAM optimizer step (first_step + second_step), median over rounds; memory bandwidth {copy['gbps']:.1f} "
              f"GB/s ({copy['bytes'] / 2**20:.0f} MiB {copy.get('stream', 'copy')}, {spread}); % copy is against it")
     return "\n".join([title, _table(header, lines)] + notes)

@@ -194,7 +194,7 @@ def run_case(set_name: str, optimizer: str, dtype_name: str, names: List[str], c
             runs[name] = start(name, w0, g0, optimizer, cfg)
         except Exception as exc:
             failed[name] = _error_row(name, exc)
-    before = meter.sample()
+    before, during = meter.sample(), []
     for r in range(cfg.rounds):
         for name in round_order(list(runs), r):
             try:
@@ -203,9 +203,10 @@ def run_case(set_name: str, optimizer: str, dtype_name: str, names: List[str], c
             except Exception as exc:
                 failed[name] = _error_row(name, exc)
                 del runs[name]
+        during.append(meter.round_sample())
         if on_round:
             on_round(r)
-    window = meter.window(before, meter.sample())
+    window = meter.window(before, meter.sample(), during)
     done, finals = {}, {}
     for name, run in runs.items():
         try:
@@ -251,8 +252,8 @@ def copy_summary(windows: List[dict]) -> Dict[str, object]:
     gbps = [w["gbps"] for w in windows]
     return {"bytes": windows[0]["bytes"], "gbps": statistics.median(gbps), "gbps_min": min(gbps),
             "gbps_max": max(gbps), "stream": windows[0]["stream"],
-            "how": f"each case: median of the {windows[0]['stream']} passes timed before and after its rounds; "
-                   "here: the median over cases", "cases": windows}
+            "how": f"each case: median of the {windows[0]['stream']} passes timed before it, after each of its "
+                   "rounds and after it; here: the median over cases", "cases": windows}
 
 
 def run_micro(cfg: Config, progress=None, on_case: Optional[Callable[[dict], None]] = None) -> Dict[str, object]:
