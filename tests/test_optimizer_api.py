@@ -161,13 +161,13 @@ def test_cpu_step_dispatches_only_its_operators(base, update_op, skip_nonfinite)
                       "aten.add_": 1}
     step(twin)
     step(twin)
-    params[1].grad = None  # a span of its own now: the partials buffer is made anew, then again when it returns
+    params[1].grad = None  # two spans now, two slices of a new partials buffer; then one span again
     twin.param_groups[0]["params"][1].grad = None
     for o in (opt, twin):
         step(o)
     for p, q in zip(params, twin.param_groups[0]["params"]):
-        p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
-        q.grad.copy_(p.grad)
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
     for o in (opt, twin):
         step(o)
     for p, q in zip(params, twin.param_groups[0]["params"]):

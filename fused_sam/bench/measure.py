@@ -197,8 +197,8 @@ class CopyMeter:
         and after it; each part's own median is kept too (``gbps_rounds`` per round), to show how much
         the memory speed moved."""
         during = [t for passes in rounds for t in passes]
-        parts = f"{len(before)} passes before the case" + (
-            f", {len(rounds[0])} after each of its {len(rounds)} rounds" if rounds else "") + f" and {len(after)} after it"
+        between = f", {len(rounds[0])} after each of its {len(rounds)} rounds" if rounds else ""
+        parts = f"{len(before)} passes before the case{between} and {len(after)} after it"
         return {"bytes": self.nbytes, "gbps": self.gbps(statistics.median(before + during + after)),
                 "gbps_before": self.gbps(statistics.median(before)), "gbps_after": self.gbps(statistics.median(after)),
                 "gbps_rounds": [self.gbps(statistics.median(passes)) for passes in rounds],
