@@ -731,7 +731,8 @@ class FusedSAM(torch.optim.Optimizer):
                 return None
             found_inf = torch.ones(1, dtype=torch.float32)
         else:
-            found_inf = (~torch.isfinite(partials.sum(dtype=torch.float64))).to(torch.float32).reshape(1)
+            total = partials.sum(dtype=torch.float64) if squared_norm is None else squared_norm
+            found_inf = (~torch.isfinite(total)).to(torch.float32).reshape(1)
         sam.skipped += found_inf.to(sam.skipped.device, torch.int32)
         return found_inf
 
