@@ -9,8 +9,7 @@
 // is fused_sam_math.h's. The flags that decide which buffers a loop reads and writes (ASAM, master weights,
 // momentum, AMSGrad, LookSAM's reuse) are template parameters; the other per-call settings are uniform
 // branches on values in registers. One pass over the flat buffers per operation, split across threads with
-// at::parallel_for (OpenMP) into contiguous ranges, the same ones call after call (first-touch friendly), each
-// worked through in tiles of kTile elements.
+// at::parallel_for (OpenMP) into contiguous ranges, the same ones call after call (first-touch friendly).
 //
 // Determinism: the squared norm is one partial per CPU_NORM_CHUNK elements, each chunk summed by one thread
 // in NORM_LANES lanes (vectors holding the same lanes on every ISA), folded in a fixed order and accumulated
@@ -32,10 +31,6 @@
 #include <tuple>
 #include <type_traits>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include "cpu_kernels.h"
 #include "fused_sam_math.h"
 
@@ -47,8 +42,6 @@ using at::vec::Vectorized;
 // Elements per at::parallel_for task, at least: below ~128k elements (tens of microseconds) a second thread
 // costs more than it saves, and on a busy machine waiting for it can cost far more.
 constexpr int64_t kGrain = 1 << 17;
-// Elements per tile: a thread's range is worked through tile by tile (a tile of each buffer fits in L1).
-constexpr int64_t kTile = 2048;
 
 template <typename S>
 constexpr bool kReduced = std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>;
@@ -64,6 +57,7 @@ using math_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 // plain loops for the baseline ISA (SSE2 on x86-64, which it vectorizes itself).
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #define FUSED_SAM_SIMD 1
+#include <immintrin.h>
 #else
 #define FUSED_SAM_SIMD 0
 #endif
@@ -137,6 +131,20 @@ ALWAYS_INLINE inline uint16_t from_float(float f) {
 }
 #endif
 
+#if FUSED_SAM_SIMD
+// Stores vector v at p, 32-byte aligned, with non-temporal stores (32 bytes each, on either ISA).
+template <typename T>
+ALWAYS_INLINE inline void stream_store(void* p, const Vectorized<T>& v) {
+  static_assert(sizeof(v) % 32 == 0, "whole 32-byte stores");
+  alignas(64) char bytes[sizeof(v)];
+  v.store(bytes);
+  for (size_t o = 0; o < sizeof(v); o += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(p) + o),
+                        _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes + o)));
+  }
+}
+#endif
+
 // Loads and stores of a buffer of S elements as values of its math type T: kVals values per loop step.
 // FULL: a whole step; else its first ``count`` elements (loads fill the rest with zeros).
 template <typename S>
@@ -186,6 +194,45 @@ struct Mem {
 #endif
   }
 
+  // store, for a buffer the loop only writes: a whole step with non-temporal stores when ``stream`` (then p
+  // is 32-byte aligned; see for_each_range).
+  template <bool FULL>
+  ALWAYS_INLINE static void store_out(S* p, int64_t count, const V (&v)[kVals], bool stream) {
+#if FUSED_SAM_SIMD
+    if (FULL && stream) {
+      if constexpr (kReduced<S>) {
+        stream_store(p, round_to<S>(v[0], v[1]));
+      } else {
+        stream_store(p, v[0]);
+        stream_store(p + kLanes, v[1]);
+      }
+      return;
+    }
+#endif
+    store<FULL>(p, count, v);
+  }
+
+  // dst <- src bit for bit (not through T: a NaN's payload is kept), for one step's elements, streamed as
+  // store_out does.
+  template <bool FULL>
+  ALWAYS_INLINE static void copy_step(S* dst, const S* src, int64_t count, bool stream) {
+#if FUSED_SAM_SIMD
+    if constexpr (FULL) {
+      static_assert(kStep % Vectorized<S>::size() == 0, "whole vectors of S per step");
+      for (int64_t o = 0; o < kStep; o += Vectorized<S>::size()) {
+        const Vectorized<S> raw = Vectorized<S>::loadu(src + o);
+        if (stream) {
+          stream_store(dst + o, raw);
+        } else {
+          raw.store(dst + o);
+        }
+      }
+      return;
+    }
+#endif
+    std::memcpy(dst, src, static_cast<size_t>(count) * sizeof(S));
+  }
+
   // One value: kLanes elements (the norm's lanes).
   template <bool FULL>
   ALWAYS_INLINE static V load1(const S* p, int64_t count) {
@@ -225,64 +272,33 @@ ALWAYS_INLINE inline void for_each_step(int64_t len, const Body& body) {
 // --- streaming stores -----------------------------------------------------------------------------------
 // A buffer an operation only writes (the backup in perturb, the weights after an update, the weights in
 // every operation with master weights) is written with non-temporal stores when the span is far larger
-// than the caches: that skips reading each line before overwriting it. The tile is computed into a buffer
-// on the stack (in L1), then streamed out.
+// than the caches: that skips reading each line before overwriting it. The AVX2 and AVX-512 loops stream
+// their whole steps straight from registers (Mem::store_out): staging a tile on the stack and streaming it
+// out after made the SGD update ~5-10% slower on the 2-core CI VM. The DEFAULT build stores plainly.
 
-template <typename R>
-void stream_copy(R* dst, const R* src, int64_t n) {
-#if defined(__SSE2__)
-  int64_t i = 0;
-  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
-  constexpr int64_t per = 16 / static_cast<int64_t>(sizeof(R));
-  for (; i + per <= n; i += per) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-  }
-  for (; i < n; ++i) dst[i] = src[i];
-#else
-  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(R));
-#endif
-}
+inline bool use_streaming(int64_t n) { return kSimd && n >= CPU_STREAM_MIN_ELEMS; }
 
 // Orders this thread's streaming stores before whatever follows (the end of a parallel task).
 inline void stream_fence() {
-#if defined(__SSE2__)
+#if FUSED_SAM_SIMD
   _mm_sfence();
 #endif
 }
 
-inline bool use_streaming(int64_t n) {
-#if defined(__SSE2__)
-  return n >= CPU_STREAM_MIN_ELEMS;
-#else
-  return false;
-#endif
-}
-
-template <typename R>
-inline void copy_out(R* dst, const R* src, int64_t n, bool stream) {
-  if (stream) {
-    stream_copy(dst, src, n);
-  } else {
-    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(R));
-  }
-}
-
-// Writes the output-only buffer out[0, n): ``fill(dst, i, len)`` computes elements [i, i + len) into dst,
-// which is out + i, or for large spans a tile on the stack that is then streamed out.
-template <typename R, typename Fill>
-void write_output(R* out, int64_t n, const Fill& fill) {
+// Splits each thread's range [b, e) of a loop that writes out[0, n) for ``body(i, len, stream)``: with
+// streaming stores, the elements before out's first 64-byte boundary in the range are written plainly, so
+// every streamed step (32 bytes or a multiple) is aligned.
+template <typename R, typename Body>
+void for_each_range(const R* out, int64_t n, const Body& body) {
   const bool stream = use_streaming(n);
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    alignas(64) R tile[kTile];
-    for (int64_t t = b; t < e; t += kTile) {
-      const int64_t len = std::min(e, t + kTile) - t;
-      if (stream) {
-        fill(tile, t, len);
-        stream_copy(out + t, tile, len);
-      } else {
-        fill(out + t, t, len);
-      }
+    int64_t start = b;
+    if (stream) {
+      const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out + b) & 63);
+      start = std::min(e, b + (misaligned ? (64 - misaligned) / static_cast<int64_t>(sizeof(R)) : 0));
+      if (start > b) body(b, start - b, false);
     }
+    if (start < e) body(start, e - start, stream);
     if (stream) stream_fence();
   });
 }
@@ -475,13 +491,15 @@ void sq_norm_partials(const NormCall& c) {
 // The span functions below take everything by value: their loops keep pointers, coefficients and flags in
 // registers (intrinsic stores may alias anything the loop would otherwise reach through memory).
 
-// w <- w + e for len elements (in place; the backup is taken before).
+// backup <- w, w <- w + e for len elements.
 template <bool ADAPTIVE, typename S>
-SPAN_FN void perturb_span(S* w, const S* g, int64_t len, math_t<S> scale, math_t<S> eta, bool finite) {
+SPAN_FN void perturb_span(S* w, S* backup, const S* g, int64_t len, math_t<S> scale, math_t<S> eta, bool finite,
+                          bool stream) {
   using M = Mem<S>;
   for_each_step<M::kStep>(len, [=](auto full, int64_t k, int64_t count) {
     constexpr bool FULL = decltype(full)::value;
     typename M::V wv[M::kVals], gr[M::kVals];
+    M::template copy_step<FULL>(backup + k, w + k, count, stream);
     M::template load<FULL>(w + k, count, wv);
     M::template load<FULL>(g + k, count, gr);
     for (int j = 0; j < M::kVals; ++j) wv[j] = perturb_value(wv[j], gr[j], scale, ADAPTIVE, eta, finite);
@@ -492,7 +510,7 @@ SPAN_FN void perturb_span(S* w, const S* g, int64_t len, math_t<S> scale, math_t
 // out <- the rounding of master + e for len elements; the master is left as it is.
 template <bool ADAPTIVE, typename S>
 SPAN_FN void perturb_master_span(S* out, const float* master, const S* g, int64_t len, float scale, float eta,
-                                 bool finite) {
+                                 bool finite, bool stream) {
   using M = Mem<S>;
   for_each_step<M::kStep>(len, [=](auto full, int64_t k, int64_t count) {
     constexpr bool FULL = decltype(full)::value;
@@ -500,12 +518,12 @@ SPAN_FN void perturb_master_span(S* out, const float* master, const S* g, int64_
     Mem<float>::load<FULL>(master + k, count, wv);
     M::template load<FULL>(g + k, count, gr);
     for (int j = 0; j < M::kVals; ++j) wv[j] = perturb_value(wv[j], gr[j], scale, ADAPTIVE, eta, finite);
-    M::template store<FULL>(out + k, count, wv);
+    M::template store_out<FULL>(out + k, count, wv, stream);
   });
 }
 
-// Without a master: backup <- w, w <- w + e, tile by tile (the tile's backup, then its update from cache).
-// With one (MASTER): w <- the rounding of master + e, and the weights are output only.
+// Without a master: backup <- w, w <- w + e, the backup output only. With one (MASTER): w <- the rounding of
+// master + e, and the weights are output only.
 template <bool ADAPTIVE, bool MASTER, typename S>
 void perturb_loop(const PerturbCall& c) {
   using T = math_t<S>;
@@ -514,19 +532,13 @@ void perturb_loop(const PerturbCall& c) {
   auto* w = static_cast<S*>(c.weights);
   const auto* g = static_cast<const S*>(c.grads);
   if constexpr (MASTER) {
-    write_output(w, c.n, [&](S* out, int64_t i, int64_t len) {
-      perturb_master_span<ADAPTIVE, S>(out, c.master + i, g + i, len, scale, eta, finite);
+    for_each_range(w, c.n, [&](int64_t i, int64_t len, bool stream) {
+      perturb_master_span<ADAPTIVE, S>(w + i, c.master + i, g + i, len, scale, eta, finite, stream);
     });
   } else {
     auto* backup = static_cast<S*>(c.backup);
-    const bool stream = use_streaming(c.n);
-    at::parallel_for(0, c.n, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; t += kTile) {
-        const int64_t len = std::min(e, t + kTile) - t;
-        copy_out(backup + t, w + t, len, stream);
-        perturb_span<ADAPTIVE, S>(w + t, g + t, len, scale, eta, finite);
-      }
-      if (stream) stream_fence();
+    for_each_range(backup, c.n, [&](int64_t i, int64_t len, bool stream) {
+      perturb_span<ADAPTIVE, S>(w + i, backup + i, g + i, len, scale, eta, finite, stream);
     });
   }
 }
@@ -548,33 +560,35 @@ void perturb(const PerturbCall& c) {
 
 // out <- the rounding of master for len elements.
 template <typename S>
-SPAN_FN void round_master_span(S* out, const float* master, int64_t len) {
+SPAN_FN void round_master_span(S* out, const float* master, int64_t len, bool stream) {
   for_each_step<Mem<S>::kStep>(len, [=](auto full, int64_t k, int64_t count) {
     constexpr bool FULL = decltype(full)::value;
     value_t<float> wv[Mem<S>::kVals];
     Mem<float>::load<FULL>(master + k, count, wv);
-    Mem<S>::template store<FULL>(out + k, count, wv);
+    Mem<S>::template store_out<FULL>(out + k, count, wv, stream);
+  });
+}
+
+// out <- src bit for bit for len elements.
+template <typename S>
+SPAN_FN void copy_span(S* out, const S* src, int64_t len, bool stream) {
+  for_each_step<Mem<S>::kStep>(len, [=](auto full, int64_t k, int64_t count) {
+    Mem<S>::template copy_step<decltype(full)::value>(out + k, src + k, count, stream);
   });
 }
 
 // w <- the backup bit for bit, or the rounding of the master. Also what a skipped update does.
 void restore(const RestoreCall& c) {
-  if (c.backup != nullptr) {
-    const int64_t item = static_cast<int64_t>(c10::elementSize(c.dtype));
-    auto* dst = static_cast<char*>(c.weights);
-    const auto* src = static_cast<const char*>(c.backup);
-    const bool stream = use_streaming(c.n);
-    at::parallel_for(0, c.n, kGrain, [&](int64_t b, int64_t e) {
-      copy_out(dst + b * item, src + b * item, (e - b) * item, stream);
-      if (stream) stream_fence();
-    });
-    return;
-  }
   dispatch(c.dtype, [&](auto type) {
     using S = typename decltype(type)::type;
-    if constexpr (kReduced<S>) {
-      write_output(static_cast<S*>(c.weights), c.n,
-                   [&](S* out, int64_t i, int64_t len) { round_master_span<S>(out, c.master + i, len); });
+    auto* w = static_cast<S*>(c.weights);
+    if (c.backup != nullptr) {
+      const auto* backup = static_cast<const S*>(c.backup);
+      for_each_range(w, c.n, [&](int64_t i, int64_t len, bool stream) { copy_span<S>(w + i, backup + i, len, stream); });
+    } else if constexpr (kReduced<S>) {
+      for_each_range(w, c.n, [&](int64_t i, int64_t len, bool stream) {
+        round_master_span<S>(w + i, c.master + i, len, stream);
+      });
     }
   });
 }
@@ -585,7 +599,7 @@ void restore(const RestoreCall& c) {
 // and written when MOMENTUM, g_v read when REUSE.
 template <bool MOMENTUM, bool MASTER, bool REUSE, typename S>
 SPAN_FN void sgd_span(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv, math_t<S>* buf, int64_t len,
-              const SGDParams<math_t<S>> p) {
+              const SGDParams<math_t<S>> p, bool stream) {
   using T = math_t<S>;
   using M = Mem<S>;
   using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
@@ -599,7 +613,7 @@ SPAN_FN void sgd_span(S* out, point_t<S, MASTER>* point, const S* g, const math_
     for (int j = 0; j < M::kVals; ++j) wv[j] = sgd_update<MOMENTUM, REUSE>(wv[j], gr[j], rv[j], &b[j], p);
     if constexpr (MOMENTUM) Mem<T>::template store<FULL>(buf + k, count, b);
     if constexpr (MASTER) PMem::template store<FULL>(point + k, count, wv);
-    M::template store<FULL>(out + k, count, wv);
+    M::template store_out<FULL>(out + k, count, wv, stream);
   });
 }
 
@@ -611,9 +625,10 @@ void sgd_loop(const SgdCall& c) {
   const auto* g = static_cast<const S*>(c.grads);
   const auto* gv = static_cast<const T*>(c.reused);
   auto* buf = static_cast<T*>(c.momentum_buffer);
-  write_output(static_cast<S*>(c.weights), c.n, [&](S* out, int64_t i, int64_t len) {
-    sgd_span<MOMENTUM, MASTER, REUSE, S>(out, point + i, g + i, REUSE ? gv + i : nullptr,
-                                         MOMENTUM ? buf + i : nullptr, len, p);
+  auto* w = static_cast<S*>(c.weights);
+  for_each_range(w, c.n, [&](int64_t i, int64_t len, bool stream) {
+    sgd_span<MOMENTUM, MASTER, REUSE, S>(w + i, point + i, g + i, REUSE ? gv + i : nullptr,
+                                         MOMENTUM ? buf + i : nullptr, len, p, stream);
   });
 }
 
@@ -636,7 +651,7 @@ void restore_sgd(const SgdCall& c) {
 // AMSGRAD) are read and written, g_v read when REUSE.
 template <bool AMSGRAD, bool MASTER, bool REUSE, typename S>
 SPAN_FN void adam_span(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv, math_t<S>* m, math_t<S>* v,
-               math_t<S>* vmax, int64_t len, const AdamParams<math_t<S>> p) {
+               math_t<S>* vmax, int64_t len, const AdamParams<math_t<S>> p, bool stream) {
   using T = math_t<S>;
   using M = Mem<S>;
   using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
@@ -656,7 +671,7 @@ SPAN_FN void adam_span(S* out, point_t<S, MASTER>* point, const S* g, const math
     Mem<T>::template store<FULL>(v + k, count, sv);
     if constexpr (AMSGRAD) Mem<T>::template store<FULL>(vmax + k, count, xv);
     if constexpr (MASTER) PMem::template store<FULL>(point + k, count, wv);
-    M::template store<FULL>(out + k, count, wv);
+    M::template store_out<FULL>(out + k, count, wv, stream);
   });
 }
 
@@ -670,9 +685,10 @@ void adam_loop(const AdamCall& c) {
   auto* m = static_cast<T*>(c.exp_avg);
   auto* v = static_cast<T*>(c.exp_avg_sq);
   auto* vmax = static_cast<T*>(c.max_exp_avg_sq);
-  write_output(static_cast<S*>(c.weights), c.n, [&](S* out, int64_t i, int64_t len) {
-    adam_span<AMSGRAD, MASTER, REUSE, S>(out, point + i, g + i, REUSE ? gv + i : nullptr, m + i, v + i,
-                                         AMSGRAD ? vmax + i : nullptr, len, p);
+  auto* w = static_cast<S*>(c.weights);
+  for_each_range(w, c.n, [&](int64_t i, int64_t len, bool stream) {
+    adam_span<AMSGRAD, MASTER, REUSE, S>(w + i, point + i, g + i, REUSE ? gv + i : nullptr, m + i, v + i,
+                                         AMSGRAD ? vmax + i : nullptr, len, p, stream);
   });
 }
 

@@ -75,13 +75,30 @@ def make_span(numel: int, dtype: torch.dtype, device, update=None, grad_fill=Non
                 state=state)
 
 
-def clone_span(span: Span) -> Span:
-    def clone(t):
-        return None if t is None else t.clone()
+def _copy_at(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of ``t`` starting ``offset`` elements into a fresh allocation."""
+    return torch.empty(offset + t.numel(), dtype=t.dtype, device=t.device)[offset:].copy_(t)
 
-    return Span(weights=span.weights.clone(), grads=span.grads.clone(), backup=clone(span.backup),
-                state={k: v.clone() for k, v in span.state.items()}, master=clone(span.master),
-                reused=clone(span.reused))
+
+def _map_buffers(span: Span, copy) -> Span:
+    """``span`` with ``copy`` applied to each of its buffers."""
+    def maybe(t):
+        return None if t is None else copy(t)
+
+    return Span(weights=copy(span.weights), grads=copy(span.grads), backup=maybe(span.backup),
+                state={k: copy(v) for k, v in span.state.items()}, master=maybe(span.master),
+                reused=maybe(span.reused))
+
+
+def clone_span(span: Span) -> Span:
+    """A copy of ``span``; each buffer starts as far into its allocation as the original does, so a
+    misaligned span stays misaligned."""
+    return _map_buffers(span, lambda t: _copy_at(t, t.storage_offset()))
+
+
+def misaligned_span(span: Span, offset: int) -> Span:
+    """A copy of ``span`` with every buffer starting ``offset`` elements into its allocation."""
+    return _map_buffers(span, lambda t: _copy_at(t, offset))
 
 
 def restore_point(span: Span) -> torch.Tensor:

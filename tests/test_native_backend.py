@@ -32,6 +32,7 @@ from backend_harness import (
     check_sq_norm,
     device_hyperparameter,
     make_span,
+    misaligned_span,
     norm_partials_for,
     restore_point,
     step_scalars,
@@ -242,8 +243,8 @@ def test_low_precision_conversions_bitwise(dtype, isa):
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
                          ids=["float32", "bfloat16", "bfloat16-master"])
 def test_large_spans_streaming_stores(dtype, master):
-    """Spans of CPU_STREAM_MIN_ELEMS+ elements take the streaming-store path (tiles staged on the stack); with
-    master weights every operation writes the weights that way."""
+    """Spans of CPU_STREAM_MIN_ELEMS+ elements write their output-only buffers with streaming stores (the
+    AVX2 and AVX-512 kernels); with master weights every operation writes the weights that way."""
     numel = _C.CPU_STREAM_MIN_ELEMS + 2049  # not a whole number of tiles
     backend = NativeBackend()
     span = make_span(numel, dtype, CPU, seed=4, master=master)
@@ -254,6 +255,24 @@ def test_large_spans_streaming_stores(dtype, master):
         span = make_span(numel, dtype, CPU, update, seed=5, master=master)
         for scalars in (step_scalars(CPU, 2), step_scalars(CPU, 2, grad_scale=1024.0, found_inf=1.0)):
             check_restore_and_update(backend, span, update, scalars)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["float32", "bfloat16", "bfloat16-master"])
+def test_streaming_stores_from_misaligned_starts(isa, dtype, master):
+    """Streaming stores need 32-byte aligned vectors: the buffers start 3 elements past an allocation and two
+    threads split each span at an unaligned element, so each thread writes its first elements plainly."""
+    numel = _C.CPU_STREAM_MIN_ELEMS + 2049
+    backend = NativeBackend()
+    torch.set_num_threads(2)  # undone by the one_thread fixture
+    span = misaligned_span(make_span(numel, dtype, CPU, seed=6, master=master), 3)
+    assert span.weights.data_ptr() % 32 != 0
+    check_perturb(backend, span, PERTURBATIONS[1], norm_partials_for(span, PERTURBATIONS[1]))
+    check_restore(backend, span)
+    for update in (UPDATES[1], UPDATES[7]):
+        span = misaligned_span(make_span(numel, dtype, CPU, update, seed=7, master=master), 3)
+        check_restore_and_update(backend, span, update, step_scalars(CPU, 2))
 
 
 @needs_native
