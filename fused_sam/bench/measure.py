@@ -129,16 +129,18 @@ def round_order(names: Sequence[str], round_index: int) -> List[str]:
 
 
 def row_flags(stats: Dict[str, float], threshold: float = NOISE_THRESHOLD, pct_of_copy: Optional[float] = None,
-              x_plain: Optional[float] = None) -> List[str]:
+              copy_limit_pct: float = 100.0, x_plain: Optional[float] = None) -> List[str]:
     """Why a row's numbers cannot be trusted, one string per reason (empty: none). ``stats`` is a summarize()
-    dict; ``pct_of_copy``: the step's minimum-bytes bandwidth over copy bandwidth (over 100% no step can be,
-    as it must move at least those bytes); ``x_plain``: a SAM step's time over the plain step's (below 1 is
-    impossible: a SAM step does all of the plain step's work and more)."""
+    dict; ``pct_of_copy``: the step's minimum-bytes bandwidth over the copy bandwidth (the median of the copy
+    passes), impossible past ``copy_limit_pct``: what the fastest quarter of those passes reached (see
+    CopyMeter.window), as a step must move at least those bytes and a step at the memory limit lands within
+    the passes' own spread; ``x_plain``: a SAM step's time over the plain step's (below 1 is impossible: a SAM
+    step does all of the plain step's work and more)."""
     out = []
     if stats["spread"] > threshold:
         out.append(f"noisy: IQR/median {stats['spread']:.3f} > {threshold:g}")
-    if pct_of_copy is not None and pct_of_copy > 100:
-        out.append(f"impossible: {pct_of_copy:.0f}% of copy bandwidth")
+    if pct_of_copy is not None and pct_of_copy > copy_limit_pct:
+        out.append(f"impossible: {pct_of_copy:.0f}% of copy bandwidth (its fastest passes: {copy_limit_pct:.0f}%)")
     if x_plain is not None and x_plain < 1:
         out.append(f"impossible: SAM step {x_plain:.2f}x a plain step (< 1.0)")
     return out
@@ -195,11 +197,14 @@ class CopyMeter:
     def window(self, before: List[float], after: List[float], rounds: Sequence[List[float]] = ()) -> Dict[str, object]:
         """The bandwidth of a case: the median of every pass timed before it, after each of its ``rounds``
         and after it; each part's own median is kept too (``gbps_rounds`` per round), to show how much
-        the memory speed moved."""
+        the memory speed moved, and ``gbps_fast``, the bandwidth of the fastest quarter of all passes (their
+        first quartile in time): past it, a step's share of the bandwidth is flagged impossible."""
         during = [t for passes in rounds for t in passes]
         between = f", {len(rounds[0])} after each of its {len(rounds)} rounds" if rounds else ""
         parts = f"{len(before)} passes before the case{between} and {len(after)} after it"
-        return {"bytes": self.nbytes, "gbps": self.gbps(statistics.median(before + during + after)),
+        passes = before + during + after
+        fast = statistics.quantiles(passes, n=4, method="inclusive")[0] if len(passes) >= 2 else passes[0]
+        return {"bytes": self.nbytes, "gbps": self.gbps(statistics.median(passes)), "gbps_fast": self.gbps(fast),
                 "gbps_before": self.gbps(statistics.median(before)), "gbps_after": self.gbps(statistics.median(after)),
                 "gbps_rounds": [self.gbps(statistics.median(passes)) for passes in rounds],
                 "stream": self.stream, "probe_gbps": self.probe,

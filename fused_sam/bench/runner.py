@@ -240,7 +240,8 @@ def run_case(set_name: str, optimizer: str, dtype_name: str, names: List[str], c
         r["verified"] = err <= 1.0
         r["copy_gbps"] = window["gbps"]
         r["pct_of_copy"] = 100.0 * r["gbps"] / window["gbps"]
-        r["flags"] = row_flags(r, cfg.noise_threshold, pct_of_copy=r["pct_of_copy"])
+        r["flags"] = row_flags(r, cfg.noise_threshold, pct_of_copy=r["pct_of_copy"],
+                               copy_limit_pct=100.0 * window["gbps_fast"] / window["gbps"])
         for label, other in (("speedup_vs_classic", "classic"), ("speedup_vs_torch_native", "torch-native")):
             o = by_name.get(other)
             r[label] = o["median_ms"] / r["median_ms"] if o and not o.get("error") else None
