@@ -274,7 +274,7 @@ ALWAYS_INLINE inline void for_each_step(int64_t len, const Body& body) {
 // every operation with master weights) is written with non-temporal stores when the span is far larger
 // than the caches: that skips reading each line before overwriting it. The AVX2 and AVX-512 loops stream
 // their whole steps straight from registers (Mem::store_out): staging a tile on the stack and streaming it
-// out after made the SGD update ~5-10% slower on the 2-core CI VM. The DEFAULT build stores plainly.
+// out after made the SGD update 8-15% slower on the 2-core CI VM. The DEFAULT build stores plainly.
 
 inline bool use_streaming(int64_t n) { return kSimd && n >= CPU_STREAM_MIN_ELEMS; }
 
