@@ -1,9 +1,10 @@
 // cpu_kernels.cpp: the CPU kernels, compiled once per instruction set, each build in its own namespace
 // fused_sam::cpu::<ISA>: as one of the extension's sources with the baseline flags (DEFAULT), and by
-// setup.py with -DCPU_CAPABILITY=AVX2 / AVX512 and those instruction sets enabled. cpu_ops.cpp checks the
-// arguments and calls the build the CPU runs (cpu_kernels.h).
+// setup.py with -DCPU_CAPABILITY=AVX2 and that instruction set enabled, which AVX-512 CPUs run too (an
+// AVX-512 build measured no faster, the step being memory-bound). cpu_ops.cpp checks the arguments and calls
+// the build the CPU runs (cpu_kernels.h).
 //
-// The AVX2 and AVX-512 builds loop explicitly over at::vec::Vectorized<T> (the vectors torch's own CPU
+// The AVX2 build loops explicitly over at::vec::Vectorized<T> (the vectors torch's own CPU
 // kernels use, in the same per-ISA namespaces), two vectors of the math type per step; the DEFAULT build
 // runs the same templates on T, one element per step (see "values" below). Either way the per-element math
 // is fused_sam_math.h's. The flags that decide which buffers a loop reads and writes (ASAM, master weights,
@@ -18,11 +19,15 @@
 #ifndef CPU_CAPABILITY
 #define CPU_CAPABILITY DEFAULT
 #endif
+#ifndef FUSED_SAM_CHECK_CONTRACTS
+#define FUSED_SAM_CHECK_CONTRACTS 0
+#endif
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -36,6 +41,10 @@
 
 namespace fused_sam::cpu::CPU_CAPABILITY {
 namespace {
+
+#define FUSED_SAM_NAME_OF(x) #x
+#define FUSED_SAM_NAME(x) FUSED_SAM_NAME_OF(x)
+[[maybe_unused]] constexpr const char* kCapabilityName = FUSED_SAM_NAME(CPU_CAPABILITY);
 
 using at::vec::Vectorized;
 
@@ -51,11 +60,11 @@ template <typename S>
 using math_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 // --- values, loads and stores ------------------------------------------------------------------------------
-// The AVX2 and AVX-512 builds compute on at::vec::Vectorized<T>, two vectors per loop step (for bfloat16/
+// The AVX2 build computes on at::vec::Vectorized<T>, two vectors per loop step (for bfloat16/
 // float16 one Vectorized<S>). The DEFAULT build runs the same templates on T, one element per step: ATen's
 // DEFAULT Vectorized is generic array code, several times slower than what the compiler makes of these
 // plain loops for the baseline ISA (SSE2 on x86-64, which it vectorizes itself).
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX2)
 #define FUSED_SAM_SIMD 1
 #include <immintrin.h>
 #else
@@ -68,7 +77,7 @@ using value_t = std::conditional_t<kSimd, Vectorized<T>, T>;
 
 #if FUSED_SAM_SIMD
 // Rounds to bfloat16/float16, to nearest even. NaN becomes c10's quiet NaN (bfloat16 0x7FC0, float16 the
-// sign and 0x7E00), as torch's scalar conversions and the DEFAULT build write it; at::vec's AVX2 and AVX-512
+// sign and 0x7E00), as torch's scalar conversions and the DEFAULT build write it; at::vec's AVX2
 // conversions write 0xFFFF (bfloat16) or keep the payload (float16, F16C), so their NaN lanes are cleared of
 // the bits that differ (a lane mask of NaN lanes, all ones, converts to 0xFFFF).
 template <typename S>
@@ -132,6 +141,32 @@ ALWAYS_INLINE inline uint16_t from_float(float f) {
 #endif
 
 #if FUSED_SAM_SIMD
+// ATen's partial loads and stores, Vectorized<T>::loadu(p, count) and v.store(p, count), require
+// 0 <= count <= size(): the AVX-512 headers build the lane mask as (1 << count) - 1, undefined from 64 on,
+// and older AVX2 headers copy ``count`` elements into a buffer of size() elements. Every partial access here
+// goes through these two, which clamp ``count`` (the elements left in the buffer, maybe more than a vector)
+// to the vector. The contract-checking build (setup.py: FUSED_SAM_CHECK_CONTRACTS=1) raises instead, so a
+// caller that relies on the clamp, or passes a negative count, is found on whatever ISA the tests run.
+template <typename T>
+ALWAYS_INLINE inline int64_t lanes_to_access(int64_t count) {
+  constexpr int64_t kSize = Vectorized<T>::size();
+#if FUSED_SAM_CHECK_CONTRACTS
+  TORCH_CHECK(count >= 0 && count <= kSize, "fused_sam contract check: a partial access of ", count,
+              " elements of a vector of ", kSize, " (", kCapabilityName, " build)");
+#endif
+  return std::clamp<int64_t>(count, 0, kSize);
+}
+
+template <typename T>
+ALWAYS_INLINE inline Vectorized<T> load_partial(const T* p, int64_t count) {
+  return Vectorized<T>::loadu(p, lanes_to_access<T>(count));
+}
+
+template <typename T>
+ALWAYS_INLINE inline void store_partial(T* p, const Vectorized<T>& v, int64_t count) {
+  v.store(p, lanes_to_access<T>(count));
+}
+
 // Stores vector v at p, 32-byte aligned, with non-temporal stores (32 bytes each, on either ISA).
 template <typename T>
 ALWAYS_INLINE inline void stream_store(void* p, const Vectorized<T>& v) {
@@ -159,14 +194,14 @@ struct Mem {
   ALWAYS_INLINE static void load(const S* p, int64_t count, V (&v)[kVals]) {
 #if FUSED_SAM_SIMD
     if constexpr (kReduced<S>) {
-      const Vectorized<S> raw = FULL ? Vectorized<S>::loadu(p) : Vectorized<S>::loadu(p, count);
+      const Vectorized<S> raw = FULL ? Vectorized<S>::loadu(p) : load_partial(p, count);
       std::tie(v[0], v[1]) = at::vec::convert_to_float<S>(raw);
     } else if constexpr (FULL) {
       v[0] = V::loadu(p);
       v[1] = V::loadu(p + kLanes);
     } else {
-      v[0] = V::loadu(p, std::min(count, kLanes));
-      v[1] = count > kLanes ? V::loadu(p + kLanes, count - kLanes) : V(T(0));
+      v[0] = load_partial(p, std::min(count, kLanes));
+      v[1] = count > kLanes ? load_partial(p + kLanes, count - kLanes) : V(T(0));
     }
 #else
     v[0] = load1<FULL>(p, count);
@@ -177,13 +212,17 @@ struct Mem {
   ALWAYS_INLINE static void store(S* p, int64_t count, const V (&v)[kVals]) {
 #if FUSED_SAM_SIMD
     if constexpr (kReduced<S>) {
-      round_to<S>(v[0], v[1]).store(p, FULL ? Vectorized<S>::size() : count);
+      if constexpr (FULL) {
+        round_to<S>(v[0], v[1]).store(p);
+      } else {
+        store_partial(p, round_to<S>(v[0], v[1]), count);
+      }
     } else if constexpr (FULL) {
       v[0].store(p);
       v[1].store(p + kLanes);
     } else {
-      v[0].store(p, std::min(count, kLanes));
-      if (count > kLanes) v[1].store(p + kLanes, count - kLanes);
+      store_partial(p, v[0], std::min(count, kLanes));
+      if (count > kLanes) store_partial(p + kLanes, v[1], count - kLanes);
     }
 #else
     if constexpr (kReduced<S>) {
@@ -238,13 +277,13 @@ struct Mem {
   ALWAYS_INLINE static V load1(const S* p, int64_t count) {
 #if FUSED_SAM_SIMD
     if constexpr (!kReduced<S>) {
-      return FULL ? V::loadu(p) : V::loadu(p, count);
+      return FULL ? V::loadu(p) : load_partial(p, count);
     } else if constexpr (FULL) {
       V out;
       at::vec::load_to_float<S>(p, out);
       return out;
     } else {
-      return std::get<0>(at::vec::convert_to_float<S>(Vectorized<S>::loadu(p, count)));
+      return std::get<0>(at::vec::convert_to_float<S>(load_partial(p, count)));
     }
 #else
     if constexpr (kReduced<S>) {
@@ -272,7 +311,7 @@ ALWAYS_INLINE inline void for_each_step(int64_t len, const Body& body) {
 // --- streaming stores -----------------------------------------------------------------------------------
 // A buffer an operation only writes (the backup in perturb, the weights after an update, the weights in
 // every operation with master weights) is written with non-temporal stores when the span is far larger
-// than the caches: that skips reading each line before overwriting it. The AVX2 and AVX-512 loops stream
+// than the caches: that skips reading each line before overwriting it. The AVX2 loops stream
 // their whole steps straight from registers (Mem::store_out): staging a tile on the stack and streaming it
 // out after made the SGD update 8-15% slower on the 2-core CI VM. The DEFAULT build stores plainly.
 
@@ -375,8 +414,9 @@ ALWAYS_INLINE inline value_t<math_t<S>> norm_terms_at(const S* g, const point_t<
                                                       int64_t count, math_t<S> eta) {
   using V = value_t<math_t<S>>;
   using WMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
-  const V gv = Mem<S>::template load1<FULL>(g + i, count);
-  const V wv = ADAPTIVE ? WMem::template load1<FULL>(w + i, count) : V(math_t<S>(0));
+  const int64_t lanes = std::min(count, Mem<S>::kLanes);  // count: the elements left in the block
+  const V gv = Mem<S>::template load1<FULL>(g + i, lanes);
+  const V wv = ADAPTIVE ? WMem::template load1<FULL>(w + i, lanes) : V(math_t<S>(0));
   return sq_norm_term(gv, wv, ADAPTIVE, eta);
 }
 

@@ -87,19 +87,16 @@ struct Kernels {
   void (*restore_adam)(const AdamCall&);
 };
 
-// One table per build of cpu_kernels.cpp. DEFAULT always exists; setup.py builds AVX2 and AVX512 on
-// x86-64 and then defines FUSED_SAM_CPU_AVX2 / FUSED_SAM_CPU_AVX512 for the operators.
+// One table per build of cpu_kernels.cpp. DEFAULT always exists; setup.py builds AVX2 on x86-64 and then
+// defines FUSED_SAM_CPU_AVX2 for the operators.
 namespace DEFAULT {
 Kernels kernels();
 }
 namespace AVX2 {
 Kernels kernels();
 }
-namespace AVX512 {
-Kernels kernels();
-}
 
-// The instruction set the CPU operators run (cpu_ops.cpp). Names: "default", "avx2", "avx512".
+// The instruction set the CPU operators run (cpu_ops.cpp). Names: "default", "avx2".
 std::vector<std::string> built_capabilities();      // compiled into this build, in increasing order
 std::vector<std::string> supported_capabilities();  // of those, the ones this CPU runs
 std::string capability();                           // the one in use

@@ -3,7 +3,7 @@
 // in use (cpu_kernels.h; the kernels themselves: cpu_kernels.cpp, one build per instruction set).
 //
 // The instruction set is chosen once, when the library loads, from the CPU's features (the best one built
-// that the CPU runs), unless FUSED_SAM_CPU_CAPABILITY=default|avx2|avx512 names another one the CPU runs;
+// that the CPU runs), unless FUSED_SAM_CPU_CAPABILITY=default|avx2 names another one the CPU runs;
 // set_capability switches it at run time (tests; fused_sam.backends.native.set_cpu_capability).
 #include <torch/library.h>
 
@@ -22,32 +22,23 @@
 #ifndef FUSED_SAM_CPU_AVX2
 #define FUSED_SAM_CPU_AVX2 0
 #endif
-#ifndef FUSED_SAM_CPU_AVX512
-#define FUSED_SAM_CPU_AVX512 0
-#endif
 
 namespace fused_sam::cpu {
 namespace {
 
 // --- the instruction set ----------------------------------------------------------------------------------
 
-enum Capability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kCount = 3 };
-constexpr const char* kNames[kCount] = {"default", "avx2", "avx512"};
+enum Capability : int { kDefault = 0, kAvx2 = 1, kCount = 2 };
+constexpr const char* kNames[kCount] = {"default", "avx2"};
 // What each build needs (the flags setup.py compiles it with), for the messages.
-constexpr const char* kNeeds[kCount] = {"", "AVX2, FMA and F16C", "AVX-512 F, BW, VL and DQ, and FMA"};
+constexpr const char* kNeeds[kCount] = {"", "AVX2, FMA and F16C"};
 
-bool built(int c) {
-  return c == kDefault || (c == kAvx2 && FUSED_SAM_CPU_AVX2) || (c == kAvx512 && FUSED_SAM_CPU_AVX512);
-}
+bool built(int c) { return c == kDefault || (c == kAvx2 && FUSED_SAM_CPU_AVX2); }
 
 bool cpu_runs(int c) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   if (c == kAvx2) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }
-  if (c == kAvx512) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
   }
 #endif
   return c == kDefault;
@@ -56,9 +47,6 @@ bool cpu_runs(int c) {
 bool usable(int c) { return built(c) && cpu_runs(c); }
 
 Kernels table_of(int c) {
-#if FUSED_SAM_CPU_AVX512
-  if (c == kAvx512) return AVX512::kernels();
-#endif
 #if FUSED_SAM_CPU_AVX2
   if (c == kAvx2) return AVX2::kernels();
 #endif
@@ -84,7 +72,12 @@ int parse(std::string name) {
 
 // Empty if ``c`` can be used here, else why not.
 std::string unusable_reason(int c, const std::string& name) {
-  if (c < 0) return "'" + name + "' is not one of default, avx2, avx512";
+  std::string lower = name;
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  if (c < 0 && lower == "avx512") {
+    return "there is no AVX-512 build: AVX-512 CPUs run the avx2 kernels (an AVX-512 build measured no faster)";
+  }
+  if (c < 0) return "'" + name + "' is not one of default, avx2";
   if (!built(c)) return "this build of fused_sam._C has no " + name + " kernels";
   if (!cpu_runs(c)) return "this CPU lacks " + std::string(kNames[c]) + " (" + kNeeds[c] + ")";
   return "";
@@ -123,7 +116,7 @@ std::atomic<int>& active() {
 
 // The kernels of the instruction set in use.
 const Kernels& kernels() {
-  static const Kernels tables[kCount] = {table_of(kDefault), table_of(kAvx2), table_of(kAvx512)};
+  static const Kernels tables[kCount] = {table_of(kDefault), table_of(kAvx2)};
   return tables[active().load(std::memory_order_relaxed)];
 }
 

@@ -104,6 +104,9 @@ TORCH_LIBRARY_IMPL(fused_sam, Meta, m) {
 
 // --- the Python module ------------------------------------------------------------------------------------
 
+#ifndef FUSED_SAM_CHECK_CONTRACTS
+#define FUSED_SAM_CHECK_CONTRACTS 0
+#endif
 #ifndef FUSED_SAM_WITH_CUDA
 #define FUSED_SAM_WITH_CUDA 0
 #endif
@@ -200,7 +203,7 @@ static PyMethodDef fused_sam_methods[] = {
     {"views_intact", views_intact, METH_VARARGS,
      "views_intact(params, data_ptrs, grad_views) -> bool: parameters and gradients are still the flat views"},
     {"cpu_capability", cpu_capability, METH_NOARGS,
-     "cpu_capability() -> str: the instruction set of the CPU kernels in use (default, avx2 or avx512)"},
+     "cpu_capability() -> str: the instruction set of the CPU kernels in use (default or avx2)"},
     {"cpu_capabilities", cpu_capabilities, METH_NOARGS,
      "cpu_capabilities() -> tuple[str, ...]: the instruction sets built that this CPU runs"},
     {"set_cpu_capability", set_cpu_capability, METH_VARARGS,
@@ -226,6 +229,7 @@ PyMODINIT_FUNC PyInit__C(void) {
       PyModule_AddIntConstant(m, "CUDA_NORM_MAX_BLOCKS", fused_sam::CUDA_NORM_MAX_BLOCKS) < 0 ||
       PyModule_AddIntConstant(m, "WITH_CUDA", FUSED_SAM_WITH_CUDA) < 0 ||
       PyModule_AddIntConstant(m, "CUDA_REQUIRED_AT_BUILD", FUSED_SAM_CUDA_REQUIRED) < 0 ||
+      PyModule_AddIntConstant(m, "CONTRACT_CHECKS", FUSED_SAM_CHECK_CONTRACTS) < 0 ||
       PyModule_AddObject(m, "CPU_CAPABILITIES_BUILT", string_tuple(fused_sam::cpu::built_capabilities())) < 0) {
     Py_DECREF(m);
     return nullptr;

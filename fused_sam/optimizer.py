@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .backends import Perturbation, StepScalars, check_backend_name, resolve_backend
+from .backends import KernelLaunches, Perturbation, StepScalars, check_backend_name, resolve_backend
 from .backends.base import grad_unscale
 from .distributed import is_dtensor, local_of, shard_group, sum_over_ranks
 from .flat import LOW_PRECISION, FlatSegment, is_dense, merged_master
@@ -328,6 +328,8 @@ class FusedSAM(torch.optim.Optimizer):
         """Flatten the given param groups: resolve every backend first, so an error changes nothing."""
         plans = []
         sam = self._sam
+        updates = self._base_updates()
+        launches = KernelLaunches(tuple(updates), tuple(self._perturbations()), self.capturable)
         for gi in group_indices:
             buckets: Dict[tuple, list] = {}
             for p in self.param_groups[gi]["params"]:
@@ -340,8 +342,7 @@ class FusedSAM(torch.optim.Optimizer):
                     buckets.setdefault((local.device, local.dtype, is_dtensor(p), group), []).append(p)
             for (device, dtype, _, group), params in buckets.items():
                 master = self.master_weights and dtype in LOW_PRECISION
-                plans.append((gi, params, group, resolve_backend(self.backend_name, device, dtype, master)))
-        updates = self._base_updates()
+                plans.append((gi, params, group, resolve_backend(self.backend_name, device, dtype, master, launches)))
         for gi, params, group, backend in plans:
             segment = FlatSegment(gi, params, self.master_weights)
             segment.backend, segment.shard_group = backend, group

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from backend_harness import (
+from fused_sam.selfcheck import (
     PERTURBATIONS, TOLERANCE, UPDATES, check_all_ops, check_device_hyperparameters, check_master_roundings,
     clone_span, device_hyperparameter, make_span, restore_point, step_scalars,
 )

@@ -7,7 +7,7 @@ import torch
 
 from fused_sam.backends.base import Span, StepScalars, math_dtype
 
-from backend_harness import (
+from fused_sam.selfcheck import (
     PERTURBATIONS, REFERENCE, TOLERANCE, UPDATES, check_device_hyperparameters, check_sq_norm, clone_span,
     exact_sq_norm, make_span, step_scalars,
 )
@@ -98,7 +98,7 @@ def test_master_weight_spans_follow_the_float32_math(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_reference_master_spans_pass_the_harness(dtype):
-    from backend_harness import check_all_ops
+    from fused_sam.selfcheck import check_all_ops
     check_all_ops(REFERENCE, 257, dtype, "cpu", master=True)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend_harness import (
+from fused_sam.selfcheck import (
     PERTURBATIONS,
     UPDATES,
     check_all_ops,

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from backend_harness import (  # noqa: E402
+from fused_sam.selfcheck import (  # noqa: E402
     PERTURBATIONS, REFERENCE, UPDATES, check_all_ops, check_device_hyperparameters, check_master_roundings,
     check_perturb, check_restore_and_update, check_sq_norm, make_span, step_scalars,
 )

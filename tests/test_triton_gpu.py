@@ -16,7 +16,7 @@ pytestmark = [requires_cuda, pytest.mark.cuda]
 
 triton = pytest.importorskip("triton")
 
-from backend_harness import (  # noqa: E402
+from fused_sam.selfcheck import (  # noqa: E402
     PERTURBATIONS, REFERENCE, UPDATES, check_all_ops, check_device_hyperparameters, check_perturb,
     check_restore_and_update, clone_span, make_span, step_scalars,
 )

@@ -5,14 +5,16 @@ Backends are imported lazily, so ``import fused_sam`` never imports Triton or lo
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .base import Backend, Perturbation, Span, StepScalars
+from ..updates import capturing
+from .base import Backend, KernelLaunches, Perturbation, Span, StepScalars, self_check_skipped
 
 __all__ = [
-    "Backend", "BackendUnavailable", "Perturbation", "Span", "available_backends", "backend_names", "backend_report",
+    "Backend", "BackendUnavailable", "KernelLaunches", "Perturbation", "Span", "available_backends", "backend_names", "backend_report",
     "StepScalars", "check_backend_name", "resolve_backend",
 ]
 
@@ -31,6 +33,12 @@ _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cpu": ("native", "torch", "reference"),
 }
 _instances: Dict[str, Backend] = {}
+# Where ``auto`` holds a compiled backend to the reference before first using it (a known-answer check of the
+# kernels the optimizer will launch, once per process and configuration): kernels that no machine of ours
+# runs. On a CPU the native kernels' SIMD build is held to their default build instead (NativeBackend).
+_SELF_CHECKED_DEVICE_TYPES: Tuple[str, ...] = ("cuda",)
+_COMPILED: Tuple[str, ...] = ("triton", "native")
+_self_checks: Dict[tuple, Optional[str]] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -70,14 +78,38 @@ def _reason(name: str, device: torch.device, dtype: torch.dtype,
     return (None, reason) if reason else (backend, None)
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, master: bool = False) -> Backend:
+def _self_check_failure(backend: Backend, device: torch.device, dtype: torch.dtype, master: bool,
+                        launches: Optional[KernelLaunches]) -> Optional[str]:
+    """None if ``auto`` may use ``backend`` here, else what its known-answer check got wrong."""
+    if (launches is None or device.type not in _SELF_CHECKED_DEVICE_TYPES or backend.name not in _COMPILED
+            or self_check_skipped() or capturing()):
+        return None
+    key = (backend.name, str(device), dtype, master, launches.key())
+    if key not in _self_checks:
+        from ..selfcheck import known_answer_failure
+
+        _self_checks[key] = known_answer_failure(backend, device, dtype, master, launches)
+    return _self_checks[key]
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, master: bool = False,
+                    launches: Optional[KernelLaunches] = None) -> Backend:
     """The backend that runs parameters of ``dtype`` on ``device`` for ``backend=name`` (with a float32
-    master copy of the weights if ``master``)."""
+    master copy of the weights if ``master``). For ``auto`` on a CUDA device, ``launches`` (the updates and
+    perturbations the optimizer will run) has each compiled candidate held to the reference first; one that
+    fails is passed over with a warning."""
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             backend, _ = _reason(candidate, device, dtype, master)
-            if backend is not None:
+            if backend is None:
+                continue
+            failure = _self_check_failure(backend, device, dtype, master, launches)
+            if failure is None:
                 return backend
+            warnings.warn(
+                f"fused_sam: backend {candidate!r} failed its known-answer check on {device} for {dtype} parameters "
+                f"({failure}); auto passes it over. `fused-sam check` holds every backend to the reference; "
+                "FUSED_SAM_SKIP_SELF_CHECK=1 turns this check off", RuntimeWarning, stacklevel=4)
         return _load("reference")[0]
     check_backend_name(name)
     backend, reason = _reason(name, device, dtype, master)

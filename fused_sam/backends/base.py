@@ -16,6 +16,7 @@ Conventions every backend follows:
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
@@ -117,6 +118,31 @@ class Perturbation:
     eta: float
     normalize: bool
     eps: float
+
+
+def self_check_skipped() -> bool:
+    """FUSED_SAM_SKIP_SELF_CHECK=1 turns off the checks a backend passes before it is first trusted."""
+    return os.environ.get("FUSED_SAM_SKIP_SELF_CHECK", "").strip() == "1"
+
+
+@dataclass(frozen=True)
+class KernelLaunches:
+    """What an optimizer will launch on a device: its base updates (none for an unfused base), its param
+    groups' perturbations, and whether lr and rho come from device tensors (capturable=True). Values that are
+    NaN here (lr, rho under capturable) are replaced by finite ones when the kernels are checked."""
+
+    updates: tuple
+    perturbations: tuple
+    device_hyperparameters: bool = False
+
+    def key(self) -> tuple:
+        """The kernel instances these launch: flags, not values (a scheduled lr runs the same code)."""
+        def flags(item):
+            return (type(item).__name__,) + tuple(
+                bool(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                for k, v in sorted(vars(item).items()) if k not in ("lr", "rho", "beta1", "beta2", "eps"))
+        return (tuple(sorted({flags(u) for u in self.updates})), tuple(sorted({flags(p) for p in self.perturbations})),
+                self.device_hyperparameters)
 
 
 class Backend(ABC):

@@ -11,12 +11,13 @@ exactly one of them set). Without the extension the backend is unavailable and s
 """
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Dict, Optional
 
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars
+from .base import Backend, Perturbation, Span, StepScalars, self_check_skipped
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -33,6 +34,7 @@ else:
     _restore = torch.ops.fused_sam.restore.default
     _restore_sgd = torch.ops.fused_sam.restore_sgd.default
     _restore_adam = torch.ops.fused_sam.restore_adam.default
+    _LOADED_CAPABILITY = _C.cpu_capability()  # the best build this CPU runs, or FUSED_SAM_CPU_CAPABILITY's
 
 
 def extension_unavailable_reason() -> Optional[str]:
@@ -64,8 +66,9 @@ def _extension():
 
 
 def cpu_capability() -> str:
-    """The instruction set of the CPU kernels in use: 'default', 'avx2' or 'avx512'. Chosen when the extension
-    loads: the best one built that this CPU runs, or the one FUSED_SAM_CPU_CAPABILITY names."""
+    """The instruction set of the CPU kernels in use: 'default' or 'avx2' (AVX-512 CPUs run avx2). Chosen when
+    the extension loads: the best one built that this CPU runs, or the one FUSED_SAM_CPU_CAPABILITY names; then
+    held to 'default' bit for bit before the native backend first runs (``verify_cpu_capability``)."""
     return _extension().cpu_capability()
 
 
@@ -75,14 +78,57 @@ def cpu_capabilities() -> tuple:
 
 
 def set_cpu_capability(name: str) -> None:
-    """Runs the CPU kernels built for ``name`` ('default', 'avx2', 'avx512') from now on, in this process.
+    """Runs the CPU kernels built for ``name`` ('default', 'avx2') from now on, in this process.
     ValueError for an unknown name, or one this build or this CPU lacks."""
     _extension().set_cpu_capability(name)
+
+
+# The outcome of verify_cpu_capability, once per process: instruction set -> None (agrees with 'default') or the
+# first operation in which it did not.
+_cpu_self_check: Optional[Dict[str, Optional[str]]] = None
+
+
+def verify_cpu_capability() -> Dict[str, Optional[str]]:
+    """Holds the SIMD build of the CPU kernels in use to the 'default' build, bit for bit, on awkward sizes,
+    every operation and dtype (fused_sam.selfcheck.cpu_isa_disagreement; ~0.2 s on 2 CPU cores, once per
+    process). A build that disagrees is not used: the next one down is checked and used instead, with one
+    warning that names the build and the operation. Returns what was checked: instruction set -> None, or
+    the case it got wrong. FUSED_SAM_SKIP_SELF_CHECK=1 skips it (returns {})."""
+    global _cpu_self_check
+    if _cpu_self_check is not None:
+        return _cpu_self_check
+    from ..selfcheck import cpu_isa_disagreement
+
+    outcome: Dict[str, Optional[str]] = {}
+    _cpu_self_check = outcome  # the check itself makes NativeBackend instances
+    if self_check_skipped():
+        return outcome
+    usable = cpu_capabilities()
+    chosen = "default"
+    for isa in reversed(usable[: usable.index(_LOADED_CAPABILITY) + 1]):
+        if isa == "default":
+            break
+        outcome[isa] = cpu_isa_disagreement(isa)
+        if outcome[isa] is None:
+            chosen = isa
+            break
+        warnings.warn(
+            f"fused_sam: the native CPU kernels built for {isa} disagree with the default build ({outcome[isa]}): "
+            "not using them; FUSED_SAM_CPU_CAPABILITY=default or backend='torch' avoids this check; please "
+            "report it with the output of `fused-sam check --json`", RuntimeWarning, stacklevel=3)
+    # A build chosen by hand since the load (set_cpu_capability) stays, unless it is one that disagreed.
+    if cpu_capability() == _LOADED_CAPABILITY or outcome.get(cpu_capability()):
+        set_cpu_capability(chosen)
+    return outcome
 
 
 class NativeBackend(Backend):
     name = "native"
     supports_master_weights = True
+
+    def __init__(self):
+        if _C is not None:
+            verify_cpu_capability()
 
     @classmethod
     def unavailable_reason(cls, device: torch.device, dtype: torch.dtype) -> Optional[str]:

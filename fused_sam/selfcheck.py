@@ -1,18 +1,23 @@
-"""Holds a candidate backend to the reference backend, operation by operation, on the same random spans.
+"""Holds a backend to the reference backend, operation by operation, on the same random spans.
 
-Every kernel backend's test module calls ``check_all_ops`` over its own grid (sizes around its block size,
-dtypes, devices). Outputs are poisoned with NaN before each run, so an element the candidate never writes
-fails the comparison.
+Used three ways: by the tests (every kernel backend's test module calls ``check_all_ops`` over its own grid:
+sizes around its block size, dtypes, devices), by ``fused-sam check`` (fused_sam/check.py) on the user's own
+machine, and by the backend registry before ``auto`` first trusts a compiled backend on a CUDA device
+(``known_answer_failure``) or a SIMD build of the native CPU kernels (``cpu_isa_disagreement``). Outputs are
+poisoned with NaN before each run, so an element the candidate never writes fails the comparison. A check
+that fails raises AssertionError; ``worst_error()`` tracks how close the passing comparisons came to their
+tolerance.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import math
+from typing import Optional
 
 import torch
 
-from fused_sam.backends.base import Perturbation, Span, StepScalars, math_dtype
+from fused_sam.backends.base import KernelLaunches, Perturbation, Span, StepScalars, math_dtype
 from fused_sam.backends.reference import ReferenceBackend
 from fused_sam.updates import AdamUpdate, SGDUpdate
 
@@ -120,8 +125,36 @@ def step_scalars(device, step: int = 0, grad_scale=None, found_inf=None) -> Step
 SCALARS = [(0, None, None), (3, None, None), (3, 1024.0, 0.0), (0, 2.0**-3, 0.0), (0, 512.0, 1.0), (3, None, 2.0),
            (5, 65536.0, math.nan)]
 GRAD_SCALES = [None, 1024.0, 2.0**-3]
+class _Tally:
+    """The largest error seen, as a fraction of its tolerance (|a - b| / (atol + rtol |b|)), since ``reset``."""
+
+    worst = 0.0
+
+    def reset(self) -> None:
+        self.worst = 0.0
+
+
+_TALLY = _Tally()
+
+
+def reset_worst_error() -> None:
+    _TALLY.reset()
+
+
+def worst_error() -> float:
+    """The largest error of the comparisons with a tolerance since ``reset_worst_error()``, as a fraction of
+    that tolerance (a passing comparison is at most 1; an exact one 0)."""
+    return _TALLY.worst
+
+
 def _close(actual: torch.Tensor, expected: torch.Tensor, tol, what: str) -> None:
-    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=tol[0], atol=tol[1], equal_nan=False, msg=lambda m: f"{what}: {m}")
+    actual, expected = actual.cpu(), expected.cpu()
+    if actual.shape == expected.shape and actual.numel():
+        a, b = actual.double(), expected.double()
+        both_finite = torch.isfinite(a) & torch.isfinite(b)  # a non-finite mismatch fails assert_close below
+        error = torch.where(both_finite, (a - b).abs() / (tol[1] + tol[0] * b.abs()), 0.0)
+        _TALLY.worst = max(_TALLY.worst, float(error.max()))
+    torch.testing.assert_close(actual, expected, rtol=tol[0], atol=tol[1], equal_nan=False, msg=lambda m: f"{what}: {m}")
 
 
 def exact_sq_norm(span: Span, perturbation: Perturbation) -> torch.Tensor:
@@ -342,10 +375,10 @@ def _same_span(a: Span, b: Span, what: str) -> None:
 
 
 def check_device_hyperparameters(backend, numel: int, dtype: torch.dtype, device, seed: int = 0,
-                                 master: bool = False) -> None:
+                                 master: bool = False, perturbations=PERTURBATIONS, updates=UPDATES) -> None:
     """lr and rho read from device tensors (capturable=True) give the float path's results bit for bit; the
     float fields are then NaN, so a backend that still read them would fail."""
-    for k, perturbation in enumerate(PERTURBATIONS):
+    for k, perturbation in enumerate(perturbations):
         span = make_span(numel, dtype, device, seed=seed + k, master=master)
         on_device = Perturbation(math.nan, perturbation.adaptive, perturbation.eta, perturbation.normalize,
                                  perturbation.eps)
@@ -357,7 +390,7 @@ def check_device_hyperparameters(backend, numel: int, dtype: torch.dtype, device
             backend.perturb(expect, perturbation, partials, None, scale)
             backend.perturb(cand, on_device, partials, None, scale, rho=rho)
             _same_span(cand, expect, f"perturb {perturbation} grad_scale={grad_scale}")
-    for k, update in enumerate(UPDATES):
+    for k, update in enumerate(updates):
         span = make_span(numel, dtype, device, update, seed=seed + k, master=master)
         if span.backup is not None:
             span.backup.copy_(span.weights)  # w restored from it, not NaN
@@ -369,3 +402,155 @@ def check_device_hyperparameters(backend, numel: int, dtype: torch.dtype, device
             backend.restore_and_update(cand, nan_lr, StepScalars(scalars.step, scalars.grad_scale, scalars.found_inf,
                                                                  lr=device_hyperparameter(update.lr, device)))
             _same_span(cand, expect, f"{update} step={step} grad_scale={grad_scale}")
+
+
+# --- the checks fused_sam runs on the user's machine ---------------------------------------------------------
+
+# Sizes that cross the kernels' boundaries: one element, around a SIMD step (8-32 elements), a CPU norm block
+# (256) with ragged tails (every remainder class the AVX-512 bug dropped lanes in), past Triton's block (4096).
+SELF_CHECK_SIZES = (1, 63, 64, 100, 255, 320, 4099)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def dtype_configs(dtypes=DTYPES):
+    """(dtype, master) pairs: every dtype, and bfloat16/float16 also with float32 master weights."""
+    return [(dtype, master) for dtype in dtypes for master in ((False, True) if dtype in LOW_PRECISION else (False,))]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbations, seed: int = 0):
+    """(what, run(backend) -> output tensors) for every operation a step launches on CPU spans of ``numel``
+    elements: each ``run`` makes its span afresh from ``seed`` and returns what the operation wrote."""
+    made, norms = {}, {}
+
+    def span_for(update=None):
+        if update not in made:
+            made[update] = make_span(numel, dtype, "cpu", update, seed=seed, master=master)
+        return clone_span(made[update])
+
+    def norm(perturbation):
+        def run(backend):
+            span = span_for()
+            out = torch.full((backend.partials_len(span),), math.nan, dtype=span.state_dtype)
+            backend.sq_norm_partials(span, perturbation, out)
+            return [out]
+        return run
+
+    def perturb(perturbation, extra, grad_scale):
+        scale = None if grad_scale is None else torch.tensor([grad_scale], dtype=torch.float32)
+
+        def run(backend):
+            span, count = span_for(), torch.zeros(1, dtype=torch.int32)
+            partials = None
+            if extra is not None:  # the reference's squared norm, made once: the same input for every backend
+                if perturbation not in norms:
+                    norms[perturbation] = norm_partials_for(span, perturbation)[:1]
+                partials = torch.cat([norms[perturbation], norms[perturbation].new_tensor([extra])])
+            backend.perturb(span, perturbation, partials, count, scale)
+            return [span.weights, restore_point(span), count]
+        return run
+
+    def restore(backend):
+        span = span_for()
+        if span.backup is not None:
+            span.backup.copy_(span.weights)
+        span.weights.fill_(math.nan)
+        backend.restore(span)
+        return [span.weights]
+
+    def update(upd, scalars, reuse):
+        def run(backend):
+            span = span_for(upd)
+            if reuse is not None:
+                span = with_reused(span, seed=seed + 1)
+                scale = torch.tensor([reuse], dtype=torch.float64)
+                run_scalars = dataclasses.replace(scalars, reuse_scale=scale)
+            else:
+                run_scalars = scalars
+            if span.backup is not None:
+                span.backup.copy_(span.weights)
+            span.weights.fill_(math.nan)
+            backend.restore_and_update(span, upd, run_scalars)
+            return [span.weights, restore_point(span), *span.state.values()]
+        return run
+
+    for perturbation in perturbations:
+        yield f"sq_norm_partials({perturbation})", norm(perturbation)
+        if perturbation.normalize:
+            for extra, grad_scale in ((0.0, None), (0.0, 1024.0), (math.inf, None)):
+                yield f"perturb({perturbation}, grad_scale {grad_scale}, norm + {extra})", perturb(
+                    perturbation, extra, grad_scale)
+        else:
+            yield f"perturb({perturbation})", perturb(perturbation, None, None)
+    yield "restore", restore
+    for upd in updates:
+        for step, grad_scale, found_inf in (SCALARS[0], SCALARS[2], SCALARS[5]):
+            yield (f"restore_and_update({upd}, step {step}, grad_scale {grad_scale}, found_inf {found_inf})",
+                   update(upd, step_scalars("cpu", step, grad_scale, found_inf), None))
+        yield f"restore_and_update({upd}, reusing g_v)", update(upd, step_scalars("cpu", 3), 0.7310585786300049)
+
+
+# The update variants with distinct kernel instances (momentum or none; Adam, AdamW with AMSGrad): the other
+# settings are values in registers, the same code.
+KERNEL_UPDATES = (UPDATES[0], UPDATES[3], UPDATES[4], UPDATES[6])
+
+
+def cpu_isa_disagreement(isa: str, sizes=SELF_CHECK_SIZES) -> Optional[str]:
+    """None if the native CPU kernels built for ``isa`` give the 'default' build's results bit for bit (they
+    do by design: the same math, no contracted multiply-adds, the same summation order) for every operation,
+    dtype, master-weights variant and size in ``sizes``; else the first case that differs."""
+    from .backends import native
+
+    backend, before = native.NativeBackend(), native.cpu_capability()
+    try:
+        for dtype, master in dtype_configs():
+            for numel in sizes:
+                for what, run in _op_cases(numel, dtype, master, KERNEL_UPDATES, PERTURBATIONS, seed=numel):
+                    outputs = {}
+                    for name in ("default", isa):
+                        native.set_cpu_capability(name)
+                        outputs[name] = run(backend)
+                    if not all(torch.equal(_bits(a), _bits(b)) for a, b in zip(outputs["default"], outputs[isa])):
+                        return f"{what} on {numel} {dtype} elements{' with master weights' if master else ''}"
+    finally:
+        native.set_cpu_capability(before)
+    return None
+
+
+def _finite(item, **values):
+    """``item`` (an update or a perturbation) with ``values`` in place of its NaN fields (capturable=True
+    leaves lr and rho NaN, the kernels reading them from device tensors)."""
+    return dataclasses.replace(item, **{k: v for k, v in values.items() if math.isnan(getattr(item, k))})
+
+
+def known_answer_failure(backend, device, dtype: torch.dtype, master: bool, launches: KernelLaunches,
+                         sizes=(1, 100, 4099)) -> Optional[str]:
+    """None if ``backend`` matches the reference on ``device`` for the operations ``launches`` describes
+    (within the tests' tolerances), else the first thing it got wrong. Small spans: a few dozen launches per
+    size."""
+    updates = [_finite(u, lr=1e-3) for u in launches.updates]
+    perturbations = [_finite(p, rho=0.05) for p in launches.perturbations]
+    device_hyperparameters = launches.device_hyperparameters
+    try:
+        for numel in sizes:
+            span = make_span(numel, dtype, device, seed=numel, master=master)
+            for perturbation in perturbations:
+                check_sq_norm(backend, span, perturbation)
+                partials = norm_partials_for(span, perturbation) if perturbation.normalize else None
+                check_perturb(backend, span, perturbation, partials)
+                check_perturb(backend, span, perturbation, partials, 1024.0)
+            check_restore(backend, span)
+            for update in updates:
+                span = make_span(numel, dtype, device, update, seed=numel, master=master)
+                for step, grad_scale, found_inf in (SCALARS[0], SCALARS[2], SCALARS[5]):
+                    check_restore_and_update(backend, span, update, step_scalars(device, step, grad_scale, found_inf))
+            if device_hyperparameters:
+                check_device_hyperparameters(backend, numel, dtype, device, seed=numel, master=master,
+                                             perturbations=perturbations, updates=updates)
+    except AssertionError as exc:
+        return str(exc).splitlines()[0]
+    return None
