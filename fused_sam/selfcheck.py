@@ -141,6 +141,11 @@ def reset_worst_error() -> None:
     _TALLY.reset()
 
 
+def note_error(fraction: float) -> None:
+    """Counts an error measured outside ``_close``, as a fraction of its tolerance."""
+    _TALLY.worst = max(_TALLY.worst, fraction)
+
+
 def worst_error() -> float:
     """The largest error of the comparisons with a tolerance since ``reset_worst_error()``, as a fraction of
     that tolerance (a passing comparison is at most 1; an exact one 0)."""
