@@ -15,6 +15,9 @@ import dataclasses
 
 import copy
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -351,6 +354,35 @@ def test_cuda_graph_replay_reads_step_values():
         if found_inf:
             assert torch.equal(graphed.weights, base.backup)
             assert all(torch.equal(graphed.state[k], base.state[k]) for k in base.state)
+
+
+_FIRST_LAUNCH_IN_CAPTURE = """
+import torch
+from backend_harness import UPDATES, clone_span, make_span, step_scalars
+from fused_sam.backends.native import NativeBackend
+native, update = NativeBackend(), UPDATES[7]
+span = make_span(100_003, torch.float32, "cuda", update)
+span.backup.copy_(span.weights)
+graphed, eager, scalars = clone_span(span), clone_span(span), step_scalars("cuda", 2)
+torch.cuda.synchronize()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # the update kernel's first launch here: its grid's occupancy query runs in the capture
+    native.restore_and_update(graphed, update, scalars)
+graph.replay()
+native.restore_and_update(eager, update, scalars)
+torch.cuda.synchronize()
+assert torch.equal(graphed.weights, eager.weights) and torch.equal(graphed.state["exp_avg"], eager.state["exp_avg"])
+"""
+
+
+def test_first_launch_inside_a_capture():
+    """A kernel first launched inside a CUDA-graph capture (its occupancy not yet cached: the query runs in the
+    capture) captures, and the replay gives the eager launch's bits. A fresh process, so nothing is cached."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests), tests]))
+    run = subprocess.run([sys.executable, "-c", _FIRST_LAUNCH_IN_CAPTURE], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.mark.parametrize("op,name", [("perturb", "grad_scale"), ("restore_sgd", "step"),
