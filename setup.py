@@ -10,7 +10,9 @@ Environment variables:
   (unset)              CPU operators always; CUDA operators too when torch is a CUDA build and nvcc is
                        found. A failed build then only warns (first retrying without CUDA), and the package
                        works without the extension.
-  TORCH_CUDA_ARCH_LIST default "8.0;9.0+PTX".
+  TORCH_CUDA_ARCH_LIST the CUDA architectures to build for; default: every one the installed torch was built
+                       for, at least 7.5, 8.0, 8.6, 8.9 and 9.0 (those the nvcc found supports), PTX for the
+                       newest (default_cuda_arch_list).
   CUDA_HOME / CUDA_PATH  the CUDA toolkit; otherwise found from nvcc on PATH (wrappers are resolved).
   FUSED_SAM_CPU_ARCH   e.g. "native" to add -march=native to the CPU kernels (not portable; default off).
   FUSED_SAM_CHECK_CONTRACTS=1  the contract-checking build: every partial SIMD load or store checks that its
@@ -113,6 +115,76 @@ CPU_ISAS = [
 CPU_KERNELS = os.path.join(CSRC, "cpu_kernels.cpp")
 
 
+# nvcc's flags for csrc/cuda_kernels.cu. --fmad=false: no multiply-add contracted into an FMA, as
+# -ffp-contract=off for the C++, so the CUDA kernels' elementwise ops give the CPU kernels' bits.
+NVCC_FLAGS = ["-O3", "-lineinfo", "--fmad=false"]
+# The extension's record of the CUDA images it holds (fused_sam._C.CUDA_ARCHS; built_cuda_archs).
+CUDA_ARCHS_MACRO = "FUSED_SAM_CUDA_ARCHS"
+# Built for even when torch's own list lacks them: T4 (7.5), A100 (8.0), A10/RTX 30xx (8.6), L4/RTX 40xx
+# (8.9), H100 (9.0).
+MIN_CUDA_ARCHS = ("7.5", "8.0", "8.6", "8.9", "9.0")
+
+
+def _arch_key(arch):
+    major, minor = arch.split(".")
+    return int(major), int(minor)
+
+
+def default_cuda_arch_list(torch_arch_flags, nvcc_archs):
+    """TORCH_CUDA_ARCH_LIST's default, e.g. "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX": the architectures of
+    ``torch_arch_flags`` (torch's own build, "sm_75 sm_80 ... compute_90"; None when unknown) and
+    MIN_CUDA_ARCHS, less those missing from ``nvcc_archs`` (the compute capabilities, as ints like 75, that
+    the nvcc found compiles for; None when unknown), with PTX for the newest, which newer GPUs JIT-compile."""
+    archs = set(MIN_CUDA_ARCHS)
+    for token in (torch_arch_flags or "").split():
+        # sm_90a / sm_100f: architecture-specific builds of torch; the plain architecture covers that GPU
+        found = re.fullmatch(r"(?:sm|compute)_(\d+)(\d)[af]?", token)
+        if found:
+            archs.add(f"{int(found.group(1))}.{found.group(2)}")
+    if nvcc_archs is not None:
+        archs = {a for a in archs if int(a.replace(".", "")) in nvcc_archs}
+    if not archs:
+        return None
+    ordered = sorted(archs, key=_arch_key)
+    return ";".join(ordered[:-1] + [ordered[-1] + "+PTX"])
+
+
+def _nvcc_archs(nvcc):
+    """The compute capabilities ``nvcc --list-gpu-arch`` names (e.g. {75, 80, ...}); None if it cannot say."""
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = {int(n) for n in re.findall(r"compute_(\d+)", out.stdout)}
+    return found if out.returncode == 0 and found else None
+
+
+def built_cuda_archs(gencode_flags):
+    """The images that ``-gencode=arch=compute_XY,code=...`` flags build, comma-separated: "sm_75,...,compute_90"
+    (cubins sm_XY, PTX compute_XY); the extension's CUDA_ARCHS."""
+    codes = set()
+    for flag in gencode_flags:
+        for code in re.findall(r"\bcode=\[?([\w,]+)\]?", flag):
+            codes.update(code.split(","))
+    return ",".join(sorted(codes, key=lambda c: (int(re.sub(r"\D", "", c)), c.startswith("compute"))))
+
+
+def _cuda_gencode_flags(torch, cpp_extension):
+    """(nvcc's -gencode flags, None), or ([], why not): TORCH_CUDA_ARCH_LIST, else default_cuda_arch_list,
+    as torch translates it."""
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        default = default_cuda_arch_list(
+            torch._C._cuda_getArchFlags(), _nvcc_archs(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+        if default:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default
+    _log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}")
+    try:
+        flags = cpp_extension._get_cuda_arch_flags()
+    except (ValueError, IndexError) as exc:  # an architecture torch does not know; "native" without a GPU
+        return [], f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')!r} is not usable ({exc})"
+    return flags, None if flags else "no CUDA architecture to build for"
+
+
 def _extensions():
     if NATIVE == "0":
         if CUDA == "1":
@@ -144,6 +216,10 @@ def _extensions():
         cuda_reason = f"torch {torch.__version__} is not a CUDA build"
     elif cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
         cuda_reason = "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    else:
+        # torch's own translation of the architecture list: passed to nvcc explicitly (so torch adds none) and
+        # recorded in the extension, whose CUDA_ARCHS then names exactly the images it holds.
+        gencode, cuda_reason = _cuda_gencode_flags(torch, cpp_extension)
     with_cuda = cuda_reason is None
     if not with_cuda:
         if CUDA == "1":
@@ -173,14 +249,14 @@ def _extensions():
     include_dirs = [os.path.join(PACKAGE_DIR, CSRC)]
     depends = sorted(glob.glob(os.path.join(CSRC, "*.h")))  # rebuild when only a header changed
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        _log(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = cpp_extension.CUDAExtension(
             "fused_sam._C",
             sources + [os.path.join(CSRC, "cuda_kernels.cu")],
             include_dirs=include_dirs + _pip_nvidia_include_dirs(),
             define_macros=macros + [("FUSED_SAM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            # for ops.cpp only: nvcc would split the value at its commas into several macros
+            extra_compile_args={"cxx": cxx + [f"-D{CUDA_ARCHS_MACRO}={built_cuda_archs(gencode)}"],
+                                "nvcc": NVCC_FLAGS + gencode},
             extra_link_args=link, depends=depends,
         )
     else:
@@ -199,6 +275,8 @@ def _extensions():
         cpu.define_macros = [m for m in extension.define_macros if m[0] != "FUSED_SAM_WITH_CUDA"]
         cpu.libraries = [lib for lib in extension.libraries if "cuda" not in lib]
         cpu.extra_compile_args = copy.deepcopy(extension.extra_compile_args)
+        cpu.extra_compile_args["cxx"] = [f for f in cpu.extra_compile_args["cxx"]
+                                         if not f.startswith(f"-D{CUDA_ARCHS_MACRO}=")]
         cpu._fused_sam_cuda = False
         return cpu
 
@@ -257,5 +335,6 @@ def _extensions():
     return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # so tests can import the helpers above (pip's build backend runs it as __main__)
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

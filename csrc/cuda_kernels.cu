@@ -22,8 +22,12 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "fused_sam_math.h"
 #include "op_checks.h"
@@ -116,11 +120,28 @@ int sm_count(int device) {
   return v;
 }
 
+// Blocks of kThreads threads of ``kernel`` resident per SM of ``device`` (its registers decide: the Adam
+// kernels fit 4-5 where the copy kernels fit 8), from the occupancy API, cached per (device, kernel). A host
+// query that enqueues nothing and does not synchronize, so it is harmless inside a CUDA-graph capture too.
+int blocks_per_sm(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = cache.find({device, kernel});
+  if (found != cache.end()) return found->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+  cache.emplace(std::make_pair(device, kernel), std::max(1, blocks));
+  return std::max(1, blocks);
+}
+
 // Blocks for a grid-stride elementwise kernel doing ``work`` vector steps: one full wave at most.
-unsigned int elementwise_blocks(int64_t work, int device) {
+template <typename Kernel>
+unsigned int elementwise_blocks(Kernel kernel, int64_t work, int device) {
   const int64_t wanted = (work + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(sm_count(device)) * (2048 / kThreads);
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, cap)));
+  const int64_t wave =
+      static_cast<int64_t>(sm_count(device)) * blocks_per_sm(reinterpret_cast<const void*>(kernel), device);
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, wave)));
 }
 
 // --- deterministic block reduction -------------------------------------------------------------------------
@@ -264,11 +285,11 @@ void launch_perturb(scalar_t* w, const scalar_t* g, scalar_t* bk, const float* m
   using T = math_t<scalar_t>;
   constexpr int N = vec_elems<scalar_t>();
   const bool vec = vectors_aligned<N>(w, g, bk, master);
-  const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, device);
+  const int64_t work = vec ? (n + N - 1) / N : n;
   const T e = static_cast<T>(eta);
   auto launch = [&](auto kernel) {
-    kernel<<<blocks, kThreads, 0, stream>>>(w, g, bk, master, n, partials, np, counter, grad_scale, rho_on_device,
-                                            rho, eps, normalize, e);
+    kernel<<<elementwise_blocks(kernel, work, device), kThreads, 0, stream>>>(
+        w, g, bk, master, n, partials, np, counter, grad_scale, rho_on_device, rho, eps, normalize, e);
   };
   if (adaptive) {
     if (vec) launch(perturb_kernel<scalar_t, true, MASTER, N, P>);
@@ -289,7 +310,8 @@ void perturb_cuda(const at::Tensor& weights, const at::Tensor& grads, const std:
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = weights.numel();
-  if (n == 0) return;
+  // An empty span still counts a non-finite norm, as the CPU op does: one block sums the partials.
+  if (n == 0 && !(partials.has_value() && nonfinite_count.has_value())) return;
   int* counter = nonfinite_count.has_value() ? nonfinite_count->mutable_data_ptr<int32_t>() : nullptr;
   const float* scale_of_grads = optional_float_ptr(grad_scale);
   const double* rho_on_device = optional_double_ptr(rho_tensor);
@@ -358,9 +380,12 @@ void restore_cuda(const at::Tensor& weights, const std::optional<at::Tensor>& ba
     auto* w = weights.mutable_data_ptr<scalar_t>();
     const float* m = master->const_data_ptr<float>();
     const bool vec = vectors_aligned<N>(w, m);
-    const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, weights.get_device());
-    if (vec) round_master_kernel<scalar_t, N><<<blocks, kThreads, 0, stream>>>(w, m, n);
-    else round_master_kernel<scalar_t, 1><<<blocks, kThreads, 0, stream>>>(w, m, n);
+    const int64_t work = vec ? (n + N - 1) / N : n;
+    auto launch = [&](auto kernel) {
+      kernel<<<elementwise_blocks(kernel, work, weights.get_device()), kThreads, 0, stream>>>(w, m, n);
+    };
+    if (vec) launch(round_master_kernel<scalar_t, N>);
+    else launch(round_master_kernel<scalar_t, 1>);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -419,9 +444,10 @@ void launch_sgd(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g
                 cudaStream_t stream) {
   constexpr int N = vec_elems<scalar_t>();
   const bool vec = vectors_aligned<N>(w, point, g, gv, buf);
-  const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, device);
+  const int64_t work = vec ? (n + N - 1) / N : n;
   auto launch = [&](auto kernel) {
-    kernel<<<blocks, kThreads, 0, stream>>>(w, point, g, gv, buf, n, settings, values);
+    kernel<<<elementwise_blocks(kernel, work, device), kThreads, 0, stream>>>(w, point, g, gv, buf, n, settings,
+                                                                              values);
   };
   if (buf != nullptr) {
     if (vec) launch(sgd_kernel<scalar_t, true, MASTER, REUSE, N>);
@@ -511,9 +537,10 @@ void launch_adam(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* 
                  const AdamSettings& settings, const StepValues& values, int device, cudaStream_t stream) {
   constexpr int N = vec_elems<scalar_t>();
   const bool vec = vectors_aligned<N>(w, point, g, gv, m, v, vmax);
-  const unsigned int blocks = elementwise_blocks(vec ? (n + N - 1) / N : n, device);
+  const int64_t work = vec ? (n + N - 1) / N : n;
   auto launch = [&](auto kernel) {
-    kernel<<<blocks, kThreads, 0, stream>>>(w, point, g, gv, m, v, vmax, n, settings, values);
+    kernel<<<elementwise_blocks(kernel, work, device), kThreads, 0, stream>>>(w, point, g, gv, m, v, vmax, n,
+                                                                              settings, values);
   };
   if (vmax != nullptr) {
     if (vec) launch(adam_kernel<scalar_t, true, MASTER, REUSE, N>);

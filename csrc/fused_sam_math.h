@@ -2,7 +2,12 @@
 //
 // Every function here is inline and usable from host and device code (HOST_DEVICE expands to
 // __host__ __device__ under nvcc), so the CPU build that CI tests runs exactly the arithmetic the GPU
-// runs. The formulas follow fused_sam/backends/reference.py (itself torch.optim's single-tensor code)
+// runs. No build contracts a multiply-add into an FMA (C++: -ffp-contract=off; nvcc: --fmad=false, no fast
+// math): perturb, restore and the updates give the same bits on the CPU and on CUDA from the same inputs
+// and scale. Two values come from elsewhere: the squared norm's partials (summed in another order on each
+// device), and pow in Adam's bias corrections (glibc's on the CPU, CUDA's math library's on the GPU: both
+// within two ulps of the exact double, not always the same one). The formulas follow
+// fused_sam/backends/reference.py (itself torch.optim's single-tensor code)
 // operation by operation, including the order of roundings: T is the math type (float, or double for
 // float64 parameters); every scalar coefficient is computed in double, as Python does, and rounded once to
 // T. The per-step values that may live on the device (the step count, GradScaler's scale and found_inf)

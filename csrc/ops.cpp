@@ -113,6 +113,12 @@ TORCH_LIBRARY_IMPL(fused_sam, Meta, m) {
 #ifndef FUSED_SAM_CUDA_REQUIRED
 #define FUSED_SAM_CUDA_REQUIRED 0
 #endif
+// The CUDA images built (setup.py, from nvcc's -gencode flags): comma-separated cubins sm_XY and PTX compute_XY.
+#ifndef FUSED_SAM_CUDA_ARCHS
+#define FUSED_SAM_CUDA_ARCHS
+#endif
+#define FUSED_SAM_STRINGIFY(...) #__VA_ARGS__
+#define FUSED_SAM_EXPAND_STRINGIFY(...) FUSED_SAM_STRINGIFY(__VA_ARGS__)
 
 // views_intact(params, data_ptrs, grad_views) -> bool: does every parameter still store its data at the
 // expected address and hold the expected tensor as its .grad? The optimizer asks this twice per SAM step for
@@ -230,6 +236,7 @@ PyMODINIT_FUNC PyInit__C(void) {
       PyModule_AddIntConstant(m, "WITH_CUDA", FUSED_SAM_WITH_CUDA) < 0 ||
       PyModule_AddIntConstant(m, "CUDA_REQUIRED_AT_BUILD", FUSED_SAM_CUDA_REQUIRED) < 0 ||
       PyModule_AddIntConstant(m, "CONTRACT_CHECKS", FUSED_SAM_CHECK_CONTRACTS) < 0 ||
+      PyModule_AddStringConstant(m, "CUDA_ARCHS", FUSED_SAM_EXPAND_STRINGIFY(FUSED_SAM_CUDA_ARCHS)) < 0 ||
       PyModule_AddObject(m, "CPU_CAPABILITIES_BUILT", string_tuple(fused_sam::cpu::built_capabilities())) < 0) {
     Py_DECREF(m);
     return nullptr;

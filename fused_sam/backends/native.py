@@ -11,6 +11,7 @@ exactly one of them set). Without the extension the backend is unavailable and s
 """
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Dict, Optional
 
@@ -57,6 +58,43 @@ def extension_unavailable_reason() -> Optional[str]:
 
 def has_cuda_kernels() -> bool:
     return _C is not None and bool(_C.WITH_CUDA)
+
+
+def cuda_archs() -> tuple:
+    """The CUDA images the extension holds, from the build's -gencode flags: cubins "sm_XY" and PTX
+    "compute_XY", e.g. ("sm_75", "sm_80", ..., "compute_120"); () without CUDA kernels."""
+    return tuple(a for a in _extension().CUDA_ARCHS.split(",") if a)
+
+
+def _image_version(arch: str):
+    """("sm" or "compute", (major, minor), arch-specific) of "sm_90", "compute_120", "sm_90a"."""
+    found = re.fullmatch(r"(sm|compute)_(\d+)(\d)(a?)", arch)
+    if found is None:
+        raise ValueError(f"not a CUDA image name: {arch!r}")
+    return found.group(1), (int(found.group(2)), int(found.group(3))), bool(found.group(4))
+
+
+def missing_cuda_image_reason(archs, capability) -> Optional[str]:
+    """None if one of the images ``archs`` (names as ``cuda_archs()`` gives them) runs on a GPU of compute
+    capability ``capability`` (major, minor), else why not. A cubin sm_XY runs on major X with minor >= Y
+    (sm_XYa on X.Y only); PTX compute_XY runs on X.Y and newer, compiled by the driver when first loaded."""
+    capability = tuple(capability)
+    for arch in archs:
+        kind, version, specific = _image_version(arch)
+        if kind == "compute":
+            runs = capability >= version
+        elif specific:
+            runs = capability == version
+        else:
+            runs = capability[0] == version[0] and capability[1] >= version[1]
+        if runs:
+            return None
+    major, minor = capability
+    return (
+        f"fused_sam._C holds no CUDA kernel image for this GPU (compute capability {major}.{minor}); it was built "
+        f"for {', '.join(archs) or 'no CUDA architecture'}: rebuild it with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" "
+        "(or unset, for every architecture this torch supports) and `pip install --no-build-isolation .`"
+    )
 
 
 def _extension():
@@ -146,7 +184,9 @@ class NativeBackend(Backend):
                     "fused_sam._C was built without CUDA kernels (torch without CUDA or no nvcc at build time, "
                     "or FUSED_SAM_CUDA=0); rebuild with FUSED_SAM_CUDA=1 to get them"
                 )
-            return None
+            if not torch.cuda.is_available():  # nothing to check against: torch's own error says why
+                return None
+            return missing_cuda_image_reason(cuda_archs(), torch.cuda.get_device_capability(device))
         return f"the native kernels run on CPU and CUDA devices, not {device.type}"
 
     def partials_len(self, span: Span) -> int:
