@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on a CUDA machine that has torch, triton, pytest and nvcc but no network:
 #   1. build the C++/CUDA operators in place (no pip, no downloads),
-#   2. run the GPU tests (triton and native backends, CUDA-graph capture, >2^31-element span if it fits,
+#   2. `fused-sam check --device cuda`: every backend on the GPU held to the reference (and native CUDA to
+#      native CPU, bit for bit), before anything else trusts them,
+#   3. run the GPU tests (triton and native backends, CUDA-graph capture, >2^31-element span if it fits,
 #      FSDP2 fully_shard on one GPU with NCCL, whole SAM steps captured in CUDA graphs),
-#   3. time every method with `fused-sam bench` (end-to-end rows eager and graphed) and each triton
+#   4. time every method with `fused-sam bench` (end-to-end rows eager and graphed) and each triton
 #      operation with bench/gpu_triton.py,
-#   4. print a short summary table last.
+#   5. print a short summary table last.
 # Logs and JSON go to $OUT (default /tmp/fused_sam_gpu). Usage: bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +34,10 @@ else
 fi
 
 start=$SECONDS
+timeout "${CHECK_TIMEOUT:-180}" $PY -m fused_sam check --device cuda --json "$OUT/check.json" >"$OUT/check.txt" 2>&1
+status "fused-sam check (cuda)" "exit $? ($((SECONDS - start)) s): $(tail -1 "$OUT/check.txt")"
+
+start=$SECONDS
 timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 status "GPU tests" "$(tail -1 "$OUT/gpu_tests.log") ($((SECONDS - start)) s)"
 
@@ -45,6 +51,7 @@ timeout 150 $PY bench/gpu_triton.py >"$OUT/triton_ops.txt" 2>&1
 status "bench/gpu_triton.py" "exit $? ($((SECONDS - start)) s)"
 
 echo
+echo "===== fused-sam check ====="; cat "$OUT/check.txt"
 echo "===== fused-sam bench ====="; cat "$OUT/bench.txt"
 echo "===== triton operations ====="; tail -25 "$OUT/triton_ops.txt"
 echo "===== summary ====="; cat "$OUT/summary.txt"

@@ -116,6 +116,12 @@ def check_backend(name: str, device: torch.device, variant: str, sizes=SIZES) ->
             for base_name, base, kwargs in TWIN_BASES:
                 _case(row, f"{label}, SAM run with {base_name}",
                       lambda: _check_twin(row, name, device, dtype, master, base_name, base, kwargs))
+    if name == "native" and device.type == "cuda":
+        def same_bits_as_cpu():
+            disagreement = selfcheck.cuda_cpu_disagreement(device)
+            assert disagreement is None, f"not the native CPU kernels' bits: {disagreement}"
+
+        _case(row, "elementwise operations bit for bit those of the native CPU kernels", same_bits_as_cpu)
     row.seconds = time.perf_counter() - start
     return row
 
@@ -138,14 +144,14 @@ def _targets():
             yield name, device, f"sm_{major}{minor} {torch.cuda.get_device_name(device)}", None
 
 
-def run_checks(device_filter: Optional[str] = None, progress=None) -> List[Row]:
+def run_checks(device_filter: Optional[str] = None, backends: Optional[List[str]] = None, progress=None) -> List[Row]:
     rows = []
     from .backends import native
 
     before = native.cpu_capability() if native.extension_unavailable_reason() is None else None
     try:
         for name, device, variant, set_up in _targets():
-            if device_filter and device.type != device_filter:
+            if (device_filter and device.type != device_filter) or (backends and name not in backends):
                 continue
             if progress:
                 progress(f"checking {name} on {device} ({variant}) ...")
@@ -194,10 +200,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "step over every dtype and awkward sizes, then a short SAM run of a small model. Exits "
                     "non-zero if any backend fails, and says how to avoid it.")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="check only the backends of this device type")
+    parser.add_argument("--backend", action="append", metavar="NAME",
+                        help="check only this backend (repeat for several; default: every one available here)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows = run_checks(args.device, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    rows = run_checks(args.device, args.backend, progress=lambda message: print(message, file=sys.stderr, flush=True))
     print(format_table(rows))
     failed = [row for row in rows if not row.passed]
     verdict = f"{len(failed)} of {len(rows)} backends FAIL" if failed else f"all {len(rows)} backends PASS"

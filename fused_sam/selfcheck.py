@@ -427,55 +427,55 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbations, seed: int = 0):
-    """(what, run(backend) -> output tensors) for every operation a step launches on CPU spans of ``numel``
-    elements: each ``run`` makes its span afresh from ``seed`` and returns what the operation wrote."""
+def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbations, seed: int = 0,
+              elementwise_only: bool = False):
+    """(what, run(backend, device) -> output tensors) for every operation a step launches on spans of
+    ``numel`` elements: each ``run`` makes its span afresh from ``seed`` on ``device`` (the same values on
+    every device) and returns what the operation wrote. ``elementwise_only``: no norm partials (their layout
+    differs between devices)."""
     made, norms = {}, {}
 
-    def span_for(update=None):
-        if update not in made:
-            made[update] = make_span(numel, dtype, "cpu", update, seed=seed, master=master)
-        return clone_span(made[update])
+    def span_for(device, update=None):
+        if (device, update) not in made:
+            made[device, update] = make_span(numel, dtype, device, update, seed=seed, master=master)
+        return clone_span(made[device, update])
 
     def norm(perturbation):
-        def run(backend):
-            span = span_for()
-            out = torch.full((backend.partials_len(span),), math.nan, dtype=span.state_dtype)
+        def run(backend, device):
+            span = span_for(device)
+            out = torch.full((backend.partials_len(span),), math.nan, dtype=span.state_dtype, device=device)
             backend.sq_norm_partials(span, perturbation, out)
             return [out]
         return run
 
     def perturb(perturbation, extra, grad_scale):
-        scale = None if grad_scale is None else torch.tensor([grad_scale], dtype=torch.float32)
-
-        def run(backend):
-            span, count = span_for(), torch.zeros(1, dtype=torch.int32)
+        def run(backend, device):
+            span, count = span_for(device), torch.zeros(1, dtype=torch.int32, device=device)
+            scale = None if grad_scale is None else torch.tensor([grad_scale], dtype=torch.float32, device=device)
             partials = None
-            if extra is not None:  # the reference's squared norm, made once: the same input for every backend
+            if extra is not None:  # the reference's squared norm on the CPU, made once: the same input everywhere
                 if perturbation not in norms:
-                    norms[perturbation] = norm_partials_for(span, perturbation)[:1]
-                partials = torch.cat([norms[perturbation], norms[perturbation].new_tensor([extra])])
+                    norms[perturbation] = norm_partials_for(span_for("cpu"), perturbation)[:1]
+                partials = torch.cat([norms[perturbation], norms[perturbation].new_tensor([extra])]).to(device)
             backend.perturb(span, perturbation, partials, count, scale)
             return [span.weights, restore_point(span), count]
         return run
 
-    def restore(backend):
-        span = span_for()
+    def restore(backend, device):
+        span = span_for(device)
         if span.backup is not None:
             span.backup.copy_(span.weights)
         span.weights.fill_(math.nan)
         backend.restore(span)
         return [span.weights]
 
-    def update(upd, scalars, reuse):
-        def run(backend):
-            span = span_for(upd)
+    def update(upd, step, grad_scale, found_inf, reuse):
+        def run(backend, device):
+            span, run_scalars = span_for(device, upd), step_scalars(device, step, grad_scale, found_inf)
             if reuse is not None:
                 span = with_reused(span, seed=seed + 1)
-                scale = torch.tensor([reuse], dtype=torch.float64)
-                run_scalars = dataclasses.replace(scalars, reuse_scale=scale)
-            else:
-                run_scalars = scalars
+                scale = torch.tensor([reuse], dtype=torch.float64, device=device)
+                run_scalars = dataclasses.replace(run_scalars, reuse_scale=scale)
             if span.backup is not None:
                 span.backup.copy_(span.weights)
             span.weights.fill_(math.nan)
@@ -484,7 +484,8 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
         return run
 
     for perturbation in perturbations:
-        yield f"sq_norm_partials({perturbation})", norm(perturbation)
+        if not elementwise_only:
+            yield f"sq_norm_partials({perturbation})", norm(perturbation)
         if perturbation.normalize:
             for extra, grad_scale in ((0.0, None), (0.0, 1024.0), (math.inf, None)):
                 yield f"perturb({perturbation}, grad_scale {grad_scale}, norm + {extra})", perturb(
@@ -495,8 +496,8 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
     for upd in updates:
         for step, grad_scale, found_inf in (SCALARS[0], SCALARS[2], SCALARS[5]):
             yield (f"restore_and_update({upd}, step {step}, grad_scale {grad_scale}, found_inf {found_inf})",
-                   update(upd, step_scalars("cpu", step, grad_scale, found_inf), None))
-        yield f"restore_and_update({upd}, reusing g_v)", update(upd, step_scalars("cpu", 3), 0.7310585786300049)
+                   update(upd, step, grad_scale, found_inf, None))
+        yield f"restore_and_update({upd}, reusing g_v)", update(upd, 3, None, None, 0.7310585786300049)
 
 
 # The update variants with distinct kernel instances (momentum or none; Adam, AdamW with AMSGrad): the other
@@ -518,8 +519,33 @@ def cpu_isa_disagreement(isa: str, sizes=SELF_CHECK_SIZES) -> Optional[str]:
                     outputs = {}
                     for name in ("default", isa):
                         native.set_cpu_capability(name)
-                        outputs[name] = run(backend)
-                    if not all(torch.equal(_bits(a), _bits(b)) for a, b in zip(outputs["default"], outputs[isa])):
+                        outputs[name] = run(backend, "cpu")
+                    if not _same_bits(outputs["default"], outputs[isa]):
+                        return f"{what} on {numel} {dtype} elements{' with master weights' if master else ''}"
+    finally:
+        native.set_cpu_capability(before)
+    return None
+
+
+def _same_bits(expected, actual) -> bool:
+    return all(torch.equal(_bits(a.cpu()), _bits(b.cpu())) for a, b in zip(expected, actual))
+
+
+def cuda_cpu_disagreement(device, sizes=SELF_CHECK_SIZES) -> Optional[str]:
+    """None if the native CUDA kernels on ``device`` write what the native CPU kernels (default build) write,
+    bit for bit, for every elementwise operation (the perturbation given the same squared norm, the restore,
+    every update kernel; both compiled without contracted multiply-adds), every dtype and ``sizes``; else the
+    first case that differs. The norm partials are left out: the GPU sums in another order."""
+    from .backends import native
+
+    backend, before = native.NativeBackend(), native.cpu_capability()
+    native.set_cpu_capability("default")
+    try:
+        for dtype, master in dtype_configs():
+            for numel in sizes:
+                for what, run in _op_cases(numel, dtype, master, UPDATES, PERTURBATIONS, seed=numel,
+                                           elementwise_only=True):
+                    if not _same_bits(run(backend, "cpu"), run(backend, device)):
                         return f"{what} on {numel} {dtype} elements{' with master weights' if master else ''}"
     finally:
         native.set_cpu_capability(before)
