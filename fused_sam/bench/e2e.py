@@ -7,9 +7,10 @@
 
 For each model: ``plain`` (the base optimizer alone, fused=True where torch supports it; one forward and
 backward per step), ``classic`` (ClassicSAM) and ``fused`` (FusedSAM, backend="auto"), both with two
-forwards and backwards per step, and the cheaper variants ``fused-every-5`` and ``fused-looksam-5``
-(``fused_sam.variants``: SAM on one step in five) and ``fused-msam`` (momentum-SAM, one backward per step),
-timed over whole cycles of 5 steps and reported per step. On CUDA also ``plain-graphed`` and ``fused-graphed``: the same whole
+forwards and backwards per step; with ``full`` (``fused-sam bench --full``) also the cheaper variants
+``fused-every-5`` and ``fused-looksam-5`` (``fused_sam.variants``: SAM on one step in five) and
+``fused-msam`` (momentum-SAM, one backward per step), timed over whole cycles of 5 steps and reported per
+step, and on CUDA ``plain-graphed`` and ``fused-graphed``: the same whole
 training step captured into one CUDA graph and replayed (FusedSAM with ``capturable=True``, lr and rho as
 device tensors; the plain base optimizer with torch's own ``capturable=True`` where it has one), each
 reported against the graphed plain step. Every method of a model is built and warmed up first (each on its

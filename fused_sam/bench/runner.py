@@ -6,9 +6,10 @@ second_step, no forward/backward; the gradients stay g). Then it times the metho
 ``rounds`` rounds every method takes ``repeats`` timed steps, in an order that changes from round to round
 (measure.round_order), so a burst of load from other processes slows every method alike instead of
 whichever one happened to run then. A method's time is the median over rounds of its per-round medians,
-and its spread is the IQR / median over rounds. The memory bandwidth that "% of memory bandwidth" divides by
-is measured just before the rounds, after each and after the last. Last, each method runs one step under an aten-op counter (and, on
-CUDA, one under torch.profiler and one for the memory peak), and its final weights are kept. Every method
+and its spread is the IQR / median over rounds. The memory bandwidth that "% of memory bandwidth" divides
+by is measured just before the rounds, after each and after the last. Last, each method runs one step under
+an aten-op counter (and, on CUDA, one under torch.profiler and one for the memory peak), and its final
+weights are kept. Every method
 runs exactly the same number of steps, so the final weights must agree: each method is compared with
 ``classic`` (the "verified" column). A method that fails the check is reported, never silently timed.
 """
