@@ -404,7 +404,8 @@ def plot(path: str, result: dict, env: dict, threshold: float = NOISE_THRESHOLD)
                 f = case[fused]
                 ax.annotate(f"{x['text']}\nvs classic", (si + (methods.index(fused) - (len(methods) - 1) / 2) * width,
                             f["q3_ms"]), xytext=(0, 4), textcoords="offset points", ha="center", va="bottom",
-                            fontsize=8, fontweight="bold")
+                            fontsize=8, fontweight="bold", zorder=6,
+                            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
         ax.set_yscale("log")
         ax.margins(y=0.15)
         ax.set_xticks(range(len(sets)))
