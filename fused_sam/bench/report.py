@@ -120,7 +120,7 @@ def _num(v: float) -> str:
     return f"{v:.3f}"
 
 
-def ratio(num: Optional[dict], den: Optional[dict], threshold: float, key: str = "ms") -> Optional[dict]:
+def ratio(num: Optional[dict], den: Optional[dict], threshold: float) -> Optional[dict]:
     """num's time over den's. When either was noisy (IQR / median over rounds above ``threshold``), the ratio
     is not one number: {'low', 'high'} then bound it by the quartiles (num's first over den's third, num's
     third over den's first), and its text is that range. None if either row is missing or failed."""
@@ -140,7 +140,8 @@ def ratio(num: Optional[dict], den: Optional[dict], threshold: float, key: str =
 def flag_notes(rows: List[dict], label: Callable[[dict], str], notes: Optional[List[str]] = None):
     """Per row, the numbers of its footnotes ("[1]", or "" when it has no flag), and the footnotes, which spell
     out each flagged row's reasons (appended to ``notes`` when given)."""
-    cells, notes = [], [] if notes is None else notes
+    cells = []
+    notes = [] if notes is None else notes
     for r in rows:
         reasons = r.get("flags") or []
         if not reasons:
@@ -175,7 +176,7 @@ def _cases(rows: List[dict]) -> Dict[tuple, Dict[str, dict]]:
     return out
 
 
-def headline(result: dict, threshold: float) -> dict:
+def headline(result: dict, threshold: float) -> List[dict]:
     """Per (set, optimizer, dtype): the fused method's row, classic's and torch-native's, the two ratios
     (see ``ratio``) and whether every method of the case verified."""
     out = []
@@ -202,15 +203,16 @@ def headline_table(result: dict, threshold: float, rounds: int) -> str:
     fused_names = sorted({h["fused_method"] for h in heads if h["fused_method"]})
     picked = {f"fused:{b}" for b in (result.get("auto") or {}).values()}
     which = "the backend auto picks here" if fused_names and set(fused_names) <= picked else "not what auto picks"
-    for h in heads:
-        def ms(r):  # the time, with the number of its note when the row is flagged
-            if not r:
-                return "-"
-            if r.get("error"):
-                return "ERROR"
-            (note,), _ = flag_notes([r], _micro_label, notes)
-            return _num(r["median_ms"]) + note
 
+    def ms(r):  # the time, with the number of its note when the row is flagged
+        if not r:
+            return "-"
+        if r.get("error"):
+            return "ERROR"
+        (note,), _ = flag_notes([r], _micro_label, notes)
+        return _num(r["median_ms"]) + note
+
+    for h in heads:
         f = h["fused"]
         times = [ms(f), ms(h["classic"]), ms(h["torch_native"])]
         verified = "yes"
@@ -307,7 +309,8 @@ def markdown(payload: dict) -> str:
         n = r.get("kernels") if gpu else r.get("aten_ops")
         extra = None if r.get("extra_bytes") is None else r["extra_bytes"] / 2**20
         same = cases_[(r["set"], r["optimizer"], r["dtype"])]
-        x = [(ratio(same.get(other), r, threshold) or {}).get("text", "-") for other in ("classic", "torch-native")]
+        x = [(ratio(same.get(other), r, threshold) or {}).get("text", "-") if other != r["method"] else "-"
+             for other in ("classic", "torch-native")]
         cells = [r["set"], r["optimizer"], r["dtype"], r["method"], _fmt(r["median_ms"], ".3f"),
                  _fmt(r["iqr_ms"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r.get("pct_of_copy"), ".0f"), _fmt(n, "d"),
                  _fmt(extra, ".1f"), x[0], x[1], "yes" if r.get("verified") else "**no**",
