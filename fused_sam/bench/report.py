@@ -375,12 +375,17 @@ def plot(path: str, result: dict, env: dict, threshold: float = NOISE_THRESHOLD)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cases_ = _cases(rows)
     panel_width = max(4.0, 0.3 * len(sets) * len(methods) + 1.5)
-    fig, axes = plt.subplots(1, len(combos), figsize=(panel_width * len(combos) + 2.8, 5.2), squeeze=False)
+    # side by side while the panels are narrow (the default three methods), one above the other when wide
+    stacked = panel_width > 7
+    shape = (len(combos), 1) if stacked else (1, len(combos))
+    size = (panel_width + 2.8, 4.2 * len(combos)) if stacked else (panel_width * len(combos) + 2.8, 5.2)
+    fig, grid = plt.subplots(*shape, figsize=size, squeeze=False)
+    axes = list(grid.flat)
     width = 0.84 / len(methods)
     copy = result["copy"]
     bound_label = f"memory bound ({copy.get('reference', copy.get('stream'))})"
     for col, (opt, dtype) in enumerate(combos):
-        ax = axes[0][col]
+        ax = axes[col]
         for mi, m in enumerate(methods):
             xs, ys, low, high = [], [], [], []
             for si, s in enumerate(sets):
@@ -416,9 +421,9 @@ def plot(path: str, result: dict, env: dict, threshold: float = NOISE_THRESHOLD)
         ax.set_title(f"{'SGD-momentum' if opt == 'sgd' else 'AdamW'}, {dtype}", fontsize=10)
         ax.grid(axis="y", which="both", lw=0.4, alpha=0.5)
         ax.set_axisbelow(True)
-        if col == 0:
+        if col == 0 or stacked:
             ax.set_ylabel(f"ms per SAM step (log scale)\nbar: median, whisker: quartiles over the rounds", fontsize=9)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     threads = env.get("torch_threads")
     fig.suptitle(f"fused_sam bench: SAM optimizer step on {env.get('device_name')} ({env.get('device')}, "
