@@ -298,21 +298,22 @@ def run_micro(cfg: Config, progress=None, on_case: Optional[Callable[[dict], Non
     from ..backends import resolve_backend
 
     auto = {d: resolve_backend("auto", device, DTYPES[d]).name for d in cfg.dtypes}
-    rows, windows, seconds_per_unit = [], [], []
+    rows, windows, seconds_per_unit = [], [], {}  # set -> seconds per progress tick of its cases so far
     for i, (set_name, optimizer, dtype_name, names) in enumerate(plan):
         units = case_units(names, cfg.rounds)
         bar = None
         if progress:
             bar = progress(total=units, desc=f"case {i + 1}/{len(plan)} {set_name} {optimizer} {dtype_name}",
                            unit="step")
-            later = sum(case_units(p[3], cfg.rounds) for p in plan[i + 1:])
-            if seconds_per_unit and later:  # the rate of the cases so far, over the ticks still to come
-                bar.set_postfix_str(f"then ~{later * statistics.median(seconds_per_unit):.0f} s for the "
-                                    f"{len(plan) - i - 1} case(s) after it")
+            if seconds_per_unit and i + 1 < len(plan):  # each later case at its set's rate so far, else the median
+                median = statistics.median(r for rates in seconds_per_unit.values() for r in rates)
+                later = sum(case_units(p[3], cfg.rounds) * statistics.median(seconds_per_unit.get(p[0], [median]))
+                            for p in plan[i + 1:])
+                bar.set_postfix_str(f"then ~{later:.0f} s for the {len(plan) - i - 1} case(s) after it")
         t0 = time.perf_counter()
         case_rows, window = run_case(set_name, optimizer, dtype_name, names, cfg, meter, flush,
                                      tick=(lambda: bar.update(1)) if bar else None)
-        seconds_per_unit.append((time.perf_counter() - t0) / units)
+        seconds_per_unit.setdefault(set_name, []).append((time.perf_counter() - t0) / units)
         if bar:
             bar.close()
         rows += case_rows
