@@ -245,13 +245,13 @@ def _extensions():
             started = time.perf_counter()
             extension = self.with_isa_kernels(extension)
             cuda = getattr(extension, "_fused_sam_cuda", False)
-            _log(f"compiling the C++ operators and the default-ISA CPU kernels"
+            _log("compiling the C++ operators and the default-ISA CPU kernels"
                  + (f", and the CUDA operators for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}"
                     if cuda else "") + f", then linking {extension.name}...")
             built = time.perf_counter()
             result = super().build_extension(extension)
             _log(f"  {extension.name} built in {time.perf_counter() - built:.0f} s "
-                 f"({time.perf_counter() - started:.0f} s with the per-ISA CPU kernels)")
+                 f"({time.perf_counter() - started:.0f} s in all)")
             return result
 
         def build_extension(self, extension):
