@@ -422,7 +422,8 @@ def plot(path: str, result: dict, env: dict, threshold: float = NOISE_THRESHOLD)
         ax.grid(axis="y", which="both", lw=0.4, alpha=0.5)
         ax.set_axisbelow(True)
         if col == 0 or stacked:
-            ax.set_ylabel(f"ms per SAM step (log scale)\nbar: median, whisker: quartiles over the rounds", fontsize=9)
+            ax.set_ylabel(f"ms per SAM step (log scale)\nbar: median, whisker: quartiles over the rounds\n"
+                          f"dashed: {bound_label}", fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     threads = env.get("torch_threads")
