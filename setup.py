@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 from setuptools import setup
 
@@ -308,6 +309,8 @@ def _extensions():
             ext.define_macros = list(extension.define_macros)
             ext.extra_objects = list(extension.extra_objects)
             for isa, flags in CPU_ISAS:
+                _log(f"compiling the CPU kernels ({CPU_KERNELS}) for {isa}...")
+                started = time.perf_counter()
                 ext.extra_objects += self.compiler.compile(
                     [CPU_KERNELS], output_dir=os.path.join(self.build_temp, f"cpu_{isa.lower()}"),
                     macros=extension.define_macros + [("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)],
@@ -315,11 +318,26 @@ def _extensions():
                     extra_postargs={"cxx": extension.extra_compile_args["cxx"] + flags},
                 )
                 ext.define_macros.append((f"FUSED_SAM_CPU_{isa}", "1"))
+                _log(f"  {isa} CPU kernels compiled in {time.perf_counter() - started:.0f} s")
             return ext
+
+        def timed_build(self, extension):
+            """Builds the extension with its per-ISA CPU kernels, saying what it compiles and how long it took."""
+            started = time.perf_counter()
+            extension = self.with_isa_kernels(extension)
+            cuda = getattr(extension, "_fused_sam_cuda", False)
+            _log("compiling the C++ operators and the default-ISA CPU kernels"
+                 + (f", and the CUDA operators for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}"
+                    if cuda else "") + f", then linking {extension.name}...")
+            built = time.perf_counter()
+            result = super().build_extension(extension)
+            _log(f"  {extension.name} built in {time.perf_counter() - built:.0f} s "
+                 f"({time.perf_counter() - started:.0f} s in all)")
+            return result
 
         def build_extension(self, extension):
             try:
-                return super().build_extension(self.with_isa_kernels(extension))
+                return self.timed_build(extension)
             except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
                 if required:
                     raise
@@ -327,7 +345,7 @@ def _extensions():
                 if getattr(extension, "_fused_sam_cuda", False):
                     _log("retrying with the CPU operators only")
                     try:
-                        return super().build_extension(self.with_isa_kernels(cpu_only(extension)))
+                        return self.timed_build(cpu_only(extension))
                     except Exception as exc2:  # noqa: BLE001
                         _log(f"WARNING: the CPU-only build failed too ({type(exc2).__name__}: {exc2})")
                 _log("WARNING: installing without fused_sam._C; backend='native' will say why it is unavailable")

@@ -42,7 +42,7 @@ timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 
 status "GPU tests" "$(tail -1 "$OUT/gpu_tests.log") ($((SECONDS - start)) s)"
 
 start=$SECONDS
-timeout "${BENCH_TIMEOUT:-240}" $PY -m fused_sam bench --device cuda --sets all --no-progress --out "$OUT/bench" \
+timeout "${BENCH_TIMEOUT:-240}" $PY -m fused_sam bench --full --device cuda --sets all --no-progress --out "$OUT/bench" \
     >"$OUT/bench.txt" 2>&1
 status "fused-sam bench" "exit $? ($((SECONDS - start)) s)"
 

@@ -1,4 +1,4 @@
-"""``fused-sam study``: how much of SAM's benefit the cheaper variants keep, and what they cost.
+"""fused-sam study: how much of SAM's benefit the cheaper variants keep, and what they cost.
 
 Two tasks, each trained with SGD-momentum, SAM and every variant in ``fused_sam.variants``, the same epochs,
 batches and initial weights per seed:
@@ -192,12 +192,14 @@ def plot(result: dict, path: str) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fused-sam study", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=StudyConfig.epochs)
-    parser.add_argument("--seeds", type=int, default=StudyConfig.seeds)
+    parser.add_argument("--epochs", type=int, default=StudyConfig.epochs,
+                        help=f"epochs per run (default {StudyConfig.epochs})")
+    parser.add_argument("--seeds", type=int, default=StudyConfig.seeds,
+                        help=f"seeds per task and method (default {StudyConfig.seeds})")
     parser.add_argument("--tasks", default=",".join(StudyConfig.tasks), help="comma list among digits, noisy")
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed: checks that everything runs")
-    parser.add_argument("--out", default="study_out")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", default="study_out", help="output folder (default: ./study_out)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     cfg = StudyConfig.quick() if args.quick else StudyConfig(epochs=args.epochs, seeds=args.seeds)
     cfg.tasks = tuple(t for t in args.tasks.split(",") if t)

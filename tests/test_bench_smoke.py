@@ -14,7 +14,7 @@ from fused_sam.bench import cases, e2e, runner
 from fused_sam.bench.cli import main
 from fused_sam.bench.measure import NOISE_THRESHOLD, min_bytes_per_param, round_order, row_flags, summarize
 from fused_sam.bench.methods import OPTIMIZERS, TorchNativeSAM, build, method_names
-from fused_sam.bench.report import e2e_table, plot
+from fused_sam.bench.report import e2e_table, plot, provenance, ratio
 from fused_sam.bench.runner import Config, run_micro
 
 
@@ -40,7 +40,10 @@ def test_minimum_bytes_model():
 
 
 def test_default_sets_per_device():
-    assert cases.resolve_sets("default", "cpu") == ["resnet50", "many_small", "single16m"]
+    assert cases.resolve_sets("default", "cpu") == ["resnet50", "many_small"]
+    assert cases.resolve_sets("default", "cuda") == ["resnet50", "gpt2", "many_small"]
+    assert cases.resolve_sets("default", "cpu", full=True) == ["resnet50", "many_small", "single16m"]
+    assert cases.resolve_sets("default", "cuda", full=True) == cases.ALL_SETS
     assert cases.resolve_sets("all", "cpu") == cases.ALL_SETS
     assert cases.resolve_sets("default", "cpu", quick=True) == ["tiny"]
     with pytest.raises(ValueError):
@@ -49,7 +52,7 @@ def test_default_sets_per_device():
 
 def test_triton_interpreter_is_never_timed_on_cpu():
     names = method_names(torch.device("cpu"), torch.float32)
-    assert names[:3] == ["classic", "torch-native", "fused:reference"]
+    assert names[:2] == ["classic", "torch-native"] and "fused:reference" in names
     assert "fused:triton" not in names
 
 
@@ -66,11 +69,12 @@ def expected_bytes(optimizer, dtype, method):
     return base + check
 
 
-def test_bench_quick_main_writes_json_and_verifies(tmp_path):
+def test_bench_quick_full_main_writes_json_and_verifies(tmp_path):
+    """--quick --full: every method and every end-to-end method, on the tiny set and models."""
     out = tmp_path / "out"
     threads = torch.get_num_threads()
     try:  # one thread: steadier on a loaded machine; restored for the tests that follow
-        rc = main(["--quick", "--out", str(out), "--no-progress", "--dtype", "fp32,bf16", "--threads", "1"])
+        rc = main(["--quick", "--full", "--out", str(out), "--no-progress", "--dtype", "fp32,bf16", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -108,6 +112,8 @@ def test_bench_quick_main_writes_json_and_verifies(tmp_path):
 
 
 def test_bench_quick_module_subprocess(tmp_path):
+    """`python -m fused_sam bench --quick`: the default three methods on the tiny set; the headline table
+    (within 100 columns) says every case verified."""
     out = tmp_path / "sub"
     proc = subprocess.run(
         [sys.executable, "-m", "fused_sam", "bench", "--quick", "--no-e2e", "--optimizer", "sgd", "--no-plot",
@@ -115,9 +121,93 @@ def test_bench_quick_module_subprocess(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "verified" in proc.stdout and "classic" in proc.stdout
     data = json.loads((out / "results.json").read_text())
-    assert data["results"] and all(r["verified"] for r in data["results"])
+    auto = data["auto_backend"]["fp32"]
+    assert [r["method"] for r in data["results"]] == ["classic", "torch-native", f"fused:{auto}"]
+    assert all(r["verified"] for r in data["results"])
+    table = proc.stdout[proc.stdout.index("SAM optimizer step"):proc.stdout.index("wrote ")]
+    assert all(len(line) <= 100 for line in table.splitlines()), table
+    header = next(line for line in table.splitlines() if line.startswith("set "))
+    (row,) = [line for line in table.splitlines() if line.startswith("tiny ")]
+    assert row[header.index("verified"):].split()[0] == "yes", table
+    assert f"fused: fused:{auto} (the backend auto picks here)" in table
+
+
+@pytest.mark.parametrize("grid", ["default", "full"])
+def test_bench_default_and_full_grids_verify_on_the_tiny_set(tmp_path, grid):
+    """The default grid (three methods) and --full's (every method) without --quick's settings, on the
+    tiny set: every row verified, the headline says so, and results.md carries every method's row."""
+    out = tmp_path / grid
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--sets", "tiny", "--no-e2e", "--rounds", "2", "--no-progress", "--threads", "1", "--out",
+                   str(out)] + (["--full"] if grid == "full" else []))
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    expected = method_names(torch.device("cpu"), torch.float32)
+    if grid == "default":
+        expected = ["classic", "torch-native", f"fused:{data['auto_backend']['fp32']}"]
+    for optimizer in ("sgd", "adamw"):
+        assert [r["method"] for r in data["results"] if r["optimizer"] == optimizer] == expected
+    assert all(r["verified"] for r in data["results"])
+    md = (out / "results.md").read_text()
+    assert md.count("| tiny |") == 2 * len(expected)
+    assert "commit " in md or "(installed, not a git checkout)" in md
+
+
+def test_a_noisy_denominator_gives_a_range_not_a_bare_ratio(tmp_path, monkeypatch, capsys):
+    """classic's rounds timed at 50, 500, 100, 1000 and 200 ms, the fused step's at 1 ms: the median ratio
+    (200x) would be a number the noise made; the table prints what is known, the quartiles' ratios."""
+    names, rounds = {}, {}
+    real_start = runner.start
+
+    def start(name, *args, **kwargs):
+        run = real_start(name, *args, **kwargs)
+        names[run.step] = name
+        return run
+
+    def fake_time_steps(step, device, repeats, flush=None):
+        for _ in range(repeats):  # the steps still run, so the final weights still verify
+            step()
+        name = names[step]
+        rounds[name] = rounds.get(name, -1) + 1
+        seconds = [0.05, 0.5, 0.1, 1.0, 0.2][rounds[name]] if name == "classic" else 0.001
+        return [seconds] * repeats
+
+    monkeypatch.setattr(runner, "start", start)
+    monkeypatch.setattr(runner, "time_steps", fake_time_steps)
+    out = tmp_path / "noisy"
+    threads = torch.get_num_threads()
+    try:
+        main(["--quick", "--no-e2e", "--optimizer", "sgd", "--methods", "classic,fused:reference", "--rounds", "5",
+              "--no-plot", "--no-progress", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    (row,) = [line for line in text.splitlines() if line.startswith("tiny ")]
+    assert "100-500x" in row.split() and "200x" not in text, text
+    assert row.split()[3] == "200[1]"  # classic's time, marked: its note says why
+    assert "[1] tiny sgd fp32 classic: noisy: IQR/median 2.000 > 0.1" in text
+    md_row = next(line for line in (out / "results.md").read_text().splitlines() if "fused:reference" in line)
+    assert "| 100-500x |" in md_row and "200x" not in md_row
+
+
+def test_ratio_is_a_number_only_when_both_times_are_steady():
+    steady = dict(median_ms=2.0, q1_ms=1.98, q3_ms=2.02, spread=0.02)
+    fast = dict(median_ms=0.5, q1_ms=0.49, q3_ms=0.51, spread=0.04)
+    assert ratio(steady, fast, 0.1)["text"] == "4.00x" and not ratio(steady, fast, 0.1)["noisy"]
+    noisy_fast = dict(fast, q1_ms=0.25, q3_ms=1.0, spread=1.5)
+    assert ratio(steady, noisy_fast, 0.1) == dict(value=4.0, noisy=True, low=1.98, high=2.02 / 0.25,
+                                                  text="1.98-8.08x")
+    assert ratio(steady, dict(fast, error="boom"), 0.1) is None and ratio(None, fast, 0.1) is None
+
+
+def test_results_md_names_the_commit_or_else_the_version():
+    env = {"git_commit": None, "fused_sam": "9.9.9"}
+    assert provenance(env) == "fused_sam 9.9.9 (installed, not a git checkout)"
+    assert provenance(dict(env, git_commit="abc123")) == "fused_sam commit abc123"
 
 
 def test_pytest_benchmark_suites_run(tmp_path):
@@ -202,14 +292,19 @@ def test_impossible_timing_is_flagged_in_table_and_json(tmp_path, monkeypatch, c
         torch.set_num_threads(threads)
     assert rc == 0  # flagged, reported, not fatal
     text = capsys.readouterr().out
-    assert "IMPOSSIBLE [1]" in text and "IMPOSSIBLE [2]" in text
-    assert "[1] tiny sgd fp32 classic: impossible: " in text and "% of copy bandwidth" in text
-    rows = json.loads((out / "results.json").read_text())["results"]
+    (row,) = [line for line in text.splitlines() if line.startswith("tiny ")]
+    assert row.split()[2].endswith("[1]") and row.split()[3].endswith("[2]")  # fused's time, classic's
+    data = json.loads((out / "results.json").read_text())
+    stream = data["copy_bandwidth"]["stream"]
+    assert f"[1] tiny sgd fp32 fused:reference: impossible: faster than the memory allows, its bytes at " in text
+    assert f"[2] tiny sgd fp32 classic: impossible: faster than the memory allows" in text
+    rows = data["results"]
     assert len(rows) == 2
     for r in rows:
         assert r["verified"] and r["pct_of_copy"] > 100
         (flag,) = r["flags"]
-        assert flag.startswith(f"impossible: {r['pct_of_copy']:.0f}% of copy bandwidth (its fastest passes: ")
+        assert flag.startswith(f"impossible: faster than the memory allows, its bytes at {r['pct_of_copy']:.0f}% "
+                               f"of the {stream} bandwidth (the {stream}'s fastest passes: ")
     assert "impossible:" in (out / "results.md").read_text()
 
 
@@ -232,10 +327,12 @@ def test_sam_faster_than_the_plain_step_is_flagged(monkeypatch):
                                                 models=["cnn"])}
     assert rows["plain"]["flags"] == [] and rows["fused-msam"]["flags"] == []
     assert rows["classic"]["x_plain"] == pytest.approx(0.13)
-    assert rows["classic"]["flags"] == ["impossible: SAM step 0.13x a plain step (< 1.0)"]
+    assert rows["classic"]["flags"] == ["impossible: SAM step 0.13x a plain step, whose work it all does too"]
     assert rows["fused-every-5"]["flags"] == rows["classic"]["flags"]
     text = e2e_table(list(rows.values()))
-    assert "IMPOSSIBLE [1]" in text and "[1] cnn classic: impossible: SAM step 0.13x a plain step" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("cnn") and " classic " in line]
+    assert row.split()[-2:] == ["0.130x", "[1]"]
+    assert "[1] cnn classic: impossible: SAM step 0.13x a plain step" in text
 
 
 def test_a_large_spread_over_rounds_is_flagged_noisy():
@@ -249,7 +346,9 @@ def test_a_clean_sample_gets_no_flag():
     stats = summarize([0.0100, 0.0101, 0.0099, 0.0100, 0.0102])
     assert stats["spread"] < NOISE_THRESHOLD
     assert row_flags(stats, pct_of_copy=85.0, x_plain=2.05) == []
-    assert row_flags(stats, pct_of_copy=101.0) == ["impossible: 101% of copy bandwidth (its fastest passes: 100%)"]
+    assert row_flags(stats, pct_of_copy=101.0) == [
+        "impossible: faster than the memory allows, its bytes at 101% of the copy bandwidth (the copy's fastest "
+        "passes: 100%)"]
 
 
 def test_a_step_within_the_spread_of_the_copy_passes_is_not_impossible():
@@ -260,7 +359,8 @@ def test_a_step_within_the_spread_of_the_copy_passes_is_not_impossible():
     stats = summarize([0.0100, 0.0101, 0.0099, 0.0100, 0.0102])
     assert row_flags(stats, pct_of_copy=103.0, copy_limit_pct=108.0) == []
     assert row_flags(stats, pct_of_copy=109.0, copy_limit_pct=108.0) == [
-        "impossible: 109% of copy bandwidth (its fastest passes: 108%)"]
+        "impossible: faster than the memory allows, its bytes at 109% of the copy bandwidth (the copy's fastest "
+        "passes: 108%)"]
     meter = measure.CopyMeter(torch.device("cpu"), nbytes=2**20, repeats=3)
     # 11 passes; sorted: 1.0 1.2 1.5 2.0 2.0 2.0 2.0 2.5 2.8 3.0 3.0: median 2.0, first quartile halfway
     # between the 3rd and 4th (1.75 s)
@@ -278,7 +378,7 @@ def test_round_order_moves_every_method():
     assert ("a", "b") in predecessors and ("c", "b") in predecessors  # b does not always follow a
 
 
-@pytest.mark.parametrize("slow", ["copy", "add in place"])
+@pytest.mark.parametrize("slow", ["copy", "in-place add"])
 def test_memory_meter_takes_the_faster_stream_and_counts_its_bytes(monkeypatch, slow):
     """The reference "% copy" divides by is the faster of a copy and an in-place add (a CPU copy pays an
     uncounted read for ownership): slow one down and the meter must take the other, and count its bytes."""

@@ -14,7 +14,8 @@ from ..updates import capturing
 from .base import Backend, KernelLaunches, Perturbation, Span, StepScalars, self_check_skipped
 
 __all__ = [
-    "Backend", "BackendUnavailable", "KernelLaunches", "Perturbation", "Span", "available_backends", "backend_names", "backend_report",
+    "Backend", "BackendReport", "BackendUnavailable", "KernelLaunches", "Perturbation", "Span", "available_backends",
+    "backend_names", "backend_report",
     "StepScalars", "check_backend_name", "resolve_backend",
 ]
 
@@ -119,15 +120,70 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, master:
     return backend
 
 
+def _missing_device(device: torch.device) -> Optional[str]:
+    """Why no backend can run on ``device`` here (a CUDA device this machine does not have), or None."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA device (torch.cuda.is_available() is False)"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"there is no {device} here (torch.cuda.device_count() is {torch.cuda.device_count()})"
+    return None
+
+
+def _in_auto_order(device: torch.device) -> List[str]:
+    """Every backend name: those ``auto`` tries on this device type first, in its order, then the rest."""
+    order = list(_AUTO_ORDER.get(device.type, ("reference",)))
+    return order + [name for name in _REGISTRY if name not in order]
+
+
+class BackendReport(dict):
+    """``{backend name: None where it can run, else the sentence saying why not}`` for one device, dtype and
+    master-weights choice, in the order ``auto`` tries them (then the backends it never picks there). Printed,
+    it reads as a report; ``.available`` lists what can run, ``.auto`` is what ``backend="auto"`` takes."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, master: bool, reasons: Dict[str, Optional[str]]):
+        super().__init__(reasons)
+        self.device, self.dtype, self.master = device, dtype, master
+        self.auto_order = tuple(_AUTO_ORDER.get(device.type, ("reference",)))
+
+    @property
+    def available(self) -> List[str]:
+        return [name for name, reason in self.items() if reason is None]
+
+    @property
+    def auto(self) -> Optional[str]:
+        return next((name for name in self.auto_order if self.get(name) is None), None)
+
+    def __str__(self) -> str:
+        what = f"{self.dtype} parameters{' with float32 master weights' if self.master else ''} on {self.device}"
+        lines = [f"fused_sam backends for {what}; backend='auto' tries {', '.join(self.auto_order)} and takes "
+                 f"{self.auto or 'none of them'}:"]
+        width = max(len(name) for name in self)
+        for name, reason in self.items():
+            status = "available" if reason is None else f"unavailable: {reason}"
+            if name == self.auto:
+                status += " (auto's choice)"
+            elif name not in self.auto_order and reason is None:
+                status += f" (by name only: auto does not try it on {self.device.type})"
+            lines.append(f"  {name.ljust(width)}  {status}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
 def available_backends(device="cpu", dtype: torch.dtype = torch.float32, master: bool = False) -> List[str]:
-    """Names of the backends that can run ``dtype`` parameters on ``device`` in this environment (with
-    master weights if ``master``); ``backend_report`` says why the others cannot."""
-    device = torch.device(device)
-    return [name for name in _REGISTRY if _reason(name, device, dtype, master)[0] is not None]
+    """Names of the backends that can run ``dtype`` parameters on ``device`` here (with master weights if
+    ``master``), in the order ``auto`` tries them, then any it never picks there (e.g. triton on a CPU,
+    under Triton's interpreter); ``backend_report`` says why the others cannot."""
+    return backend_report(device, dtype, master).available
 
 
-def backend_report(device="cpu", dtype: torch.dtype = torch.float32, master: bool = False) -> Dict[str, Optional[str]]:
-    """Every backend: None where it can run ``dtype`` parameters on ``device``, else the sentence saying why
-    not (e.g. that fused_sam._C was not built, and how to build it)."""
+def backend_report(device="cpu", dtype: torch.dtype = torch.float32, master: bool = False) -> BackendReport:
+    """Every backend, in the order ``auto`` tries them on ``device``: None where it can run ``dtype``
+    parameters there, else the sentence saying why not (e.g. that fused_sam._C was not built, and how to
+    build it). ``print(fused_sam.backend_report())`` shows it as a report."""
     device = torch.device(device)
-    return {name: _reason(name, device, dtype, master)[1] for name in _REGISTRY}
+    missing = _missing_device(device)
+    reasons = {name: missing or _reason(name, device, dtype, master)[1] for name in _in_auto_order(device)}
+    return BackendReport(device, dtype, master, reasons)

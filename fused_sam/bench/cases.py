@@ -7,7 +7,7 @@ torchvision / Hugging Face models (checked in tests/test_bench_smoke.py):
 - vit_b16:    torchvision ``vit_b_16``: 152 tensors, 86,567,656 elements.
 - gpt2:       GPT-2 small (Hugging Face ``gpt2``, lm_head tied to wte): 148 tensors, 124,439,808 elements.
 - single64m:  one tensor of 64 * 2**20 = 67,108,864 elements (pure bandwidth, no per-tensor cost).
-- single16m:  one tensor of 16 * 2**20 elements (the CPU default instead of single64m).
+- single16m:  one tensor of 16 * 2**20 elements (the CPU --full grid's, instead of single64m).
 - many_small: 1000 tensors of 1024 elements (per-tensor overhead dominates).
 - tiny:       a few odd-sized tensors (~10k elements) for --quick runs and tests.
 """
@@ -73,8 +73,14 @@ DESCRIPTIONS = {
     "many_small": "1000 tensors x 1k elements",
     "tiny": "7 small tensors (smoke test)",
 }
-# What --sets default / all / quick mean, per device type.
+# What --sets default / all / quick mean, per device type: by default a real model's shapes (where the bytes
+# dominate) and many small tensors (where the per-tensor cost does); --full adds the pure-bandwidth case and,
+# on CUDA, the larger models.
 DEFAULT_SETS = {
+    "cuda": ["resnet50", "gpt2", "many_small"],
+    "cpu": ["resnet50", "many_small"],
+}
+FULL_SETS = {
     "cuda": ["resnet50", "vit_b16", "gpt2", "single64m", "many_small"],
     "cpu": ["resnet50", "many_small", "single16m"],
 }
@@ -101,12 +107,13 @@ def summary(name: str) -> Tuple[int, int]:
     return len(s), sum(numel(x) for x in s)
 
 
-def resolve_sets(spec: str, device_type: str, quick: bool = False) -> List[str]:
-    """'default', 'all', or a comma-separated list of set names."""
+def resolve_sets(spec: str, device_type: str, quick: bool = False, full: bool = False) -> List[str]:
+    """'default' (``full``: the --full grid's), 'all', or a comma-separated list of set names."""
     if quick and spec == "default":
         return list(QUICK_SETS)
     if spec == "default":
-        return list(DEFAULT_SETS.get(device_type, DEFAULT_SETS["cpu"]))
+        grid = FULL_SETS if full else DEFAULT_SETS
+        return list(grid.get(device_type, grid["cpu"]))
     if spec == "all":
         return list(ALL_SETS)
     names = [n.strip() for n in spec.split(",") if n.strip()]

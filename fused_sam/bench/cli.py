@@ -1,5 +1,8 @@
 """fused-sam bench: how much faster the fused SAM step is than classic SAM and the best stock-PyTorch SAM on
-this machine, and how close it comes to the memory-bandwidth limit. See docs/bench.md."""
+this machine, how close it comes to the memory-bandwidth limit, and whether every method ends at the same
+weights. By default it times three methods on two or three parameter sets (about a minute on 2 CPU cores);
+--full times every method on every default set (about 10 minutes there); --quick runs tiny sizes to check
+that everything runs. See docs/bench.md."""
 from __future__ import annotations
 
 import argparse
@@ -36,15 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda if available, else cpu")
     p.add_argument("--sets", default="default",
-                   help="parameter sets: 'default' (per device), 'all', or a comma list of "
+                   help="parameter sets: 'default' (CPU: resnet50, many_small; CUDA: resnet50, gpt2, many_small; "
+                        "--full adds single16m on CPU, vit_b16 and single64m on CUDA), 'all', or a comma list of "
                         f"{', '.join(cases.SETS)}")
     p.add_argument("--optimizer", "--optimizers", dest="optimizers", default="sgd,adamw",
                    help="base optimizers, comma list of sgd, adamw (default both)")
     p.add_argument("--dtype", "--dtypes", dest="dtypes", default="default",
                    help="comma list of fp32, bf16, fp16, fp64; default: fp32 (+ bf16 on CUDA)")
     p.add_argument("--methods", default=None,
-                   help="comma list among classic, torch-native, fused:<backend>, fused:<backend>+GradScaler, "
-                        "fused:<backend>+capturable, fused:<backend>+master (bf16/fp16) (default: all available)")
+                   help="comma list among classic, torch-native, fused:BACKEND, fused:BACKEND+GradScaler, "
+                        "fused:BACKEND+capturable, fused:BACKEND+master (bf16/fp16); default: classic, "
+                        "torch-native and fused with the backend auto picks (--full: every one available)")
     p.add_argument("--warmup", type=int, default=None, help="untimed SAM steps per method before timing")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds of timing; in each, every method of a case takes its timed steps in turn "
@@ -56,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
                    help="also time end-to-end training steps of two small models (default on)")
     p.add_argument("--e2e-repeats", type=int, default=None, help="timed training steps per e2e method per round")
+    p.add_argument("--full", action="store_true",
+                   help="every method available on every default set, and every end-to-end method (the "
+                        "variants; graphed steps on CUDA)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (tests, smoke runs)")
-    p.add_argument("--out", default="bench_out", help="output folder for results.json and bench.png")
+    p.add_argument("--out", default="bench_out",
+                   help="output folder for results.json, results.md (every method's row) and bench.png")
     p.add_argument("--no-flush", dest="flush", action="store_false",
                    help="do not flush the cache between timed steps")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
@@ -110,7 +119,7 @@ def _load_line(env: dict, threads: int) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .e2e import run_e2e
-    from .report import e2e_table, environment, load_average, markdown, micro_table, plot, write_json
+    from .report import e2e_table, environment, headline_table, load_average, markdown, plot, write_json
     from .runner import Config, run_micro
 
     device = _device(args.device)
@@ -123,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if o not in ("sgd", "adamw"):
             raise SystemExit(f"fused-sam bench: unknown optimizer {o!r}; choose sgd, adamw")
     try:
-        sets = cases.resolve_sets(args.sets, device.type, args.quick)
+        sets = cases.resolve_sets(args.sets, device.type, args.quick, args.full)
     except ValueError as exc:
         raise SystemExit(f"fused-sam bench: {exc}")
     cfg = Config(
@@ -131,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         warmup=defaults["warmup"] if args.warmup is None else args.warmup,
         repeats=defaults["repeats"] if args.repeats is None else args.repeats,
         rounds=defaults["rounds"] if args.rounds is None else args.rounds,
-        methods=_csv(args.methods) if args.methods else None, flush=args.flush, kernels=args.kernels,
+        methods=_csv(args.methods) if args.methods else None, full=args.full, flush=args.flush, kernels=args.kernels,
         seed=args.seed, noise_threshold=args.noise_threshold,
     )
     e2e_repeats = defaults["e2e_repeats"] if args.e2e_repeats is None else args.e2e_repeats
@@ -153,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "config": {"sets": sets, "optimizers": optimizers, "dtypes": cfg.dtypes, "warmup": cfg.warmup,
                    "rounds": cfg.rounds, "repeats": cfg.repeats, "e2e_repeats": e2e_repeats,
                    "noise_threshold": cfg.noise_threshold, "threads": args.threads, "flush": cfg.flush,
-                   "quick": args.quick, "argv": list(argv or sys.argv[1:])},
+                   "quick": args.quick, "full": args.full, "argv": list(argv or sys.argv[1:])},
         "sets": {s: dict(zip(("tensors", "numel"), cases.summary(s)), description=cases.DESCRIPTIONS[s]) for s in sets},
         "partial": True,  # until the run completes: results.json is rewritten after every case
     }
@@ -162,7 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def save(micro_so_far=None, e2e_rows=None):
         if micro_so_far is not None:
-            payload.update(copy_bandwidth=micro_so_far["copy"], results=micro_so_far["rows"])
+            payload.update(copy_bandwidth=micro_so_far["copy"], results=micro_so_far["rows"],
+                           auto_backend=micro_so_far["auto"])
             new = micro_so_far["rows"][printed[0]:]
             printed[0] += len(new)
             if new and not args.progress:  # a line per case, so a log shows how far a run got
@@ -175,22 +185,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_json(json_path, payload)
 
     micro = run_micro(cfg, progress=progress, on_case=save)
-    print(micro_table(micro, device.type), flush=True)
+    print(headline_table(micro, cfg.noise_threshold, cfg.rounds), flush=True)
     e2e_rows = None
     if args.e2e:
         e2e_rows = run_e2e(device, defaults["e2e_warmup"], e2e_repeats, rounds=cfg.rounds, quick=args.quick,
-                           progress=progress, noise_threshold=cfg.noise_threshold)
-        print(e2e_table(e2e_rows), flush=True)
+                           progress=progress, noise_threshold=cfg.noise_threshold, full=args.full)
+        print(e2e_table(e2e_rows, cfg.noise_threshold), flush=True)
     env["load_average_after"] = load_average()
     payload["partial"] = False
     save(micro, e2e_rows)
     md_path = os.path.join(args.out, "results.md")
     with open(md_path, "w") as f:
         f.write(markdown(payload))
-    print(f"wrote {json_path}, {md_path}")
+    print(f"wrote {json_path} and {md_path} ({len(micro['rows'])} rows: every method of every case)")
     if args.plot:
         png = os.path.join(args.out, "bench.png")
-        skipped = plot(png, micro, env)
+        skipped = plot(png, micro, env, cfg.noise_threshold)
         print(skipped if skipped else f"wrote {png}")
     failed = [r for r in micro["rows"] if not r.get("verified")]
     failed_e2e = [r for r in (e2e_rows or []) if r.get("error") or not r.get("finite", False)]

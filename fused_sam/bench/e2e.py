@@ -7,9 +7,10 @@
 
 For each model: ``plain`` (the base optimizer alone, fused=True where torch supports it; one forward and
 backward per step), ``classic`` (ClassicSAM) and ``fused`` (FusedSAM, backend="auto"), both with two
-forwards and backwards per step, and the cheaper variants ``fused-every-5`` and ``fused-looksam-5``
-(``fused_sam.variants``: SAM on one step in five) and ``fused-msam`` (momentum-SAM, one backward per step),
-timed over whole cycles of 5 steps and reported per step. On CUDA also ``plain-graphed`` and ``fused-graphed``: the same whole
+forwards and backwards per step; with ``full`` (``fused-sam bench --full``) also the cheaper variants
+``fused-every-5`` and ``fused-looksam-5`` (``fused_sam.variants``: SAM on one step in five) and
+``fused-msam`` (momentum-SAM, one backward per step), timed over whole cycles of 5 steps and reported per
+step, and on CUDA ``plain-graphed`` and ``fused-graphed``: the same whole
 training step captured into one CUDA graph and replayed (FusedSAM with ``capturable=True``, lr and rho as
 device tensors; the plain base optimizer with torch's own ``capturable=True`` where it has one), each
 reported against the graphed plain step. Every method of a model is built and warmed up first (each on its
@@ -214,7 +215,11 @@ def _build(method: str, params, base_cls, kwargs, device):
     return opt, "FusedSAM " + ", ".join(sorted(set(opt.backends.values())))
 
 
-def methods_for(device: torch.device) -> tuple:
+def methods_for(device: torch.device, full: bool = True) -> tuple:
+    """The end-to-end methods: plain, classic and fused; ``full`` adds the variants and, on CUDA, the graphed
+    steps."""
+    if not full:
+        return ("plain", "classic", "fused")
     return ("plain", "classic", "fused", *VARIANTS) + (GRAPHED if device.type == "cuda" else ())
 
 
@@ -254,16 +259,20 @@ def prepare(kind: str, method: str, device: torch.device, quick: bool, warmup: i
 
 
 def run_e2e(device: torch.device, warmup: int, repeats: int, rounds: int = 5, quick: bool = False, progress=None,
-            models: Optional[List[str]] = None, noise_threshold: float = NOISE_THRESHOLD) -> List[dict]:
-    """Every method of every model, interleaved round by round (see the module docstring)."""
+            models: Optional[List[str]] = None, noise_threshold: float = NOISE_THRESHOLD,
+            full: bool = True) -> List[dict]:
+    """The methods (``methods_for(device, full)``) of every model, interleaved round by round (see the module
+    docstring). ``progress``: tqdm, for a bar per model."""
     configs = _configs(device, quick)
     models = models or list(configs)
-    bar = progress(total=len(models) * rounds, desc="end-to-end", unit="round") if progress else None
+    methods = methods_for(device, full)
     rows = []
-    for kind in models:
+    for i, kind in enumerate(models):
         cfg = configs[kind]
         kind_rows, trainers = {}, {}
-        for method in methods_for(device):
+        bar = progress(total=len(methods) * (rounds + 1), desc=f"end-to-end {i + 1}/{len(models)} {kind}",
+                       unit="step") if progress else None
+        for method in methods:
             row = kind_rows[method] = dict(model=kind, method=method, optimizer=cfg["optimizer"], batch=cfg["batch"],
                                            error=None)
             try:
@@ -271,8 +280,8 @@ def run_e2e(device: torch.device, warmup: int, repeats: int, rounds: int = 5, qu
                 row.update(params=trainers[method].params, info=trainers[method].info)
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"
-        if bar:
-            bar.set_postfix_str(kind)
+            if bar:
+                bar.update(1)
         for r in range(rounds):
             for method in round_order(list(trainers), r):
                 t = trainers[method]
@@ -281,8 +290,10 @@ def run_e2e(device: torch.device, warmup: int, repeats: int, rounds: int = 5, qu
                 except Exception as exc:
                     kind_rows[method]["error"] = f"{type(exc).__name__}: {exc}"
                     del trainers[method]
-            if bar:
-                bar.update(1)
+                if bar:
+                    bar.update(1)
+        if bar:
+            bar.close()
         for method, t in trainers.items():
             row = kind_rows[method]
             try:
@@ -301,6 +312,4 @@ def run_e2e(device: torch.device, warmup: int, repeats: int, rounds: int = 5, qu
             r["flags"] = [] if r["error"] else row_flags(
                 r, noise_threshold, x_plain=None if r["method"] in ONE_PASS else r["x_plain"])
         rows += kind_rows.values()
-    if bar:
-        bar.close()
     return rows

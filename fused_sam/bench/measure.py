@@ -129,20 +129,21 @@ def round_order(names: Sequence[str], round_index: int) -> List[str]:
 
 
 def row_flags(stats: Dict[str, float], threshold: float = NOISE_THRESHOLD, pct_of_copy: Optional[float] = None,
-              copy_limit_pct: float = 100.0, x_plain: Optional[float] = None) -> List[str]:
+              copy_limit_pct: float = 100.0, x_plain: Optional[float] = None, stream: str = "copy") -> List[str]:
     """Why a row's numbers cannot be trusted, one string per reason (empty: none). ``stats`` is a summarize()
     dict; ``pct_of_copy``: the step's minimum-bytes bandwidth over the copy bandwidth (the median of the copy
     passes), impossible past ``copy_limit_pct``: what the fastest quarter of those passes reached (see
     CopyMeter.window), as a step must move at least those bytes and a step at the memory limit lands within
     the passes' own spread; ``x_plain``: a SAM step's time over the plain step's (below 1 is impossible: a SAM
-    step does all of the plain step's work and more)."""
+    step does all of the plain step's work and more); ``stream``: what the bandwidth was measured with."""
     out = []
     if stats["spread"] > threshold:
         out.append(f"noisy: IQR/median {stats['spread']:.3f} > {threshold:g}")
     if pct_of_copy is not None and pct_of_copy > copy_limit_pct:
-        out.append(f"impossible: {pct_of_copy:.0f}% of copy bandwidth (its fastest passes: {copy_limit_pct:.0f}%)")
+        out.append(f"impossible: faster than the memory allows, its bytes at {pct_of_copy:.0f}% of the {stream} "
+                   f"bandwidth (the {stream}'s fastest passes: {copy_limit_pct:.0f}%)")
     if x_plain is not None and x_plain < 1:
-        out.append(f"impossible: SAM step {x_plain:.2f}x a plain step (< 1.0)")
+        out.append(f"impossible: SAM step {x_plain:.2f}x a plain step, whose work it all does too")
     return out
 
 
@@ -152,7 +153,7 @@ STREAMS = {
     # dst += src: its writes land on lines it has just read. A CPU's copy pays a hidden read of the
     # destination (read for ownership) that this does not: on the 2-core CI VM the copy reached 13.8 GB/s
     # and this 22.5 GB/s, so "% of copy" let a step that rewrites what it reads show 100-150%.
-    "add in place": (lambda dst, src: dst.add_(src), 3),
+    "in-place add": (lambda dst, src: dst.add_(src), 3),
 }
 
 

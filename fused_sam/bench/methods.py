@@ -203,6 +203,14 @@ def method_names(device: torch.device, dtype: torch.dtype, only: Optional[Sequen
     return names
 
 
+def default_method_names(device: torch.device, dtype: torch.dtype) -> List[str]:
+    """What ``fused-sam bench`` times without --full or --methods: classic SAM, the best stock-PyTorch SAM,
+    and FusedSAM with the backend ``backend="auto"`` picks for this device and dtype."""
+    from ..backends import resolve_backend
+
+    return ["classic", "torch-native", f"fused:{resolve_backend('auto', torch.device(device), dtype).name}"]
+
+
 def build(name: str, params: Sequence[torch.Tensor], optimizer: str):
     """A method over ``params`` (tensors with ``.grad`` set) with the base optimizer ``optimizer``."""
     base_cls, kwargs = OPTIMIZERS[optimizer]

@@ -6,9 +6,10 @@ second_step, no forward/backward; the gradients stay g). Then it times the metho
 ``rounds`` rounds every method takes ``repeats`` timed steps, in an order that changes from round to round
 (measure.round_order), so a burst of load from other processes slows every method alike instead of
 whichever one happened to run then. A method's time is the median over rounds of its per-round medians,
-and its spread is the IQR / median over rounds. The copy bandwidth that "% copy" divides by is measured
-just before and just after the rounds. Last, each method runs one step under an aten-op counter (and, on
-CUDA, one under torch.profiler and one for the memory peak), and its final weights are kept. Every method
+and its spread is the IQR / median over rounds. The memory bandwidth that "% of memory bandwidth" divides
+by is measured just before the rounds, after each and after the last. Last, each method runs one step under
+an aten-op counter (and, on CUDA, one under torch.profiler and one for the memory peak), and its final
+weights are kept. Every method
 runs exactly the same number of steps, so the final weights must agree: each method is compared with
 ``classic`` (the "verified" column). A method that fails the check is reported, never silently timed.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -27,7 +29,7 @@ from .measure import (
     NOISE_THRESHOLD, CacheFlusher, CopyMeter, count_cuda_kernels, count_ops, min_bytes_per_param, round_order,
     row_flags, storage_bytes, summarize, sync, time_steps,
 )
-from .methods import STATE_TENSORS, build, method_names
+from .methods import STATE_TENSORS, build, default_method_names, method_names
 
 # Final weights a (a method's) and b (classic's) agree when, for 32/64-bit parameters, every element has
 # |a - b| <= atol + rtol * |b| (rtol, atol below); for 16-bit parameters, whose every step rounds and whose
@@ -53,7 +55,8 @@ class Config:
     warmup: int
     repeats: int  # timed steps per method per round
     rounds: int = 5
-    methods: Optional[List[str]] = None  # None: all available
+    methods: Optional[List[str]] = None  # None: every method available (full) or the default three (not full)
+    full: bool = True
     flush: bool = True
     kernels: bool = True  # count GPU kernels with torch.profiler (CUDA)
     seed: int = 0
@@ -183,8 +186,11 @@ def _error_row(name: str, exc: Exception) -> dict:
 
 
 def run_case(set_name: str, optimizer: str, dtype_name: str, names: List[str], cfg: Config, meter: CopyMeter,
-             flush: Optional[CacheFlusher], on_round: Optional[Callable[[int], None]] = None):
-    """One (set, optimizer, dtype) case, its methods interleaved round by round: (rows, copy window)."""
+             flush: Optional[CacheFlusher], tick: Optional[Callable[[], None]] = None):
+    """One (set, optimizer, dtype) case, its methods interleaved round by round: (rows, copy window).
+    ``tick()`` is called after each method's build and warmup, its block of each round and its last step
+    (``case_units`` calls in all), for a progress bar."""
+    tick = tick or (lambda: None)
     device, dtype = cfg.device, DTYPES[dtype_name]
     shapes = cases.shapes(set_name)
     w0, g0 = draw(shapes, device, dtype, cfg.seed)
@@ -194,6 +200,7 @@ def run_case(set_name: str, optimizer: str, dtype_name: str, names: List[str], c
             runs[name] = start(name, w0, g0, optimizer, cfg)
         except Exception as exc:
             failed[name] = _error_row(name, exc)
+        tick()
     before, during = meter.sample(), []
     for r in range(cfg.rounds):
         for name in round_order(list(runs), r):
@@ -203,9 +210,8 @@ def run_case(set_name: str, optimizer: str, dtype_name: str, names: List[str], c
             except Exception as exc:
                 failed[name] = _error_row(name, exc)
                 del runs[name]
+            tick()
         during.append(meter.round_sample())
-        if on_round:
-            on_round(r)
     window = meter.window(before, meter.sample(), during)
     done, finals = {}, {}
     for name, run in runs.items():
@@ -214,6 +220,7 @@ def run_case(set_name: str, optimizer: str, dtype_name: str, names: List[str], c
             done[name]["error"] = None
         except Exception as exc:
             failed[name] = _error_row(name, exc)
+        tick()
     del runs
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -241,42 +248,76 @@ def run_case(set_name: str, optimizer: str, dtype_name: str, names: List[str], c
         r["copy_gbps"] = window["gbps"]
         r["pct_of_copy"] = 100.0 * r["gbps"] / window["gbps"]
         r["flags"] = row_flags(r, cfg.noise_threshold, pct_of_copy=r["pct_of_copy"],
-                               copy_limit_pct=100.0 * window["gbps_fast"] / window["gbps"])
+                               copy_limit_pct=100.0 * window["gbps_fast"] / window["gbps"], stream=window["stream"])
         for label, other in (("speedup_vs_classic", "classic"), ("speedup_vs_torch_native", "torch-native")):
             o = by_name.get(other)
             r[label] = o["median_ms"] / r["median_ms"] if o and not o.get("error") else None
     return rows, dict(window, set=set_name, optimizer=optimizer, dtype=dtype_name)
 
 
+def case_units(names: Sequence[str], rounds: int) -> int:
+    """The progress ticks of one case (see run_case)."""
+    return len(names) * (rounds + 2)
+
+
 def copy_summary(windows: List[dict]) -> Dict[str, object]:
-    """The run's copy bandwidth: the median over the cases' windows, with their range."""
+    """The run's memory bandwidth: the median over the cases' windows, with their range, and what it is (the
+    stream, its buffer, the threads it ran on: ``reference``)."""
     gbps = [w["gbps"] for w in windows]
+    threads = torch.get_num_threads()
+    reference = f"{windows[0]['stream']}, {windows[0]['bytes'] / 2**20:.0f} MiB, {threads} thread{'s' * (threads != 1)}"
+    if windows[0].get("device_type") == "cuda":
+        reference = f"{windows[0]['stream']}, {windows[0]['bytes'] / 2**20:.0f} MiB, on the GPU"
     return {"bytes": windows[0]["bytes"], "gbps": statistics.median(gbps), "gbps_min": min(gbps),
-            "gbps_max": max(gbps), "stream": windows[0]["stream"],
+            "gbps_max": max(gbps), "stream": windows[0]["stream"], "threads": threads, "reference": reference,
             "how": f"each case: median of the {windows[0]['stream']} passes timed before it, after each of its "
                    "rounds and after it; here: the median over cases", "cases": windows}
 
 
+def method_plan(cfg: Config) -> List[tuple]:
+    """(set, optimizer, dtype, method names) per case, in the order they run."""
+    def names(dtype_name):
+        dtype = DTYPES[dtype_name]
+        if cfg.methods or cfg.full:
+            return method_names(cfg.device, dtype, cfg.methods)
+        return default_method_names(cfg.device, dtype)
+
+    return [(set_name, optimizer, dtype_name, names(dtype_name) + list(cfg.extra_methods))
+            for set_name in cfg.sets for optimizer in cfg.optimizers for dtype_name in cfg.dtypes]
+
+
 def run_micro(cfg: Config, progress=None, on_case: Optional[Callable[[dict], None]] = None) -> Dict[str, object]:
-    """All cases of ``cfg``; returns {'copy': copy_summary(), 'rows': [...]}. ``on_case`` gets that dict after
-    every (set, optimizer, dtype) case, so partial results survive an interrupted run."""
+    """All cases of ``cfg``; returns {'copy': copy_summary(), 'rows': [...], 'auto': {dtype: the backend auto
+    picks}}. ``on_case`` gets that dict after
+    every (set, optimizer, dtype) case, so partial results survive an interrupted run. ``progress``: tqdm, for
+    a bar per case that also says about how long the cases after it will take."""
     device = cfg.device
     meter = CopyMeter(device, nbytes=(16 * 2**20 if cfg.sets == cases.QUICK_SETS else None))
     flush = CacheFlusher(device) if cfg.flush else None
-    plan = [(set_name, optimizer, dtype_name,
-             method_names(device, DTYPES[dtype_name], cfg.methods) + list(cfg.extra_methods))
-            for set_name in cfg.sets for optimizer in cfg.optimizers for dtype_name in cfg.dtypes]
-    bar = progress(total=len(plan) * cfg.rounds, desc="SAM step", unit="round") if progress else None
-    rows, windows = [], []
-    for set_name, optimizer, dtype_name, names in plan:
-        if bar:
-            bar.set_postfix_str(f"{set_name} {optimizer} {dtype_name}")
+    plan = method_plan(cfg)
+    from ..backends import resolve_backend
+
+    auto = {d: resolve_backend("auto", device, DTYPES[d]).name for d in cfg.dtypes}
+    rows, windows, seconds_per_unit = [], [], {}  # set -> seconds per progress tick of its cases so far
+    for i, (set_name, optimizer, dtype_name, names) in enumerate(plan):
+        units = case_units(names, cfg.rounds)
+        bar = None
+        if progress:
+            bar = progress(total=units, desc=f"case {i + 1}/{len(plan)} {set_name} {optimizer} {dtype_name}",
+                           unit="step")
+            if seconds_per_unit and i + 1 < len(plan):  # each later case at its set's rate so far, else the median
+                median = statistics.median(r for rates in seconds_per_unit.values() for r in rates)
+                later = sum(case_units(p[3], cfg.rounds) * statistics.median(seconds_per_unit.get(p[0], [median]))
+                            for p in plan[i + 1:])
+                bar.set_postfix_str(f"then ~{later:.0f} s for the {len(plan) - i - 1} case(s) after it")
+        t0 = time.perf_counter()
         case_rows, window = run_case(set_name, optimizer, dtype_name, names, cfg, meter, flush,
-                                     on_round=(lambda r: bar.update(1)) if bar else None)
+                                     tick=(lambda: bar.update(1)) if bar else None)
+        seconds_per_unit.setdefault(set_name, []).append((time.perf_counter() - t0) / units)
+        if bar:
+            bar.close()
         rows += case_rows
-        windows.append(window)
+        windows.append(dict(window, device_type=device.type))
         if on_case:
-            on_case({"copy": copy_summary(windows), "rows": rows})
-    if bar:
-        bar.close()
-    return {"copy": copy_summary(windows), "rows": rows}
+            on_case({"copy": copy_summary(windows), "rows": rows, "auto": auto})
+    return {"copy": copy_summary(windows), "rows": rows, "auto": auto}

@@ -1,4 +1,4 @@
-"""`fused-sam demo`: SAM against gradient descent on synthetic problems, run with FusedSAM.
+"""fused-sam demo: SAM against gradient descent on synthetic problems, run with FusedSAM.
 
   kernel  noisy kernel regression: bias^2, variance and test risk over iterations (GD, USAM, normalized SAM)
   mlp     one-hidden-layer ReLU network on noisy labels: test accuracy and sharpness (SGD, SAM)
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, noise and initialisation (default 0)")
     p.add_argument(
-        "--backend", default="auto", help="FusedSAM backend: auto (default), reference, native, triton"
+        "--backend", default="auto", help="FusedSAM backend: auto (default), native, torch, reference, triton"
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the models are tiny)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
