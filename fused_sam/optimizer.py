@@ -329,7 +329,10 @@ class FusedSAM(torch.optim.Optimizer):
         plans = []
         sam = self._sam
         updates = self._base_updates()
-        launches = KernelLaunches(tuple(updates), tuple(self._perturbations()), self.capturable)
+
+        def launches() -> KernelLaunches:  # read only where a backend is checked before use
+            return KernelLaunches(tuple(updates), tuple(self._perturbations()), self.capturable)
+
         for gi in group_indices:
             buckets: Dict[tuple, list] = {}
             for p in self.param_groups[gi]["params"]:

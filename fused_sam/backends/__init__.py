@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -80,25 +80,26 @@ def _reason(name: str, device: torch.device, dtype: torch.dtype,
 
 
 def _self_check_failure(backend: Backend, device: torch.device, dtype: torch.dtype, master: bool,
-                        launches: Optional[KernelLaunches]) -> Optional[str]:
+                        launches: Optional[Callable[[], KernelLaunches]]) -> Optional[str]:
     """None if ``auto`` may use ``backend`` here, else what its known-answer check got wrong."""
     if (launches is None or device.type not in _SELF_CHECKED_DEVICE_TYPES or backend.name not in _COMPILED
             or self_check_skipped() or capturing()):
         return None
-    key = (backend.name, str(device), dtype, master, launches.key())
+    what = launches()
+    key = (backend.name, str(device), dtype, master, what.key())
     if key not in _self_checks:
         from ..selfcheck import known_answer_failure
 
-        _self_checks[key] = known_answer_failure(backend, device, dtype, master, launches)
+        _self_checks[key] = known_answer_failure(backend, device, dtype, master, what)
     return _self_checks[key]
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, master: bool = False,
-                    launches: Optional[KernelLaunches] = None) -> Backend:
+                    launches: Optional[Callable[[], KernelLaunches]] = None) -> Backend:
     """The backend that runs parameters of ``dtype`` on ``device`` for ``backend=name`` (with a float32
-    master copy of the weights if ``master``). For ``auto`` on a CUDA device, ``launches`` (the updates and
-    perturbations the optimizer will run) has each compiled candidate held to the reference first; one that
-    fails is passed over with a warning."""
+    master copy of the weights if ``master``). For ``auto`` on a CUDA device, ``launches()`` (the updates
+    and perturbations the optimizer will run) has each compiled candidate held to the reference first; one
+    that fails is passed over with a warning."""
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             backend, _ = _reason(candidate, device, dtype, master)
