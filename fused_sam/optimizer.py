@@ -188,8 +188,9 @@ class FusedSAM(torch.optim.Optimizer):
         backend: "auto", "reference", or a kernel backend (see ``fused_sam.available_backends``).
         **base_kwargs: passed to ``base_optimizer``, ``eps`` included, as the classic SAM class does.
 
-    Parameters' ``.data`` and ``.grad`` become views into flat buffers; ``zero_grad`` zeroes the buffer
-    and keeps the views, also for ``set_to_none=True``.
+    Parameters' ``.data`` and ``.grad`` become views into flat buffers. As in torch.optim, a parameter
+    whose ``.grad`` is None (``zero_grad()`` sets them so) is not perturbed or updated: it keeps its weight,
+    state and step count.
     """
 
     def __init__(
@@ -375,6 +376,8 @@ class FusedSAM(torch.optim.Optimizer):
             )
         state = self._split_saved_state(self.state_dict()["state"], {}, [])[0] if self._fused_kind else None
         masters = self._masters()
+        for segment in sam.segments:
+            segment.remove_hooks()
         sam.segments.clear()
         sam.partials_buffers.clear()
         self._build_segments(range(len(self.param_groups)))
@@ -957,7 +960,11 @@ class FusedSAM(torch.optim.Optimizer):
         return grad_scale, found_inf
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero every gradient buffer in one operation each; views stay linked even with set_to_none.
+        """Zero every gradient buffer in one operation each, and as torch.optim: with set_to_none every
+        ``.grad`` becomes None, so a parameter the next backward does not reach (frozen, an unrouted
+        expert, an unused branch) is neither perturbed nor updated; without it the existing gradients stay
+        as zeros and their parameters take a zero-gradient update. A backward accumulates into the flat
+        buffer either way (a hook links the view before accumulation).
 
         Parameters moved since the last step (``model.to(...)`` also moves their ``.grad`` out of the
         buffer) are flattened anew first, so the gradients they hold are the ones zeroed.
@@ -968,7 +975,7 @@ class FusedSAM(torch.optim.Optimizer):
             if moved:
                 self._relayout(moved)
         for segment in sam.segments:
-            segment.zero_grad()
+            segment.zero_grad(set_to_none)
 
     @property
     def _opt_called(self) -> bool:

@@ -1,0 +1,270 @@
+"""A parameter that gets no gradient is not updated, as in torch.optim: zero_grad() sets every .grad to None
+(set_to_none=True, the default), and a parameter no backward reaches afterwards (frozen mid-run, an expert
+no token was routed to, a branch not taken) keeps its weight, state and step count bit for bit. Checked in
+float64 to 1e-12 against torch.optim itself (rho = 0) and the classic per-tensor SAM class."""
+import copy
+
+import pytest
+import torch
+
+from fused_sam import FusedSAM, available_backends
+from fused_sam.classic import ClassicSAM
+from fused_sam.variants import Every
+
+BACKENDS = [b for b in ("reference", "torch", "native") if b in available_backends(torch.device("cpu"), torch.float64)]
+BASES = {
+    "sgd_nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "adam": (torch.optim.Adam, dict(lr=1e-2)),
+    "adamw_amsgrad": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    "rmsprop": (torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5, weight_decay=0.01)),  # not fused: its own step()
+}
+STEPS = 6
+
+
+class Net(torch.nn.Module):
+    """A trunk, two experts and a branch; ``used`` says which of the optional parts a forward runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Linear(5, 8)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+        self.branch = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x, used):
+        h = torch.tanh(self.trunk(x))
+        h = h + sum(torch.tanh(self.experts[k](h)) for k in (0, 1) if f"expert{k}" in used)
+        if "branch" in used:
+            h = h + torch.tanh(self.branch(h))
+        return self.head(h)
+
+
+# Per scenario, for step t and pass k (0: at w, 1: at w + e): the optional parts used, and whether the trunk is
+# frozen (requires_grad=False) during step t.
+SCENARIOS = {
+    "freeze_then_unfreeze": (lambda t, k: {"expert0", "expert1", "branch"}, lambda t: 2 <= t < 4),
+    "moe_expert_without_tokens": (lambda t, k: {"expert0"} | ({"expert1"} if t % 3 != 1 else set()), lambda t: False),
+    "branch_every_other_step": (lambda t, k: {"expert0"} | ({"branch"} if t % 2 == 0 else set()), lambda t: False),
+    "reached_only_at_w_plus_e": (lambda t, k: {"expert0"} | ({"branch"} if k == 1 else set()), lambda t: False),
+}
+
+
+def batches():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64))
+            for _ in range(STEPS)]
+
+
+def loss_of(model, x, y, used):
+    return torch.nn.functional.mse_loss(model(x, used), y)
+
+
+def new_model():
+    torch.manual_seed(0)
+    return Net().double()
+
+
+def set_frozen(model, frozen: bool) -> None:
+    model.trunk.requires_grad_(not frozen)
+
+
+def fused_run(scenario, base, backend, rho, loop, **kwargs):
+    uses, frozen = SCENARIOS[scenario]
+    model = new_model()
+    cls, settings = BASES[base]
+    opt = FusedSAM(model.parameters(), cls, rho=rho, backend=backend, **settings, **kwargs)
+    for t, (x, y) in enumerate(batches()):
+        set_frozen(model, frozen(t))
+        if loop == "two_calls":
+            loss_of(model, x, y, uses(t, 0)).backward()
+            opt.first_step(zero_grad=True)
+            loss_of(model, x, y, uses(t, 1)).backward()
+            opt.second_step(zero_grad=True)
+        elif loop == "closure_torch":  # nothing ran before step(): the closure runs at w, then at w + e
+            passes = iter((0, 1))
+
+            def closure():
+                opt.zero_grad()
+                loss = loss_of(model, x, y, uses(t, next(passes)))
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        else:  # closure_classic: the first backward ran, the closure runs once, at w + e
+            loss_of(model, x, y, uses(t, 0)).backward()
+            opt.step(lambda: loss_of(model, x, y, uses(t, 1)).backward())
+            opt.zero_grad()
+    return model, opt
+
+
+def classic_run(scenario, base, rho):
+    uses, frozen = SCENARIOS[scenario]
+    model = new_model()
+    cls, settings = BASES[base]
+    opt = ClassicSAM(model.parameters(), cls, rho=rho, **settings)
+    for t, (x, y) in enumerate(batches()):
+        set_frozen(model, frozen(t))
+        loss_of(model, x, y, uses(t, 0)).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(model, x, y, uses(t, 1)).backward()
+        opt.second_step(zero_grad=True)
+    return model, opt.base_optimizer
+
+
+def torch_run(scenario, base, set_to_none=True):
+    """torch.optim with the gradient of the pass FusedSAM updates with (at w + e, which is w at rho = 0)."""
+    uses, frozen = SCENARIOS[scenario]
+    model = new_model()
+    cls, settings = BASES[base]
+    opt = cls(model.parameters(), **settings)
+    for t, (x, y) in enumerate(batches()):
+        set_frozen(model, frozen(t))
+        opt.zero_grad(set_to_none=set_to_none)
+        loss_of(model, x, y, uses(t, 1)).backward()
+        opt.step()
+    return model, opt
+
+
+def assert_same_run(model, opt, ref_model, ref_opt):
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        ref_state, state = ref_opt.state.get(q, {}), opt.state.get(p, {})
+        for key, value in ref_state.items():
+            if key == "step":
+                assert float(state.get("step", 0)) == float(value), f"{name}: step {state.get('step')} != {value}"
+            elif value is not None:
+                torch.testing.assert_close(state[key], value, rtol=0, atol=1e-12, msg=lambda m: f"{name} {key}: {m}")
+        if not ref_state:  # never updated: no state that moved
+            assert float(state.get("step", 0)) == 0, f"{name} was never updated by the reference"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_the_classic_sam_class(scenario, base, backend):
+    model, opt = fused_run(scenario, base, backend, rho=0.05, loop="two_calls")
+    assert_same_run(model, opt, *classic_run(scenario, base, rho=0.05))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("base", BASES)
+def test_matches_torch_optim_at_rho_zero(scenario, base):
+    model, opt = fused_run(scenario, base, "reference", rho=0.0, loop="two_calls")
+    assert_same_run(model, opt, *torch_run(scenario, base))
+
+
+@pytest.mark.parametrize("loop", ["closure_torch", "closure_classic"])
+@pytest.mark.parametrize("scenario", ["freeze_then_unfreeze", "moe_expert_without_tokens"])
+@pytest.mark.parametrize("base", ["sgd_nesterov", "adamw_amsgrad", "rmsprop"])
+def test_step_closure_conventions_match_the_classic_class(loop, scenario, base):
+    model, opt = fused_run(scenario, base, "torch", rho=0.05, loop=loop)
+    assert_same_run(model, opt, *classic_run(scenario, base, rho=0.05))
+
+
+@pytest.mark.parametrize("base", ["sgd_nesterov", "adamw_amsgrad"])
+def test_capturable_path_skips_alike(base):
+    model, opt = fused_run("freeze_then_unfreeze", base, "reference", rho=0.05, loop="two_calls", capturable=True)
+    assert_same_run(model, opt, *classic_run("freeze_then_unfreeze", base, rho=0.05))
+
+
+def frozen_snapshot(model, opt):
+    return [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)})
+            for p in model.trunk.parameters()]
+
+
+def assert_unchanged(model, opt, snapshot):
+    for p, (weight, state) in zip(model.trunk.parameters(), snapshot):
+        assert torch.equal(p, weight)
+        for key, value in state.items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("kwargs", [dict(mode="alternate"), dict(variant=Every(2)), dict(skip_nonfinite=False)],
+                         ids=["alternate", "every2", "no_skip_nonfinite"])
+def test_a_frozen_parameter_stays_bit_for_bit(kwargs):
+    """Alternate mode (each step() call one half), a variant's plain steps: a frozen parameter is neither
+    perturbed nor updated, its state and step count unchanged."""
+    model = new_model()
+    opt = FusedSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1, backend="torch",
+                   **kwargs)
+    used = {"expert0"}
+    snapshot = None
+    for t, (x, y) in enumerate(batches()):
+        if t == 2:
+            set_frozen(model, True)
+            snapshot = frozen_snapshot(model, opt)
+        if kwargs.get("mode") == "alternate":
+            opt.zero_grad()
+            loss_of(model, x, y, used).backward()
+            opt.step()
+            if snapshot is not None:  # between the halves too: not perturbed
+                assert_unchanged(model, opt, snapshot)
+        elif opt.sam_step_due:
+            loss_of(model, x, y, used).backward()
+            opt.first_step(zero_grad=True)
+            loss_of(model, x, y, used).backward()
+            opt.second_step(zero_grad=True)
+        else:
+            loss_of(model, x, y, used).backward()
+            opt.plain_step(zero_grad=True)
+    assert_unchanged(model, opt, snapshot)
+    assert float(opt.state[model.head.weight]["step"]) > float(snapshot[0][1]["step"])
+
+
+def test_grad_scaler_and_master_weights_leave_a_frozen_parameter_alone():
+    model = new_model().to(torch.bfloat16)
+    opt = FusedSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1, backend="torch",
+                   master_weights=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    used = {"expert0"}
+    snapshot = master = None
+    for t, (x, y) in enumerate(batches()):
+        x, y = x.to(torch.bfloat16), y.to(torch.bfloat16)
+        if t == 2:
+            set_frozen(model, True)
+            snapshot = frozen_snapshot(model, opt)
+            master = opt.state_dict()["state"][0]["sam_master_weight"].clone()
+        scaler.scale(loss_of(model, x, y, used)).backward()
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(loss_of(model, x, y, used)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert_unchanged(model, opt, snapshot)
+    assert torch.equal(opt.state_dict()["state"][0]["sam_master_weight"], master)
+
+
+def test_set_to_none_false_updates_with_zero_gradients_as_torch_optim():
+    """zero_grad(set_to_none=False) keeps zeroed gradients, and torch.optim then updates a frozen parameter
+    with a zero gradient (weight decay, momentum): so does FusedSAM."""
+    scenario, base = "freeze_then_unfreeze", "sgd_nesterov"
+    uses, frozen = SCENARIOS[scenario]
+    model = new_model()
+    cls, settings = BASES[base]
+    opt = FusedSAM(model.parameters(), cls, rho=0.0, backend="reference", **settings)
+    for t, (x, y) in enumerate(batches()):
+        set_frozen(model, frozen(t))
+        opt.zero_grad(set_to_none=False)
+        loss_of(model, x, y, uses(t, 0)).backward()
+        opt.first_step()
+        opt.zero_grad(set_to_none=False)
+        loss_of(model, x, y, uses(t, 1)).backward()
+        opt.second_step()
+    ref_model, ref_opt = torch_run(scenario, base, set_to_none=False)
+    assert_same_run(model, opt, ref_model, ref_opt)
+    assert model.trunk.weight.grad is not None  # zeroed, not None: it moved while frozen, as in torch.optim
+
+
+def test_gradients_are_none_after_zero_grad_and_views_after_a_backward():
+    """As torch.optim: None after zero_grad(); a backward accumulates into the flat buffer (no copy)."""
+    model = new_model()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="reference")
+    segment = opt._sam.segments[0]
+    x, y = batches()[0]
+    for _ in range(2):
+        opt.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+        loss_of(model, x, y, {"expert0"}).backward()
+        used = [p.grad is not None for p in model.parameters()]
+        assert used == [not n.startswith(("experts.1", "branch")) for n, _ in model.named_parameters()]
+        assert all(p.grad is h for p, h, u in zip(model.parameters(), segment.grad_handles, used) if u)
