@@ -85,19 +85,19 @@ def _remove_hooks(handles: list) -> None:
     handles.clear()
 
 
-def _link_before_accumulation(segment_ref, i: int):
-    """The gradient hook of parameter ``i``: runs before autograd accumulates its gradient, and makes a
-    ``.grad`` of None the segment's zeroed view, so autograd adds into the flat buffer instead of making a
-    fresh tensor that the step would copy in."""
+def _link_before_accumulation(segment_ref, i: int, p: torch.Tensor, handle: torch.Tensor):
+    """The gradient hook of parameter ``p`` (the segment's ``i``-th): runs before autograd accumulates its
+    gradient, and makes a ``.grad`` of None the segment's zeroed view ``handle``, so autograd adds into the
+    flat buffer instead of making a fresh tensor that the step would copy in."""
     def hook(_grad):
-        segment = segment_ref()
-        if segment is None or not segment.view_free[i]:
-            return
-        p = segment.params[i]
-        # A parameter moved since the last step (model.to(...)) gets a fresh .grad: the step re-flattens it.
-        if p.grad is None and p.data_ptr() == segment.weight_ptrs[i]:
-            segment.view_free[i] = False
-            p.grad = segment.grad_handles[i]
+        if p.grad is None:
+            segment = segment_ref()
+            if segment is not None and segment.view_free[i]:
+                try:
+                    p.grad = handle
+                except RuntimeError:  # moved to another dtype or device since the step: re-flattened there
+                    return
+                segment.view_free[i] = False
     return hook
 
 
@@ -238,7 +238,8 @@ class FlatSegment:
         return None
 
     def _hook(self, i: int) -> None:
-        self._hook_handles.append(self.params[i].register_hook(_link_before_accumulation(weakref.ref(self), i)))
+        p = self.params[i]
+        self._hook_handles.append(p.register_hook(_link_before_accumulation(weakref.ref(self), i, p, self.grad_handles[i])))
         self._hooked[i] = True
 
     def remove_hooks(self) -> None:
