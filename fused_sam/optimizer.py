@@ -708,12 +708,12 @@ class FusedSAM(torch.optim.Optimizer):
         if isinstance(self.variant, LookSAM):
             reuse_scale = self._reuse_scale(active)
             if not self._fused_kind:  # the base optimizer reads .grad: add the reused component there
-                self._add_reused_component(reuse_scale)
+                self._add_reused_component(reuse_scale, active)
                 reuse_scale = None
         sam.perturbed = [[sam.momentum_perturbed] * len(segment.params) for segment in sam.segments]
         self._update(active, grad_scale, found_inf, reuse_scale)
         if isinstance(self.variant, MomentumSAM):
-            self._perturb_along_momentum()
+            self._perturb_along_momentum(active)
 
     def _nonfinite_gradients(self, work, squared_norm: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """With ``skip_nonfinite``, the found_inf of an update without a GradScaler: 1.0 (float32, on the
@@ -739,18 +739,22 @@ class FusedSAM(torch.optim.Optimizer):
         sam.skipped += found_inf.to(sam.skipped.device, torch.int32)
         return found_inf
 
-    def _perturb_along_momentum(self) -> None:
+    def _perturb_along_momentum(self, active) -> None:
         """MomentumSAM: backup <- w, w <- w - rho * v / (||v|| + perturb_eps), v the base optimizer's momentum
         (SGD's buffer, Adam's first moment), its norm global. The backends' own norm and perturb, over spans
-        whose 'gradient' is the momentum (same dtype: float32/float64 parameters only)."""
+        whose 'gradient' is the momentum (same dtype: float32/float64 parameters only). Only the parameters
+        this step updated (``active``, per segment) move; the others' backup is their weight, so the next
+        step's restore leaves them as they are."""
         sam = self._sam
         name = "momentum_buffer" if self._fused_kind == "sgd" else "exp_avg"
         perturbations = [dataclasses.replace(p, rho=-p.rho) for p in self._perturbations()]
         work = []
-        for segment in sam.segments:
-            if segment.numel:
-                span = segment._whole_span()
-                work.append((segment, dataclasses.replace(span, grads=segment.state[name])))
+        for segment, mask in zip(sam.segments, active):
+            for _, _, (updated,), span in segment.spans(mask):
+                if updated:
+                    work.append((segment, dataclasses.replace(span, grads=span.state[name])))
+                else:
+                    span.backup.copy_(span.weights)
         partials = self._norm_partials(work, perturbations)
         for segment, span in work:
             segment.backend.perturb(span, perturbations[segment.group_index], partials[span.device], None)
@@ -823,14 +827,19 @@ class FusedSAM(torch.optim.Optimizer):
         g_sq = next(iter(partials.values())).sum(dtype=torch.float64)
         return reuse_coefficient(self.variant.alpha, g_sq, sam.looksam_gv_sq.to(g_sq.device))
 
-    def _add_reused_component(self, coefficient: torch.Tensor) -> None:
-        """LookSAM's reuse step for a base optimizer that is not fused: g <- g + coefficient * g_v in .grad."""
-        for segment in self._sam.segments:
-            g_v, factor = segment.state[LOOKSAM_KEY], coefficient.to(segment.device, segment.state_dtype)
-            if segment.grads.dtype == g_v.dtype:
-                segment.grads.addcmul_(g_v, factor)  # one pass, in place
-            else:  # 16-bit gradients: the sum in float32, rounded once
-                segment.grads.copy_(segment.grads.to(g_v.dtype).addcmul_(g_v, factor))
+    def _add_reused_component(self, coefficient: torch.Tensor, active) -> None:
+        """LookSAM's reuse step for a base optimizer that is not fused: g <- g + coefficient * g_v in .grad,
+        where there is a gradient (the other views stay zero, for the next backward to accumulate into)."""
+        for segment, mask in zip(self._sam.segments, active):
+            factor = coefficient.to(segment.device, segment.state_dtype)
+            for _, _, (has_grad,), span in segment.spans(mask):
+                if not has_grad:
+                    continue
+                g_v = span.state[LOOKSAM_KEY]
+                if span.grads.dtype == g_v.dtype:
+                    span.grads.addcmul_(g_v, factor)  # one pass, in place
+                else:  # 16-bit gradients: the sum in float32, rounded once
+                    span.grads.copy_(span.grads.to(g_v.dtype).addcmul_(g_v, factor))
 
     def _note_capture(self, what: str) -> None:
         """Under CUDA graph capture: refuse unless capturable (a float lr and rho would replay frozen); else

@@ -9,7 +9,7 @@ import torch
 
 from fused_sam import FusedSAM, available_backends
 from fused_sam.classic import ClassicSAM
-from fused_sam.variants import Every
+from fused_sam.variants import Every, LookSAM, MomentumSAM
 
 BACKENDS = [b for b in ("reference", "torch", "native") if b in available_backends(torch.device("cpu"), torch.float64)]
 BASES = {
@@ -179,20 +179,29 @@ def assert_unchanged(model, opt, snapshot):
             assert torch.equal(opt.state[p][key], value), key
 
 
-@pytest.mark.parametrize("kwargs", [dict(mode="alternate"), dict(variant=Every(2)), dict(skip_nonfinite=False)],
-                         ids=["alternate", "every2", "no_skip_nonfinite"])
-def test_a_frozen_parameter_stays_bit_for_bit(kwargs):
-    """Alternate mode (each step() call one half), a variant's plain steps: a frozen parameter is neither
-    perturbed nor updated, its state and step count unchanged."""
+@pytest.mark.parametrize("base, kwargs", [
+    ("adamw_amsgrad", dict(mode="alternate")),
+    ("adamw_amsgrad", dict(variant=Every(2))),
+    ("adamw_amsgrad", dict(skip_nonfinite=False)),
+    ("sgd_nesterov", dict(variant=MomentumSAM())),
+    ("adamw_amsgrad", dict(variant=LookSAM(2))),
+    ("rmsprop", dict(variant=LookSAM(2))),
+], ids=["alternate", "every2", "no_skip_nonfinite", "momentum_sam", "looksam", "looksam_unfused"])
+def test_a_frozen_parameter_stays_bit_for_bit(base, kwargs):
+    """Alternate mode (each step() call one half), a variant's plain and reuse steps, MomentumSAM's
+    perturbation along the momentum: a frozen parameter is neither perturbed nor updated, its state and
+    step count unchanged, while the others train."""
     model = new_model()
-    opt = FusedSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1, backend="torch",
-                   **kwargs)
+    cls, settings = BASES[base]
+    opt = FusedSAM(model.parameters(), cls, rho=0.05, backend="torch", **settings, **kwargs)
     used = {"expert0"}
-    snapshot = None
+    snapshot = head = None
     for t, (x, y) in enumerate(batches()):
         if t == 2:
             set_frozen(model, True)
-            snapshot = frozen_snapshot(model, opt)
+            with opt.at_restore_point():  # MomentumSAM holds the model at w - rho v / ||v|| between steps
+                snapshot = frozen_snapshot(model, opt)
+                head = model.head.weight.detach().clone()
         if kwargs.get("mode") == "alternate":
             opt.zero_grad()
             loss_of(model, x, y, used).backward()
@@ -207,8 +216,11 @@ def test_a_frozen_parameter_stays_bit_for_bit(kwargs):
         else:
             loss_of(model, x, y, used).backward()
             opt.plain_step(zero_grad=True)
-    assert_unchanged(model, opt, snapshot)
-    assert float(opt.state[model.head.weight]["step"]) > float(snapshot[0][1]["step"])
+        if snapshot is not None and "variant" in kwargs:  # MomentumSAM: not perturbed between steps either
+            assert_unchanged(model, opt, snapshot)
+    with opt.at_restore_point():
+        assert_unchanged(model, opt, snapshot)
+        assert not torch.equal(model.head.weight, head)
 
 
 def test_grad_scaler_and_master_weights_leave_a_frozen_parameter_alone():
