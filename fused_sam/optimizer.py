@@ -146,6 +146,9 @@ class _SAMState:
         # rho is written into before each step (eagerly; under capture a float is refused).
         self.device_hyperparameters: Dict[tuple, torch.Tensor] = {}
         self.captured = False  # a step was captured into a CUDA graph: the buffers must stay where they are
+        # Per captured half ("first_step()", "second_step()"): which parameters had a gradient (per segment),
+        # so the graph perturbs and updates those on every replay.
+        self.captured_live: Dict[str, list] = {}
         self.completed_steps = 0  # SAM and plain steps taken: what a variant decides from
         self.sam_due: Optional[bool] = None  # the variant's decision for the step under way, once asked
         self.momentum_perturbed = False  # MomentumSAM: the weights are w - rho v / ||v||, the backup holds w
@@ -473,6 +476,7 @@ class FusedSAM(torch.optim.Optimizer):
         rhos = self._device_hyperparameters("rho")  # before any kernel: a refusal leaves nothing half done
         self._base_updates()  # a base setting second_step() would refuse must fail before w moves
         active = self._linked_grads(intact)
+        self._check_captured_live_set("first_step()", active)
         work = self._spans_with_gradients(active)
         if isinstance(self.variant, LookSAM):  # g, kept until second_step makes g_v of it
             for segment in sam.segments:
@@ -615,6 +619,7 @@ class FusedSAM(torch.optim.Optimizer):
                     f"{moved} changed storage between first_step() and second_step(); the weights cannot be restored"
                 )
         active = self._linked_grads(intact)
+        self._check_captured_live_set("second_step()", active)
         problem = self._scaling_mismatch(grad_scale is not None or found_inf is not None)
         if problem:
             self._restore_all()
@@ -840,6 +845,26 @@ class FusedSAM(torch.optim.Optimizer):
                     span.grads.addcmul_(g_v, factor)  # one pass, in place
                 else:  # 16-bit gradients: the sum in float32, rounded once
                     span.grads.copy_(span.grads.to(g_v.dtype).addcmul_(g_v, factor))
+
+    def _check_captured_live_set(self, what: str, active: list) -> None:
+        """A captured graph perturbs and updates the parameters that had a gradient when it was captured, on
+        every replay. Record them under capture; refuse an eager step after capture whose set differs (a
+        parameter frozen, or reached by no backward, since): the graph would update it."""
+        sam = self._sam
+        if _capturing():
+            sam.captured_live[what] = active
+        elif what in sam.captured_live and sam.captured_live[what] != active:
+            changed = next(f"parameter {i} of param group {segment.group_index}"
+                           for segment, now, then in zip(sam.segments, active, sam.captured_live[what])
+                           for i in range(len(segment.params))
+                           if (now is None or now[i]) != (then is None or then[i]))
+            if sam.perturbed is not None:
+                self._restore_all()
+            raise RuntimeError(
+                f"{what}: the parameters with a gradient are not those a CUDA graph captured ({changed} changed): "
+                "a replay would perturb and update exactly the captured ones, a frozen parameter included. "
+                "Capture the step anew (with a new FusedSAM) after freezing or unfreezing parameters"
+            )
 
     def _note_capture(self, what: str) -> None:
         """Under CUDA graph capture: refuse unless capturable (a float lr and rho would replay frozen); else

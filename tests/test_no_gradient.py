@@ -280,3 +280,35 @@ def test_gradients_are_none_after_zero_grad_and_views_after_a_backward():
         used = [p.grad is not None for p in model.parameters()]
         assert used == [not n.startswith(("experts.1", "branch")) for n, _ in model.named_parameters()]
         assert all(p.grad is h for p, h, u in zip(model.parameters(), segment.grad_handles, used) if u)
+
+
+def test_a_change_of_the_parameters_with_gradients_after_capture_is_refused(monkeypatch):
+    """A captured graph updates the parameters that had a gradient when it was captured, on every replay:
+    an eager step after capture with another set (a parameter frozen since) is refused, w left as it was.
+    The capture itself needs a GPU; here the optimizer is told it is capturing."""
+    import fused_sam.optimizer as optimizer_module
+
+    model = new_model()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=torch.tensor(0.05, dtype=torch.float64),
+                   rho=torch.tensor(0.05, dtype=torch.float64), momentum=0.9, capturable=True, backend="reference")
+    (x, y), used = batches()[0], {"expert0"}
+    monkeypatch.setattr(optimizer_module, "_capturing", lambda: True)
+    loss_of(model, x, y, used).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y, used).backward()
+    opt.second_step(zero_grad=True)
+    monkeypatch.setattr(optimizer_module, "_capturing", lambda: False)
+    loss_of(model, x, y, used).backward()  # the same set, eagerly: fine
+    opt.first_step(zero_grad=True)
+    set_frozen(model, True)
+    loss_of(model, x, y, used).backward()
+    w = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="not those a CUDA graph captured .parameter 0 of param group 0"):
+        opt.second_step()
+    assert not opt.perturbed
+    restored = [p.detach().clone() for p in model.parameters()]
+    assert not all(map(torch.equal, w, restored))  # w + e was taken back to w
+    loss_of(model, x, y, used).backward()
+    with pytest.raises(RuntimeError, match="first_step\\(\\): the parameters with a gradient are not those"):
+        opt.first_step()
+    assert all(map(torch.equal, restored, [p.detach() for p in model.parameters()]))
