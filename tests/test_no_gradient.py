@@ -312,3 +312,56 @@ def test_a_change_of_the_parameters_with_gradients_after_capture_is_refused(monk
     with pytest.raises(RuntimeError, match="first_step\\(\\): the parameters with a gradient are not those"):
         opt.first_step()
     assert all(map(torch.equal, restored, [p.detach() for p in model.parameters()]))
+
+
+def _ddp_run(rank: int) -> dict:
+    """Two ranks under DDP (find_unused_parameters=True): expert 1 used on rank 0 only at some steps, on
+    no rank at others; the trunk frozen for two steps."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = new_model()
+    ddp = DDP(model, find_unused_parameters=True)
+    cls, settings = BASES["adamw_amsgrad"]
+    opt = FusedSAM(ddp.parameters(), cls, rho=0.05, backend="reference", **settings)
+    for t, (x, y) in enumerate(batches()):
+        set_frozen(model, 2 <= t < 4)
+        used = {"expert0"} | ({"expert1"} if _ddp_expert1_used(t, rank) else set())
+        half = slice(8 * rank, 8 * rank + 8)
+        loss_of(ddp, x[half], y[half], used).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(ddp, x[half], y[half], used).backward()
+        opt.second_step(zero_grad=True)
+    return {"weights": [p.detach().clone() for p in model.parameters()],
+            "steps": [float(opt.state[p].get("step", 0)) for p in model.parameters()]}
+
+
+def _ddp_expert1_used(t: int, rank: int) -> bool:
+    return {0: True, 1: False, 2: rank == 0}[t % 3]  # both ranks, none, rank 0 only
+
+
+def test_ddp_ranks_agree_on_which_parameters_update(tmp_path):
+    """DDP writes the averaged gradient on every rank for a parameter any rank used and none for one no
+    rank used: the ranks update the same parameters, equal to the classic class on the mean of their losses."""
+    from distributed_harness import run_on_ranks
+
+    ranks = run_on_ranks(_ddp_run, (), tmp_path)
+    for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]):
+        assert torch.equal(a, b)
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    model = new_model()
+    cls, settings = BASES["adamw_amsgrad"]
+    classic = ClassicSAM(model.parameters(), cls, rho=0.05, **settings)
+    for t, (x, y) in enumerate(batches()):
+        set_frozen(model, 2 <= t < 4)
+
+        def mean_loss():
+            return sum(loss_of(model, x[8 * r:8 * r + 8], y[8 * r:8 * r + 8],
+                               {"expert0"} | ({"expert1"} if _ddp_expert1_used(t, r) else set())) for r in (0, 1)) / 2
+
+        mean_loss().backward()
+        classic.first_step(zero_grad=True)
+        mean_loss().backward()
+        classic.second_step(zero_grad=True)
+    for a, p in zip(ranks[0]["weights"], model.parameters()):
+        torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-12)
+    assert ranks[0]["steps"] == [float(classic.base_optimizer.state[p].get("step", 0)) for p in model.parameters()]
