@@ -365,3 +365,36 @@ def test_ddp_ranks_agree_on_which_parameters_update(tmp_path):
     for a, p in zip(ranks[0]["weights"], model.parameters()):
         torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-12)
     assert ranks[0]["steps"] == [float(classic.base_optimizer.state[p].get("step", 0)) for p in model.parameters()]
+
+
+FLOAT32_BACKENDS = [b for b in ("reference", "torch", "native", "triton")
+                    if b in available_backends(torch.device("cpu"), torch.float32)]  # triton: its interpreter
+
+
+def _float32_run(backend):
+    model = new_model().float()
+    opt = FusedSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1, backend=backend)
+    untouched = None
+    for t, (x, y) in enumerate(batches()[:4]):
+        x, y = x.float(), y.float()
+        if t == 1:
+            set_frozen(model, True)
+            untouched = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+                         for p in [*model.trunk.parameters(), *model.experts[1].parameters()]]
+        loss_of(model, x, y, {"expert0"}).backward()  # expert 1 gets no tokens
+        opt.first_step(zero_grad=True)
+        loss_of(model, x, y, {"expert0"}).backward()
+        opt.second_step(zero_grad=True)
+    for p, (weight, state) in zip([*model.trunk.parameters(), *model.experts[1].parameters()], untouched):
+        assert torch.equal(p, weight)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+    return model
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_every_backend_skips_what_has_no_gradient(backend):
+    """Each backend runs its kernels over the runs of parameters with a gradient only (float32: triton
+    runs here under its interpreter)."""
+    model, reference = _float32_run(backend), _float32_run("reference")
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
