@@ -854,10 +854,12 @@ class FusedSAM(torch.optim.Optimizer):
         if _capturing():
             sam.captured_live[what] = active
         elif what in sam.captured_live and sam.captured_live[what] != active:
-            changed = next(f"parameter {i} of param group {segment.group_index}"
-                           for segment, now, then in zip(sam.segments, active, sam.captured_live[what])
-                           for i in range(len(segment.params))
-                           if (now is None or now[i]) != (then is None or then[i]))
+            changed = next((f"parameter {i} of param group {segment.group_index}"
+                            for segment, now, then in zip(sam.segments, active, sam.captured_live[what])
+                            for i in range(len(segment.params))
+                            if (now is None or now[i]) != (then is None or then[i])), None)
+            if changed is None:  # None (every parameter) against a list of all True: the same set
+                return
             if sam.perturbed is not None:
                 self._restore_all()
             raise RuntimeError(
