@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import sys
+import weakref
 from itertools import groupby
 from typing import Iterator, List, Optional, Sequence
 
@@ -76,6 +77,28 @@ def flat_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     if numel * t.element_size() >= HUGE_PAGE_MIN_BYTES:
         advise_huge_pages(t)
     return t.zero_()
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _link_before_accumulation(segment_ref, i: int, p: torch.Tensor, handle: torch.Tensor):
+    """The gradient hook of parameter ``p`` (the segment's ``i``-th): runs before autograd accumulates its
+    gradient, and makes a ``.grad`` of None the segment's zeroed view ``handle``, so autograd adds into the
+    flat buffer instead of making a fresh tensor that the step would copy in."""
+    def hook(_grad):
+        if p.grad is None:
+            segment = segment_ref()
+            if segment is not None and segment.view_free[i]:
+                try:
+                    p.grad = handle
+                except RuntimeError:  # moved to another dtype or device since the step: re-flattened there
+                    return
+                segment.view_free[i] = False
+    return hook
 
 
 def _padded(n: int) -> int:
@@ -160,8 +183,17 @@ class FlatSegment:
         for p, w, g in zip(self.params, self.weight_views, self.grad_handles):
             if not self.sharded:
                 p.data = w
-            if p.grad is not None or p.requires_grad:
+            if p.grad is not None:
                 p.grad = g
+        # Per parameter: is its gradient view zero and not its .grad? Then a backward may accumulate into it.
+        self.view_free = [p.grad is None for p in self.params]
+        self._hooked = [False] * len(self.params)
+        self._hook_handles: list = []
+        weakref.finalize(self, _remove_hooks, self._hook_handles)  # a dropped optimizer links nothing more
+        if not self.sharded:  # FSDP2 writes a sharded .grad itself: no backward reaches the DTensor parameter
+            for i, p in enumerate(self.params):
+                if p.requires_grad:
+                    self._hook(i)
         self.weight_ptrs = [w.data_ptr() for w in self.weight_views]
         if self.has_master:
             self.master = flat_zeros(self.numel, torch.float32, self.device).copy_(self.weights)
@@ -205,16 +237,32 @@ class FlatSegment:
                 return f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}, now {p.dtype} on {p.device})"
         return None
 
+    def _hook(self, i: int) -> None:
+        p = self.params[i]
+        self._hook_handles.append(p.register_hook(_link_before_accumulation(weakref.ref(self), i, p, self.grad_handles[i])))
+        self._hooked[i] = True
+
+    def remove_hooks(self) -> None:
+        """Unhook the parameters (a re-layout: the new segment hooks them)."""
+        _remove_hooks(self._hook_handles)
+
     def link_grads(self) -> Optional[List[bool]]:
         """Bring every gradient into the flat buffer; return which parameters have one (None: all do).
 
-        A ``.grad`` replaced by a fresh tensor (``model.zero_grad()``, create_graph, user assignment) is
-        copied into the buffer in one batched copy and the view is linked back.
+        A ``.grad`` replaced by a fresh tensor (``model.zero_grad()``, create_graph, user assignment, a
+        parameter unfrozen after construction) is copied into the buffer in one batched copy and the view
+        is linked back. The views of parameters without a gradient are left zero (whole-buffer passes, as
+        LookSAM's, read them).
         """
         grads = list(map(_GRAD, self.params))
         if all(map(operator.is_, grads, self.grad_handles)):
             return None
         active = [g is not None for g in grads]
+        unzeroed = [i for i, g in enumerate(grads) if g is None and not self.view_free[i]]
+        if unzeroed:  # the .grad was set to None from outside (model.zero_grad()): the view holds an old one
+            torch._foreach_zero_([self.grad_views[i] for i in unzeroed])
+            for i in unzeroed:
+                self.view_free[i] = True
         stale = [i for i, (g, handle) in enumerate(zip(grads, self.grad_handles)) if g is not None and g is not handle]
         if stale:
             sources = {i: local_of(grads[i]) for i in stale}
@@ -232,14 +280,25 @@ class FlatSegment:
             torch._foreach_copy_([self.grad_views[i] for i in stale], list(sources.values()))
             for i in stale:
                 self.params[i].grad = self.grad_handles[i]
+                self.view_free[i] = False
+                if not (self._hooked[i] or self.sharded):  # unfrozen since construction: link it from now on
+                    self._hook(i)
         return active
 
-    def zero_grad(self) -> None:
-        """Zero the gradient buffer in one operation and (re)link every gradient view."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffer in one operation. set_to_none: every ``.grad`` becomes None, as in
+        torch.optim (the hook links a parameter's view back when a backward reaches it); else the
+        gradients that exist stay, as zeroed views."""
         self.grads.zero_()
-        for p, g in zip(self.params, self.grad_handles):
-            if p.grad is not g and (p.grad is not None or p.requires_grad):
-                p.grad = g
+        if set_to_none:
+            for p in self.params:
+                p.grad = None
+            self.view_free = [True] * len(self.params)
+        else:
+            for i, (p, g) in enumerate(zip(self.params, self.grad_handles)):
+                if p.grad is not None and p.grad is not g:
+                    p.grad = g
+                self.view_free[i] = p.grad is None
         self.mark_grads_seen()
 
     def mark_grads_seen(self) -> None:

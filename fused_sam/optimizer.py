@@ -146,6 +146,9 @@ class _SAMState:
         # rho is written into before each step (eagerly; under capture a float is refused).
         self.device_hyperparameters: Dict[tuple, torch.Tensor] = {}
         self.captured = False  # a step was captured into a CUDA graph: the buffers must stay where they are
+        # Per captured half ("first_step()", "second_step()"): which parameters had a gradient (per segment),
+        # so the graph perturbs and updates those on every replay.
+        self.captured_live: Dict[str, list] = {}
         self.completed_steps = 0  # SAM and plain steps taken: what a variant decides from
         self.sam_due: Optional[bool] = None  # the variant's decision for the step under way, once asked
         self.momentum_perturbed = False  # MomentumSAM: the weights are w - rho v / ||v||, the backup holds w
@@ -188,8 +191,9 @@ class FusedSAM(torch.optim.Optimizer):
         backend: "auto", "reference", or a kernel backend (see ``fused_sam.available_backends``).
         **base_kwargs: passed to ``base_optimizer``, ``eps`` included, as the classic SAM class does.
 
-    Parameters' ``.data`` and ``.grad`` become views into flat buffers; ``zero_grad`` zeroes the buffer
-    and keeps the views, also for ``set_to_none=True``.
+    Parameters' ``.data`` and ``.grad`` become views into flat buffers. As in torch.optim, a parameter
+    whose ``.grad`` is None (``zero_grad()`` sets them so) is not perturbed or updated: it keeps its weight,
+    state and step count.
     """
 
     def __init__(
@@ -379,6 +383,8 @@ class FusedSAM(torch.optim.Optimizer):
             )
         state = self._split_saved_state(self.state_dict()["state"], {}, [])[0] if self._fused_kind else None
         masters = self._masters()
+        for segment in sam.segments:
+            segment.remove_hooks()
         sam.segments.clear()
         sam.partials_buffers.clear()
         self._build_segments(range(len(self.param_groups)))
@@ -474,6 +480,7 @@ class FusedSAM(torch.optim.Optimizer):
         rhos = self._device_hyperparameters("rho")  # before any kernel: a refusal leaves nothing half done
         self._base_updates()  # a base setting second_step() would refuse must fail before w moves
         active = self._linked_grads(intact)
+        self._check_captured_live_set("first_step()", active)
         work = self._spans_with_gradients(active)
         if isinstance(self.variant, LookSAM):  # g, kept until second_step makes g_v of it
             for segment in sam.segments:
@@ -616,6 +623,7 @@ class FusedSAM(torch.optim.Optimizer):
                     f"{moved} changed storage between first_step() and second_step(); the weights cannot be restored"
                 )
         active = self._linked_grads(intact)
+        self._check_captured_live_set("second_step()", active)
         problem = self._scaling_mismatch(grad_scale is not None or found_inf is not None)
         if problem:
             self._restore_all()
@@ -709,12 +717,12 @@ class FusedSAM(torch.optim.Optimizer):
         if isinstance(self.variant, LookSAM):
             reuse_scale = self._reuse_scale(active)
             if not self._fused_kind:  # the base optimizer reads .grad: add the reused component there
-                self._add_reused_component(reuse_scale)
+                self._add_reused_component(reuse_scale, active)
                 reuse_scale = None
         sam.perturbed = [[sam.momentum_perturbed] * len(segment.params) for segment in sam.segments]
         self._update(active, grad_scale, found_inf, reuse_scale)
         if isinstance(self.variant, MomentumSAM):
-            self._perturb_along_momentum()
+            self._perturb_along_momentum(active)
 
     def _nonfinite_gradients(self, work, squared_norm: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """With ``skip_nonfinite``, the found_inf of an update without a GradScaler: 1.0 (float32, on the
@@ -740,18 +748,22 @@ class FusedSAM(torch.optim.Optimizer):
         sam.skipped += found_inf.to(sam.skipped.device, torch.int32)
         return found_inf
 
-    def _perturb_along_momentum(self) -> None:
+    def _perturb_along_momentum(self, active) -> None:
         """MomentumSAM: backup <- w, w <- w - rho * v / (||v|| + perturb_eps), v the base optimizer's momentum
         (SGD's buffer, Adam's first moment), its norm global. The backends' own norm and perturb, over spans
-        whose 'gradient' is the momentum (same dtype: float32/float64 parameters only)."""
+        whose 'gradient' is the momentum (same dtype: float32/float64 parameters only). Only the parameters
+        this step updated (``active``, per segment) move; the others' backup is their weight, so the next
+        step's restore leaves them as they are."""
         sam = self._sam
         name = "momentum_buffer" if self._fused_kind == "sgd" else "exp_avg"
         perturbations = [dataclasses.replace(p, rho=-p.rho) for p in self._perturbations()]
         work = []
-        for segment in sam.segments:
-            if segment.numel:
-                span = segment._whole_span()
-                work.append((segment, dataclasses.replace(span, grads=segment.state[name])))
+        for segment, mask in zip(sam.segments, active):
+            for _, _, (updated,), span in segment.spans(mask):
+                if updated:
+                    work.append((segment, dataclasses.replace(span, grads=span.state[name])))
+                else:
+                    span.backup.copy_(span.weights)
         partials = self._norm_partials(work, perturbations)
         for segment, span in work:
             segment.backend.perturb(span, perturbations[segment.group_index], partials[span.device], None)
@@ -824,14 +836,41 @@ class FusedSAM(torch.optim.Optimizer):
         g_sq = next(iter(partials.values())).sum(dtype=torch.float64)
         return reuse_coefficient(self.variant.alpha, g_sq, sam.looksam_gv_sq.to(g_sq.device))
 
-    def _add_reused_component(self, coefficient: torch.Tensor) -> None:
-        """LookSAM's reuse step for a base optimizer that is not fused: g <- g + coefficient * g_v in .grad."""
-        for segment in self._sam.segments:
-            g_v, factor = segment.state[LOOKSAM_KEY], coefficient.to(segment.device, segment.state_dtype)
-            if segment.grads.dtype == g_v.dtype:
-                segment.grads.addcmul_(g_v, factor)  # one pass, in place
-            else:  # 16-bit gradients: the sum in float32, rounded once
-                segment.grads.copy_(segment.grads.to(g_v.dtype).addcmul_(g_v, factor))
+    def _add_reused_component(self, coefficient: torch.Tensor, active) -> None:
+        """LookSAM's reuse step for a base optimizer that is not fused: g <- g + coefficient * g_v in .grad,
+        where there is a gradient (the other views stay zero, for the next backward to accumulate into)."""
+        for segment, mask in zip(self._sam.segments, active):
+            factor = coefficient.to(segment.device, segment.state_dtype)
+            for _, _, (has_grad,), span in segment.spans(mask):
+                if not has_grad:
+                    continue
+                g_v = span.state[LOOKSAM_KEY]
+                if span.grads.dtype == g_v.dtype:
+                    span.grads.addcmul_(g_v, factor)  # one pass, in place
+                else:  # 16-bit gradients: the sum in float32, rounded once
+                    span.grads.copy_(span.grads.to(g_v.dtype).addcmul_(g_v, factor))
+
+    def _check_captured_live_set(self, what: str, active: list) -> None:
+        """A captured graph perturbs and updates the parameters that had a gradient when it was captured, on
+        every replay. Record them under capture; refuse an eager step after capture whose set differs (a
+        parameter frozen, or reached by no backward, since): the graph would update it."""
+        sam = self._sam
+        if _capturing():
+            sam.captured_live[what] = active
+        elif what in sam.captured_live and sam.captured_live[what] != active:
+            changed = next((f"parameter {i} of param group {segment.group_index}"
+                            for segment, now, then in zip(sam.segments, active, sam.captured_live[what])
+                            for i in range(len(segment.params))
+                            if (now is None or now[i]) != (then is None or then[i])), None)
+            if changed is None:  # None (every parameter) against a list of all True: the same set
+                return
+            if sam.perturbed is not None:
+                self._restore_all()
+            raise RuntimeError(
+                f"{what}: the parameters with a gradient are not those a CUDA graph captured ({changed} changed): "
+                "a replay would perturb and update exactly the captured ones, a frozen parameter included. "
+                "Capture the step anew (with a new FusedSAM) after freezing or unfreezing parameters"
+            )
 
     def _note_capture(self, what: str) -> None:
         """Under CUDA graph capture: refuse unless capturable (a float lr and rho would replay frozen); else
@@ -961,7 +1000,11 @@ class FusedSAM(torch.optim.Optimizer):
         return grad_scale, found_inf
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero every gradient buffer in one operation each; views stay linked even with set_to_none.
+        """Zero every gradient buffer in one operation each, and as torch.optim: with set_to_none every
+        ``.grad`` becomes None, so a parameter the next backward does not reach (frozen, an unrouted
+        expert, an unused branch) is neither perturbed nor updated; without it the existing gradients stay
+        as zeros and their parameters take a zero-gradient update. A backward accumulates into the flat
+        buffer either way (a hook links the view before accumulation).
 
         Parameters moved since the last step (``model.to(...)`` also moves their ``.grad`` out of the
         buffer) are flattened anew first, so the gradients they hold are the ones zeroed.
@@ -972,7 +1015,7 @@ class FusedSAM(torch.optim.Optimizer):
             if moved:
                 self._relayout(moved)
         for segment in sam.segments:
-            segment.zero_grad()
+            segment.zero_grad(set_to_none)
 
     @property
     def _opt_called(self) -> bool:

@@ -72,9 +72,9 @@ def _train_every_base(rank: int, ddp_kwargs: dict, m_sharpness: bool) -> dict:
 def _rebound_by_backward(ddp: DDP, opt: FusedSAM, x, y) -> list:
     """Per parameter: does a backward leave .grad bound to another tensor than FusedSAM's view?"""
     opt.zero_grad()
-    fused_views = [p.grad for p in ddp.parameters()]
+    fused_views = {id(p): view for segment in opt._sam.segments for p, view in zip(segment.params, segment.grad_handles)}
     loss_of(ddp, x, y).backward()
-    return [p.grad is not view for p, view in zip(ddp.parameters(), fused_views)]
+    return [p.grad is not fused_views[id(p)] for p in ddp.parameters()]
 
 
 def _time_and_check_bucket_views(rank: int, rounds: int = 10, steps: int = 20) -> dict:

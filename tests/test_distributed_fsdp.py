@@ -225,7 +225,10 @@ def _replicated_and_refused(rank: int) -> dict:
             model.zero_grad()
             loss_of(model, x, y).backward()
             for p, w in zip(model.parameters(), weights):
-                w.grad.to_local().copy_(p.grad)  # FusedSAM's DTensor gradient over its flat buffer
+                if w.grad is None:  # FusedSAM copies it into its flat buffer and links a DTensor over that
+                    w.grad = DTensor.from_local(p.grad.clone(), mesh, [Replicate()], run_check=False)
+                else:
+                    w.grad.to_local().copy_(p.grad)
             opt.first_step() if not opt.perturbed else opt.second_step()
     messages = {}
     grid = init_device_mesh("cpu", (1, 2))

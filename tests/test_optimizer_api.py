@@ -124,6 +124,9 @@ def test_parameters_and_grads_are_views_into_flat_buffers():
     model = mlp()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
     (segment,) = opt._sam.segments
+    assert all(p.grad is None for p in model.parameters())  # as torch.optim: None until a backward
+    x, y = next(iter(batches(model, 1)))
+    loss_of(model, x, y).backward()  # accumulates into the flat buffer
     for p, off in zip(model.parameters(), segment.offsets):
         assert p.data_ptr() == segment.weights.data_ptr() + off * 4
         assert p.grad.data_ptr() == segment.grads.data_ptr() + off * 4
@@ -213,14 +216,18 @@ def test_large_cpu_flat_buffers_are_advised_to_huge_pages():
     assert torch.equal(big.detach(), segment.weights[:big.numel()])  # advised memory holds what was written
 
 
-def test_zero_grad_keeps_views_even_with_set_to_none():
+def test_zero_grad_sets_none_or_keeps_zeroed_views_as_torch_optim():
     model = mlp()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
     loss_of(model, *next(batches(model, 1))).backward()
     grads = [p.grad for p in model.parameters()]
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=False)
     for p, g in zip(model.parameters(), grads):
         assert p.grad is g and not p.grad.any()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    loss_of(model, *next(batches(model, 1))).backward()
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # the next backward fills the views
 
 
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
@@ -425,8 +432,7 @@ def test_sparse_gradient_raises_and_changes_nothing(view_check):
     """With the flat gradient view linked, autograd accumulates densely; a fresh sparse .grad is refused."""
     emb = torch.nn.Embedding(10, 4, sparse=True)
     opt = FusedSAM(emb.parameters(), torch.optim.SGD, lr=0.1)
-    emb.zero_grad(set_to_none=True)
-    emb(torch.tensor([1, 2])).sum().backward()
+    (emb.weight.grad,) = torch.autograd.grad(emb(torch.tensor([1, 2])).sum(), [emb.weight])
     assert emb.weight.grad.is_sparse
     before = emb.weight.detach().clone()
     with pytest.raises(RuntimeError, match="sparse gradients"):
