@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,64 +112,71 @@ def hand_loop(net, base, batches, precision="16-mixed", clip=None, skip_at=(), f
     return trajectory, scales, opt
 
 
-class Module(L.LightningModule):
-    """``net`` trained by FusedSAM; records the weights and the scale after each batch and counts calls.
-    skip_at: {batch: "w" or "w+e"}, the pass whose training_step returns None. freeze_stats: the pass at
-    w + e runs inside running_stats_frozen (the README's recipe)."""
+def module_class(lightning_module):
+    """The test module, on ``lightning_module`` (lightning's or pytorch_lightning's LightningModule)."""
 
-    def __init__(self, net, base, skip_at=None, freeze_stats=False, manual=None, **sam_kwargs):
-        super().__init__()
-        self.net, self.base, self.sam_kwargs = net, base, sam_kwargs
-        self.skip_at, self.freeze_stats, self.manual = skip_at or {}, freeze_stats, manual
-        self.automatic_optimization = manual is None
-        self.training_steps = self.before_optimizer_steps = 0
-        self.trajectory, self.scales = [], []
+    class Module(lightning_module):
+        """``net`` trained by FusedSAM; records the weights and the scale after each batch and counts calls.
+        skip_at: {batch: "w" or "w+e"}, the pass whose training_step returns None. freeze_stats: the pass at
+        w + e runs inside running_stats_frozen (the README's recipe)."""
 
-    def training_step(self, batch, batch_idx):
-        if self.manual is not None:
-            return self.manual_step(*batch)
-        self.training_steps += 1
-        at_perturbed = self.optimizers().optimizer.perturbed
-        if self.skip_at.get(batch_idx) == ("w+e" if at_perturbed else "w"):
-            return None
-        with running_stats_frozen(self.net) if self.freeze_stats and at_perturbed else contextlib.nullcontext():
-            return loss_of(self.net, *batch)
+        def __init__(self, net, base, skip_at=None, freeze_stats=False, manual=None, **sam_kwargs):
+            super().__init__()
+            self.net, self.base, self.sam_kwargs = net, base, sam_kwargs
+            self.skip_at, self.freeze_stats, self.manual = skip_at or {}, freeze_stats, manual
+            self.automatic_optimization = manual is None
+            self.training_steps = self.before_optimizer_steps = 0
+            self.trajectory, self.scales = [], []
 
-    def manual_step(self, x, y):
-        opt = self.optimizers()
-        if self.manual == "closure":
-            def closure():
-                self.training_steps += 1
+        def training_step(self, batch, batch_idx):
+            if self.manual is not None:
+                return self.manual_step(*batch)
+            self.training_steps += 1
+            at_perturbed = self.optimizers().optimizer.perturbed
+            if self.skip_at.get(batch_idx) == ("w+e" if at_perturbed else "w"):
+                return None
+            with running_stats_frozen(self.net) if self.freeze_stats and at_perturbed else contextlib.nullcontext():
+                return loss_of(self.net, *batch)
+
+        def manual_step(self, x, y):
+            opt = self.optimizers()
+            if self.manual == "closure":
+                def closure():
+                    self.training_steps += 1
+                    opt.zero_grad()
+                    loss = loss_of(self.net, x, y)
+                    self.manual_backward(loss)
+                    return loss
+                opt.step(closure=closure)
+            elif self.manual == "first-step-by-hand":
                 opt.zero_grad()
-                loss = loss_of(self.net, x, y)
-                self.manual_backward(loss)
-                return loss
-            opt.step(closure=closure)
-        elif self.manual == "first-step-by-hand":
-            opt.zero_grad()
-            self.manual_backward(loss_of(self.net, x, y))
-            opt.optimizer.first_step(zero_grad=True, grad_scaler=self.trainer.precision_plugin.scaler)
-            self.manual_backward(loss_of(self.net, x, y))
-            opt.step()
-        else:  # "no-closure": a backward, then opt.step() without first_step
-            opt.zero_grad()
-            self.manual_backward(loss_of(self.net, x, y))
-            opt.step()
+                self.manual_backward(loss_of(self.net, x, y))
+                opt.optimizer.first_step(zero_grad=True, grad_scaler=self.trainer.precision_plugin.scaler)
+                self.manual_backward(loss_of(self.net, x, y))
+                opt.step()
+            else:  # "no-closure": a backward, then opt.step() without first_step
+                opt.zero_grad()
+                self.manual_backward(loss_of(self.net, x, y))
+                opt.step()
 
-    def on_before_optimizer_step(self, optimizer):
-        self.before_optimizer_steps += 1
+        def on_before_optimizer_step(self, optimizer):
+            self.before_optimizer_steps += 1
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.trajectory.append(snapshot(self.net))
-        scaler = self.trainer.precision_plugin.scaler
-        self.scales.append(None if scaler is None else scaler.get_scale())
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            self.trajectory.append(snapshot(self.net))
+            scaler = self.trainer.precision_plugin.scaler
+            self.scales.append(None if scaler is None else scaler.get_scale())
 
-    def configure_optimizers(self):
-        return make_sam(self.net.parameters(), self.base, **self.sam_kwargs)
+        def configure_optimizers(self):
+            return make_sam(self.net.parameters(), self.base, **self.sam_kwargs)
+
+    return Module
 
 
-def fit(module, batches, precision_plugin, ckpt_path=None, **trainer_kwargs):
-    trainer = L.Trainer(**TRAINER, plugins=[precision_plugin], **{"max_epochs": 1, **trainer_kwargs})
+Module = module_class(L.LightningModule)
+
+def fit(module, batches, precision_plugin, ckpt_path=None, trainer_class=L.Trainer, **trainer_kwargs):
+    trainer = trainer_class(**TRAINER, plugins=[precision_plugin], **{"max_epochs": 1, **trainer_kwargs})
     loader = DataLoader(batches, batch_size=None, shuffle=False)  # the batches as they are
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return trainer
@@ -359,18 +368,30 @@ def test_refused_with_a_clear_error_before_any_update(case, error, match):
 # --- packaging --------------------------------------------------------------------------------------
 
 def test_lightning_is_imported_only_by_fused_sam_lightning():
-    """import fused_sam leaves lightning alone; without lightning, fused_sam.lightning says what to install;
-    fused_sam.pytorch_lightning builds the same plugin on pytorch_lightning's MixedPrecision."""
+    """import fused_sam leaves lightning alone; without lightning, fused_sam.lightning says what to install."""
     code = (
         "import sys; import fused_sam\n"
         "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules), 'imported'\n"
         "sys.modules['lightning'] = None\n"
-        "try:\n    import fused_sam.lightning\nexcept ImportError as e:\n    print(e)\n"
-        "from fused_sam.pytorch_lightning import SAMMixedPrecision\n"
-        "from pytorch_lightning.plugins.precision import MixedPrecision\n"
-        "assert issubclass(SAMMixedPrecision, MixedPrecision)\n"
-        "assert SAMMixedPrecision('16-mixed', 'cpu').scaler is not None\n"
+        "import fused_sam.lightning\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "needs the lightning package (>= 2.1): pip install lightning" in out.stdout
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert "ImportError: fused_sam.lightning needs the lightning package (>= 2.1): pip install lightning" in out.stderr
+
+
+def test_pytorch_lightning_package():
+    """fused_sam.pytorch_lightning: the same plugin on pytorch_lightning's classes (its Trainer refuses
+    lightning's plugins), the same run."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from fused_sam.pytorch_lightning import SAMMixedPrecision as PLSAMMixedPrecision
+
+    assert issubclass(PLSAMMixedPrecision, pl.plugins.precision.MixedPrecision)
+    net = mlp()
+    batches = make_batches(net, 3)
+    module = module_class(pl.LightningModule)(copy.deepcopy(net), "adamw")
+    scaler = torch.amp.GradScaler("cpu", **SCALER)
+    fit(module, batches, PLSAMMixedPrecision("16-mixed", "cpu", scaler=scaler), trainer_class=pl.Trainer)
+    assert module.training_steps == 6
+    assert_same_run(module, hand_loop(net, "adamw", batches))
