@@ -81,7 +81,7 @@ def build_sam_mixed_precision(mixed_precision: type, do_nothing_closure: Callabl
             if loss is None and automatic:  # training_step returned None: Lightning skips the step
                 return None
             optimizer.first_step(zero_grad=True, grad_scaler=self.scaler)
-            if closure() is None and automatic:
+            if closure() is None and automatic:  # None at w + e: back to w exactly, no update, no scaler step
                 optimizer._restore_all()
                 return None
             self._finish_step(optimizer, model, **kwargs)
