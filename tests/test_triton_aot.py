@@ -48,7 +48,8 @@ from fused_sam.backends.base import Perturbation, Span, StepScalars  # noqa: E40
 from fused_sam.flat import ALIGN, LOW_PRECISION  # noqa: E402
 from fused_sam.updates import AdamUpdate, SGDUpdate  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where the workers import fused_sam from: where this process did
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(triton_kernels.__file__))))
 ARCHS = (80, 90)  # A100, H100
 # The longest span length Triton passes as int32 (inside the range where a 32-bit ceil(numel / BLOCK)
 # wrapped) and the shortest it passes as int64; both multiples of ALIGN, as every span's length is.
@@ -120,7 +121,10 @@ def _updates(lr_on_device):
 
 
 def _run_every_operation(backend):
-    """Call each of the backend's operations with every combination of its inputs' options."""
+    """Call each of the backend's operations with every combination of its inputs' options. Pointers are
+    16-byte aligned (spans start on ALIGN-element boundaries; GradScaler's scale and found_inf, a tensor lr
+    or rho and the counters are taken as allocations of their own) except where the optimizer passes views
+    at any offset: a span's slice of the partials buffer and a run's step count."""
     bools = (False, True)
     for numel, (dtype, master) in itertools.product(NUMELS, _weights()):
         for adaptive, partials_dtype, aligned in itertools.product(bools, (torch.float32, torch.float64), bools):
@@ -356,9 +360,9 @@ def main(argv):
 def run_workers(jobs, cache_dir):
     """Run the workers side by side, Triton's interpreter off and its cache fresh; their JSON results."""
     env = dict(os.environ, TRITON_CACHE_DIR=str(cache_dir),
-               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+               PYTHONPATH=os.pathsep.join(p for p in (SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p))
     env.pop("TRITON_INTERPRET", None)
-    processes = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *job], cwd=ROOT, env=env,
+    processes = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *job], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for job in jobs]
     results = []
     for job, process in zip(jobs, processes):
