@@ -84,6 +84,10 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 
 BLOCK = 4096
 NUM_WARPS = 8
+# Options of every launch. enable_fp_fusion=False: no multiply-add contraction (Triton's default fuses
+# a * b + c into one fma), so on a GPU each operation rounds as written, as under the interpreter and in the
+# reference backend's formulas (the kernels are memory-bound; not yet timed on a GPU with this option).
+LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
 MAX_PARTIALS = 512
 MAX_STREAM_PROGRAMS = 4096
 PARTIALS_BLOCK = 1024
@@ -172,7 +176,7 @@ class TritonBackend(Backend):
         with _on(span.device):
             _k.sq_norm_partials_kernel[(programs,)](
                 span.grads, weights, out, span.numel, float(perturbation.eta),
-                ADAPTIVE=bool(perturbation.adaptive), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                ADAPTIVE=bool(perturbation.adaptive), BLOCK=BLOCK, **LAUNCH_OPTIONS,
             )
 
     def perturb(
@@ -200,7 +204,7 @@ class TritonBackend(Backend):
                 HAS_PARTIALS=has_partials, NORMALIZE=bool(perturbation.normalize),
                 ADAPTIVE=bool(perturbation.adaptive), HAS_COUNT=has_count, HAS_GRAD_SCALE=grad_scale is not None,
                 RHO_ON_DEVICE=rho is not None, MASTER=span.master is not None, BLOCK=BLOCK, PBLOCK=PARTIALS_BLOCK,
-                RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS,
+                RTNE_BF16=_rtne_bf16(span), **LAUNCH_OPTIONS,
             )
 
     # --- second_step -----------------------------------------------------------------------------
@@ -210,7 +214,7 @@ class TritonBackend(Backend):
             _k.copy_kernel[(max(1, _cdiv(span.numel, BLOCK)),)](
                 _restore_point(span), span.weights, span.numel, BLOCK=BLOCK,
                 # only a float32 master is rounded; a backup is copied bit for bit
-                RTNE_BF16=span.master is not None and _rtne_bf16(span), num_warps=NUM_WARPS,
+                RTNE_BF16=span.master is not None and _rtne_bf16(span), **LAUNCH_OPTIONS,
             )
 
     def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
@@ -233,7 +237,7 @@ class TritonBackend(Backend):
         # capturable: the lr is read from scalars.lr in the kernel, update.lr (NaN) is not used
         variant = dict(HAS_GRAD_SCALE=scalars.grad_scale is not None, HAS_FOUND_INF=scalars.found_inf is not None,
                        LR_ON_DEVICE=scalars.lr is not None, REUSE=span.reused is not None,
-                       MASTER=span.master is not None, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), num_warps=NUM_WARPS)
+                       MASTER=span.master is not None, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), **LAUNCH_OPTIONS)
         with _on(span.device):
             launch(span, update, _stream_grid(span), reused, device_scalars, variant)
 

@@ -2,10 +2,14 @@
 
 Every kernel reads its operands in their storage dtype, does its math in float32 (the squared-norm
 partials and their re-reduction in the partials buffer's dtype) and writes back in the storage dtype.
-Offsets are int64 (``program id * BLOCK`` is widened before the multiply), so spans of more than 2^31
-elements work. Hyperparameters are kernel arguments and the per-step values that live on the device (step
-count, GradScaler's scale and found_inf, LookSAM's reuse scale) are loaded from their tensors, so a new
-value never recompiles and nothing syncs with the host; structure (which options are on) is ``tl.constexpr``.
+Offsets are int64 (``program id * BLOCK`` is widened before the multiply), and so is the grid-stride loops'
+bound (``_block_count``), so every span length works (an int32 bound wrapped just under 2^31). The
+launcher compiles without multiply-add contraction (``LAUNCH_OPTIONS`` in ``triton.py``): every operation
+rounds as written, on a GPU as under the interpreter; only an explicit ``tl.fma`` fuses.
+
+Hyperparameters are kernel arguments and the per-step values that live on the device (step count,
+GradScaler's scale and found_inf, LookSAM's reuse scale) are loaded from their tensors, so a new value
+never recompiles and nothing syncs with the host; structure (which options are on) is ``tl.constexpr``.
 
 ``LR_ON_DEVICE`` / ``RHO_ON_DEVICE`` (``capturable=True``): lr or rho is loaded from a float64 tensor
 (``lr_ptr`` / ``rho_ptr``) instead of arriving as an argument, so that a replayed CUDA graph sees a
@@ -133,6 +137,14 @@ def _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, u
 
 
 @triton.jit
+def _block_count(numel, BLOCK: tl.constexpr):
+    """ceil(numel / BLOCK) in int64, the bound of the grid-stride loops. Triton passes a length below 2^31
+    as int32, where ``tl.cdiv(numel, BLOCK)`` computes numel + BLOCK - 1 in int32: that wraps negative for
+    the last BLOCK - 1 lengths below 2^31 and the loop would run zero times, without an error."""
+    return tl.cdiv(tl.cast(numel, tl.int64), BLOCK)
+
+
+@triton.jit
 def sq_norm_partials_kernel(g_ptr, w_ptr, out_ptr, numel, eta, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
     """out[pid] = sum over this program's blocks of g^2 (ASAM: ((|w| + eta) * g)^2).
 
@@ -145,7 +157,7 @@ def sq_norm_partials_kernel(g_ptr, w_ptr, out_ptr, numel, eta, ADAPTIVE: tl.cons
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for blk in range(pid, tl.cdiv(numel, BLOCK), nprog):
+    for blk in range(pid, _block_count(numel, BLOCK), nprog):
         offs = tl.cast(blk, tl.int64) * BLOCK + lanes
         mask = offs < numel
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -206,7 +218,7 @@ def perturb_kernel(
         if HAS_COUNT:
             tl.atomic_add(count_ptr, 1, mask=(pid == 0) & (~finite))
     lanes = tl.arange(0, BLOCK)
-    for blk in range(pid, tl.cdiv(numel, BLOCK), nprog):
+    for blk in range(pid, _block_count(numel, BLOCK), nprog):
         offs = tl.cast(blk, tl.int64) * BLOCK + lanes
         mask = offs < numel
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -270,7 +282,7 @@ def sgd_kernel(
     live_numel = tl.where(apply, numel, 0)
     momentum_numel = tl.where(first, 0, live_numel)
     lanes = tl.arange(0, BLOCK)
-    for blk in range(pid, tl.cdiv(numel, BLOCK), nprog):
+    for blk in range(pid, _block_count(numel, BLOCK), nprog):
         offs = tl.cast(blk, tl.int64) * BLOCK + lanes
         mask = offs < numel
         live = offs < live_numel
@@ -338,7 +350,7 @@ def adam_kernel(
     one_minus_beta2 = (1.0 - beta2_f64).to(tl.float32)
     live_numel = tl.where(apply, numel, 0)  # a skipped update reads and writes no gradient or state
     lanes = tl.arange(0, BLOCK)
-    for blk in range(pid, tl.cdiv(numel, BLOCK), nprog):
+    for blk in range(pid, _block_count(numel, BLOCK), nprog):
         offs = tl.cast(blk, tl.int64) * BLOCK + lanes
         mask = offs < numel
         live = offs < live_numel
