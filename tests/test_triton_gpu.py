@@ -86,8 +86,8 @@ def test_all_ops_with_master_weights_match_reference_on_cuda(numel, dtype):
 @pytest.mark.parametrize("numel", [1, 37, BLOCK + 3, 3 * BLOCK * 512 + 5])
 def test_lr_and_rho_on_the_device_match_the_floats_bitwise_on_cuda(numel, dtype, master):
     """capturable=True: lr and rho loaded from float64 device tensors give the float path's results bit for
-    bit in compiled kernels too (where the compiler may contract multiply-adds, which the interpreter does
-    not: AdamW's 1 - lr * wd must keep the two roundings of the launcher's Python double)."""
+    bit in compiled kernels too (launched without multiply-add contraction, as the interpreter computes:
+    AdamW's 1 - lr * wd must keep the two roundings of the launcher's Python double)."""
     check_device_hyperparameters(BACKEND, numel, dtype, CUDA, master=master)
 
 
