@@ -118,7 +118,8 @@ CPU_KERNELS = os.path.join(CSRC, "cpu_kernels.cpp")
 
 # nvcc's flags for csrc/cuda_kernels.cu. --fmad=false: no multiply-add contracted into an FMA, as
 # -ffp-contract=off for the C++, so the CUDA kernels' elementwise ops give the CPU kernels' bits.
-NVCC_FLAGS = ["-O3", "-lineinfo", "--fmad=false"]
+# --threads=0: the architectures' images are compiled in parallel, one per core (the default list has eight).
+NVCC_FLAGS = ["-O3", "-lineinfo", "--fmad=false", "--threads=0"]
 # The extension's record of the CUDA images it holds (fused_sam._C.CUDA_ARCHS; built_cuda_archs).
 CUDA_ARCHS_MACRO = "FUSED_SAM_CUDA_ARCHS"
 # Built for even when torch's own list lacks them: T4 (7.5), A100 (8.0), A10/RTX 30xx (8.6), L4/RTX 40xx
