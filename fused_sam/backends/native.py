@@ -128,8 +128,8 @@ _cpu_self_check: Optional[Dict[str, Optional[str]]] = None
 
 def verify_cpu_capability() -> Dict[str, Optional[str]]:
     """Holds the SIMD build of the CPU kernels in use to the 'default' build, bit for bit, on awkward sizes,
-    every operation and dtype (fused_sam.selfcheck.cpu_isa_disagreement; ~0.2 s on 2 CPU cores, once per
-    process). A build that disagrees is not used: the next one down is checked and used instead, with one
+    every operation and dtype (fused_sam.selfcheck.cpu_isa_disagreement; 110-140 ms on 2 idle CPU cores,
+    once per process). A build that disagrees is not used: the next one down is checked and used instead, with one
     warning that names the build and the operation. Returns what was checked: instruction set -> None, or
     the case it got wrong. FUSED_SAM_SKIP_SELF_CHECK=1 skips it (returns {})."""
     global _cpu_self_check
