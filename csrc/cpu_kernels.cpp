@@ -144,8 +144,8 @@ ALWAYS_INLINE inline uint16_t from_float(float f) {
 // ATen's partial loads and stores, Vectorized<T>::loadu(p, count) and v.store(p, count), require
 // 0 <= count <= size(): the AVX-512 headers build the lane mask as (1 << count) - 1, undefined from 64 on,
 // and older AVX2 headers copy ``count`` elements into a buffer of size() elements. Every partial access here
-// goes through these two, which clamp ``count`` (the elements left in the buffer, maybe more than a vector)
-// to the vector. The contract-checking build (setup.py: FUSED_SAM_CHECK_CONTRACTS=1) raises instead, so a
+// goes through these two. Every caller passes a count within the vector; the release build clamps it there
+// as a defence, and the contract-checking build (setup.py: FUSED_SAM_CHECK_CONTRACTS=1) raises instead, so a
 // caller that relies on the clamp, or passes a negative count, is found on whatever ISA the tests run.
 template <typename T>
 ALWAYS_INLINE inline int64_t lanes_to_access(int64_t count) {

@@ -85,7 +85,7 @@ def _twin_run(backend: str, device, dtype: torch.dtype, master: bool, base, kwar
     return [p.detach() for p in model.parameters()]
 
 
-def _check_twin(row: Row, backend: str, device, dtype: torch.dtype, master: bool, name: str, base, kwargs) -> None:
+def _check_twin(backend: str, device, dtype: torch.dtype, master: bool, name: str, base, kwargs) -> None:
     got = _twin_run(backend, device, dtype, master, base, kwargs)
     want = _twin_run("reference", device, dtype, master, base, kwargs)
     scale = max(float(w.detach().abs().max()) for w in want)
@@ -115,7 +115,7 @@ def check_backend(name: str, device: torch.device, variant: str, sizes=SIZES) ->
         if dtype in (torch.float32, torch.float64) or master:
             for base_name, base, kwargs in TWIN_BASES:
                 _case(row, f"{label}, SAM run with {base_name}",
-                      lambda: _check_twin(row, name, device, dtype, master, base_name, base, kwargs))
+                      lambda: _check_twin(name, device, dtype, master, base_name, base, kwargs))
     if name == "native" and device.type == "cuda":
         def same_bits_as_cpu():
             disagreement = selfcheck.cuda_cpu_disagreement(device)

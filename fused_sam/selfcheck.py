@@ -19,6 +19,7 @@ import torch
 
 from fused_sam.backends.base import KernelLaunches, Perturbation, Span, StepScalars, math_dtype
 from fused_sam.backends.reference import ReferenceBackend
+from fused_sam.flat import LOW_PRECISION
 from fused_sam.updates import AdamUpdate, SGDUpdate
 
 REFERENCE = ReferenceBackend()
@@ -415,7 +416,6 @@ def check_device_hyperparameters(backend, numel: int, dtype: torch.dtype, device
 # (256) with ragged tails (every remainder class the AVX-512 bug dropped lanes in), past Triton's block (4096).
 SELF_CHECK_SIZES = (1, 63, 64, 100, 255, 320, 4099)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def dtype_configs(dtypes=DTYPES):
@@ -423,7 +423,8 @@ def dtype_configs(dtypes=DTYPES):
     return [(dtype, master) for dtype in dtypes for master in ((False, True) if dtype in LOW_PRECISION else (False,))]
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its width: equal bits compare equal (NaN payloads, the sign of zero)."""
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
@@ -505,30 +506,38 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
 KERNEL_UPDATES = (UPDATES[0], UPDATES[3], UPDATES[4], UPDATES[6])
 
 
-def cpu_isa_disagreement(isa: str, sizes=SELF_CHECK_SIZES) -> Optional[str]:
-    """None if the native CPU kernels built for ``isa`` give the 'default' build's results bit for bit (they
-    do by design: the same math, no contracted multiply-adds, the same summation order) for every operation,
-    dtype, master-weights variant and size in ``sizes``; else the first case that differs."""
+def _native_disagreement(outputs_of, sizes, updates, elementwise_only: bool = False) -> Optional[str]:
+    """Runs every case of ``_op_cases`` (every dtype, master weights too, ``sizes``) through
+    ``outputs_of(run, backend) -> (expected, actual)`` with the native backend; None if every pair is equal bit
+    for bit, else the first case that is not. The CPU kernels in use are the same afterwards."""
     from .backends import native
 
     backend, before = native.NativeBackend(), native.cpu_capability()
     try:
         for dtype, master in dtype_configs():
             for numel in sizes:
-                for what, run in _op_cases(numel, dtype, master, KERNEL_UPDATES, PERTURBATIONS, seed=numel):
-                    outputs = {}
-                    for name in ("default", isa):
-                        native.set_cpu_capability(name)
-                        outputs[name] = run(backend, "cpu")
-                    if not _same_bits(outputs["default"], outputs[isa]):
+                for what, run in _op_cases(numel, dtype, master, updates, PERTURBATIONS, seed=numel,
+                                           elementwise_only=elementwise_only):
+                    expected, actual = outputs_of(run, backend)
+                    if not all(torch.equal(as_bits(a.cpu()), as_bits(b.cpu())) for a, b in zip(expected, actual)):
                         return f"{what} on {numel} {dtype} elements{' with master weights' if master else ''}"
     finally:
         native.set_cpu_capability(before)
     return None
 
 
-def _same_bits(expected, actual) -> bool:
-    return all(torch.equal(_bits(a.cpu()), _bits(b.cpu())) for a, b in zip(expected, actual))
+def cpu_isa_disagreement(isa: str, sizes=SELF_CHECK_SIZES) -> Optional[str]:
+    """None if the native CPU kernels built for ``isa`` give the 'default' build's results bit for bit (they
+    do by design: the same math, no contracted multiply-adds, the same summation order) for every operation,
+    dtype, master-weights variant and size in ``sizes``; else the first case that differs."""
+    from .backends import native
+
+    def under(name, run, backend):
+        native.set_cpu_capability(name)
+        return run(backend, "cpu")
+
+    return _native_disagreement(lambda run, backend: (under("default", run, backend), under(isa, run, backend)),
+                                sizes, KERNEL_UPDATES)
 
 
 def cuda_cpu_disagreement(device, sizes=SELF_CHECK_SIZES) -> Optional[str]:
@@ -538,18 +547,9 @@ def cuda_cpu_disagreement(device, sizes=SELF_CHECK_SIZES) -> Optional[str]:
     first case that differs. The norm partials are left out: the GPU sums in another order."""
     from .backends import native
 
-    backend, before = native.NativeBackend(), native.cpu_capability()
-    native.set_cpu_capability("default")
-    try:
-        for dtype, master in dtype_configs():
-            for numel in sizes:
-                for what, run in _op_cases(numel, dtype, master, UPDATES, PERTURBATIONS, seed=numel,
-                                           elementwise_only=True):
-                    if not _same_bits(run(backend, "cpu"), run(backend, device)):
-                        return f"{what} on {numel} {dtype} elements{' with master weights' if master else ''}"
-    finally:
-        native.set_cpu_capability(before)
-    return None
+    native.set_cpu_capability("default")  # _native_disagreement puts back the build in use
+    return _native_disagreement(lambda run, backend: (run(backend, "cpu"), run(backend, device)),
+                                sizes, UPDATES, elementwise_only=True)
 
 
 def _finite(item, **values):

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 import pytest
 import torch
 
+from fused_sam.selfcheck import as_bits
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
@@ -54,8 +56,7 @@ def assert_bitwise_equal(a, b, where: str = "") -> None:
             f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
         a, b = a.detach().cpu(), b.detach().cpu()
         if a.is_floating_point():  # compare bits: NaN == NaN, -0.0 != 0.0
-            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-            a, b = a.contiguous().view(bits), b.contiguous().view(bits)
+            a, b = as_bits(a.contiguous()), as_bits(b.contiguous())
         if not torch.equal(a, b):
             diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
             raise AssertionError(f"{where}: tensors differ (max |difference| of the bit patterns {diff})")

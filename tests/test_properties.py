@@ -41,7 +41,7 @@ from hypothesis import assume, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fused_sam.selfcheck import (  # noqa: E402
-    REFERENCE, STATE_TOLERANCE, TOLERANCE, clone_span, exact_sq_norm, restore_point,
+    REFERENCE, STATE_TOLERANCE, TOLERANCE, as_bits, clone_span, exact_sq_norm, restore_point,
 )
 from test_optimizer_parity import assert_twins_close  # noqa: E402
 
@@ -52,11 +52,11 @@ from fused_sam.backends import resolve_backend  # noqa: E402
 from fused_sam.backends.base import Perturbation, Span, StepScalars, grad_unscale, math_dtype  # noqa: E402
 from fused_sam.backends.torch_ops import NORM_ROW, TorchBackend  # noqa: E402
 from fused_sam.classic import ClassicSAM  # noqa: E402
+from fused_sam.flat import LOW_PRECISION  # noqa: E402
 from fused_sam.updates import AdamUpdate, SGDUpdate  # noqa: E402
 
 CPU = torch.device("cpu")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 HEADROOM = 2.0 ** -8  # inputs whose reference math comes this close to overflowing are discarded
 
 # Triton's interpreter computes in numpy, which warns where the data overflows on purpose.
@@ -332,8 +332,7 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Bit for bit (NaN payloads and the sign of zero included)."""
-    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[actual.element_size()]
-    assert actual.dtype == expected.dtype and torch.equal(actual.view(ints), expected.view(ints)), what
+    assert actual.dtype == expected.dtype and torch.equal(as_bits(actual), as_bits(expected)), what
 
 
 def near_overflow(dtype: torch.dtype, *tensors, headroom: float = HEADROOM) -> bool:

@@ -18,7 +18,7 @@ from fused_sam import FusedSAM
 from fused_sam.backends import KernelLaunches, resolve_backend
 from fused_sam.backends import native
 from fused_sam.backends.reference import ReferenceBackend
-from fused_sam.selfcheck import known_answer_failure
+from fused_sam.selfcheck import as_bits, known_answer_failure
 from fused_sam.updates import AdamUpdate
 
 CPU = torch.device("cpu")
@@ -59,7 +59,7 @@ def test_a_simd_build_that_disagrees_is_not_used(fresh_cpu_self_check, monkeypat
     def wrong_in_simd_build(weights, *args):
         real(weights, *args)
         if native.cpu_capability() == best:
-            weights.view(-1)[-1:].view(torch.int16 if weights.element_size() == 2 else torch.int32).add_(1)
+            as_bits(weights.view(-1)[-1:]).add_(1)
 
     monkeypatch.setattr(native, "_restore_adam", wrong_in_simd_build)
     with pytest.warns(RuntimeWarning, match=f"built for {best} disagree with the default build "

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fused_sam.selfcheck import (
+    as_bits,
     PERTURBATIONS,
     UPDATES,
     check_all_ops,
@@ -144,15 +145,12 @@ def test_skipped_update_keeps_nonfinite_state_bitwise(update, master):
     span.weights.fill_(float("nan"))
     SMALL.restore_and_update(span, update, step_scalars(CPU, 3, 1024.0, 1.0))
 
-    def bits(t):
-        return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
-
     expected = before.master.to(span.weights.dtype) if master else before.backup
-    assert torch.equal(bits(span.weights), bits(expected))
+    assert torch.equal(as_bits(span.weights), as_bits(expected))
     if master:
-        assert torch.equal(bits(span.master), bits(before.master))
+        assert torch.equal(as_bits(span.master), as_bits(before.master))
     for name, buf in before.state.items():
-        assert torch.equal(bits(span.state[name]), bits(buf)), name
+        assert torch.equal(as_bits(span.state[name]), as_bits(buf)), name
 
 
 def test_scratch_serves_spans_of_any_size_in_turn():
