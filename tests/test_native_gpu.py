@@ -358,7 +358,7 @@ def test_cuda_graph_replay_reads_step_values():
 
 _FIRST_LAUNCH_IN_CAPTURE = """
 import torch
-from backend_harness import UPDATES, clone_span, make_span, step_scalars
+from fused_sam.selfcheck import UPDATES, clone_span, make_span, step_scalars
 from fused_sam.backends.native import NativeBackend
 native, update = NativeBackend(), UPDATES[7]
 span = make_span(100_003, torch.float32, "cuda", update)
