@@ -2,7 +2,6 @@
 (set_to_none=True, the default), and a parameter no backward reaches afterwards (frozen mid-run, an expert
 no token was routed to, a branch not taken) keeps its weight, state and step count bit for bit. Checked in
 float64 to 1e-12 against torch.optim itself (rho = 0) and the classic per-tensor SAM class."""
-import copy
 
 import pytest
 import torch
