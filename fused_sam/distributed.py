@@ -80,3 +80,32 @@ def sum_over_ranks(value: torch.Tensor, group) -> Optional["torch.distributed.Wo
     import torch.distributed as dist
 
     return dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+_zero_guard: list = []  # the step pre-hook refusing ZeroRedundancyOptimizer over FusedSAM, once registered
+
+
+def refuse_under_zero(fused_cls: type) -> None:
+    """ZeroRedundancyOptimizer(optimizer_class=FusedSAM) builds one FusedSAM per rank over that rank's
+    partition of the parameters: each would perturb with the norm of its partition only, which is not SAM
+    and raises no error. Nothing marks such a FusedSAM, but the wrapper's step() runs torch.optim's global
+    step pre-hooks before it steps the partition: once ZeRO is loaded (building one needs it), one such
+    hook refuses that step, before any weight moves."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero is None or _zero_guard:
+        return
+
+    def refuse(optimizer, args, kwargs):
+        if isinstance(optimizer, zero.ZeroRedundancyOptimizer) and isinstance(getattr(optimizer, "optim", None),
+                                                                            fused_cls):
+            raise TypeError(
+                "FusedSAM cannot run inside ZeroRedundancyOptimizer: each rank holds a partition of the "
+                "parameters and would perturb with that partition's norm, which is not SAM. To shard the "
+                "optimizer state, shard the model with FSDP2 (torch.distributed.fsdp.fully_shard), whose sharded "
+                "parameters FusedSAM perturbs with the global norm; else use DistributedDataParallel "
+                "(see docs/distributed.md)"
+            )
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    _zero_guard.append(register_optimizer_step_pre_hook(refuse))

@@ -44,6 +44,11 @@ class SGDUpdate:
     def needed_state(self) -> tuple:
         return ("momentum_buffer",) if self.momentum != 0 else ()
 
+    @property
+    def momentum_state(self) -> Optional[str]:
+        """The buffer holding the first moment of the gradient, if these settings keep one."""
+        return "momentum_buffer" if self.momentum != 0 else None
+
 
 @dataclass(frozen=True)
 class AdamUpdate:
@@ -62,6 +67,8 @@ class AdamUpdate:
 
     def needed_state(self) -> tuple:
         return self.state_names if self.amsgrad else self.state_names[:2]
+
+    momentum_state = "exp_avg"  # the first moment of the gradient
 
 
 BaseUpdate = Union[SGDUpdate, AdamUpdate]

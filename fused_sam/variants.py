@@ -28,24 +28,64 @@ step; it is kept until the step completes.
   holds w~ (``opt.at_restore_point()`` gives w for evaluation); the backup buffer holds w, as in SAM.
 
 Every variant works with every backend: the SAM steps are FusedSAM's own, a plain step is the backend's
-restore-and-update from w, and LookSAM's extra passes are a few torch operations over the flat buffers.
+restore-and-update from w, and a variant's own passes (LookSAM's g_v, MomentumSAM's perturbation along the
+momentum) are hooks FusedSAM calls at fixed points of a step (``Variant``), written here with the backends'
+norm and perturb and a few torch operations over the flat buffers.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import dataclasses
+import functools
+from typing import Callable, List, Optional
 
 import torch
 
+from .flat import LOW_PRECISION
+from .norms import norm_partials, spans_with_gradients, sum_over_segments
+
+LOOKSAM_KEY = "sam_looksam_gv"  # LookSAM's g_v, a per-parameter state buffer (holds g during a SAM step)
+
+
+class StepView:
+    """What a variant's passes see of the step under way.
+
+    sam: the optimizer's flat state (its ``segments``; ``fused_sam.norms`` sums over it, across ranks).
+    active: per segment, which parameters have a gradient now (None: all).
+    perturbations: each param group's SAM settings.
+    momentum_states: per param group, the fused base's first-moment buffer ('momentum_buffer', 'exp_avg'),
+        None where the group keeps none; None altogether when the base optimizer is not fused.
+    The last two are read from the param groups when first asked: most steps' hooks never ask.
+    """
+
+    def __init__(self, sam, active: list, perturbations: Callable[[], list],
+                 momentum_states: Callable[[], Optional[List[Optional[str]]]]):
+        self.sam, self.active = sam, active
+        self._read_perturbations, self._read_momentum_states = perturbations, momentum_states
+
+    @functools.cached_property
+    def perturbations(self) -> list:
+        return self._read_perturbations()
+
+    @functools.cached_property
+    def momentum_states(self) -> Optional[List[Optional[str]]]:
+        return self._read_momentum_states()
+
 
 class Variant:
-    """How FusedSAM chooses between a SAM step and a plain step. Subclasses keep their run state in the
-    object itself (mutated in place), saved by ``state_dict``."""
+    """How FusedSAM chooses between a SAM step and a plain step, and the extra passes a variant makes.
+    Subclasses keep their run state in the object itself (mutated in place), saved by ``state_dict``."""
 
     name = "sam"
     needs_norm = False  # does observe() want ||g||^2 at w on plain steps too?
+    state_keys: tuple = ()  # per-parameter flat state buffers the variant keeps (saved with the optimizer's)
+    # Does the model hold perturbed weights between steps, the backup w (MomentumSAM)? And does it now?
+    moves_between_steps = False
+    perturbed_between_steps = False
 
-    def check(self, opt) -> None:
-        """Raise if this variant cannot run with ``opt``'s settings."""
+    def check(self, groups: List[dict], momentum_states: Optional[List[Optional[str]]]) -> None:
+        """Raise if this variant cannot run with these param groups and base optimizer (``momentum_states``
+        as in ``StepView``)."""
 
     def observe(self, sq_norm: torch.Tensor) -> None:
         """The squared norm of this step's gradient at w (a float64 device tensor; ``needs_norm`` variants)."""
@@ -53,6 +93,41 @@ class Variant:
     def sam_due(self, step: int) -> bool:
         """Is step ``step`` (0-based count of completed steps) a SAM step?"""
         return True
+
+    def sam_step_began(self, view: StepView) -> None:
+        """first_step, before the weights move: the gradients at w are in the flat buffers."""
+
+    def sam_update_due(self, view: StepView, found_inf: Optional[torch.Tensor]) -> None:
+        """second_step, before the update: the gradients at w + e are in the flat buffers; ``found_inf`` (a
+        device tensor, or None) is set when the update will be skipped."""
+
+    def plain_direction(self, view: StepView, fused: bool) -> Optional[torch.Tensor]:
+        """A plain step, before the update. May return c (a float64 device tensor) so that the fused update
+        uses g + c * (the variant's first state buffer); with ``fused`` False it changes ``.grad`` itself."""
+        return None
+
+    def plain_step_done(self, view: StepView) -> None:
+        """A plain step, after the update."""
+
+    def state_loaded(self) -> None:
+        """The optimizer's state was loaded: forget what was derived from the old buffers."""
+
+    @contextlib.contextmanager
+    def at_restore_point(self, sam):
+        """Hold the weights at w inside the block where the variant keeps them perturbed between steps."""
+        if not self.perturbed_between_steps:
+            yield
+            return
+        held = [segment.weights.clone() for segment in sam.segments]
+        for segment in sam.segments:
+            segment.weights.copy_(segment.backup)
+            segment.publish_weights()
+        try:
+            yield
+        finally:
+            for segment, weights in zip(sam.segments, held):
+                segment.weights.copy_(weights)
+                segment.publish_weights()
 
     def state_dict(self) -> dict:
         return {}
@@ -121,25 +196,84 @@ class LookSAM(Variant):
     """SAM every k-th step, storing g_v; the others reuse it: g + alpha * (||g|| / ||g_v||) * g_v."""
 
     name = "looksam"
+    state_keys = (LOOKSAM_KEY,)
 
     def __init__(self, k: int, alpha: float = 0.7):
         self.k = _positive_int(k, "LookSAM(k): k")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"LookSAM(alpha): alpha must be a non-negative number, got {alpha!r}")
         self.alpha = float(alpha)
+        # ||g_v||^2 (float64, on the first segment's device), taken when g_v is stored; None after a load,
+        # then taken again from the loaded g_v.
+        self.gv_sq: Optional[torch.Tensor] = None
 
-    def check(self, opt) -> None:
-        _plain_sam_only(opt, "LookSAM")  # g_v is defined against g, the direction of plain SAM's e
+    def check(self, groups, momentum_states) -> None:
+        _plain_sam_only(groups, "LookSAM")  # g_v is defined against g, the direction of plain SAM's e
 
     def sam_due(self, step: int) -> bool:
         return step % self.k == 0
+
+    def sam_step_began(self, view: StepView) -> None:
+        for segment in view.sam.segments:  # g, kept until the update makes g_v of it
+            segment.ensure_state([LOOKSAM_KEY])
+            segment.state[LOOKSAM_KEY].copy_(segment.grads)
+
+    def sam_update_due(self, view: StepView, found_inf: Optional[torch.Tensor]) -> None:
+        """g_v = g_s - (g . g_s / ||g||^2) g, g (from first_step) in the g_v buffer and g_s in the gradients.
+        A skipped (found_inf) step stores g_v = 0: nothing is reused until the next. So does a step whose g
+        or g_s holds an inf or NaN (then g . g_s is not finite): a g_v built from it would write NaN into the
+        weights at every reuse step (a non-finite g at w is otherwise harmless: no perturbation, counted in
+        nonfinite_steps)."""
+        sam = view.sam
+        g_dot_gs = sum_over_segments(sam, lambda s: torch.dot(s.state[LOOKSAM_KEY], s.grads.to(s.state_dtype)))
+        g_sq = sum_over_segments(sam, lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
+        discard = ~(torch.isfinite(g_dot_gs) & torch.isfinite(g_sq))
+        if found_inf is not None:
+            discard = discard | (found_inf.to(discard.device).reshape(()) != 0)
+        for segment in sam.segments:
+            stored = segment.state[LOOKSAM_KEY]
+            g_v = orthogonal_part(segment.grads.to(segment.state_dtype), stored, g_dot_gs.to(segment.device),
+                                  g_sq.to(segment.device))
+            stored.copy_(torch.where(discard.to(segment.device), torch.zeros_like(g_v), g_v))
+        self.gv_sq = _stored_sq_norm(sam)
+
+    def plain_direction(self, view: StepView, fused: bool) -> Optional[torch.Tensor]:
+        """The reuse step's c = alpha * ||g|| / ||g_v|| (float64, on the device), ||g|| from the backends'
+        norm pass over the gradients at w, ||g_v|| as taken when g_v was stored. The gradients may carry a
+        GradScaler's scale: so does c, and the update unscales g + c * g_v as a whole. For a base optimizer
+        that reads .grad, g <- g + c * g_v there instead."""
+        sam = view.sam
+        if self.gv_sq is None:
+            self.gv_sq = _stored_sq_norm(sam)
+        work = spans_with_gradients(sam.segments, view.active)
+        if not work:
+            return torch.zeros((), dtype=torch.float64, device=sam.segments[0].device)
+        g_sq = next(iter(norm_partials(sam, work, view.perturbations).values())).sum(dtype=torch.float64)
+        coefficient = reuse_coefficient(self.alpha, g_sq, self.gv_sq.to(g_sq.device))
+        if fused:
+            return coefficient
+        for segment, span in work:  # the other views stay zero, for the next backward to accumulate into
+            factor = coefficient.to(segment.device, segment.state_dtype)
+            g_v = span.state[LOOKSAM_KEY]
+            if span.grads.dtype == g_v.dtype:
+                span.grads.addcmul_(g_v, factor)  # one pass, in place
+            else:  # 16-bit gradients: the sum in float32, rounded once
+                span.grads.copy_(span.grads.to(g_v.dtype).addcmul_(g_v, factor))
+        return None
+
+    def state_loaded(self) -> None:
+        self.gv_sq = None
 
     def __repr__(self) -> str:
         return f"LookSAM(k={self.k}, alpha={self.alpha})"
 
 
-def _plain_sam_only(opt, name: str) -> None:
-    for gi, group in enumerate(opt.param_groups):
+def _stored_sq_norm(sam) -> torch.Tensor:
+    return sum_over_segments(sam, lambda s: torch.dot(s.state[LOOKSAM_KEY], s.state[LOOKSAM_KEY]))
+
+
+def _plain_sam_only(groups: List[dict], name: str) -> None:
+    for gi, group in enumerate(groups):
         if group["adaptive"] or not group["normalize"]:
             raise ValueError(f"{name} works with plain SAM (adaptive=False, normalize=True); param group {gi} is ASAM "
                              "or un-normalized")
@@ -165,8 +299,8 @@ class WhenSharp(Variant):
         self._decision: Optional[torch.Tensor] = None  # the next step's decision, on the host once copied
         self._landed: Optional[torch.cuda.Event] = None
 
-    def check(self, opt) -> None:
-        _plain_sam_only(opt, "WhenSharp (AE-SAM)")
+    def check(self, groups, momentum_states) -> None:
+        _plain_sam_only(groups, "WhenSharp (AE-SAM)")
 
     def threshold(self, step: int) -> float:
         """c_t: linear from c_start (step 0) to c_end (step total_steps), then c_end."""
@@ -218,23 +352,48 @@ class MomentumSAM(Variant):
     """MSAM: every step is one backward at w - rho * v / ||v||; see the module docstring."""
 
     name = "momentum"
+    moves_between_steps = True
 
-    def check(self, opt) -> None:
-        _plain_sam_only(opt, "MomentumSAM")
-        if opt._fused_kind is None:
+    def __init__(self):
+        self.perturbed_between_steps = False  # the weights are w - rho v / ||v||, the backup holds w
+
+    def check(self, groups, momentum_states) -> None:
+        _plain_sam_only(groups, "MomentumSAM")
+        if momentum_states is None:
             raise ValueError("MomentumSAM needs a fused base optimizer (SGD with momentum, Adam, AdamW): it perturbs "
                              "along the base optimizer's momentum, which it reads from the flat state buffers")
-        if opt._fused_kind == "sgd":
-            for gi, group in enumerate(opt.param_groups):
-                if group.get("momentum", 0) == 0:
-                    raise ValueError(f"MomentumSAM needs SGD with momentum > 0 (param group {gi} has none)")
-        for segment in opt._sam.segments:
-            if segment.dtype != segment.state_dtype:
-                raise ValueError(f"MomentumSAM supports float32 and float64 parameters, not {segment.dtype} (its "
+        for gi, (group, state) in enumerate(zip(groups, momentum_states)):
+            if state is None:
+                raise ValueError(f"MomentumSAM needs a base optimizer with momentum (SGD with momentum > 0, Adam, "
+                                 f"AdamW); param group {gi} keeps none")
+            dtype = next((p.dtype for p in group["params"] if p.dtype in LOW_PRECISION), None)
+            if dtype is not None:
+                raise ValueError(f"MomentumSAM supports float32 and float64 parameters, not {dtype} (its "
                                  "perturbation reads the float32 momentum where the kernels read gradients)")
 
     def sam_due(self, step: int) -> bool:
         return False
+
+    def plain_step_done(self, view: StepView) -> None:
+        """backup <- w, w <- w - rho * v / (||v|| + perturb_eps), v the base optimizer's momentum, its norm
+        global: the backends' own norm and perturb, over spans whose 'gradient' is the momentum (same dtype:
+        float32/float64 parameters only). Only the parameters this step updated move; the others' backup is
+        their weight, so the next step's restore leaves them as they are."""
+        sam = view.sam
+        perturbations = [dataclasses.replace(p, rho=-p.rho) for p in view.perturbations]
+        work = []
+        for segment, mask in zip(sam.segments, view.active):
+            name = view.momentum_states[segment.group_index]
+            for _, _, (updated,), span in segment.spans(mask):
+                if updated:
+                    work.append((segment, dataclasses.replace(span, grads=span.state[name])))
+                else:
+                    span.backup.copy_(span.weights)
+        partials = norm_partials(sam, work, perturbations)
+        for segment, span in work:
+            segment.backend.perturb(span, perturbations[segment.group_index], partials[span.device], None)
+            segment.publish_weights()
+        self.perturbed_between_steps = True
 
     def __repr__(self) -> str:
         return "MomentumSAM()"

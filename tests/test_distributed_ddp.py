@@ -114,17 +114,29 @@ def _batchnorm_with_frozen_second_pass(rank: int) -> dict:
     return {"weights": [p.detach().clone() for p in ddp.parameters()], "frozen_pass_wrote": frozen_pass_wrote}
 
 
-def _build_zero_over_fused_sam(rank: int) -> str:
-    """What building ZeroRedundancyOptimizer(optimizer_class=FusedSAM) says on this rank."""
+def _step_zero_over_fused_sam(rank: int) -> str:
+    """What the first step of ZeroRedundancyOptimizer(optimizer_class=FusedSAM) says on this rank, and
+    whether any weight moved."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     model = mlp(torch.float64)
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedSAM, base_optimizer=torch.optim.SGD,
+                                   rho=RHO, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(batches(model, 1, torch.float64)))
+
+    def closure():
+        zero.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
     try:
-        ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedSAM, base_optimizer=torch.optim.SGD,
-                                rho=RHO, lr=0.1)
+        zero.step(closure)
     except TypeError as exc:
-        return str(exc)
-    return "built"
+        moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        return f"{exc} (weights moved: {moved})"
+    return "stepped"
 
 
 # --- single-process references in float64 ----------------------------------------------------------
@@ -208,9 +220,11 @@ def test_m_sharpness_perturbs_with_the_local_gradient(tmp_path):
 
 def test_zero_redundancy_optimizer_is_refused(tmp_path):
     """ZeRO hands each rank's FusedSAM only its partition of the parameters: a partition norm, not SAM,
-    and silent. Building it must fail with an error that says why, on every rank."""
-    for message in run_on_ranks(_build_zero_over_fused_sam, (), tmp_path):
+    and silent. Its first step must fail, before any weight moves, with an error that says why, on every
+    rank."""
+    for message in run_on_ranks(_step_zero_over_fused_sam, (), tmp_path):
         assert "ZeroRedundancyOptimizer" in message and "not SAM" in message and "fully_shard" in message, message
+        assert message.endswith("(weights moved: False)"), message
 
 
 def test_running_stats_frozen_under_ddp_broadcasting_buffers(tmp_path):

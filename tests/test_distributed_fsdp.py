@@ -73,9 +73,9 @@ def _fsdp_runs(rank: int, world_size: int, dtype, mesh_shape: tuple, local_norm:
     """Final full weights per base optimizer after STEPS SAM steps on this rank's part of every batch.
     local_norm: skip the sum over ranks, so that each rank perturbs with its own shards' norm."""
     if local_norm:
-        import fused_sam.optimizer
+        import fused_sam.norms
 
-        fused_sam.optimizer.sum_over_ranks = lambda value, group: _NoWait()
+        fused_sam.norms.sum_over_ranks = lambda value, group: _NoWait()
     weights = {}
     for base_name, (base, base_kwargs) in BASES.items():
         model = _sharded(dtype, mesh_shape)

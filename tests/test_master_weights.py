@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fused_sam import FusedSAM, available_backends
+from fused_sam.checkpoint import upgrade_state_dict
 
 from models import loss_of, mlp
 
@@ -194,12 +195,13 @@ def as_format_2(opt_sd: dict) -> dict:
     return {"state": state, "param_groups": groups, "sam": sam}
 
 
-@pytest.mark.parametrize("state_format", [3, 2])
+@pytest.mark.parametrize("state_format", [4, 2])
 @pytest.mark.parametrize("model_first", [True, False], ids=["model-then-optimizer", "optimizer-then-model"])
 def test_alternate_mode_resume_between_the_halves_is_bitwise(model_first, state_format):
     """mode="alternate" checkpointed after a first half: the model holds the rounding of master + e, the
     optimizer the float32 masters (the restore point). Loading must not overwrite the perturbed weights.
-    Format 2 (masters and restore point under 'sam') loads as well."""
+    Format 2 (masters and restore point under 'sam') is refused, saying how to convert it, and loads
+    converted, before any change."""
     net, batches = mlp(), data(8)
     cls, kwargs = BASES["sgd-momentum"]
 
@@ -219,10 +221,15 @@ def test_alternate_mode_resume_between_the_halves_is_bitwise(model_first, state_
     train(first, opt, batches[:3])
     assert opt.perturbed
     model_sd, opt_sd = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
-    if state_format == 2:
-        opt_sd = as_format_2(opt_sd)
     resumed = mlp(seed=9).to(torch.bfloat16)
     opt = build(resumed)
+    if state_format == 2:
+        old = as_format_2(opt_sd)
+        with pytest.raises(ValueError, match=r"format 2, written by an earlier fused_sam: convert it with "
+                                             r"fused_sam\.checkpoint\.upgrade_state_dict"):
+            opt.load_state_dict(old)
+        assert not opt.perturbed
+        opt_sd = upgrade_state_dict(old)
     for load in ((lambda: resumed.load_state_dict(model_sd)), (lambda: opt.load_state_dict(opt_sd)))[::1 if model_first else -1]:
         load()
     assert opt.perturbed and torch.equal(flat(resumed.parameters()), flat(first.parameters()))

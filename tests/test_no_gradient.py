@@ -285,18 +285,18 @@ def test_a_change_of_the_parameters_with_gradients_after_capture_is_refused(monk
     """A captured graph updates the parameters that had a gradient when it was captured, on every replay:
     an eager step after capture with another set (a parameter frozen since) is refused, w left as it was.
     The capture itself needs a GPU; here the optimizer is told it is capturing."""
-    import fused_sam.optimizer as optimizer_module
+    import fused_sam.capture as capture_module
 
     model = new_model()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=torch.tensor(0.05, dtype=torch.float64),
                    rho=torch.tensor(0.05, dtype=torch.float64), momentum=0.9, capturable=True, backend="reference")
     (x, y), used = batches()[0], {"expert0"}
-    monkeypatch.setattr(optimizer_module, "_capturing", lambda: True)
+    monkeypatch.setattr(capture_module, "capturing", lambda: True)
     loss_of(model, x, y, used).backward()
     opt.first_step(zero_grad=True)
     loss_of(model, x, y, used).backward()
     opt.second_step(zero_grad=True)
-    monkeypatch.setattr(optimizer_module, "_capturing", lambda: False)
+    monkeypatch.setattr(capture_module, "capturing", lambda: False)
     loss_of(model, x, y, used).backward()  # the same set, eagerly: fine
     opt.first_step(zero_grad=True)
     set_frozen(model, True)

@@ -22,7 +22,7 @@ import torch
 
 from fused_sam import FusedSAM, available_backends
 from fused_sam.classic import ClassicSAM
-from fused_sam.optimizer import PROGRESS_KEY
+from fused_sam.checkpoint import PROGRESS_KEY
 from fused_sam.variants import LookSAM, Randomly
 
 from models import batches, loss_of, mlp, sam_train
