@@ -22,7 +22,7 @@ import torch
 
 from fused_sam import FusedSAM, available_backends
 from fused_sam.classic import ClassicSAM
-from fused_sam.checkpoint import PROGRESS_KEY
+from fused_sam.checkpoint import PROGRESS_KEY, upgrade_state_dict
 from fused_sam.variants import LookSAM, Randomly
 
 from models import batches, loss_of, mlp, sam_train
@@ -564,3 +564,29 @@ def test_flattened_checkpoint_without_master_weights_is_refused():
     assert_bitwise_equal(before["state"], resumed_opt.state_dict()["state"], "state after the refusal")
     set_optimizer_state_dict(resumed, resumed_opt, get_optimizer_state_dict(model, opt))
     assert_bitwise_equal(opt.state_dict()["state"], resumed_opt.state_dict()["state"])
+
+
+def test_a_format_1_state_dict_is_refused_and_loads_upgraded():
+    """Format 1 (an unreleased preview) saved SAM's epsilon as 'eps' and had no per-group progress: refused
+    with the converter named, before anything changes; upgraded, it resumes as the run it came from."""
+    def build(perturb_eps):
+        model = mlp()
+        return model, FusedSAM(model.parameters(), torch.optim.SGD, rho=0.05, perturb_eps=perturb_eps, lr=0.1,
+                               momentum=0.9)
+
+    model, opt = build(1e-9)
+    sam_train(model, opt, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    sam = {k: v for k, v in saved["sam"].items() if k not in ("format", "entries", "perturb_eps")}
+    old = {"state": saved["state"], "sam": dict(sam, eps=saved["sam"]["perturb_eps"]),
+           "param_groups": [{k: v for k, v in g.items() if k != PROGRESS_KEY} for g in saved["param_groups"]]}
+    _, fresh = build(1e-12)
+    fresh.param_groups[0]["lr"] = 0.5  # a setting the load must overwrite
+    with pytest.raises(ValueError, match=r"format 1, written by an earlier fused_sam.*upgrade_state_dict"):
+        fresh.load_state_dict(old)
+    assert fresh.param_groups[0]["lr"] == 0.5 and fresh._sam.completed_steps == 0 and fresh.perturb_eps == 1e-12
+    fresh.load_state_dict(upgrade_state_dict(old))
+    assert fresh.perturb_eps == 1e-9 and fresh._sam.completed_steps == 3
+    resumed = fresh.state_dict()
+    assert resumed["param_groups"] == saved["param_groups"]
+    assert all(torch.equal(v, resumed["state"][i][k]) for i, s in saved["state"].items() for k, v in s.items())
