@@ -65,7 +65,8 @@ def test_differences_are_paired_by_seed():
     runs = {"task": {
         "sgd": [_run(s, a, eig=10.0 + s, seconds=2.0) for s, a in enumerate(sgd)],
         "sam": [_run(s, a + 0.1, eig=4.0 + s, evals=20.0, seconds=3.0) for s, a in enumerate(sgd)],
-        "every-5": [_run(s, a + d, eig=10.0 + s, evals=12.0, seconds=2.0 + s) for s, (a, d) in enumerate(zip(sgd, shift))],
+        "every-5": [_run(s, a + d, eig=10.0 + s, evals=12.0, seconds=2.0 + s)
+                    for s, (a, d) in enumerate(zip(sgd, shift))],
     }}
     cfg = StudyConfig(bootstrap_resamples=1000)
     summary = summarize(runs, cfg)["task"]
