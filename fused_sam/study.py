@@ -266,8 +266,8 @@ def markdown(result: dict) -> str:
     first, last = cfg["first_seed"], cfg["first_seed"] + cfg["seeds"] - 1
     lines = [f"{cfg['seeds']} seeds ({first}-{last}), {cfg['epochs']} epochs; differences are paired by seed "
              f"(method minus SGD, method minus SAM), mean [{boot['confidence']:.0%} percentile bootstrap interval "
-             f"over the seeds, {boot['resamples']} resamples]; * marks an interval that excludes 0. Wall time: the methods "
-             f"interleaved epoch by epoch within each seed, {result['threads']} thread(s), on a shared machine "
+             f"over the seeds, {boot['resamples']} resamples]; * marks an interval that excludes 0. Wall time: "
+             f"the methods interleaved epoch by epoch within each seed, {result['threads']} thread(s), on a shared machine "
              "(load average " + _load_text(result) + ").", ""]
     for task, per_method in result["summary"].items():
         lines += [f"**{task}**", "",
