@@ -8,24 +8,33 @@ batches and initial weights per seed:
 - ``noisy``: the demo's label-noise task (10 Gaussian clusters in 64 dimensions, 40% of the training labels
   replaced by another class, clean test labels); an MLP 64 -> 512 -> 10 (``fused_sam.demo.mlp``).
 
-Reported per task and method (mean, min and max over the seeds): final test accuracy, wall-clock seconds
-per epoch, gradient evaluations (backward passes) per epoch, and the largest Hessian eigenvalue of the
-training loss at the end (power iteration). The table is written as JSON and Markdown, with a plot of
-accuracy against gradient evaluations when matplotlib is installed. Nothing is tuned per method: every
-method runs with the demo's settings (SGD lr 0.05, momentum 0.9, batch 32; rho 0.3 for SAM and every
-variant; LookSAM's alpha 0.7, fused_sam's default; WhenSharp's threshold from -1 to +1 standard
+Each method is reported as a paired difference to SGD and to SAM over the same seeds (per seed: the
+method's value minus the reference's), with a percentile bootstrap confidence interval over the seeds, for
+final test accuracy and the largest Hessian eigenvalue of the training loss at the end (power iteration;
+MomentumSAM's at its w, not the perturbed point it keeps between steps). 40 seeds by default; ``--first-seed``
+reruns on fresh seeds, the check that a conclusion is not one draw's. Cost is counted exactly, as gradient
+evaluations (backward passes) per epoch. Wall time is secondary: within a seed the methods train round-robin,
+one epoch each in turn, so that the machine's load falls on all of them alike, and each method's time is
+reported as a ratio to SGD's over the same seed. The table is written
+as JSON (with every per-seed value) and Markdown, with a plot when matplotlib is installed. Nothing is tuned
+per method: every method runs with the demo's settings (SGD lr 0.05, momentum 0.9, batch 32; rho 0.3 for SAM
+and every variant; LookSAM's alpha 0.7, fused_sam's default; WhenSharp's threshold from -1 to +1 standard
 deviations over the run and delta 0.9).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,22 +52,29 @@ METHODS = {
     "whensharp": lambda seed, steps: WhenSharp(c_start=-1.0, c_end=1.0, total_steps=steps),
     "momentum-sam": lambda seed, steps: MomentumSAM(),
 }
+REFERENCES = ("sgd", "sam")  # every method is reported as a paired difference to each
+COMPARED = ("test_acc", "top_hessian_eigenvalue")  # the per-seed outcomes the differences are taken of
 
 
 @dataclass
 class StudyConfig:
     epochs: int = 30
-    seeds: int = 3
+    seeds: int = 40
+    first_seed: int = 0  # seeds first_seed, first_seed + 1, ...: a rerun on fresh seeds replicates the study
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
     rho: float = 0.3  # the demo's (fused_sam.demo.mlp.MLPConfig), for both tasks and every method
     power_iters: int = 20
+    threads: int = 1  # torch threads while training: every method gets the same one core
+    bootstrap_resamples: int = 10_000
+    bootstrap_seed: int = 0
+    confidence: float = 0.95
     tasks: tuple = ("digits", "noisy")
 
     @classmethod
     def quick(cls) -> "StudyConfig":
-        return cls(epochs=2, seeds=1, power_iters=3)
+        return cls(epochs=2, seeds=2, power_iters=3, bootstrap_resamples=1000)
 
 
 def digits_task(seed: int) -> Dict[str, torch.Tensor]:
@@ -86,82 +102,198 @@ def noisy_task(seed: int) -> Dict[str, torch.Tensor]:
 TASKS = {"digits": digits_task, "noisy": noisy_task}
 
 
-def train(task: Dict[str, torch.Tensor], method: str, seed: int, cfg: StudyConfig) -> dict:
-    x, y = task["x"], task["y"]
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(x.shape[1], task["hidden"]), nn.ReLU(), nn.Linear(task["hidden"], 10))
-    if method == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    else:
-        steps = cfg.epochs * -(-len(x) // cfg.batch_size)
-        opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=cfg.rho, lr=cfg.lr, momentum=cfg.momentum,
-                       variant=METHODS[method](seed, steps))
-    gen = torch.Generator().manual_seed(20_000 + seed)  # the same batches for every method
-    loss_fn = nn.functional.cross_entropy
-    backward_passes, seconds = 0, 0.0
-    for _ in range(cfg.epochs):
+class Run:
+    """One method on one task and seed, trained an epoch at a time so that runs can be interleaved."""
+
+    def __init__(self, task: Dict[str, torch.Tensor], method: str, seed: int, cfg: StudyConfig):
+        self.task, self.method, self.seed, self.cfg = task, method, seed, cfg
+        x = task["x"]
+        torch.manual_seed(seed)  # the same initial weights for every method
+        self.model = nn.Sequential(nn.Linear(x.shape[1], task["hidden"]), nn.ReLU(), nn.Linear(task["hidden"], 10))
+        if method == "sgd":
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        else:
+            steps = cfg.epochs * -(-len(x) // cfg.batch_size)
+            self.opt = FusedSAM(self.model.parameters(), torch.optim.SGD, rho=cfg.rho, lr=cfg.lr,
+                                momentum=cfg.momentum, variant=METHODS[method](seed, steps))
+        self.batches = torch.Generator().manual_seed(20_000 + seed)  # the same batches for every method
+        self.backward_passes, self.seconds, self.epochs = 0, 0.0, 0
+
+    def epoch(self) -> None:
+        x, y, opt, loss_fn = self.task["x"], self.task["y"], self.opt, nn.functional.cross_entropy
         start = time.perf_counter()
-        for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
+        for idx in torch.randperm(len(x), generator=self.batches).split(self.cfg.batch_size):
             xb, yb = x[idx], y[idx]
-            loss_fn(model(xb), yb).backward()
-            backward_passes += 1
-            if method == "sgd":
+            loss_fn(self.model(xb), yb).backward()
+            self.backward_passes += 1
+            if self.method == "sgd":
                 opt.step()
                 opt.zero_grad()
             elif opt.sam_step_due:
                 opt.first_step(zero_grad=True)
-                loss_fn(model(xb), yb).backward()
-                backward_passes += 1
+                loss_fn(self.model(xb), yb).backward()
+                self.backward_passes += 1
                 opt.second_step(zero_grad=True)
             else:
                 opt.plain_step(zero_grad=True)
-        seconds += time.perf_counter() - start
-    return dict(
-        test_acc=accuracy(model, task["x_test"], task["y_test"]),
-        seconds_per_epoch=seconds / cfg.epochs,
-        gradient_evaluations_per_epoch=backward_passes / cfg.epochs,
-        top_hessian_eigenvalue=top_hessian_eigenvalue(model, x, y, cfg.power_iters, seed),
-    )
+        self.seconds += time.perf_counter() - start
+        self.epochs += 1
+
+    def result(self) -> dict:
+        model, task = self.model, self.task
+        # MomentumSAM keeps the model at its perturbed point between steps; the trained weights are w
+        held_at_w = self.opt.at_restore_point() if isinstance(self.opt, FusedSAM) else contextlib.nullcontext()
+        with held_at_w:
+            return dict(
+                seed=self.seed,
+                test_acc=accuracy(model, task["x_test"], task["y_test"]),
+                top_hessian_eigenvalue=top_hessian_eigenvalue(model, task["x"], task["y"], self.cfg.power_iters,
+                                                              self.seed),
+                gradient_evaluations_per_epoch=self.backward_passes / self.epochs,
+                seconds=self.seconds,
+            )
+
+
+def train_seed(task: Dict[str, torch.Tensor], seed: int, cfg: StudyConfig, methods: Sequence[str]) -> Dict[str, dict]:
+    """Every method on one task and seed, round-robin one epoch at a time, the order rotated each epoch so
+    that no method always runs first or last (load changes and cache state then fall on all alike)."""
+    runs = [Run(task, method, seed, cfg) for method in methods]
+    for epoch in range(cfg.epochs):
+        shift = epoch % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            run.epoch()
+    return {run.method: run.result() for run in runs}
+
+
+def bootstrap_interval(values: Sequence[float], resamples: int, seed: int, confidence: float) -> Tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampled with replacement, `resamples` times,
+    from numpy's default generator seeded with `seed`: the same values give the same interval)."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim != 1 or len(data) < 2:
+        raise ValueError(f"a bootstrap interval over seeds needs at least 2 values, got {len(data)}")
+    if resamples < 1 or not 0 < confidence < 1:
+        raise ValueError(f"need resamples >= 1 and 0 < confidence < 1, got {resamples} and {confidence}")
+    idx = np.random.default_rng(seed).integers(0, len(data), size=(resamples, len(data)))
+    means = data[idx].mean(axis=1)
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def summarize(runs: Dict[str, Dict[str, List[dict]]], cfg: StudyConfig) -> dict:
+    """Per task and method: means and per-seed values, paired differences to SGD and SAM with bootstrap
+    intervals, the exact gradient-evaluation count and the interleaved wall time as a ratio to SGD's."""
+    def interval(values):
+        lo, hi = bootstrap_interval(values, cfg.bootstrap_resamples, cfg.bootstrap_seed, cfg.confidence)
+        return dict(mean=statistics.fmean(values), ci=[lo, hi], per_seed=list(values))
+
+    summary = {}
+    for task, per_method in runs.items():
+        seeds = [r["seed"] for r in per_method["sgd"]]
+        for method, results in per_method.items():
+            if [r["seed"] for r in results] != seeds:
+                raise ValueError(f"{task}/{method}: seeds {[r['seed'] for r in results]}, SGD's are {seeds}: "
+                                 "paired differences need the same seeds in the same order")
+        sgd_evals = statistics.fmean(r["gradient_evaluations_per_epoch"] for r in per_method["sgd"])
+        summary[task] = {}
+        for method, results in per_method.items():
+            entry = {key: dict(mean=statistics.fmean(r[key] for r in results), per_seed=[r[key] for r in results])
+                     for key in COMPARED + ("gradient_evaluations_per_epoch",)}
+            entry["gradient_evaluations_vs_sgd"] = entry["gradient_evaluations_per_epoch"]["mean"] / sgd_evals
+            entry["wall_time_vs_sgd"] = interval(
+                [r["seconds"] / s["seconds"] for r, s in zip(results, per_method["sgd"])])
+            for ref in REFERENCES:
+                if ref != method:
+                    entry[f"minus_{ref}"] = {
+                        key: interval([r[key] - b[key] for r, b in zip(results, per_method[ref])])
+                        for key in COMPARED}
+            summary[task][method] = entry
+    return summary
 
 
 def run_study(cfg: StudyConfig, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    plan = [(task, seed, method) for task in cfg.tasks for seed in range(cfg.seeds) for method in METHODS]
-    runs: Dict[str, Dict[str, List[dict]]] = {task: {m: [] for m in METHODS} for task in cfg.tasks}
-    tasks = {}
-    for task, seed, method in tqdm(plan, desc="study", unit="run", disable=not progress, leave=False):
-        if (task, seed) not in tasks:
-            tasks[task, seed] = TASKS[task](seed)
-        runs[task][method].append(train(tasks[task, seed], method, seed, cfg))
-    summary = {
-        task: {
-            method: {key: _spread([r[key] for r in results]) for key in results[0]}
-            for method, results in per_method.items()
-        }
-        for task, per_method in runs.items()
-    }
-    return dict(config=asdict(cfg), torch=torch.__version__, threads=torch.get_num_threads(),
-                runs=runs, summary=summary)
+    if cfg.seeds < 2:
+        raise ValueError(f"the study's intervals are over seeds: it needs at least 2, got {cfg.seeds}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    load_before, start = _load(), time.perf_counter()
+    try:
+        runs: Dict[str, Dict[str, List[dict]]] = {task: {m: [] for m in METHODS} for task in cfg.tasks}
+        plan = [(task, seed) for task in cfg.tasks for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds)]
+        for task, seed in tqdm(plan, desc="study", unit="seed", disable=not progress, leave=False):
+            for method, result in train_seed(TASKS[task](seed), seed, cfg, list(METHODS)).items():
+                runs[task][method].append(result)
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - start
+    return dict(config=asdict(cfg), torch=torch.__version__, python=platform.python_version(),
+                machine=dict(platform=platform.platform(), processor=_cpu_name(), cpus=os.cpu_count(),
+                             niceness=os.nice(0) if hasattr(os, "nice") else None,
+                             load_average_before=load_before, load_average_after=_load()),
+                threads=cfg.threads, seconds=seconds,
+                bootstrap=dict(method="percentile bootstrap of the mean over seeds, paired by seed",
+                               resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed,
+                               confidence=cfg.confidence, generator="numpy.random.default_rng"),
+                runs=runs, summary=summarize(runs, cfg))
 
 
-def _spread(values: List[float]) -> dict:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+def _load() -> Optional[List[float]]:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _fmt(entry: dict, spec: str) -> str:
+    """mean [lo, hi], starred when the interval excludes 0 (the difference is resolved)."""
+    lo, hi = entry["ci"]
+    star = "*" if lo > 0 or hi < 0 else ""
+    return f"{entry['mean']:{spec}} [{lo:{spec}}, {hi:{spec}}]{star}"
 
 
 def markdown(result: dict) -> str:
-    lines = []
+    cfg, boot = result["config"], result["bootstrap"]
+    first, last = cfg["first_seed"], cfg["first_seed"] + cfg["seeds"] - 1
+    lines = [f"{cfg['seeds']} seeds ({first}-{last}), {cfg['epochs']} epochs; differences are paired by seed "
+             f"(method minus SGD, method minus SAM), mean [{boot['confidence']:.0%} percentile bootstrap interval "
+             f"over the seeds, {boot['resamples']} resamples]; * marks an interval that excludes 0. Wall time: "
+             f"the methods interleaved epoch by epoch within each seed, {result['threads']} thread(s), on a shared machine "
+             "(load average " + _load_text(result) + ").", ""]
     for task, per_method in result["summary"].items():
-        lines += [f"**{task}** ({result['config']['seeds']} seeds, {result['config']['epochs']} epochs)", "",
-                  "| method | test accuracy, mean (min-max) | s / epoch | gradient evaluations / epoch "
-                  "| top Hessian eigenvalue, mean (min-max) |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"**{task}**", "",
+                  "| method | test accuracy | minus SGD | minus SAM | top Hessian eigenvalue | minus SGD | minus SAM "
+                  "| gradient evaluations / epoch (x SGD) | wall time, x SGD (shared machine) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for method, s in per_method.items():
             acc, eig = s["test_acc"], s["top_hessian_eigenvalue"]
-            lines.append(f"| {method} | {acc['mean']:.4f} ({acc['min']:.4f}-{acc['max']:.4f}) "
-                         f"| {s['seconds_per_epoch']['mean']:.3f} | {s['gradient_evaluations_per_epoch']['mean']:.1f} "
-                         f"| {eig['mean']:.2f} ({eig['min']:.2f}-{eig['max']:.2f}) |")
+            cells = [method, f"{acc['mean']:.4f}"]
+            cells += [_fmt(s[f"minus_{ref}"]["test_acc"], "+.4f") if f"minus_{ref}" in s else "" for ref in REFERENCES]
+            cells.append(f"{eig['mean']:#.3g}")
+            cells += [_fmt(s[f"minus_{ref}"]["top_hessian_eigenvalue"], "+#.3g") if f"minus_{ref}" in s else ""
+                      for ref in REFERENCES]
+            wall = s["wall_time_vs_sgd"]
+            cells.append(f"{s['gradient_evaluations_per_epoch']['mean']:.1f} ({s['gradient_evaluations_vs_sgd']:.2f}x)")
+            cells.append(f"{wall['mean']:.2f}x [{wall['ci'][0]:.2f}, {wall['ci'][1]:.2f}]")
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _load_text(result: dict) -> str:
+    before, after = result["machine"]["load_average_before"], result["machine"]["load_average_after"]
+    if before is None:
+        return "unknown"
+    return f"{before[0]:.1f} before, {after[0]:.1f} after"
 
 
 def plot(result: dict, path: str) -> Optional[str]:
@@ -173,15 +305,21 @@ def plot(result: dict, path: str) -> Optional[str]:
     import matplotlib.pyplot as plt
 
     tasks = list(result["summary"])
+    conf = f"{result['bootstrap']['confidence']:.0%}"
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
+        same_cost: Dict[float, int] = {}
         for method, s in result["summary"][task].items():
-            cost, acc = s["gradient_evaluations_per_epoch"]["mean"], s["test_acc"]
-            ax.errorbar(cost, acc["mean"], yerr=[[acc["mean"] - acc["min"]], [acc["max"] - acc["mean"]]], fmt="o",
-                        capsize=3, label=method)
-        ax.set_title(task)
-        ax.set_xlabel("gradient evaluations per epoch")
-        ax.set_ylabel("test accuracy (mean, min-max over seeds)")
+            cost = s["gradient_evaluations_vs_sgd"]
+            nth = same_cost[round(cost, 2)] = same_cost.get(round(cost, 2), -1) + 1
+            cost += 0.02 * nth  # methods of the same cost side by side, not on top of each other
+            diff = s["minus_sgd"]["test_acc"] if "minus_sgd" in s else dict(mean=0.0, ci=[0.0, 0.0])
+            ax.errorbar(cost, diff["mean"], yerr=[[diff["mean"] - diff["ci"][0]], [diff["ci"][1] - diff["mean"]]],
+                        fmt="o", capsize=3, label=method)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_title(f"{task} ({result['config']['seeds']} seeds)")
+        ax.set_xlabel("gradient evaluations per epoch, x SGD")
+        ax.set_ylabel(f"test accuracy minus SGD's ({conf} interval)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -195,18 +333,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=StudyConfig.epochs,
                         help=f"epochs per run (default {StudyConfig.epochs})")
     parser.add_argument("--seeds", type=int, default=StudyConfig.seeds,
-                        help=f"seeds per task and method (default {StudyConfig.seeds})")
+                        help=f"seeds per task and method, at least 2 (default {StudyConfig.seeds})")
+    parser.add_argument("--first-seed", type=int, default=StudyConfig.first_seed,
+                        help="the first seed (default 0); a rerun with fresh seeds checks that the conclusions hold")
     parser.add_argument("--tasks", default=",".join(StudyConfig.tasks), help="comma list among digits, noisy")
-    parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed: checks that everything runs")
+    parser.add_argument("--threads", type=int, default=StudyConfig.threads,
+                        help=f"torch threads while training (default {StudyConfig.threads})")
+    parser.add_argument("--quick", action="store_true", help="2 epochs, 2 seeds: checks that everything runs")
     parser.add_argument("--out", default="study_out", help="output folder (default: ./study_out)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    cfg = StudyConfig.quick() if args.quick else StudyConfig(epochs=args.epochs, seeds=args.seeds)
+    if args.seeds < 2:
+        parser.error("--seeds: the intervals are over seeds, so at least 2 are needed")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    if args.quick:
+        cfg = StudyConfig.quick()
+    else:
+        cfg = StudyConfig(epochs=args.epochs, seeds=args.seeds)
+    cfg.threads, cfg.first_seed = args.threads, args.first_seed
     cfg.tasks = tuple(t for t in args.tasks.split(",") if t)
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose among {list(TASKS)}")
     result = run_study(cfg, progress=not args.no_progress)
+    result["command"] = " ".join(["fused-sam study"] + argv)
     os.makedirs(args.out, exist_ok=True)
     table = markdown(result)
     with open(os.path.join(args.out, "study.json"), "w") as f:
@@ -215,5 +367,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(table)
     figure = plot(result, os.path.join(args.out, "study.png"))
     print(table)
-    print(f"wrote {args.out}/study.json, study.md" + (", study.png" if figure else " (no plot: pip install matplotlib)"))
+    print(f"took {result['seconds'] / 60:.1f} min; wrote {args.out}/study.json, study.md"
+          + (", study.png" if figure else " (no plot: pip install matplotlib)"))
     return 0

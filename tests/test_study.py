@@ -1,27 +1,130 @@
-"""`fused-sam study --quick`: every method trains on both tasks and the costs are counted as the variants
-say (the accuracy numbers are the study's to report, not this test's to judge)."""
+"""`fused-sam study`: its statistics against independent computations, and `--quick` runs every method and
+counts the costs as the variants say (the accuracy numbers are the study's to report, not this test's to
+judge)."""
 from __future__ import annotations
 
 import json
+import math
+import random
+import statistics
 
+import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
+from fused_sam.study import StudyConfig, bootstrap_interval, main, summarize
 
-from fused_sam.study import main  # noqa: E402
+
+def _percentile(sorted_values, q):
+    """Linear interpolation between the closest ranks (numpy's default quantile), written out."""
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (pos - lo) * (sorted_values[hi] - sorted_values[lo])
+
+
+def test_bootstrap_interval_of_a_constant_is_that_point():
+    assert bootstrap_interval([0.0125] * 7, resamples=500, seed=3, confidence=0.95) == pytest.approx((0.0125, 0.0125))
+
+
+def test_bootstrap_interval_matches_a_resampling_loop_written_out():
+    values = [0.413, 0.4721, 0.3899, 0.5237, 0.4412, 0.4655, 0.4018, 0.4983, 0.4307, 0.4577]
+    lo, hi = bootstrap_interval(values, resamples=999, seed=11, confidence=0.9)
+    # the same draws (numpy's generator, same seed and shape), then means and percentiles by hand
+    draws = np.random.default_rng(11).integers(0, len(values), size=(999, len(values))).tolist()
+    means = sorted(sum(values[i] for i in row) / len(row) for row in draws)
+    assert (lo, hi) == pytest.approx((_percentile(means, 0.05), _percentile(means, 0.95)), abs=1e-12)
+    assert min(values) < lo < statistics.fmean(values) < hi < max(values)
+    assert bootstrap_interval(values, 999, 11, 0.9) == (lo, hi)  # a fixed seed: the same interval again
+
+
+def test_bootstrap_interval_of_a_large_sample_is_the_normal_one():
+    """For n = 400 draws the percentile interval of the mean is close to mean +- 1.96 s / sqrt(n)."""
+    gen = random.Random(5)
+    values = [gen.gauss(1.0, 2.0) for _ in range(400)]
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+    lo, hi = bootstrap_interval(values, resamples=20_000, seed=0, confidence=0.95)
+    mean = statistics.fmean(values)
+    assert lo == pytest.approx(mean - half, abs=0.1 * half) and hi == pytest.approx(mean + half, abs=0.1 * half)
+
+
+def test_bootstrap_interval_rejects_a_single_seed():
+    with pytest.raises(ValueError, match="at least 2"):
+        bootstrap_interval([0.5], resamples=100, seed=0, confidence=0.95)
+
+
+def _run(seed, acc, eig=1.0, evals=10.0, seconds=1.0):
+    return dict(seed=seed, test_acc=acc, top_hessian_eigenvalue=eig, gradient_evaluations_per_epoch=evals,
+                seconds=seconds)
+
+
+def test_differences_are_paired_by_seed():
+    """The seeds differ far more than the methods do; SAM is SGD + 0.1 on every seed, the variant SGD + a
+    known per-seed amount: the paired differences and their intervals are exactly those amounts."""
+    sgd = [0.3, 0.9, 0.5, 0.7]
+    shift = [0.02, -0.01, 0.05, 0.00]
+    runs = {"task": {
+        "sgd": [_run(s, a, eig=10.0 + s, seconds=2.0) for s, a in enumerate(sgd)],
+        "sam": [_run(s, a + 0.1, eig=4.0 + s, evals=20.0, seconds=3.0) for s, a in enumerate(sgd)],
+        "every-5": [_run(s, a + d, eig=10.0 + s, evals=12.0, seconds=2.0 + s)
+                    for s, (a, d) in enumerate(zip(sgd, shift))],
+    }}
+    cfg = StudyConfig(bootstrap_resamples=1000)
+    summary = summarize(runs, cfg)["task"]
+    sam = summary["sam"]["minus_sgd"]["test_acc"]
+    assert sam["per_seed"] == pytest.approx([0.1] * 4) and sam["ci"] == pytest.approx([0.1, 0.1])
+    assert summary["sam"]["minus_sgd"]["top_hessian_eigenvalue"]["ci"] == pytest.approx([-6.0, -6.0])
+    variant = summary["every-5"]
+    assert variant["minus_sgd"]["test_acc"]["per_seed"] == pytest.approx(shift)
+    assert variant["minus_sgd"]["test_acc"]["mean"] == pytest.approx(statistics.fmean(shift))
+    assert variant["minus_sam"]["test_acc"]["per_seed"] == pytest.approx([d - 0.1 for d in shift])
+    expected = bootstrap_interval(shift, cfg.bootstrap_resamples, cfg.bootstrap_seed, cfg.confidence)
+    assert variant["minus_sgd"]["test_acc"]["ci"] == pytest.approx(list(expected))
+    assert variant["test_acc"]["per_seed"] == pytest.approx([a + d for a, d in zip(sgd, shift)])
+    assert variant["gradient_evaluations_vs_sgd"] == pytest.approx(1.2)
+    assert variant["wall_time_vs_sgd"]["per_seed"] == pytest.approx([1.0, 1.5, 2.0, 2.5])  # per seed, to SGD's
+    assert "minus_sgd" not in summary["sgd"] and "minus_sam" not in summary["sam"]
+
+
+def test_differences_refuse_unpaired_seeds():
+    runs = {"task": {"sgd": [_run(0, 0.5), _run(1, 0.6)], "sam": [_run(1, 0.6), _run(0, 0.5)]}}
+    with pytest.raises(ValueError, match="same seeds"):
+        summarize(runs, StudyConfig(bootstrap_resamples=100))
 
 
 def test_quick_study_runs_every_method_and_counts_its_backward_passes(tmp_path):
+    pytest.importorskip("sklearn")
     assert main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     result = json.loads((tmp_path / "study.json").read_text())
     assert (tmp_path / "study.md").read_text().count("| sam |") == 2
+    assert result["threads"] == 1 and result["config"]["seeds"] == 2 and result["seconds"] > 0
+    assert result["bootstrap"]["resamples"] == StudyConfig.quick().bootstrap_resamples
+    assert result["command"] == f"fused-sam study --quick --out {tmp_path} --no-progress"
     for task in ("digits", "noisy"):
-        cost = {m: s["gradient_evaluations_per_epoch"]["mean"] for m, s in result["summary"][task].items()}
+        summary = result["summary"][task]
+        cost = {m: s["gradient_evaluations_per_epoch"]["mean"] for m, s in summary.items()}
         steps = cost["sgd"]  # one backward per step
         assert cost["sam"] == 2 * steps
         for every_fifth in ("every-5", "looksam-5"):  # SAM on steps 0, 5, 10, ... of the run
             assert steps * 1.2 - 1 <= cost[every_fifth] <= steps * 1.2 + 1, (task, every_fifth, cost)
         assert steps < cost["randomly-0.2"] < 2 * steps and steps < cost["whensharp"] <= 2 * steps
         assert cost["momentum-sam"] == steps
-        for method, s in result["summary"][task].items():
-            assert 0 <= s["test_acc"]["min"] <= 1, (task, method)
+        for method, s in summary.items():
+            runs = result["runs"][task][method]
+            assert [r["seed"] for r in runs] == [0, 1]
+            assert s["test_acc"]["per_seed"] == [r["test_acc"] for r in runs]
+            assert all(0 <= a <= 1 for a in s["test_acc"]["per_seed"]), (task, method)
+            assert s["wall_time_vs_sgd"]["per_seed"] == pytest.approx(
+                [r["seconds"] / b["seconds"] for r, b in zip(runs, result["runs"][task]["sgd"])])
+            for ref in ("sgd", "sam"):
+                if ref != method:
+                    diff = s[f"minus_{ref}"]["test_acc"]
+                    assert diff["per_seed"] == pytest.approx(
+                        [r["test_acc"] - b["test_acc"] for r, b in zip(runs, result["runs"][task][ref])])
+                    assert diff["ci"][0] <= diff["mean"] <= diff["ci"][1]
+                    assert "top_hessian_eigenvalue" in s[f"minus_{ref}"]
+
+
+def test_study_refuses_a_single_seed(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--seeds", "1", "--out", str(tmp_path)])
+    assert "at least 2" in capsys.readouterr().err
