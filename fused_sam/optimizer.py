@@ -15,10 +15,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .backends import KernelLaunches, Perturbation, StepScalars, check_backend_name, resolve_backend
-from .backends.base import grad_unscale
+from .backends.base import Hyperparameter, grad_unscale
 from .distributed import is_dtensor, local_of, shard_group, sum_over_ranks
 from .flat import LOW_PRECISION, FlatSegment, is_dense, merged_master
-from .updates import capturing as _capturing, fused_kind, update_from_group
+from .updates import capturing as _capturing, fused_kind, scalar, update_from_group
 from .variants import LookSAM, MomentumSAM, Variant, orthogonal_part, resolve as resolve_variant, reuse_coefficient
 
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
@@ -395,24 +395,25 @@ class FusedSAM(torch.optim.Optimizer):
     # --- the SAM step ------------------------------------------------------------------------------
 
     def _perturbations(self) -> List[Perturbation]:
-        """Each param group's SAM settings; with capturable=True rho is NaN here (the kernels read it from
-        ``_hyperparameter_on``)."""
+        """Each param group's SAM settings (rho, a per-step value, comes from ``_step_hyperparameters``)."""
         out = []
         for gi, g in enumerate(self.param_groups):
             _check_sam_settings(g, f"param group {gi}")
             if isinstance(g["rho"], torch.Tensor) and not self.capturable:
                 raise ValueError(f"rho of param group {gi} is a tensor: that needs FusedSAM(..., capturable=True)")
-            rho = math.nan if self.capturable else float(g["rho"])
-            out.append(Perturbation(rho, bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps))
+            out.append(Perturbation(bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps))
         return out
 
-    def _device_hyperparameters(self, name: str) -> Dict[tuple, torch.Tensor]:
-        """capturable=True: ``name`` (lr or rho) of each param group on each device it has parameters on,
-        keyed (group index, device); empty otherwise."""
-        if not self.capturable:
-            return {}
-        keys = dict.fromkeys((segment.group_index, segment.device) for segment in self._sam.segments)
-        return {(gi, device): self._hyperparameter_on(gi, name, device) for gi, device in keys}
+    def _step_hyperparameters(self, name: str) -> Callable[[int, torch.device], Hyperparameter]:
+        """``of(group index, device)``: ``name`` (lr or rho) of a param group on a device it has parameters on,
+        as the kernels take it: a Python float, or with capturable=True a float64 tensor on that device. Every
+        value is read (and checked) now."""
+        if self.capturable:
+            keys = dict.fromkeys((segment.group_index, segment.device) for segment in self._sam.segments)
+            on_device = {(gi, device): self._hyperparameter_on(gi, name, device) for gi, device in keys}
+            return lambda gi, device: on_device[gi, device]
+        values = [scalar(g[name], name) for g in self.param_groups]
+        return lambda gi, device: values[gi]
 
     def _hyperparameter_on(self, gi: int, name: str, device: torch.device) -> torch.Tensor:
         """capturable=True: param group ``gi``'s ``name`` (lr or rho) as a float64 one-element tensor on
@@ -445,8 +446,7 @@ class FusedSAM(torch.optim.Optimizer):
         if not self._fused_kind:
             return []
         base_cls = type(self.base_optimizer)
-        return [update_from_group(self._fused_kind, base_cls, g, lr_on_device=self.capturable)
-                for g in self.param_groups]
+        return [update_from_group(self._fused_kind, base_cls, g) for g in self.param_groups]
 
     def _linked_grads(self, intact: List[bool]) -> List[Optional[List[bool]]]:
         """Link every gradient into the flat buffers; per segment, which parameters have one (None: all)."""
@@ -477,8 +477,9 @@ class FusedSAM(torch.optim.Optimizer):
         grad_scale = _current_scale(grad_scaler)
         intact = self._weights_taken_in()
         perturbations = self._perturbations()
-        rhos = self._device_hyperparameters("rho")  # before any kernel: a refusal leaves nothing half done
-        self._base_updates()  # a base setting second_step() would refuse must fail before w moves
+        rhos = self._step_hyperparameters("rho")  # before any kernel: a refusal leaves nothing half done
+        if self._base_updates():  # a base setting second_step() would refuse must fail before w moves
+            self._step_hyperparameters("lr")
         active = self._linked_grads(intact)
         self._check_captured_live_set("first_step()", active)
         work = self._spans_with_gradients(active)
@@ -496,10 +497,9 @@ class FusedSAM(torch.optim.Optimizer):
         for segment, span in work:
             owns_counter = counter is not None and span.device == counter.device
             device_partials = None if partials is None else partials[span.device]
-            segment.backend.perturb(
-                span, perturbations[segment.group_index], device_partials, counter if owns_counter else None,
-                scales.on(span.device), rho=rhos.get((segment.group_index, span.device)),
-            )
+            scalars = StepScalars(rho=rhos(segment.group_index, span.device), grad_scale=scales.on(span.device))
+            segment.backend.perturb(span, perturbations[segment.group_index], device_partials,
+                                    counter if owns_counter else None, scalars)
             if owns_counter:
                 counter = None
         for segment in sam.segments:
@@ -644,14 +644,14 @@ class FusedSAM(torch.optim.Optimizer):
                                   _PerDevice(reuse_scale, torch.float64))
         if self._fused_kind:
             updates = self._base_updates()
-            lrs = self._device_hyperparameters("lr")
+            lrs = self._step_hyperparameters("lr")
             for segment, perturbed, has_grad in zip(sam.segments, sam.perturbed, active):
                 update = updates[segment.group_index]
                 if segment.ensure_state(update.needed_state()) or not segment.published:
                     self._refuse_if_captured("a new optimizer state buffer (momentum or amsgrad turned on)")
                     self._publish_state(segment)
                 device_scale, device_inf = scales.on(segment.device), infs.on(segment.device)
-                lr, device_reuse = lrs.get((segment.group_index, segment.device)), reuses.on(segment.device)
+                lr, device_reuse = lrs(segment.group_index, segment.device), reuses.on(segment.device)
                 for first, _, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
                     if updated:
                         if not was_perturbed and span.master is None:  # a plain step, or a gradient that
@@ -659,7 +659,8 @@ class FusedSAM(torch.optim.Optimizer):
                             # w itself is the restore point (the kernels read each element before writing it)
                         if device_reuse is not None:
                             span = dataclasses.replace(span, reused=span.state[LOOKSAM_KEY])
-                        scalars = StepScalars(segment.step_of(first), device_scale, device_inf, lr, device_reuse)
+                        scalars = StepScalars(step=segment.step_of(first), lr=lr, grad_scale=device_scale,
+                                              found_inf=device_inf, reuse_scale=device_reuse)
                         segment.backend.restore_and_update(span, update, scalars)
                     elif was_perturbed:
                         segment.backend.restore(span)
@@ -734,7 +735,7 @@ class FusedSAM(torch.optim.Optimizer):
         if not self.skip_nonfinite or not (work or sam.shard_groups):
             return None
         if squared_norm is None:
-            plain = Perturbation(rho=0.0, adaptive=False, eta=0.0, normalize=True, eps=sam.perturb_eps)
+            plain = Perturbation(adaptive=False, eta=0.0, normalize=True, eps=sam.perturb_eps)
             partials = next(iter(self._norm_partials(work, [plain] * len(self.param_groups)).values()))
         else:
             partials = squared_norm.reshape(1)
@@ -756,7 +757,8 @@ class FusedSAM(torch.optim.Optimizer):
         step's restore leaves them as they are."""
         sam = self._sam
         name = "momentum_buffer" if self._fused_kind == "sgd" else "exp_avg"
-        perturbations = [dataclasses.replace(p, rho=-p.rho) for p in self._perturbations()]
+        perturbations = self._perturbations()
+        rhos = self._step_hyperparameters("rho")
         work = []
         for segment, mask in zip(sam.segments, active):
             for _, _, (updated,), span in segment.spans(mask):
@@ -766,7 +768,8 @@ class FusedSAM(torch.optim.Optimizer):
                     span.backup.copy_(span.weights)
         partials = self._norm_partials(work, perturbations)
         for segment, span in work:
-            segment.backend.perturb(span, perturbations[segment.group_index], partials[span.device], None)
+            scalars = StepScalars(rho=-rhos(segment.group_index, span.device))  # against the momentum
+            segment.backend.perturb(span, perturbations[segment.group_index], partials[span.device], None, scalars)
             segment.publish_weights()
         sam.momentum_perturbed = True
 
@@ -1298,7 +1301,7 @@ class FusedSAM(torch.optim.Optimizer):
         params = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
         where = {id(p): (segment, i) for segment in self._sam.segments for i, p in enumerate(segment.params)}
         kind = self._fused_kind
-        needed = [update_from_group(kind, type(self.base_optimizer), g, lr_on_device=self.capturable).needed_state()
+        needed = [update_from_group(kind, type(self.base_optimizer), g).needed_state()
                   if kind else () for g in merged]
         kept = FUSED_STATE_NAMES.get(kind, ())
         base_name = type(self.base_optimizer).__name__

@@ -5,7 +5,6 @@ goes through the generic path (fused perturb/restore, then the subclass's own ``
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -18,7 +17,7 @@ def capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-def _scalar(value, name: str) -> float:
+def scalar(value, name: str) -> float:
     """A hyperparameter as a Python float. Tensor values are read once per step (a sync if on a GPU)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -34,7 +33,6 @@ def _scalar(value, name: str) -> float:
 class SGDUpdate:
     """torch.optim.SGD: momentum, dampening, nesterov, weight decay (L2, added to the gradient), maximize."""
 
-    lr: float
     momentum: float = 0.0
     dampening: float = 0.0
     weight_decay: float = 0.0
@@ -49,7 +47,6 @@ class SGDUpdate:
 class AdamUpdate:
     """torch.optim.Adam / AdamW; ``decoupled`` selects AdamW's weight decay (w *= 1 - lr * wd)."""
 
-    lr: float
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -76,28 +73,24 @@ def fused_kind(base_cls: type) -> Optional[str]:
     return None
 
 
-def update_from_group(kind: str, base_cls: type, group: dict, lr_on_device: bool = False) -> BaseUpdate:
-    """The base update a param group asks for at this step (LR schedulers may have changed it).
-    lr_on_device: the kernels read lr from a device tensor (capturable=True); it is NaN here, never read."""
-    lr = math.nan if lr_on_device else _scalar(group["lr"], "lr")
+def update_from_group(kind: str, base_cls: type, group: dict) -> BaseUpdate:
+    """The base update a param group asks for at this step, but its lr: a per-step value, in ``StepScalars``."""
     if group.get("differentiable", False):
         raise ValueError("differentiable=True is not supported by FusedSAM's fused base update")
     if kind == "sgd":
         return SGDUpdate(
-            lr=lr,
-            momentum=_scalar(group.get("momentum", 0.0), "momentum"),
-            dampening=_scalar(group.get("dampening", 0.0), "dampening"),
-            weight_decay=_scalar(group.get("weight_decay", 0.0), "weight_decay"),
+            momentum=scalar(group.get("momentum", 0.0), "momentum"),
+            dampening=scalar(group.get("dampening", 0.0), "dampening"),
+            weight_decay=scalar(group.get("weight_decay", 0.0), "weight_decay"),
             nesterov=bool(group.get("nesterov", False)),
             maximize=bool(group.get("maximize", False)),
         )
     beta1, beta2 = group.get("betas", (0.9, 0.999))
     return AdamUpdate(
-        lr=lr,
-        beta1=_scalar(beta1, "betas[0]"),
-        beta2=_scalar(beta2, "betas[1]"),
-        eps=_scalar(group.get("eps", 1e-8), "eps"),
-        weight_decay=_scalar(group.get("weight_decay", 0.0), "weight_decay"),
+        beta1=scalar(beta1, "betas[0]"),
+        beta2=scalar(beta2, "betas[1]"),
+        eps=scalar(group.get("eps", 1e-8), "eps"),
+        weight_decay=scalar(group.get("weight_decay", 0.0), "weight_decay"),
         decoupled=base_cls is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False)),
         amsgrad=bool(group.get("amsgrad", False)),
         maximize=bool(group.get("maximize", False)),

@@ -34,6 +34,7 @@ from fused_sam.selfcheck import (
     make_span,
     misaligned_span,
     norm_partials_for,
+    perturb_scalars,
     restore_point,
     step_scalars,
     with_reused,
@@ -42,7 +43,7 @@ from models import mlp, sam_train
 from fused_sam import BackendUnavailable, FusedSAM
 from fused_sam.backends import native as native_module
 from fused_sam.backends import resolve_backend
-from fused_sam.backends.base import Perturbation, StepScalars, math_dtype
+from fused_sam.backends.base import Perturbation, math_dtype
 from fused_sam.backends.native import NativeBackend
 from fused_sam.backends.reference import ReferenceBackend
 from fused_sam.updates import AdamUpdate, SGDUpdate
@@ -233,9 +234,9 @@ def test_low_precision_conversions_bitwise(dtype, isa):
     span.weights.copy_(w)
     span.grads.copy_(g)
     ref = copy.deepcopy(span)
-    usam = Perturbation(rho=1.0, adaptive=False, eta=0.0, normalize=False, eps=1e-12)
-    NativeBackend().perturb(span, usam, None, None)
-    ReferenceBackend().perturb(ref, usam, None, None)
+    usam = Perturbation(adaptive=False, eta=0.0, normalize=False, eps=1e-12)
+    NativeBackend().perturb(span, usam, None, None, perturb_scalars(CPU, rho=1.0))
+    ReferenceBackend().perturb(ref, usam, None, None, perturb_scalars(CPU, rho=1.0))
     nan = ref.weights.isnan()
     assert torch.equal(span.weights.isnan(), nan)  # NaN payloads differ between torch's own paths: not compared
     assert torch.equal(span.weights.view(torch.int16)[~nan], ref.weights.view(torch.int16)[~nan])
@@ -305,7 +306,7 @@ BAD_STEP_SCALARS = [
 
 def _call_with_step_scalar(op: str, name: str, value: torch.Tensor):
     """A call of ``op``, valid but for its step tensor ``name`` set to ``value``."""
-    update = AdamUpdate(lr=1e-3) if op == "restore_adam" else SGDUpdate(lr=0.1, momentum=0.9)
+    update = AdamUpdate() if op == "restore_adam" else SGDUpdate(momentum=0.9)
     span = make_span(100, torch.float32, CPU, update)
     scalars = {"step": torch.zeros(()), "grad_scale": None, "found_inf": None}
     scalars[name] = value
@@ -357,14 +358,13 @@ def test_lr_tensor_is_read_at_each_call():
     update = UPDATES[5]  # AdamW: lr enters the step size and the decoupled decay
     span = make_span(1000, torch.float32, CPU, update, seed=3)
     span.backup.copy_(span.weights)
-    lr = device_hyperparameter(math.nan, CPU)
+    lr = device_hyperparameter(0.5, CPU)
     for value in (1e-3, 0.25, 0.0):
         lr.fill_(value)
         cand, expect = copy.deepcopy(span), copy.deepcopy(span)
-        scalars = step_scalars(CPU, 2)
-        NativeBackend().restore_and_update(expect, AdamUpdate(**dict(update.__dict__, lr=value)), scalars)
-        NativeBackend().restore_and_update(cand, AdamUpdate(**dict(update.__dict__, lr=math.nan)),
-                                           StepScalars(scalars.step, lr=lr))
+        scalars = step_scalars(CPU, 2, lr=value)
+        NativeBackend().restore_and_update(expect, update, scalars)
+        NativeBackend().restore_and_update(cand, update, dataclasses.replace(scalars, lr=lr))
         assert torch.equal(cand.weights, expect.weights)
         assert all(torch.equal(cand.state[k], expect.state[k]) for k in expect.state)
 
@@ -380,7 +380,7 @@ BAD_HYPERPARAMETERS = [
 def _call_with_hyperparameter(op: str, value: torch.Tensor, device="cpu"):
     """A call of ``op`` on ``device`` (cpu, or meta for the Meta kernel), valid but for its lr_tensor /
     rho_tensor ``value``; the float lr / rho is NaN, as capturable=True passes it."""
-    update = AdamUpdate(lr=1e-3) if op == "restore_adam" else SGDUpdate(lr=0.1, momentum=0.9)
+    update = AdamUpdate() if op == "restore_adam" else SGDUpdate(momentum=0.9)
     span = make_span(100, torch.float32, device, update)
     step = torch.zeros((), device=device)
     ops = torch.ops.fused_sam
@@ -429,8 +429,8 @@ def test_float64_partials_for_float32_span():
     ref = torch.empty(1, dtype=torch.float64)
     ReferenceBackend().sq_norm_partials(make_span(2 * CHUNK + 3, torch.float64, CPU), PERTURBATIONS[1], ref)
     cand, expect = copy.deepcopy(span), copy.deepcopy(span)
-    NativeBackend().perturb(cand, PERTURBATIONS[1], out, None)
-    ReferenceBackend().perturb(expect, PERTURBATIONS[1], out, None)
+    NativeBackend().perturb(cand, PERTURBATIONS[1], out, None, perturb_scalars(CPU))
+    ReferenceBackend().perturb(expect, PERTURBATIONS[1], out, None, perturb_scalars(CPU))
     torch.testing.assert_close(cand.weights, expect.weights, rtol=2e-6, atol=1e-7)
 
 
@@ -444,7 +444,7 @@ REUSE_OPS = ["restore_sgd", "restore_adam"]
 def _call_with_reuse(op: str, dtype: torch.dtype, reused, reuse_scale, device="cpu"):
     """A call of ``op`` on 100 ``dtype`` weights on ``device`` (cpu, or meta for the Meta kernel), valid but
     perhaps for its ``reused`` / ``reuse_scale``."""
-    update = AdamUpdate(lr=1e-3) if op == "restore_adam" else SGDUpdate(lr=0.1, momentum=0.9)
+    update = AdamUpdate() if op == "restore_adam" else SGDUpdate(momentum=0.9)
     span = make_span(100, dtype, device, update)
     step = torch.zeros((), device=device)
     ops = torch.ops.fused_sam
@@ -606,7 +606,7 @@ def test_norm_partials_bitwise_across_thread_counts(dtype, master, adaptive, isa
             out = torch.empty(backend.partials_len(span), dtype=state_dtype)
             backend.sq_norm_partials(span, perturbation, out)
             cand = copy.deepcopy(span)
-            backend.perturb(cand, perturbation, out, None)
+            backend.perturb(cand, perturbation, out, None, perturb_scalars(CPU))
             update = dataclasses.replace(copy.deepcopy(cand),
                                          state={"momentum_buffer": torch.ones(span.numel, dtype=state_dtype)})
             backend.restore_and_update(update, UPDATES[3], step_scalars(CPU, 1))
@@ -662,9 +662,9 @@ def _every_op_outputs(dtype: torch.dtype) -> list:
         out = torch.empty(NativeBackend().partials_len(span), dtype=math_dtype(dtype))
         NativeBackend().sq_norm_partials(span, perturbation, out)
         cand = copy.deepcopy(span)
-        NativeBackend().perturb(cand, perturbation, out, torch.zeros(1, dtype=torch.int32))
+        NativeBackend().perturb(cand, perturbation, out, torch.zeros(1, dtype=torch.int32), perturb_scalars(CPU))
         outputs += [out, cand.weights]
-    reuse = StepScalars(step_scalars(CPU, 2).step, reuse_scale=torch.tensor([0.7], dtype=torch.float64))
+    reuse = dataclasses.replace(step_scalars(CPU, 2), reuse_scale=torch.tensor([0.7], dtype=torch.float64))
     for update in (UPDATES[3], UPDATES[7]):
         base = make_span(2 * CHUNK + 1001, dtype, CPU, update, seed=12, master=master)
         for cand, scalars in ((copy.deepcopy(base), step_scalars(CPU, 2, grad_scale=8.0, found_inf=0.0)),

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from fused_sam.selfcheck import (
-    PERTURBATIONS, TOLERANCE, UPDATES, check_all_ops, check_device_hyperparameters, check_master_roundings,
-    clone_span, device_hyperparameter, make_span, restore_point, step_scalars,
+    PERTURBATIONS, RHO, TOLERANCE, UPDATES, check_all_ops, check_device_hyperparameters, check_master_roundings,
+    clone_span, device_hyperparameter, make_span, perturb_scalars, restore_point, step_scalars,
 )
 from models import batches, loss_of, mlp
 from test_native_backend import (
@@ -34,7 +34,7 @@ from test_native_backend import (
 
 from fused_sam import FusedSAM
 from fused_sam.backends import native as native_module
-from fused_sam.backends.base import Perturbation, Span, StepScalars
+from fused_sam.backends.base import Span, StepScalars
 from fused_sam.backends.native import NativeBackend
 from fused_sam.backends.reference import ReferenceBackend
 
@@ -109,8 +109,8 @@ def test_misaligned_spans(dtype, master, offset):
     torch.testing.assert_close(out.sum(), ref.sum(), rtol=1e-5, atol=0)
     cand = _offset_span(n, dtype, offset, master=master)
     expect = clone_span(cand)
-    NATIVE.perturb(cand, PERTURBATIONS[1], out, None)
-    REFERENCE.perturb(expect, PERTURBATIONS[1], out, None)
+    NATIVE.perturb(cand, PERTURBATIONS[1], out, None, perturb_scalars(CUDA))
+    REFERENCE.perturb(expect, PERTURBATIONS[1], out, None, perturb_scalars(CUDA))
     torch.testing.assert_close(cand.weights, expect.weights, rtol=tol[0], atol=tol[1])
     assert torch.equal(restore_point(cand), restore_point(expect))
     NATIVE.restore(cand)
@@ -141,7 +141,7 @@ def test_misaligned_reused_direction(dtype, master):
     vector load of it would fault)."""
     n = 3 * BLOCK + 11
     g_v = torch.randn(n + 1, generator=torch.Generator().manual_seed(7)).to(CUDA)[1:]
-    scalars = StepScalars(step_scalars(CUDA, 3).step, reuse_scale=torch.tensor([0.7], dtype=torch.float64, device=CUDA))
+    scalars = dataclasses.replace(step_scalars(CUDA, 3), reuse_scale=torch.tensor([0.7], dtype=torch.float64, device=CUDA))
     for update in (UPDATES[3], UPDATES[7]):
         cand = make_span(n, dtype, CUDA, update, master=master)
         if cand.backup is not None:
@@ -170,8 +170,8 @@ def test_norm_deterministic_and_many_partials(dtype):
     # perturb re-reduces a long partials buffer (several spans' worth) in every block
     partials = torch.cat([outs[0], outs[0] * 0.5, torch.zeros(777, device=CUDA)])
     cand, expect = clone_span(span), clone_span(span)
-    NATIVE.perturb(cand, PERTURBATIONS[2], partials, None)
-    REFERENCE.perturb(expect, PERTURBATIONS[2], partials, None)
+    NATIVE.perturb(cand, PERTURBATIONS[2], partials, None, perturb_scalars(CUDA))
+    REFERENCE.perturb(expect, PERTURBATIONS[2], partials, None, perturb_scalars(CUDA))
     torch.testing.assert_close(cand.weights, expect.weights, rtol=TOLERANCE[dtype][0], atol=TOLERANCE[dtype][1])
 
 
@@ -181,7 +181,7 @@ def test_nonfinite_counter_incremented_once_across_blocks():
     w = span.weights.clone()
     for bad in (math.inf, math.nan):
         partials = torch.tensor([1.0, bad, 2.0], device=CUDA)
-        NATIVE.perturb(span, PERTURBATIONS[0], partials, count)
+        NATIVE.perturb(span, PERTURBATIONS[0], partials, count, perturb_scalars(CUDA))
         assert torch.equal(span.weights, w)
     assert count.item() == 2
 
@@ -191,9 +191,10 @@ def test_empty_span_counts_a_nonfinite_norm_like_the_cpu():
     for device in ("cpu", CUDA):
         span = make_span(0, torch.float32, device)
         count = torch.zeros(1, dtype=torch.int32, device=device)
-        NATIVE.perturb(span, PERTURBATIONS[0], torch.tensor([1.0, math.inf], device=device), count)
-        NATIVE.perturb(span, PERTURBATIONS[0], torch.tensor([4.0], device=device), count)
-        NATIVE.perturb(span, PERTURBATIONS[0], None, count)
+        scalars = perturb_scalars(device)
+        NATIVE.perturb(span, PERTURBATIONS[0], torch.tensor([1.0, math.inf], device=device), count, scalars)
+        NATIVE.perturb(span, PERTURBATIONS[0], torch.tensor([4.0], device=device), count, scalars)
+        NATIVE.perturb(span, PERTURBATIONS[0], None, count, scalars)
         assert count.item() == 1, device
 
 
@@ -240,9 +241,8 @@ def test_elementwise_ops_match_cpu_bitwise(dtype, master):
             norm = torch.empty(NATIVE.partials_len(cpu), dtype=cpu.state_dtype)
             NATIVE.sq_norm_partials(cpu, perturbation, norm)
             partials = norm.sum().reshape(1)
-            scale = step_scalars("cpu", 0, grad_scale).grad_scale
-            NATIVE.perturb(cpu, perturbation, partials, None, scale)
-            NATIVE.perturb(gpu, perturbation, partials.cuda(), None, None if scale is None else scale.cuda())
+            NATIVE.perturb(cpu, perturbation, partials, None, perturb_scalars("cpu", grad_scale))
+            NATIVE.perturb(gpu, perturbation, partials.cuda(), None, perturb_scalars(CUDA, grad_scale))
             _same_span_bits(gpu, cpu, f"perturb {perturbation}, grad_scale {grad_scale}")
             NATIVE.restore(cpu)
             NATIVE.restore(gpu)
@@ -267,7 +267,7 @@ def test_cpu_and_cuda_kernels_agree():
         for span in (cpu, gpu):
             out = torch.empty(NATIVE.partials_len(span), device=span.device)
             NATIVE.sq_norm_partials(span, PERTURBATIONS[1], out)
-            NATIVE.perturb(span, PERTURBATIONS[1], out, None)
+            NATIVE.perturb(span, PERTURBATIONS[1], out, None, perturb_scalars(span.device))
             NATIVE.restore_and_update(span, UPDATES[6], step_scalars(span.device, 2))
         tol = TOLERANCE[dtype]
         torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=tol[0], atol=tol[1])
@@ -279,7 +279,7 @@ def test_cpu_and_cuda_kernels_agree():
 
 def _step(span, partials, count, update, scalars):
     NATIVE.sq_norm_partials(span, PERTURBATIONS[0], partials)
-    NATIVE.perturb(span, PERTURBATIONS[0], partials, count, scalars.grad_scale)
+    NATIVE.perturb(span, PERTURBATIONS[0], partials, count, StepScalars(rho=RHO, grad_scale=scalars.grad_scale))
     NATIVE.restore_and_update(span, update, scalars)
 
 
@@ -421,19 +421,14 @@ def test_cuda_graph_replay_reads_lr_and_rho():
     partials = torch.empty(NATIVE.partials_len(base), device=CUDA)
     NATIVE.sq_norm_partials(base, perturbation, partials)
     scalars = step_scalars(CUDA, 3, grad_scale=1024.0, found_inf=0.0)
-    lr, rho = device_hyperparameter(math.nan, CUDA), device_hyperparameter(math.nan, CUDA)
-    nan_update = type(update)(**dict(update.__dict__, lr=math.nan))
-    nan_perturbation = Perturbation(math.nan, perturbation.adaptive, perturbation.eta, perturbation.normalize,
-                                    perturbation.eps)
-    on_device = StepScalars(scalars.step, scalars.grad_scale, scalars.found_inf, lr=lr)
+    lr, rho = device_hyperparameter(1e-3, CUDA), device_hyperparameter(RHO, CUDA)
+    on_device = dataclasses.replace(scalars, lr=lr)
 
     def step(span):
-        NATIVE.perturb(span, nan_perturbation, partials, None, scalars.grad_scale, rho=rho)
-        NATIVE.restore_and_update(span, nan_update, on_device)
+        NATIVE.perturb(span, perturbation, partials, None, StepScalars(rho=rho, grad_scale=scalars.grad_scale))
+        NATIVE.restore_and_update(span, update, on_device)
 
     graphed = clone_span(base)
-    lr.fill_(update.lr)
-    rho.fill_(perturbation.rho)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -451,10 +446,8 @@ def test_cuda_graph_replay_reads_lr_and_rho():
         rho.fill_(rho_value)
         graph.replay()
         expect = clone_span(base)
-        NATIVE.perturb(expect, Perturbation(rho_value, perturbation.adaptive, perturbation.eta,
-                                            perturbation.normalize, perturbation.eps), partials, None,
-                       scalars.grad_scale)
-        NATIVE.restore_and_update(expect, type(update)(**dict(update.__dict__, lr=lr_value)), scalars)
+        NATIVE.perturb(expect, perturbation, partials, None, StepScalars(rho=rho_value, grad_scale=scalars.grad_scale))
+        NATIVE.restore_and_update(expect, update, dataclasses.replace(scalars, lr=lr_value))
         torch.cuda.synchronize()
         assert torch.equal(graphed.weights, expect.weights) and torch.equal(graphed.backup, expect.backup)
         assert all(torch.equal(graphed.state[k], expect.state[k]) for k in expect.state)

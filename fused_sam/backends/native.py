@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars, self_check_skipped
+from .base import Backend, Hyperparameter, Perturbation, Span, StepScalars, required, self_check_skipped
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -160,6 +160,12 @@ def verify_cpu_capability() -> Dict[str, Optional[str]]:
     return outcome
 
 
+def _float_or_tensor(value: Hyperparameter) -> tuple:
+    """lr or rho as the operators take it: (the float, None), or (0.0, the float64 tensor), which the kernels
+    read in place of the float."""
+    return (0.0, value) if isinstance(value, torch.Tensor) else (value, None)
+
+
 class NativeBackend(Backend):
     name = "native"
     supports_master_weights = True
@@ -205,35 +211,35 @@ class NativeBackend(Backend):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
-        grad_scale: Optional[torch.Tensor] = None,
-        rho: Optional[torch.Tensor] = None,
+        scalars: StepScalars,
     ) -> None:
+        rho, rho_tensor = _float_or_tensor(required(scalars, "rho"))
         _perturb(
             span.weights, span.grads, span.backup, span.master, partials,
-            nonfinite_count if partials is not None else None, grad_scale,
-            perturbation.rho, perturbation.adaptive, perturbation.eta, perturbation.normalize, perturbation.eps,
-            rho,
+            nonfinite_count if partials is not None else None, scalars.grad_scale,
+            rho, perturbation.adaptive, perturbation.eta, perturbation.normalize, perturbation.eps, rho_tensor,
         )
 
     def restore(self, span: Span) -> None:
         _restore(span.weights, span.backup, span.master)
 
     def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
+        lr, lr_tensor = _float_or_tensor(required(scalars, "lr"))
         if isinstance(update, SGDUpdate):
             _restore_sgd(
                 span.weights, span.backup, span.master, span.grads,
                 span.state.get("momentum_buffer") if update.momentum != 0 else None,
                 scalars.step, scalars.grad_scale, scalars.found_inf,
-                update.lr, update.momentum, update.dampening, update.weight_decay, update.nesterov, update.maximize,
-                scalars.lr, span.reused, scalars.reuse_scale,
+                lr, update.momentum, update.dampening, update.weight_decay, update.nesterov, update.maximize,
+                lr_tensor, span.reused, scalars.reuse_scale,
             )
         elif isinstance(update, AdamUpdate):
             _restore_adam(
                 span.weights, span.backup, span.master, span.grads, span.state["exp_avg"], span.state["exp_avg_sq"],
                 span.state["max_exp_avg_sq"] if update.amsgrad else None,
                 scalars.step, scalars.grad_scale, scalars.found_inf,
-                update.lr, update.beta1, update.beta2, update.eps, update.weight_decay, update.decoupled,
-                update.maximize, scalars.lr, span.reused, scalars.reuse_scale,
+                lr, update.beta1, update.beta2, update.eps, update.weight_decay, update.decoupled,
+                update.maximize, lr_tensor, span.reused, scalars.reuse_scale,
             )
         else:
             raise TypeError(f"unknown base update {type(update).__name__}")

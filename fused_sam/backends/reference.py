@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale
+from .base import Backend, Hyperparameter, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale, required
 
 
 def _math(t: torch.Tensor, span: Span) -> torch.Tensor:
@@ -21,13 +21,13 @@ def _math(t: torch.Tensor, span: Span) -> torch.Tensor:
     return t.to(span.state_dtype)
 
 
-def _on_device(value: float, tensor: Optional[torch.Tensor], span: Span) -> torch.Tensor:
-    """A hyperparameter as a float64 0-d tensor on the span's device: the one given (capturable=True), else
-    the Python float. One path for both, so that both give the same bits; a float rounds as it would
-    entering torch's ops (a double, rounded to the dtype of the tensor it meets)."""
-    if tensor is None:
-        tensor = torch.tensor(value, dtype=torch.float64, device=span.device)
-    return tensor.reshape(())
+def on_device(value: Hyperparameter, device: torch.device) -> torch.Tensor:
+    """lr or rho as a float64 0-d tensor on ``device``: the one given (capturable=True), else the Python float.
+    One path for both, so that both give the same bits; a float rounds as it would entering torch's ops (a
+    double, rounded to the dtype of the tensor it meets)."""
+    if not isinstance(value, torch.Tensor):
+        value = torch.tensor(value, dtype=torch.float64, device=device)
+    return value.reshape(())
 
 
 def _restore_point(span: Span) -> torch.Tensor:
@@ -56,15 +56,15 @@ class ReferenceBackend(Backend):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
-        grad_scale: Optional[torch.Tensor] = None,
-        rho: Optional[torch.Tensor] = None,
+        scalars: StepScalars,
     ) -> None:
+        grad_scale = scalars.grad_scale
         if span.master is not None:
             w = span.master
         else:
             span.backup.copy_(span.weights)
             w = _math(span.weights, span)
-        rho = _on_device(perturbation.rho, rho, span)
+        rho = on_device(required(scalars, "rho"), span.device)
         scale = rho.to(span.state_dtype)
         if not perturbation.normalize and grad_scale is not None:
             scale = grad_scale.to(span.state_dtype).reciprocal() * scale  # (1 / s) * rho in the math dtype
@@ -97,7 +97,7 @@ class ReferenceBackend(Backend):
             d = d * grad_unscale(scalars.grad_scale).to(d.dtype)
         if update.maximize:
             d = -d
-        lr = _on_device(update.lr, scalars.lr, span)
+        lr = on_device(required(scalars, "lr"), span.device)
         if isinstance(update, SGDUpdate):
             w, new_state = self._sgd(w, d, span, update, scalars.step, lr)
         elif isinstance(update, AdamUpdate):

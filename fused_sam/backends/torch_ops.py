@@ -50,7 +50,8 @@ from typing import Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale
+from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale, required
+from .reference import on_device
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -73,13 +74,6 @@ GPU_CHUNK = 1 << 22
 # Row length of the squared-norm's row sums (a divisor of both chunk sizes); rows per chunk stay below
 # torch's parallel grain size (32768), so the sum of a chunk's rows is never split between threads.
 NORM_ROW = 512
-
-
-def _on_device(value: float, tensor: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A hyperparameter as a float64 0-d tensor on the device, as the reference makes it."""
-    if tensor is None:
-        tensor = torch.tensor(value, dtype=torch.float64, device=device)
-    return tensor.reshape(())
 
 
 def _chunks(t: Optional[torch.Tensor], size: int):
@@ -201,12 +195,12 @@ class TorchBackend(Backend):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
-        grad_scale: Optional[torch.Tensor] = None,
-        rho: Optional[torch.Tensor] = None,
+        scalars: StepScalars,
     ) -> None:
         md = span.state_dtype
+        grad_scale = scalars.grad_scale
         # The scale of e, as the reference computes it (0-d device tensors).
-        rho = _on_device(perturbation.rho, rho, span.device)
+        rho = on_device(required(scalars, "rho"), span.device)
         scale = rho.to(md)
         if not perturbation.normalize and grad_scale is not None:
             scale = grad_scale.to(md).reciprocal() * scale  # (1 / s) * rho in the math dtype
@@ -282,7 +276,7 @@ class TorchBackend(Backend):
         check_reuse_inputs(span, scalars)
         md = span.state_dtype
         device = span.device
-        lr = _on_device(update.lr, scalars.lr, device)
+        lr = on_device(required(scalars, "lr"), device)
         reuse = None if span.reused is None else scalars.reuse_scale.reshape(()).to(md)
         unscale = None if scalars.grad_scale is None else grad_unscale(scalars.grad_scale).to(md)
         skip = None if scalars.found_inf is None else scalars.found_inf.reshape(()) != 0
@@ -306,8 +300,8 @@ class TorchBackend(Backend):
             if momentum:
                 # buf * momentum + (1 - dampening) * d, except d at step 0: there the coefficients are 0 and 1
                 first = step == 0
-                consts["momentum"] = torch.where(first, 0.0, _on_device(update.momentum, None, device)).to(md)
-                consts["d_weight"] = torch.where(first, 1.0, _on_device(1 - update.dampening, None, device)).to(md)
+                consts["momentum"] = torch.where(first, 0.0, on_device(update.momentum, device)).to(md)
+                consts["d_weight"] = torch.where(first, 1.0, on_device(1 - update.dampening, device)).to(md)
                 consts["later"] = _mask(~first, md)
             names = ["d"] + (["buf"] if momentum and skip is not None else [])
         else:

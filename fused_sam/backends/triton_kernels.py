@@ -11,17 +11,17 @@ Hyperparameters are kernel arguments and the per-step values that live on the de
 GradScaler's scale and found_inf, LookSAM's reuse scale) are loaded from their tensors, so a new value
 never recompiles and nothing syncs with the host; structure (which options are on) is ``tl.constexpr``.
 
-``LR_ON_DEVICE`` / ``RHO_ON_DEVICE`` (``capturable=True``): lr or rho is loaded from a float64 tensor
-(``lr_ptr`` / ``rho_ptr``) instead of arriving as an argument, so that a replayed CUDA graph sees a
-scheduler's in-place update. The loaded float64 goes through the same operations as the float path's
-value, and what the launcher derives from lr in Python (SGD's -lr, AdamW's 1 - lr * wd) is derived here in
-float64 and rounded to float32 where the argument would have been: the results are the float path's bit
-for bit. Without the flag the pointer is a stand-in that is never read, and the kernel is the float one.
+lr and rho arrive one way in every kernel (``_float64_hyperparameter``): as the bit pattern of a float64
+(``lr_bits`` / ``rho_bits``), or with ``LR_ON_DEVICE`` / ``RHO_ON_DEVICE`` (``capturable=True``) loaded
+from a float64 tensor (``lr_ptr`` / ``rho_ptr``), so that a replayed CUDA graph sees a scheduler's in-place
+update. Everything derived from them (SGD's -lr, Adam's step size, AdamW's 1 - lr * wd) is computed here in
+float64 and rounded to float32 where the math needs it, the same operations either way: the same bits.
+Without the flag the pointer is a stand-in that is never read.
 
-Triton passes Python floats as float32. Values needed in float64 (Adam's lr and betas, rho and eps for
-float64 partials) are passed as their IEEE bit patterns in int64 (``*_bits``, see ``float64_bits`` in
-``triton.py``) and bit-cast back here; those arguments are ``do_not_specialize`` so that a value whose bit
-pattern is divisible by 16 does not compile a second variant.
+Triton passes Python floats as float32. Values needed in float64 (lr, rho, Adam's betas and decoupled
+weight decay, eps for float64 partials) are passed as their IEEE bit patterns in int64 (``*_bits``, see
+``float64_bits`` in ``triton.py``) and bit-cast back here; those arguments are ``do_not_specialize`` so that
+a value whose bit pattern is divisible by 16 does not compile a second variant.
 
 The docstring of each kernel counts the bytes it moves per element for float32 weights, gradients and
 state (halve the weight/gradient terms for bfloat16 or float16 weights).
@@ -247,10 +247,10 @@ def copy_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr, RTNE_BF16: tl.cons
     tl.store(dst_ptr + offs, _rounded_for(dst_ptr, tl.load(src_ptr + offs, mask=mask), RTNE_BF16), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lr_bits"])
 def sgd_kernel(
     w_ptr, restore_ptr, g_ptr, reused_ptr, buf_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr,
-    reuse_scale_ptr, numel, neg_lr, weight_decay, momentum, one_minus_dampening,
+    reuse_scale_ptr, numel, lr_bits, weight_decay, momentum, one_minus_dampening,
     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_ON_DEVICE: tl.constexpr, REUSE: tl.constexpr,
     MASTER: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
@@ -262,8 +262,7 @@ def sgd_kernel(
     d = +-g / grad_scale (+ wd * w), REUSE: g + reuse_scale * g_v in place of g; buf = d on the first step
     (step == 0), else momentum * buf + (1 - dampening) * d; d = d + momentum * buf (nesterov) or buf;
     w = w - lr * d. When found_inf is non-zero, w <- backup bit for bit and nothing else is read or
-    written. ``neg_lr`` is -lr in float32, or (LR_ON_DEVICE) the float64 at ``lr_ptr`` negated and rounded
-    to float32 here (``neg_lr`` unused).
+    written. lr: float64, from ``lr_bits`` or (LR_ON_DEVICE) ``lr_ptr``; -lr rounded to float32 here.
     Grid-stride like perturb (the launcher caps the programs).
     Bytes per element: 20 with momentum (read backup, g, buf; write w, buf), 16 on the first step (buf
     not read), 12 without momentum; a skipped update 8 (read backup, write w). MASTER with 16-bit weights:
@@ -274,8 +273,7 @@ def sgd_kernel(
     nprog = tl.num_programs(0)
     apply, inv_scale, reuse_scale = _update_controls(grad_scale_ptr, found_inf_ptr, reuse_scale_ptr, HAS_GRAD_SCALE,
                                                      HAS_FOUND_INF, REUSE)
-    if LR_ON_DEVICE:
-        neg_lr = (-tl.load(lr_ptr)).to(tl.float32)
+    neg_lr = (-_float64_hyperparameter(lr_ptr, lr_bits, LR_ON_DEVICE)).to(tl.float32)
     # Lengths rather than scalar flags and-ed into the masks (which the interpreter mishandles): a skipped
     # update reads no gradient or state, the first step no momentum buffer.
     first = tl.load(step_ptr) == 0
@@ -306,7 +304,7 @@ def sgd_kernel(
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits"])
 def adam_kernel(
     w_ptr, restore_ptr, g_ptr, reused_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr,
-    reuse_scale_ptr, numel, lr_bits, beta1_bits, beta2_bits, decay, weight_decay, weight_decay_bits, lerp_weight,
+    reuse_scale_ptr, numel, lr_bits, beta1_bits, beta2_bits, weight_decay, weight_decay_bits, lerp_weight,
     lerp_weight_complement, eps,
     MAXIMIZE: tl.constexpr, L2_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
     LERP_SMALL: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -323,9 +321,8 @@ def adam_kernel(
     corrections come from the step count on the device, t = step + 1: step_size = lr / (1 - beta1^t),
     sqrt(bc2) = sqrt(1 - beta2^t), in float64 as torch.optim computes them in Python, each rounded once to
     float32. When found_inf is non-zero, w <- backup bit for bit and nothing else is read or written.
-    lr is float64: decoded from ``lr_bits``, or (LR_ON_DEVICE) loaded from ``lr_ptr``; AdamW's ``decay``
-    (1 - lr * wd, float32) is then computed here from it and ``weight_decay_bits`` (wd in float64), which
-    only that variant reads.
+    lr is float64: decoded from ``lr_bits``, or (LR_ON_DEVICE) loaded from ``lr_ptr``; AdamW's decay
+    (1 - lr * wd, float32) is computed here from it and ``weight_decay_bits`` (wd in float64).
     Grid-stride (the launcher caps the programs) so the float64 scalar work, a few dozen operations per
     program, is amortised over several blocks on large spans.
     Bytes per element: 28 (read backup, g, m, v; write w, m, v), 36 with amsgrad (vmax read and written);
@@ -340,7 +337,7 @@ def adam_kernel(
     t = tl.load(step_ptr).to(tl.int64) + 1
     lr = _float64_hyperparameter(lr_ptr, lr_bits, LR_ON_DEVICE)
     neg_step_size = (-lr / (1.0 - _pow_float64(_float64_from_bits(beta1_bits), t))).to(tl.float32)
-    if LR_ON_DEVICE and DECOUPLED_WD:
+    if DECOUPLED_WD:
         # Python's 1 - lr * wd: two float64 roundings. fma(lr, wd, +0.0) is lr * wd rounded once (the +0.0
         # addend only turns a -0.0 product into +0.0, which 1 - p does not see) and, unlike a multiply, is
         # never contracted with the subtraction into one fused rounding.
