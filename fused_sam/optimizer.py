@@ -37,7 +37,6 @@ LOOKSAM_KEY = "sam_looksam_gv"  # LookSAM's g_v, a per-parameter state buffer (h
 # What the classic SAM classes keep per parameter in their own state (the last w, the last e): leftovers of a
 # step, not optimizer state. Their state dicts load with these dropped.
 CLASSIC_KEYS = ("old_p", "e_w")
-FUSED_STATE_NAMES = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
 
 
 def _tensor_of(entry):
@@ -355,7 +354,7 @@ class FusedSAM(torch.optim.Optimizer):
             segment.backend, segment.shard_group = backend, group
             sam.segments.append(segment)
             if updates:  # state exists from the start, as templates for loading (DCP) need it
-                segment.ensure_state(updates[gi].needed_state())
+                segment.ensure_state(updates[gi].needed_state(), updates[gi].initial_state)
                 self._publish_state(segment)
         home = sam.segments[0].device if sam.segments else None
         if home is not None:
@@ -647,7 +646,7 @@ class FusedSAM(torch.optim.Optimizer):
             lrs = self._step_hyperparameters("lr")
             for segment, perturbed, has_grad in zip(sam.segments, sam.perturbed, active):
                 update = updates[segment.group_index]
-                if segment.ensure_state(update.needed_state()) or not segment.published:
+                if segment.ensure_state(update.needed_state(), update.initial_state) or not segment.published:
                     self._refuse_if_captured("a new optimizer state buffer (momentum or amsgrad turned on)")
                     self._publish_state(segment)
                 device_scale, device_inf = scales.on(segment.device), infs.on(segment.device)
@@ -756,7 +755,7 @@ class FusedSAM(torch.optim.Optimizer):
         this step updated (``active``, per segment) move; the others' backup is their weight, so the next
         step's restore leaves them as they are."""
         sam = self._sam
-        name = "momentum_buffer" if self._fused_kind == "sgd" else "exp_avg"
+        name = self._fused_kind.momentum_state
         perturbations = self._perturbations()
         rhos = self._step_hyperparameters("rho")
         work = []
@@ -1303,7 +1302,7 @@ class FusedSAM(torch.optim.Optimizer):
         kind = self._fused_kind
         needed = [update_from_group(kind, type(self.base_optimizer), g).needed_state()
                   if kind else () for g in merged]
-        kept = FUSED_STATE_NAMES.get(kind, ())
+        kept = kind.state_names if kind else ()
         base_name = type(self.base_optimizer).__name__
         checks = []  # (tensor, what): values whose finiteness is read in one go at the end
 
@@ -1347,8 +1346,8 @@ class FusedSAM(torch.optim.Optimizer):
                 base_names = [n for n in names if n in kept or n == "step"]
                 stepped = (float(entry["step"]) > 0 if "step" in entry and entry["step"] is not None
                            else bool(base_names))
-                if kind == "adam" and base_names and "step" not in base_names:
-                    raise ValueError(f"the state of {label} lacks 'step' (Adam's bias correction needs it)")
+                if kind.step_in_state and base_names and "step" not in base_names:
+                    raise ValueError(f"the state of {label} lacks 'step' ({base_name}'s update reads it)")
                 lacking = [n for n in needed[gi] if n not in base_names]
                 if stepped and lacking:
                     raise ValueError(f"the state of {label} has taken steps but lacks {lacking[0]!r}, which "

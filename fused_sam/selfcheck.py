@@ -79,7 +79,7 @@ def make_span(numel: int, dtype: torch.dtype, device, update=None, grad_fill=Non
     if update is not None:
         for name in update.needed_state():
             buf = rand(state_dtype, 0.1)
-            state[name] = buf.abs() if name in ("exp_avg_sq", "max_exp_avg_sq") else buf
+            state[name] = buf.abs() if name in update.nonnegative_state else buf
     if master:
         masters = rand(torch.float32)
         return Span(weights=masters.to(dtype), grads=grads, backup=None, state=state, master=masters)

@@ -36,6 +36,8 @@ from typing import Optional
 
 import torch
 
+from .updates import update_from_group
+
 
 class Variant:
     """How FusedSAM chooses between a SAM step and a plain step. Subclasses keep their run state in the
@@ -221,13 +223,15 @@ class MomentumSAM(Variant):
 
     def check(self, opt) -> None:
         _plain_sam_only(opt, "MomentumSAM")
-        if opt._fused_kind is None:
-            raise ValueError("MomentumSAM needs a fused base optimizer (SGD with momentum, Adam, AdamW): it perturbs "
-                             "along the base optimizer's momentum, which it reads from the flat state buffers")
-        if opt._fused_kind == "sgd":
-            for gi, group in enumerate(opt.param_groups):
-                if group.get("momentum", 0) == 0:
-                    raise ValueError(f"MomentumSAM needs SGD with momentum > 0 (param group {gi} has none)")
+        kind = opt._fused_kind
+        if kind is None or kind.momentum_state is None:
+            raise ValueError("MomentumSAM needs a fused base optimizer with a momentum (SGD with momentum, Adam, "
+                             "AdamW): it perturbs along the base optimizer's momentum, which it reads from the flat "
+                             "state buffers")
+        for gi, group in enumerate(opt.param_groups):
+            if kind.momentum_state not in update_from_group(kind, type(opt.base_optimizer), group).needed_state():
+                raise ValueError(f"MomentumSAM needs {type(opt.base_optimizer).__name__} to keep a momentum (e.g. SGD "
+                                 f"with momentum > 0); param group {gi} keeps no {kind.momentum_state!r}")
         for segment in opt._sam.segments:
             if segment.dtype != segment.state_dtype:
                 raise ValueError(f"MomentumSAM supports float32 and float64 parameters, not {segment.dtype} (its "

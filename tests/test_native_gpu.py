@@ -28,8 +28,9 @@ from fused_sam.selfcheck import (
 )
 from models import batches, loss_of, mlp
 from test_native_backend import (
-    HYPERPARAMETER_CASES, HYPERPARAMETER_IDS, HYPERPARAMETER_OPS, MASTER_DTYPES, MASTER_IDS, REUSE_OPS,
-    _call_with_hyperparameter, _call_with_reuse, masters_of, restore_point_call,
+    HYPERPARAMETER_CASES, HYPERPARAMETER_IDS, HYPERPARAMETER_OPS, MASTER_DTYPES, MASTER_IDS, RESTORE_POINT_OPS,
+    REUSE_OPS, _call_with_hyperparameter, _call_with_reuse, masters_of, needed, op_name, restore_point_call,
+    restore_update_args,
 )
 
 from fused_sam import FusedSAM
@@ -37,6 +38,7 @@ from fused_sam.backends import native as native_module
 from fused_sam.backends.base import Span, StepScalars
 from fused_sam.backends.native import NativeBackend
 from fused_sam.backends.reference import ReferenceBackend
+from fused_sam.updates import AdamUpdate, SGDUpdate
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -385,30 +387,25 @@ def test_first_launch_inside_a_capture():
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("op,name", [("perturb", "grad_scale"), ("restore_sgd", "step"),
-                                     ("restore_sgd", "grad_scale"), ("restore_sgd", "found_inf"),
-                                     ("restore_adam", "step"), ("restore_adam", "grad_scale"),
-                                     ("restore_adam", "found_inf")])
+@pytest.mark.parametrize("op,name", [("perturb", "grad_scale"), ("sgd", "step"), ("sgd", "grad_scale"),
+                                     ("sgd", "found_inf"), ("adam", "step"), ("adam", "grad_scale"),
+                                     ("adam", "found_inf")])
 def test_step_scalars_on_another_device(op, name):
     """A step tensor on the CPU with weights on the GPU (or the other way round) is refused by name."""
     for weights_device, scalar_device in ((CUDA, "cpu"), ("cpu", CUDA)):
-        update = UPDATES[4] if op == "restore_adam" else UPDATES[1]
+        update = UPDATES[4] if op == "adam" else UPDATES[1]
         span = make_span(100, torch.float32, weights_device, update)
         scalars = {"step": torch.zeros((), device=weights_device), "grad_scale": None, "found_inf": None}
         scalars[name] = torch.ones((), device=scalar_device)
         step, grad_scale, found_inf = scalars.values()
         ops = torch.ops.fused_sam
-        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on"):
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: {name} is on"):
             if op == "perturb":
-                ops.perturb(span.weights, span.grads, span.backup, None, None, None, grad_scale, 0.05, False, 0.0,
-                            False, 1e-12)
-            elif op == "restore_sgd":
-                ops.restore_sgd(span.weights, span.backup, None, span.grads, span.state["momentum_buffer"], step,
-                                grad_scale, found_inf, 0.1, 0.9, 0.0, 0.0, False, False)
+                ops.perturb(span.weights, span.grads, span.backup, None, None, None, grad_scale, False, 0.0, False,
+                            1e-12, 0.05, None)
             else:
-                ops.restore_adam(span.weights, span.backup, None, span.grads, span.state["exp_avg"],
-                                 span.state["exp_avg_sq"], None, step, grad_scale, found_inf, 1e-3, 0.9, 0.999, 1e-8,
-                                 0.0, False, False)
+                ops.restore_update(*restore_update_args(update, span.weights, span.backup, None, span.grads,
+                                                        needed(span, update), step, grad_scale, found_inf))
 
 
 def test_cuda_graph_replay_reads_lr_and_rho():
@@ -458,7 +455,7 @@ def test_lr_and_rho_tensors_on_another_device(op, name):
     """An lr_tensor / rho_tensor on the CPU with weights on the GPU (or the other way round) is refused by name."""
     for weights_device, value_device in ((CUDA, "cpu"), ("cpu", CUDA)):
         value = torch.ones(1, dtype=torch.float64, device=value_device)
-        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on"):
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: {name} is on"):
             _call_with_hyperparameter(op, value, weights_device)()
 
 
@@ -469,23 +466,23 @@ def test_reuse_arguments_on_another_device(op, name):
     for weights_device, other_device in ((CUDA, "cpu"), ("cpu", CUDA)):
         args = {"reused": torch.zeros(100), "reuse_scale": torch.ones(1, dtype=torch.float64)}
         args = {key: value.to(other_device if key == name else weights_device) for key, value in args.items()}
-        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on"):
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: {name} is on"):
             _call_with_reuse(op, torch.float32, args["reused"], args["reuse_scale"], weights_device)()
 
 
-@pytest.mark.parametrize("op", ["sq_norm_partials", "perturb", "restore", "restore_sgd", "restore_adam"])
+@pytest.mark.parametrize("op", RESTORE_POINT_OPS)
 def test_master_on_another_device(op):
     """A master on the CPU with weights on the GPU (or the other way round) is refused by name."""
     for weights_device, master_device in ((CUDA, "cpu"), ("cpu", CUDA)):
         weights = torch.zeros(100, dtype=torch.bfloat16, device=weights_device)
         master = torch.zeros(100, device=master_device)
-        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: master is on"):
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: master is on"):
             restore_point_call(op, weights, None, master)()
 
 
 @pytest.mark.parametrize("capturable", [False, True], ids=["floats", "tensors"])
 @pytest.mark.parametrize("master", [False, True], ids=["backup", "master"])
-@pytest.mark.parametrize("name", ["sq_norm_partials", "perturb", "restore", "restore_sgd", "restore_adam"])
+@pytest.mark.parametrize("name", RESTORE_POINT_OPS)
 def test_opcheck_cuda(name, master, capturable):
     if capturable and name in ("sq_norm_partials", "restore"):
         pytest.skip("takes neither lr nor rho")
@@ -505,20 +502,20 @@ def test_opcheck_cuda(name, master, capturable):
     def clone(x):
         return None if x is None else x.clone()
 
+    sgd, adam = SGDUpdate(momentum=0.9, weight_decay=1e-4, nesterov=True), AdamUpdate(weight_decay=0.01, amsgrad=True)
     args = {
         "sq_norm_partials": (g, w, m, True, 0.01, torch.empty(1, device=CUDA)),
         "perturb": (w.clone(), g, clone(bk), m, torch.tensor([3.0], device=CUDA),
-                    torch.zeros(1, dtype=torch.int32, device=CUDA), scalars.grad_scale, 0.05, True, 0.0, True, 1e-12),
+                    torch.zeros(1, dtype=torch.int32, device=CUDA), scalars.grad_scale, True, 0.0, True, 1e-12, 0.05,
+                    None),
         "restore": (w.clone(), bk, m),
-        "restore_sgd": (w.clone(), bk, clone(m), g, t(), *step_values, 0.1, 0.9, 0.0, 1e-4, True, False),
-        "restore_adam": (w.clone(), bk, clone(m), g, t(0.1), t(0.1).abs(), t(0.1).abs(), *step_values, 1e-3, 0.9,
-                         0.999, 1e-8, 0.01, True, False),
+        "sgd": restore_update_args(sgd, w.clone(), bk, clone(m), g, [t()], *step_values, lr=0.1),
+        "adam": restore_update_args(adam, w.clone(), bk, clone(m), g, [t(0.1), t(0.1).abs(), t(0.1).abs()],
+                                    *step_values, lr=1e-3),
     }[name]
-    if capturable:  # lr / rho as float64 tensors on the device, the floats NaN
-        float_at = {"perturb": 7, "restore_sgd": 8, "restore_adam": 10}[name]  # rho or lr
-        value = args[float_at]
-        args = (*args[:float_at], math.nan, *args[float_at + 1:], device_hyperparameter(value, CUDA))
-    torch.library.opcheck(getattr(torch.ops.fused_sam, name).default, args)
+    if capturable:  # lr / rho as float64 tensors on the device (the last argument), the float unused
+        args = (*args[:-2], 0.0, device_hyperparameter(args[-2], CUDA))
+    torch.library.opcheck(getattr(torch.ops.fused_sam, op_name(name)).default, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -98,12 +98,10 @@ class ReferenceBackend(Backend):
         if update.maximize:
             d = -d
         lr = on_device(required(scalars, "lr"), span.device)
-        if isinstance(update, SGDUpdate):
-            w, new_state = self._sgd(w, d, span, update, scalars.step, lr)
-        elif isinstance(update, AdamUpdate):
-            w, new_state = self._adam(w, d, span, update, scalars.step, lr)
-        else:
+        math = UPDATE_MATH.get(type(update))
+        if math is None:
             raise TypeError(f"unknown base update {type(update).__name__}")
+        w, new_state = math(w, d, span.state, update, required(scalars, "step").reshape(()), lr)
         if scalars.found_inf is not None:  # GradScaler's sum over devices: any non-zero skips
             skip = scalars.found_inf.reshape(()) != 0
             new_state = {name: torch.where(skip, span.state[name], value) for name, value in new_state.items()}
@@ -114,36 +112,45 @@ class ReferenceBackend(Backend):
             span.master.copy_(w)
         span.weights.copy_(w)
 
-    @staticmethod
-    def _sgd(w: torch.Tensor, d: torch.Tensor, span: Span, u: SGDUpdate, step: torch.Tensor, lr: torch.Tensor):
-        if u.weight_decay != 0:
-            d = d.add(w, alpha=u.weight_decay)
-        new_state = {}
-        if u.momentum != 0:
-            buf = span.state["momentum_buffer"]
-            buf = torch.where(step.reshape(()) == 0, d, buf.mul(u.momentum).add_(d, alpha=1 - u.dampening))
-            new_state["momentum_buffer"] = buf
-            d = d.add(buf, alpha=u.momentum) if u.nesterov else buf
-        return torch.addcmul(w, d, (-lr).to(w.dtype)), new_state
 
-    @staticmethod
-    def _adam(w: torch.Tensor, d: torch.Tensor, span: Span, u: AdamUpdate, step: torch.Tensor, lr: torch.Tensor):
-        if u.weight_decay != 0:
-            if u.decoupled:
-                w = w * (1 - lr * u.weight_decay).to(w.dtype)
-            else:
-                d = d.add(w, alpha=u.weight_decay)
-        exp_avg = torch.lerp(span.state["exp_avg"], d, 1 - u.beta1)
-        exp_avg_sq = span.state["exp_avg_sq"].mul(u.beta2).addcmul_(d, d, value=1 - u.beta2)
-        new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        # The bias corrections from the step count on the device, in double as torch.optim computes them in
-        # Python, each rounded once to the math dtype.
-        t = step.reshape(()).double() + 1
-        neg_step_size = (-lr / (1 - torch.pow(u.beta1, t))).to(w.dtype)
-        bias_correction2_sqrt = (1 - torch.pow(u.beta2, t)).sqrt().to(w.dtype)
-        second_moment = exp_avg_sq
-        if u.amsgrad:
-            second_moment = torch.maximum(span.state["max_exp_avg_sq"], exp_avg_sq)
-            new_state["max_exp_avg_sq"] = second_moment
-        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(u.eps)
-        return w + neg_step_size * (exp_avg / denom), new_state
+# The per-element math of each fused base update, as torch.optim's single-tensor code writes it: the new w and
+# the new state buffers (fresh tensors) from w, the descent direction d (the gradient, unscaled, negated for
+# maximize), the state (torch.optim's names; the buffers ``needed_state()`` names), the step count before this
+# update (a 0-d float32 tensor) and lr (a 0-d float64 tensor).
+
+def _sgd(w: torch.Tensor, d: torch.Tensor, state: dict, u: SGDUpdate, step: torch.Tensor, lr: torch.Tensor):
+    if u.weight_decay != 0:
+        d = d.add(w, alpha=u.weight_decay)
+    new_state = {}
+    if u.momentum != 0:
+        buf = state["momentum_buffer"]
+        buf = torch.where(step == 0, d, buf.mul(u.momentum).add_(d, alpha=1 - u.dampening))
+        new_state["momentum_buffer"] = buf
+        d = d.add(buf, alpha=u.momentum) if u.nesterov else buf
+    return torch.addcmul(w, d, (-lr).to(w.dtype)), new_state
+
+
+def _adam(w: torch.Tensor, d: torch.Tensor, state: dict, u: AdamUpdate, step: torch.Tensor, lr: torch.Tensor):
+    if u.weight_decay != 0:
+        if u.decoupled:
+            w = w * (1 - lr * u.weight_decay).to(w.dtype)
+        else:
+            d = d.add(w, alpha=u.weight_decay)
+    exp_avg = torch.lerp(state["exp_avg"], d, 1 - u.beta1)
+    exp_avg_sq = state["exp_avg_sq"].mul(u.beta2).addcmul_(d, d, value=1 - u.beta2)
+    new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    # The bias corrections from the step count on the device, in double as torch.optim computes them in
+    # Python, each rounded once to the math dtype.
+    t = step.double() + 1
+    neg_step_size = (-lr / (1 - torch.pow(u.beta1, t))).to(w.dtype)
+    bias_correction2_sqrt = (1 - torch.pow(u.beta2, t)).sqrt().to(w.dtype)
+    second_moment = exp_avg_sq
+    if u.amsgrad:
+        second_moment = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+        new_state["max_exp_avg_sq"] = second_moment
+    denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(u.eps)
+    return w + neg_step_size * (exp_avg / denom), new_state
+
+
+# base update class -> its math
+UPDATE_MATH = {SGDUpdate: _sgd, AdamUpdate: _adam}

@@ -38,6 +38,9 @@ copy), this backend uses:
   at step 0 and (momentum, 1 - dampening) later: buf <- d exactly (-0.0 becomes +0.0). Later steps are
   the reference's bits without dampening, within an ulp with it (addcmul_ for add_(alpha=)).
 
+A fused base update with no chained formulas here (any but SGD and Adam/AdamW) runs the reference's own
+formulas chunk by chunk: elementwise, so the reference's bits, with chunk-sized temporaries.
+
 The squared norm writes one partial per chunk: the squares of the 2-norms of the chunk's rows of
 ``NORM_ROW`` elements, summed. torch splits a row-wise reduction between threads by whole rows and sums the
 few row norms of a chunk in one thread, so the partials are the same whatever the thread count.
@@ -51,7 +54,7 @@ import torch
 
 from ..updates import AdamUpdate, SGDUpdate
 from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale, required
-from .reference import on_device
+from .reference import ReferenceBackend, on_device
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -81,6 +84,7 @@ def _chunks(t: Optional[torch.Tensor], size: int):
 
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+_REFERENCE = ReferenceBackend()
 
 
 def _mask(cond: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -271,8 +275,9 @@ class TorchBackend(Backend):
     # --- restore and update ------------------------------------------------------------------------------
 
     def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
-        if not isinstance(update, (SGDUpdate, AdamUpdate)):
-            raise TypeError(f"unknown base update {type(update).__name__}")
+        if type(update) not in (SGDUpdate, AdamUpdate):
+            self._update_by_reference(span, update, scalars)
+            return
         check_reuse_inputs(span, scalars)
         md = span.state_dtype
         device = span.device
@@ -359,6 +364,18 @@ class TorchBackend(Backend):
                 w_out.copy_(r)  # the weights: the master's rounding
             elif target is not w_out:
                 w_out.copy_(target)
+
+    def _update_by_reference(self, span: Span, update, scalars: StepScalars) -> None:
+        """A base update without chained formulas here: the reference's own, chunk by chunk (so its
+        temporaries are chunk-sized; elementwise, so the reference's bits)."""
+        size = self.chunk_numel(span.device)
+        count = -(-span.numel // size)
+        buffers = [_chunks(t, size) or [None] * count
+                   for t in (span.weights, span.grads, span.backup, span.master, span.reused)]
+        state = {name: buf.split(size) for name, buf in span.state.items()}
+        for k, (w, g, b, m, gv) in enumerate(zip(*buffers)):
+            chunk = Span(w, g, b, {name: bufs[k] for name, bufs in state.items()}, m, gv)
+            _REFERENCE.restore_and_update(chunk, update, scalars)
 
     def _fused_update(self, span: Span, u, step: torch.Tensor, lr: float) -> None:
         """w <- backup, then torch's fused CPU update of w in place, chunk by chunk (the chunk restored is

@@ -62,18 +62,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 from typing import Optional
 
 import torch
 
-from ..updates import AdamUpdate, SGDUpdate
 from .base import Backend, Hyperparameter, Perturbation, Span, StepScalars, check_reuse_inputs, required
 
 try:
     import triton
 
     from . import triton_kernels as _k
+    from .triton_kernels import UPDATE_ARGUMENTS, float64_bits
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # pragma: no cover - depends on the environment
     triton = None
@@ -108,16 +107,6 @@ def _restore_point(span: Span) -> torch.Tensor:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to float32, as a Python float."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def float64_bits(x: float) -> int:
-    """The IEEE bit pattern of float64 ``x`` as a signed integer: how a float64 scalar reaches a kernel."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def _hyperparameter_args(value: Hyperparameter, unused: torch.Tensor) -> tuple:
@@ -223,11 +212,8 @@ class TritonBackend(Backend):
             )
 
     def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
-        if isinstance(update, SGDUpdate):
-            launch = self._sgd
-        elif isinstance(update, AdamUpdate):
-            launch = self._adam
-        else:
+        arguments = UPDATE_ARGUMENTS.get(update.name)
+        if arguments is None:
             raise TypeError(f"unknown base update {type(update).__name__}")
         check_reuse_inputs(span, scalars)
         unused = span.grads  # stands in for the pointers a variant never reads
@@ -243,33 +229,9 @@ class TritonBackend(Backend):
         variant = dict(HAS_GRAD_SCALE=scalars.grad_scale is not None, HAS_FOUND_INF=scalars.found_inf is not None,
                        LR_ON_DEVICE=lr_on_device, REUSE=span.reused is not None,
                        MASTER=span.master is not None, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), **LAUNCH_OPTIONS)
+        kernel, state, values, flags = arguments(update, [span.state[name] for name in update.needed_state()], unused)
         with _on(span.device):
-            launch(span, update, _stream_grid(span), reused, device_scalars, lr_bits, variant)
-
-    @staticmethod
-    def _sgd(span: Span, u: SGDUpdate, grid, reused, device_scalars, lr_bits, variant) -> None:
-        has_momentum = u.momentum != 0
-        _k.sgd_kernel[grid](
-            span.weights, _restore_point(span), span.grads, reused,
-            span.state["momentum_buffer"] if has_momentum else span.grads, *device_scalars, span.numel, lr_bits,
-            float(u.weight_decay), float(u.momentum), 1.0 - float(u.dampening),
-            MAXIMIZE=bool(u.maximize), HAS_WD=u.weight_decay != 0, HAS_MOMENTUM=has_momentum,
-            NESTEROV=bool(u.nesterov), **variant,
-        )
-
-    @staticmethod
-    def _adam(span: Span, u: AdamUpdate, grid, reused, device_scalars, lr_bits, variant) -> None:
-        # torch.lerp takes its scalar weight in float32 and picks its formula on that value
-        lerp_weight = _f32(1 - u.beta1)
-        state = span.state
-        decoupled_wd = u.weight_decay != 0 and bool(u.decoupled)
-        _k.adam_kernel[grid](
-            span.weights, _restore_point(span), span.grads, reused,
-            state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if u.amsgrad else state["exp_avg_sq"],
-            *device_scalars, span.numel,
-            lr_bits, float64_bits(u.beta1), float64_bits(u.beta2),
-            float(u.weight_decay), float64_bits(u.weight_decay), lerp_weight, _f32(1.0 - lerp_weight), float(u.eps),
-            MAXIMIZE=bool(u.maximize), L2_WD=u.weight_decay != 0 and not u.decoupled,
-            DECOUPLED_WD=decoupled_wd, AMSGRAD=bool(u.amsgrad),
-            LERP_SMALL=abs(lerp_weight) < 0.5, **variant,
-        )
+            getattr(_k, kernel)[_stream_grid(span)](
+                span.weights, _restore_point(span), span.grads, reused, *state, *device_scalars, span.numel, lr_bits,
+                *values, **flags, **variant,
+            )

@@ -42,8 +42,20 @@ GPU it is False and the hardware conversion is used.
 """
 from __future__ import annotations
 
+import struct
+
 import triton
 import triton.language as tl
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def float64_bits(x: float) -> int:
+    """The IEEE bit pattern of float64 ``x`` as a signed integer: how a float64 scalar reaches a kernel."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 @triton.jit
@@ -378,3 +390,30 @@ def adam_kernel(
         denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
         updated = w + neg_step_size * tl.div_rn(m, denom)
         _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, updated, MASTER, RTNE_BF16)
+
+
+# --- the base updates' launch arguments -----------------------------------------------------------------------
+# Each update kernel takes (w, restore point, g, g_v, its state pointers, step, grad_scale, found_inf, lr,
+# reuse_scale, numel, lr_bits, its settings..., its flags and the launch's variant flags as constexprs). Per fused
+# base update (its ``name``), a function of (update, its needed state buffers, a stand-in for pointers never
+# read) gives (kernel name, state pointers, settings, flags): the launcher (triton.py) adds the rest.
+
+def _sgd_arguments(u, state, unused) -> tuple:
+    has_momentum = u.momentum != 0
+    return ("sgd_kernel", (state[0] if has_momentum else unused,),
+            (float(u.weight_decay), float(u.momentum), 1.0 - float(u.dampening)),
+            dict(MAXIMIZE=bool(u.maximize), HAS_WD=u.weight_decay != 0, HAS_MOMENTUM=has_momentum,
+                 NESTEROV=bool(u.nesterov)))
+
+
+def _adam_arguments(u, state, unused) -> tuple:
+    lerp_weight = _f32(1 - u.beta1)  # torch.lerp takes its scalar weight in float32 and picks its formula on it
+    return ("adam_kernel", (state[0], state[1], state[2] if u.amsgrad else state[1]),
+            (float64_bits(u.beta1), float64_bits(u.beta2), float(u.weight_decay), float64_bits(u.weight_decay),
+             lerp_weight, _f32(1.0 - lerp_weight), float(u.eps)),
+            dict(MAXIMIZE=bool(u.maximize), L2_WD=u.weight_decay != 0 and not u.decoupled,
+                 DECOUPLED_WD=u.weight_decay != 0 and bool(u.decoupled), AMSGRAD=bool(u.amsgrad),
+                 LERP_SMALL=abs(lerp_weight) < 0.5))
+
+
+UPDATE_ARGUMENTS = {"sgd": _sgd_arguments, "adam": _adam_arguments}
