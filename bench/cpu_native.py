@@ -33,6 +33,7 @@ from fused_sam.backends import native
 from fused_sam.backends.native import NativeBackend
 from fused_sam.bench.cases import resnet50_shapes
 from fused_sam.classic import ClassicSAM
+from fused_sam.updates import SGDUpdate
 
 
 def make_params(shapes, seed=0, dtype=torch.float32):
@@ -162,19 +163,22 @@ def main(argv=None):
     bk, buf = torch.empty(n), torch.zeros(n)
     master, w16, g16 = torch.randn(n), torch.empty(n, dtype=torch.bfloat16), g.bfloat16()
     step = torch.ones(())  # not the first step: the momentum buffer is read
+    u = SGDUpdate(momentum=0.9, weight_decay=5e-4)
+    sgd = (u.code, u.flags(), list(u.hyperparameters()))  # restore_update's kind, flags and hyperparameters
     partials = torch.empty(NativeBackend().partials_len(type("S", (), {"numel": n, "device": torch.device("cpu")})()))
     op_rows = [
         ("op sq_norm_partials", 4, lambda: ops.sq_norm_partials(g, w, None, False, 0.0, partials)),
-        ("op perturb", 16, lambda: ops.perturb(w, g, bk, None, partials, None, None, 0.05, False, 0.0, True, 1e-12)),
-        ("op restore_sgd (momentum)", 20,
-         lambda: ops.restore_sgd(w, bk, None, g, buf, step, None, None, 0.1, 0.9, 0.0, 5e-4, False, False)),
+        ("op perturb", 16,
+         lambda: ops.perturb(w, g, bk, None, partials, None, None, False, 0.0, True, 1e-12, 0.05, None)),
+        ("op restore_update (SGD, momentum)", 20,
+         lambda: ops.restore_update(w, bk, None, g, [buf], step, None, None, None, None, *sgd, 0.1, None)),
         ("op restore", 8, lambda: ops.restore(w, bk, None)),
         ("op sq_norm_partials ASAM, master", 6,
          lambda: ops.sq_norm_partials(g16, w16, master, True, 0.01, partials)),
         ("op perturb, master", 8,
-         lambda: ops.perturb(w16, g16, None, master, partials, None, None, 0.05, False, 0.0, True, 1e-12)),
-        ("op restore_sgd (momentum), master", 20,
-         lambda: ops.restore_sgd(w16, None, master, g16, buf, step, None, None, 0.1, 0.9, 0.0, 5e-4, False, False)),
+         lambda: ops.perturb(w16, g16, None, master, partials, None, None, False, 0.0, True, 1e-12, 0.05, None)),
+        ("op restore_update (SGD, momentum), master", 20,
+         lambda: ops.restore_update(w16, None, master, g16, [buf], step, None, None, None, None, *sgd, 0.1, None)),
         ("op restore, master", 6, lambda: ops.restore(w16, None, master)),
     ]
     for name, bytes_per, fn in op_rows:

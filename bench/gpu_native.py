@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_native import make_opt, resnet50_shapes, sam_step  # noqa: E402
 
 from fused_sam.backends.native import NativeBackend  # noqa: E402
+from fused_sam.updates import SGDUpdate  # noqa: E402
 
 
 def cuda_median_ms(fn, iters, warmup=3):
@@ -105,14 +106,16 @@ def main(argv=None):
         g, buf = torch.randn_like(w), torch.zeros(n, device="cuda")
         bk, m = (None, torch.randn(n, device="cuda")) if master else (torch.empty_like(w), None)
         step = torch.ones((), device="cuda")  # not the first step: the momentum buffer is read
+        u = SGDUpdate(momentum=0.9, weight_decay=5e-4)
+        sgd = (u.code, u.flags(), list(u.hyperparameters()))  # restore_update's kind, flags and hyperparameters
         partials = torch.empty(NativeBackend().partials_len(type("S", (), {"numel": n, "device": w.device})()),
                                device="cuda")
         for name, nbytes, fn in (
             ("sq_norm_partials", pbytes, lambda: ops.sq_norm_partials(g, w, m, False, 0.0, partials)),
             ("perturb", perturb_bytes,
-             lambda: ops.perturb(w, g, bk, m, partials, None, None, 0.05, False, 0.0, True, 1e-12)),
-            ("restore_sgd", sgd_bytes,
-             lambda: ops.restore_sgd(w, bk, m, g, buf, step, None, None, 0.1, 0.9, 0.0, 5e-4, False, False)),
+             lambda: ops.perturb(w, g, bk, m, partials, None, None, False, 0.0, True, 1e-12, 0.05, None)),
+            ("restore_update (SGD)", sgd_bytes,
+             lambda: ops.restore_update(w, bk, m, g, [buf], step, None, None, None, None, *sgd, 0.1, None)),
             ("restore", restore_bytes, lambda: ops.restore(w, bk, m)),
         ):
             ms = cuda_median_ms(fn, args.iters)

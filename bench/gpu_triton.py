@@ -196,9 +196,11 @@ def run_ops(device, timer, copy_gbs, smoke):
     bfloat16 weights with a float32 master."""
     n = 5000 if smoke else 100_000_000
     backend = triton_backend.TritonBackend()
-    pert = Perturbation(rho=RHO, adaptive=False, eta=0.0, normalize=True, eps=1e-12)
-    update = SGDUpdate(**SGD_KW)
-    scalars = StepScalars(step=torch.ones((), device=device))  # not the first step: the buffer is read
+    pert = Perturbation(adaptive=False, eta=0.0, normalize=True, eps=1e-12)
+    update = SGDUpdate(**{k: v for k, v in SGD_KW.items() if k != "lr"})
+    # not the first step: the buffer is read
+    scalars = StepScalars(step=torch.ones((), device=device), lr=SGD_KW["lr"])
+    perturb_scalars = StepScalars(rho=RHO)
     count = torch.zeros(1, dtype=torch.int32, device=device)
     rows = []
     for dtype, master in ((torch.float32, False), (torch.bfloat16, True)):
@@ -211,7 +213,7 @@ def run_ops(device, timer, copy_gbs, smoke):
         backend.sq_norm_partials(span, pert, partials)
         ops = {
             "sq_norm_partials": lambda: backend.sq_norm_partials(span, pert, partials),
-            "perturb": lambda: backend.perturb(span, pert, partials, count),
+            "perturb": lambda: backend.perturb(span, pert, partials, count, perturb_scalars),
             "restore_and_update": lambda: backend.restore_and_update(span, update, scalars),
             "restore": lambda: backend.restore(span),
         }

@@ -378,7 +378,7 @@ void with_flags(const F& f, bool flag, Flags... flags) {
 template <typename S, bool MASTER>
 using point_t = std::conditional_t<MASTER, float, const S>;
 
-// An update call's restore point (SgdCall, AdamCall): its master (MASTER) or its backup.
+// An update call's restore point: its master (MASTER) or its backup.
 template <typename S, bool MASTER, typename Call>
 point_t<S, MASTER>* restore_point(const Call& c) {
   if constexpr (MASTER) {
@@ -633,122 +633,78 @@ void restore(const RestoreCall& c) {
   });
 }
 
-// --- restore + SGD ---------------------------------------------------------------------------------------
+// --- restore + a base update ------------------------------------------------------------------------------
 
-// out <- the updated w (also written to the master: MASTER) for len elements. The momentum buffer is read
-// and written when MOMENTUM, g_v read when REUSE.
-template <bool MOMENTUM, bool MASTER, bool REUSE, typename S>
-SPAN_FN void sgd_span(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv, math_t<S>* buf, int64_t len,
-              const SGDParams<math_t<S>> p, bool stream) {
+// out <- the updated w (also written to the master: MASTER) for len elements, by the base Kind's per-element
+// update; its NSTATE state buffers are read and written, g_v read when REUSE.
+template <typename Kind, int NSTATE, bool MASTER, bool REUSE, typename S>
+SPAN_FN void update_span(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv,
+                         math_t<S>* const* state, int64_t len, const typename Kind::template Params<math_t<S>> p,
+                         bool stream) {
   using T = math_t<S>;
   using M = Mem<S>;
   using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
+  using V = typename M::V;
+  T* s[kMaxStateBuffers] = {};
+  for (int k = 0; k < NSTATE; ++k) s[k] = state[k];  // in registers: the loop below never reloads them
   for_each_step<M::kStep>(len, [=](auto full, int64_t k, int64_t count) {
     constexpr bool FULL = decltype(full)::value;
-    typename M::V wv[M::kVals], gr[M::kVals], b[M::kVals], rv[M::kVals] = {};
+    V wv[M::kVals], gr[M::kVals], rv[M::kVals] = {}, sv[kMaxStateBuffers][M::kVals];
     PMem::template load<FULL>(point + k, count, wv);
     M::template load<FULL>(g + k, count, gr);
     if constexpr (REUSE) Mem<T>::template load<FULL>(gv + k, count, rv);
-    if constexpr (MOMENTUM) Mem<T>::template load<FULL>(buf + k, count, b);
-    for (int j = 0; j < M::kVals; ++j) wv[j] = sgd_update<MOMENTUM, REUSE>(wv[j], gr[j], rv[j], &b[j], p);
-    if constexpr (MOMENTUM) Mem<T>::template store<FULL>(buf + k, count, b);
-    if constexpr (MASTER) PMem::template store<FULL>(point + k, count, wv);
-    M::template store_out<FULL>(out + k, count, wv, stream);
-  });
-}
-
-template <bool MOMENTUM, bool MASTER, bool REUSE, typename S>
-void sgd_loop(const SgdCall& c) {
-  using T = math_t<S>;
-  const SGDParams<T> p = make_sgd_params<T>(c.settings, c.values);
-  point_t<S, MASTER>* point = restore_point<S, MASTER>(c);
-  const auto* g = static_cast<const S*>(c.grads);
-  const auto* gv = static_cast<const T*>(c.reused);
-  auto* buf = static_cast<T*>(c.momentum_buffer);
-  auto* w = static_cast<S*>(c.weights);
-  for_each_range(w, c.n, [&](int64_t i, int64_t len, bool stream) {
-    sgd_span<MOMENTUM, MASTER, REUSE, S>(w + i, point + i, g + i, REUSE ? gv + i : nullptr,
-                                         MOMENTUM ? buf + i : nullptr, len, p, stream);
-  });
-}
-
-void restore_sgd(const SgdCall& c) {
-  dispatch(c.dtype, [&](auto type) {
-    using S = typename decltype(type)::type;
-    with_flags(
-        [&](auto momentum, auto master, auto reuse) {
-          if constexpr (!decltype(master)::value || kReduced<S>) {
-            sgd_loop<decltype(momentum)::value, decltype(master)::value, decltype(reuse)::value, S>(c);
-          }
-        },
-        c.momentum_buffer != nullptr, c.master != nullptr, c.reused != nullptr);
-  });
-}
-
-// --- restore + Adam / AdamW ------------------------------------------------------------------------------
-
-// out <- the updated w (also written to the master: MASTER) for len elements; the moments m, v (and vmax:
-// AMSGRAD) are read and written, g_v read when REUSE.
-template <bool AMSGRAD, bool MASTER, bool REUSE, typename S>
-SPAN_FN void adam_span(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv, math_t<S>* m, math_t<S>* v,
-               math_t<S>* vmax, int64_t len, const AdamParams<math_t<S>> p, bool stream) {
-  using T = math_t<S>;
-  using M = Mem<S>;
-  using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
-  for_each_step<M::kStep>(len, [=](auto full, int64_t k, int64_t count) {
-    constexpr bool FULL = decltype(full)::value;
-    typename M::V wv[M::kVals], gr[M::kVals], mv[M::kVals], sv[M::kVals], xv[M::kVals], rv[M::kVals] = {};
-    PMem::template load<FULL>(point + k, count, wv);
-    M::template load<FULL>(g + k, count, gr);
-    if constexpr (REUSE) Mem<T>::template load<FULL>(gv + k, count, rv);
-    Mem<T>::template load<FULL>(m + k, count, mv);
-    Mem<T>::template load<FULL>(v + k, count, sv);
-    if constexpr (AMSGRAD) Mem<T>::template load<FULL>(vmax + k, count, xv);
+    for (int b = 0; b < NSTATE; ++b) Mem<T>::template load<FULL>(s[b] + k, count, sv[b]);
     for (int j = 0; j < M::kVals; ++j) {
-      wv[j] = adam_update<AMSGRAD, REUSE>(wv[j], gr[j], rv[j], &mv[j], &sv[j], &xv[j], p);
+      V lane_state[kMaxStateBuffers];
+      for (int b = 0; b < NSTATE; ++b) lane_state[b] = sv[b][j];
+      wv[j] = Kind::template update<NSTATE, REUSE>(wv[j], gr[j], rv[j], lane_state, p);
+      for (int b = 0; b < NSTATE; ++b) sv[b][j] = lane_state[b];
     }
-    Mem<T>::template store<FULL>(m + k, count, mv);
-    Mem<T>::template store<FULL>(v + k, count, sv);
-    if constexpr (AMSGRAD) Mem<T>::template store<FULL>(vmax + k, count, xv);
+    for (int b = 0; b < NSTATE; ++b) Mem<T>::template store<FULL>(s[b] + k, count, sv[b]);
     if constexpr (MASTER) PMem::template store<FULL>(point + k, count, wv);
     M::template store_out<FULL>(out + k, count, wv, stream);
   });
 }
 
-template <bool AMSGRAD, bool MASTER, bool REUSE, typename S>
-void adam_loop(const AdamCall& c) {
+template <typename Kind, int NSTATE, bool MASTER, bool REUSE, typename S>
+void update_loop(const UpdateCall& c) {
   using T = math_t<S>;
-  const AdamParams<T> p = make_adam_params<T>(c.settings, c.values);
+  const auto p = Kind::template params<T>(c.settings, c.values);
   point_t<S, MASTER>* point = restore_point<S, MASTER>(c);
   const auto* g = static_cast<const S*>(c.grads);
   const auto* gv = static_cast<const T*>(c.reused);
-  auto* m = static_cast<T*>(c.exp_avg);
-  auto* v = static_cast<T*>(c.exp_avg_sq);
-  auto* vmax = static_cast<T*>(c.max_exp_avg_sq);
   auto* w = static_cast<S*>(c.weights);
   for_each_range(w, c.n, [&](int64_t i, int64_t len, bool stream) {
-    adam_span<AMSGRAD, MASTER, REUSE, S>(w + i, point + i, g + i, REUSE ? gv + i : nullptr, m + i, v + i,
-                                         AMSGRAD ? vmax + i : nullptr, len, p, stream);
+    T* state[kMaxStateBuffers] = {};
+    for (int b = 0; b < NSTATE; ++b) state[b] = static_cast<T*>(c.state[b]) + i;
+    update_span<Kind, NSTATE, MASTER, REUSE, S>(w + i, point + i, g + i, REUSE ? gv + i : nullptr, state, len, p,
+                                                stream);
   });
 }
 
-void restore_adam(const AdamCall& c) {
+void restore_update(const UpdateCall& c) {
   dispatch(c.dtype, [&](auto type) {
     using S = typename decltype(type)::type;
-    with_flags(
-        [&](auto amsgrad, auto master, auto reuse) {
-          if constexpr (!decltype(master)::value || kReduced<S>) {
-            adam_loop<decltype(amsgrad)::value, decltype(master)::value, decltype(reuse)::value, S>(c);
-          }
-        },
-        c.max_exp_avg_sq != nullptr, c.master != nullptr, c.reused != nullptr);
+    with_base_kind(c.kind, [&](auto kind) {
+      using Kind = decltype(kind);
+      with_state_count<Kind>(c.nstate, [&](auto nstate) {
+        constexpr int NSTATE = decltype(nstate)::value;
+        with_flags(
+            [&](auto master, auto reuse) {
+              if constexpr (!decltype(master)::value || kReduced<S>) {
+                update_loop<Kind, NSTATE, decltype(master)::value, decltype(reuse)::value, S>(c);
+              }
+            },
+            c.master != nullptr, c.reused != nullptr);
+      });
+    });
   });
 }
 
 }  // namespace
 
 Kernels kernels() {
-  return {&sq_norm_partials, &perturb, &restore, &restore_sgd, &restore_adam};
+  return {&sq_norm_partials, &perturb, &restore, &restore_update};
 }
 
 }  // namespace fused_sam::cpu::CPU_CAPABILITY

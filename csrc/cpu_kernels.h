@@ -50,32 +50,20 @@ struct RestoreCall {
   const float* master;
 };
 
-// The updates compute their coefficients from the settings and the step values (host pointers on CPU).
-struct SgdCall {
+// One base update (of the base ``kind``, fused_sam_math.h's FUSED_SAM_BASE_KINDS): it computes its
+// coefficients from the settings and the step values (host pointers on CPU).
+struct UpdateCall {
   at::ScalarType dtype;
   int64_t n;
   void* weights;
-  const void* backup;     // null with master weights (may be the weights themselves: a plain step)
+  const void* backup;  // null with master weights (may be the weights themselves: a plain step)
   float* master;
   const void* grads;
-  const void* reused;     // LookSAM's g_v, or null
-  void* momentum_buffer;  // null when momentum == 0
-  SGDSettings settings;
-  StepValues values;
-};
-
-struct AdamCall {
-  at::ScalarType dtype;
-  int64_t n;
-  void* weights;
-  const void* backup;
-  float* master;
-  const void* grads;
-  const void* reused;
-  void* exp_avg;
-  void* exp_avg_sq;
-  void* max_exp_avg_sq;  // null without AMSGrad
-  AdamSettings settings;
+  const void* reused;  // LookSAM's g_v, or null
+  int64_t kind;
+  int nstate;                        // the state buffers this update reads and writes, in the base's order
+  void* state[kMaxStateBuffers];     // in the math dtype
+  UpdateSettings settings;
   StepValues values;
 };
 
@@ -83,8 +71,7 @@ struct Kernels {
   void (*sq_norm_partials)(const NormCall&);
   void (*perturb)(const PerturbCall&);
   void (*restore)(const RestoreCall&);
-  void (*restore_sgd)(const SgdCall&);
-  void (*restore_adam)(const AdamCall&);
+  void (*restore_update)(const UpdateCall&);
 };
 
 // One table per build of cpu_kernels.cpp. DEFAULT always exists; setup.py builds AVX2 on x86-64 and then

@@ -156,7 +156,7 @@ ScaleResult<T> perturbation_scale(const std::optional<at::Tensor>& partials, dou
 void perturb_cpu(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
                  const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
                  const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
-                 double rho_arg, bool adaptive, double eta, bool normalize, double eps,
+                 bool adaptive, double eta, bool normalize, double eps, double rho_arg,
                  const std::optional<at::Tensor>& rho_tensor) {
   check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor);
   const float* scale_of_grads = optional_float_ptr(grad_scale);
@@ -195,51 +195,26 @@ void restore_cpu(const at::Tensor& weights, const std::optional<at::Tensor>& bac
 }
 
 const void* optional_data(const std::optional<at::Tensor>& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
-void* optional_mutable_data(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->mutable_data_ptr() : nullptr;
-}
 
-void restore_sgd_cpu(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                     const std::optional<at::Tensor>& master, const at::Tensor& grads,
-                     const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                     bool maximize, const std::optional<at::Tensor>& lr_tensor,
-                     const std::optional<at::Tensor>& reused, const std::optional<at::Tensor>& reuse_scale) {
-  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor,
-                 reused, reuse_scale);
+void restore_update_cpu(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                        const std::optional<at::Tensor>& master, const at::Tensor& grads, at::TensorList state,
+                        const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& reused,
+                        const std::optional<at::Tensor>& reuse_scale, int64_t kind, int64_t flags,
+                        at::ArrayRef<double> hyperparameters, double lr, const std::optional<at::Tensor>& lr_tensor) {
+  check_update_args(weights, backup, master, grads, state, step, grad_scale, found_inf, reused, reuse_scale, kind,
+                    flags, hyperparameters, lr_tensor);
   const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor, reuse_scale);
-  if (update_skipped(values)) {  // the momentum buffer is not even read, the master not written
+  if (update_skipped(values)) {  // the state is not even read, the master not written
     restore_weights(weights, backup, master);
     return;
   }
-  kernels().restore_sgd(SgdCall{weights.scalar_type(), weights.numel(), weights.mutable_data_ptr(),
-                                optional_data(backup), master.has_value() ? master->mutable_data_ptr<float>() : nullptr,
-                                grads.const_data_ptr(), optional_data(reused),
-                                momentum != 0.0 ? momentum_buffer->mutable_data_ptr() : nullptr,
-                                SGDSettings{lr, momentum, dampening, weight_decay, nesterov, maximize}, values});
-}
-
-void restore_adam_cpu(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                      const std::optional<at::Tensor>& master, const at::Tensor& grads, const at::Tensor& exp_avg,
-                      const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                      const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
-                      double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& lr_tensor,
-                      const std::optional<at::Tensor>& reused, const std::optional<at::Tensor>& reuse_scale) {
-  check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
-                  found_inf, lr_tensor, reused, reuse_scale);
-  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor, reuse_scale);
-  if (update_skipped(values)) {  // the moments are not even read, the master not written
-    restore_weights(weights, backup, master);
-    return;
-  }
-  kernels().restore_adam(AdamCall{weights.scalar_type(), weights.numel(), weights.mutable_data_ptr(),
-                                  optional_data(backup),
-                                  master.has_value() ? master->mutable_data_ptr<float>() : nullptr,
-                                  grads.const_data_ptr(), optional_data(reused), exp_avg.mutable_data_ptr(),
-                                  exp_avg_sq.mutable_data_ptr(), optional_mutable_data(max_exp_avg_sq),
-                                  AdamSettings{lr, beta1, beta2, eps, weight_decay, decoupled, maximize}, values});
+  UpdateCall call{weights.scalar_type(), weights.numel(), weights.mutable_data_ptr(), optional_data(backup),
+                  master.has_value() ? master->mutable_data_ptr<float>() : nullptr, grads.const_data_ptr(),
+                  optional_data(reused), kind, static_cast<int>(state.size()), {},
+                  update_settings(lr, flags, hyperparameters), values};
+  for (size_t k = 0; k < state.size(); ++k) call.state[k] = state[k].mutable_data_ptr();
+  kernels().restore_update(call);
 }
 
 }  // namespace
@@ -280,6 +255,5 @@ TORCH_LIBRARY_IMPL(fused_sam, CPU, m) {
   m.impl("sq_norm_partials", &fused_sam::cpu::sq_norm_partials_cpu);
   m.impl("perturb", &fused_sam::cpu::perturb_cpu);
   m.impl("restore", &fused_sam::cpu::restore_cpu);
-  m.impl("restore_sgd", &fused_sam::cpu::restore_sgd_cpu);
-  m.impl("restore_adam", &fused_sam::cpu::restore_adam_cpu);
+  m.impl("restore_update", &fused_sam::cpu::restore_update_cpu);
 }

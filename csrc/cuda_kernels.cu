@@ -304,7 +304,7 @@ void launch_perturb(scalar_t* w, const scalar_t* g, scalar_t* bk, const float* m
 void perturb_cuda(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
                   const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
                   const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
-                  double rho, bool adaptive, double eta, bool normalize, double eps,
+                  bool adaptive, double eta, bool normalize, double eps, double rho,
                   const std::optional<at::Tensor>& rho_tensor) {
   check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor);
   const c10::cuda::CUDAGuard guard(weights.device());
@@ -402,183 +402,106 @@ __device__ __forceinline__ Params block_params(const Build& build) {
   return shared;
 }
 
-// --- restore + SGD ---------------------------------------------------------------------------------------
+// --- restore + a base update ------------------------------------------------------------------------------
 
-// gv: LookSAM's reused direction, read only when REUSE.
-template <typename scalar_t, bool MOMENTUM, bool MASTER, bool REUSE, int N>
+// The state pointers of one update (NSTATE of them used), passed by value.
+template <typename T>
+struct StatePointers {
+  T* p[kMaxStateBuffers];
+};
+
+// The base Kind's update: its NSTATE state buffers read and written; gv: LookSAM's reused direction, read only
+// when REUSE.
+template <typename Kind, typename scalar_t, int NSTATE, bool MASTER, bool REUSE, int N>
 __global__ void __launch_bounds__(kThreads)
-    sgd_kernel(scalar_t* __restrict__ w, point_t<scalar_t, MASTER>* __restrict__ point,
-               const scalar_t* __restrict__ g, const math_t<scalar_t>* __restrict__ gv,
-               math_t<scalar_t>* __restrict__ buf, int64_t n, const SGDSettings settings, const StepValues values) {
+    update_kernel(scalar_t* __restrict__ w, point_t<scalar_t, MASTER>* __restrict__ point,
+                  const scalar_t* __restrict__ g, const math_t<scalar_t>* __restrict__ gv,
+                  const StatePointers<math_t<scalar_t>> state, int64_t n, const UpdateSettings settings,
+                  const StepValues values) {
   using T = math_t<scalar_t>;
+  using Params = typename Kind::template Params<T>;
   if (update_skipped(values)) {  // the same value in every thread: the whole grid returns here
     restore_from<N, MASTER>(w, point, n);
     return;
   }
-  const SGDParams<T> p = block_params<SGDParams<T>>([&] { return make_sgd_params<T>(settings, values); });
+  const Params p = block_params<Params>([&] { return Kind::template params<T>(settings, values); });
   for_each_vec<N>(n, [&](auto width, int64_t i) {
     constexpr int M = decltype(width)::value;
     point_elem_t<scalar_t, MASTER> pv[M];
     scalar_t gr[M], out[M];
-    T rv[M], mb[M];
+    T rv[M], sv[kMaxStateBuffers][M];
     load_vec<M>(point + i, pv);
     load_vec<M>(g + i, gr);
     if (REUSE) load_vec<M>(gv + i, rv);
-    if (MOMENTUM) load_vec<M>(buf + i, mb);
+#pragma unroll
+    for (int b = 0; b < NSTATE; ++b) load_vec<M>(state.p[b] + i, sv[b]);
 #pragma unroll
     for (int j = 0; j < M; ++j) {
-      const T updated = sgd_update<MOMENTUM, REUSE, T>(static_cast<T>(pv[j]), static_cast<T>(gr[j]),
-                                                       REUSE ? rv[j] : T(0), mb + j, p);
+      T lane_state[kMaxStateBuffers];
+#pragma unroll
+      for (int b = 0; b < NSTATE; ++b) lane_state[b] = sv[b][j];
+      const T updated = Kind::template update<NSTATE, REUSE, T>(static_cast<T>(pv[j]), static_cast<T>(gr[j]),
+                                                                REUSE ? rv[j] : T(0), lane_state, p);
+#pragma unroll
+      for (int b = 0; b < NSTATE; ++b) sv[b][j] = lane_state[b];
       if constexpr (MASTER) pv[j] = updated;
       out[j] = static_cast<scalar_t>(updated);
     }
-    if (MOMENTUM) store_vec<M>(buf + i, mb);
+#pragma unroll
+    for (int b = 0; b < NSTATE; ++b) store_vec<M>(state.p[b] + i, sv[b]);
     if constexpr (MASTER) store_vec<M>(point + i, pv);
     store_vec<M>(w + i, out);
   });
 }
 
-template <bool MASTER, bool REUSE, typename scalar_t>
-void launch_sgd(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g, const math_t<scalar_t>* gv,
-                math_t<scalar_t>* buf, int64_t n, const SGDSettings& settings, const StepValues& values, int device,
-                cudaStream_t stream) {
+template <typename Kind, int NSTATE, bool MASTER, bool REUSE, typename scalar_t>
+void launch_update(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g, const math_t<scalar_t>* gv,
+                   const StatePointers<math_t<scalar_t>>& state, int64_t n, const UpdateSettings& settings,
+                   const StepValues& values, int device, cudaStream_t stream) {
   constexpr int N = vec_elems<scalar_t>();
-  const bool vec = vectors_aligned<N>(w, point, g, gv, buf);
+  bool vec = vectors_aligned<N>(w, point, g, gv);
+  for (int b = 0; b < NSTATE; ++b) vec = vec && vectors_aligned<N>(state.p[b]);
   const int64_t work = vec ? (n + N - 1) / N : n;
   auto launch = [&](auto kernel) {
-    kernel<<<elementwise_blocks(kernel, work, device), kThreads, 0, stream>>>(w, point, g, gv, buf, n, settings,
+    kernel<<<elementwise_blocks(kernel, work, device), kThreads, 0, stream>>>(w, point, g, gv, state, n, settings,
                                                                               values);
   };
-  if (buf != nullptr) {
-    if (vec) launch(sgd_kernel<scalar_t, true, MASTER, REUSE, N>);
-    else launch(sgd_kernel<scalar_t, true, MASTER, REUSE, 1>);
-  } else {
-    if (vec) launch(sgd_kernel<scalar_t, false, MASTER, REUSE, N>);
-    else launch(sgd_kernel<scalar_t, false, MASTER, REUSE, 1>);
-  }
+  if (vec) launch(update_kernel<Kind, scalar_t, NSTATE, MASTER, REUSE, N>);
+  else launch(update_kernel<Kind, scalar_t, NSTATE, MASTER, REUSE, 1>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void restore_sgd_cuda(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                      const std::optional<at::Tensor>& master, const at::Tensor& grads,
-                      const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                      bool maximize, const std::optional<at::Tensor>& lr_tensor,
-                      const std::optional<at::Tensor>& reused, const std::optional<at::Tensor>& reuse_scale) {
-  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor,
-                 reused, reuse_scale);
+void restore_update_cuda(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                         const std::optional<at::Tensor>& master, const at::Tensor& grads, at::TensorList state,
+                         const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& reused,
+                         const std::optional<at::Tensor>& reuse_scale, int64_t kind, int64_t flags,
+                         at::ArrayRef<double> hyperparameters, double lr, const std::optional<at::Tensor>& lr_tensor) {
+  check_update_args(weights, backup, master, grads, state, step, grad_scale, found_inf, reused, reuse_scale, kind,
+                    flags, hyperparameters, lr_tensor);
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = weights.numel();
   if (n == 0) return;
-  const SGDSettings settings{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  const UpdateSettings settings = update_settings(lr, flags, hyperparameters);
   const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor, reuse_scale);
-  FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_sgd", [&] {
+  FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_update", [&] {
     using T = math_t<scalar_t>;
     const T* gv = reused.has_value() ? reused->const_data_ptr<T>() : nullptr;
-    T* buf = momentum != 0.0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
-    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
-      constexpr bool MASTER = decltype(has_master)::value;
-      with_reuse(gv != nullptr, [&](auto reuse) {
-        launch_sgd<MASTER, decltype(reuse)::value>(
-            weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
-            grads.const_data_ptr<scalar_t>(), gv, buf, n, settings, values, weights.get_device(), stream);
-      });
-    });
-  });
-}
-
-// --- restore + Adam / AdamW ------------------------------------------------------------------------------
-
-// gv: LookSAM's reused direction, read only when REUSE.
-template <typename scalar_t, bool AMSGRAD, bool MASTER, bool REUSE, int N>
-__global__ void __launch_bounds__(kThreads)
-    adam_kernel(scalar_t* __restrict__ w, point_t<scalar_t, MASTER>* __restrict__ point,
-                const scalar_t* __restrict__ g, const math_t<scalar_t>* __restrict__ gv,
-                math_t<scalar_t>* __restrict__ m, math_t<scalar_t>* __restrict__ v,
-                math_t<scalar_t>* __restrict__ vmax, int64_t n, const AdamSettings settings,
-                const StepValues values) {
-  using T = math_t<scalar_t>;
-  if (update_skipped(values)) {  // the same value in every thread: the whole grid returns here
-    restore_from<N, MASTER>(w, point, n);
-    return;
-  }
-  const AdamParams<T> p = block_params<AdamParams<T>>([&] { return make_adam_params<T>(settings, values); });
-  for_each_vec<N>(n, [&](auto width, int64_t i) {
-    constexpr int M = decltype(width)::value;
-    point_elem_t<scalar_t, MASTER> pv[M];
-    scalar_t gr[M], out[M];
-    T rv[M], mv[M], vv[M], xv[M];
-    load_vec<M>(point + i, pv);
-    load_vec<M>(g + i, gr);
-    if (REUSE) load_vec<M>(gv + i, rv);
-    load_vec<M>(m + i, mv);
-    load_vec<M>(v + i, vv);
-    if (AMSGRAD) load_vec<M>(vmax + i, xv);
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      const T updated = adam_update<AMSGRAD, REUSE, T>(static_cast<T>(pv[j]), static_cast<T>(gr[j]),
-                                                       REUSE ? rv[j] : T(0), mv + j, vv + j, xv + j, p);
-      if constexpr (MASTER) pv[j] = updated;
-      out[j] = static_cast<scalar_t>(updated);
-    }
-    store_vec<M>(m + i, mv);
-    store_vec<M>(v + i, vv);
-    if (AMSGRAD) store_vec<M>(vmax + i, xv);
-    if constexpr (MASTER) store_vec<M>(point + i, pv);
-    store_vec<M>(w + i, out);
-  });
-}
-
-template <bool MASTER, bool REUSE, typename scalar_t>
-void launch_adam(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g, const math_t<scalar_t>* gv,
-                 math_t<scalar_t>* m, math_t<scalar_t>* v, math_t<scalar_t>* vmax, int64_t n,
-                 const AdamSettings& settings, const StepValues& values, int device, cudaStream_t stream) {
-  constexpr int N = vec_elems<scalar_t>();
-  const bool vec = vectors_aligned<N>(w, point, g, gv, m, v, vmax);
-  const int64_t work = vec ? (n + N - 1) / N : n;
-  auto launch = [&](auto kernel) {
-    kernel<<<elementwise_blocks(kernel, work, device), kThreads, 0, stream>>>(w, point, g, gv, m, v, vmax, n,
-                                                                              settings, values);
-  };
-  if (vmax != nullptr) {
-    if (vec) launch(adam_kernel<scalar_t, true, MASTER, REUSE, N>);
-    else launch(adam_kernel<scalar_t, true, MASTER, REUSE, 1>);
-  } else {
-    if (vec) launch(adam_kernel<scalar_t, false, MASTER, REUSE, N>);
-    else launch(adam_kernel<scalar_t, false, MASTER, REUSE, 1>);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void restore_adam_cuda(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                       const std::optional<at::Tensor>& master, const at::Tensor& grads, const at::Tensor& exp_avg,
-                       const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                       const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
-                       double weight_decay, bool decoupled, bool maximize,
-                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& reused,
-                       const std::optional<at::Tensor>& reuse_scale) {
-  check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
-                  found_inf, lr_tensor, reused, reuse_scale);
-  const c10::cuda::CUDAGuard guard(weights.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t n = weights.numel();
-  if (n == 0) return;
-  const AdamSettings settings{lr, beta1, beta2, eps, weight_decay, decoupled, maximize};
-  const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor, reuse_scale);
-  FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_adam", [&] {
-    using T = math_t<scalar_t>;
-    const T* gv = reused.has_value() ? reused->const_data_ptr<T>() : nullptr;
-    T* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->mutable_data_ptr<T>() : nullptr;
-    with_master<scalar_t>(master.has_value(), [&](auto has_master) {
-      constexpr bool MASTER = decltype(has_master)::value;
-      with_reuse(gv != nullptr, [&](auto reuse) {
-        launch_adam<MASTER, decltype(reuse)::value>(
-            weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
-            grads.const_data_ptr<scalar_t>(), gv, exp_avg.mutable_data_ptr<T>(), exp_avg_sq.mutable_data_ptr<T>(),
-            vmax, n, settings, values, weights.get_device(), stream);
+    StatePointers<T> buffers{};
+    for (size_t b = 0; b < state.size(); ++b) buffers.p[b] = state[b].mutable_data_ptr<T>();
+    with_base_kind(kind, [&](auto base) {
+      using Kind = decltype(base);
+      with_state_count<Kind>(static_cast<int>(state.size()), [&](auto nstate) {
+        constexpr int NSTATE = decltype(nstate)::value;
+        with_master<scalar_t>(master.has_value(), [&](auto has_master) {
+          constexpr bool MASTER = decltype(has_master)::value;
+          with_reuse(gv != nullptr, [&](auto reuse) {
+            launch_update<Kind, NSTATE, MASTER, decltype(reuse)::value>(
+                weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
+                grads.const_data_ptr<scalar_t>(), gv, buffers, n, settings, values, weights.get_device(), stream);
+          });
+        });
       });
     });
   });
@@ -591,6 +514,5 @@ TORCH_LIBRARY_IMPL(fused_sam, CUDA, m) {
   m.impl("sq_norm_partials", &fused_sam::sq_norm_partials_cuda);
   m.impl("perturb", &fused_sam::perturb_cuda);
   m.impl("restore", &fused_sam::restore_cuda);
-  m.impl("restore_sgd", &fused_sam::restore_sgd_cuda);
-  m.impl("restore_adam", &fused_sam::restore_adam_cuda);
+  m.impl("restore_update", &fused_sam::restore_update_cuda);
 }

@@ -28,6 +28,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HOST_DEVICE __host__ __device__
@@ -175,7 +176,7 @@ struct StepValues {
   const float* step;          // the updates before this one
   const float* grad_scale;    // GradScaler's scale of the gradients
   const float* found_inf;     // GradScaler's inf/NaN flag
-  const double* lr;           // capturable=True: replaces the settings' lr (then NaN)
+  const double* lr;           // capturable=True: replaces UpdateSettings::lr
   const double* reuse_scale;  // c: the update's gradient is g + c * g_v
 };
 
@@ -203,93 +204,80 @@ HOST_DEVICE ALWAYS_INLINE inline V update_gradient(V g, V g_v, T c, T unscale) {
   return (REUSE ? g + c * g_v : g) * unscale;
 }
 
-// --- SGD (torch.optim.SGD) --------------------------------------------------------------------------
-// The update's settings as the Python update object holds them.
-struct SGDSettings {
-  double lr, momentum, dampening, weight_decay;  // lr: unused when StepValues::lr is given
-  bool nesterov, maximize;
+// ===================================== the fused base updates =========================================
+// One entry per fused base update, in the order of their codes (``code`` in fused_sam/updates.py): the
+// restore_update operator's ``kind`` is the index here. A new base is one entry here plus its struct below.
+#define FUSED_SAM_BASE_KINDS(X) X(SGD) X(Adam)
+
+// The most state buffers a base keeps, and the most float settings.
+constexpr int kMaxStateBuffers = 3;
+constexpr int kMaxHyperparameters = 8;
+
+// One update's settings as the Python update object holds them (fused_sam/updates.py): its float settings
+// in declaration order (``hyperparameters()``), its bool settings as bits (``flags()``, the i-th in bit i),
+// and lr (unused when StepValues::lr is given).
+struct UpdateSettings {
+  double lr;
+  double hyper[kMaxHyperparameters];
+  int64_t flags;
+
+  HOST_DEVICE bool flag(int i) const { return (flags >> i) & 1; }
 };
 
-template <typename T>
-struct SGDParams {
-  T neg_lr, momentum, one_minus_dampening, weight_decay;
-  T reuse_scale;  // LookSAM's c (reuse steps only)
-  T unscale;      // grad_unscale: the gradient is multiplied by it first
-  bool has_weight_decay, nesterov, maximize, first_step;
-};
+// Each base is a struct with:
+//   kHyperparameters, kFlags: how many float and bool settings it takes;
+//   valid_state_count(n): whether it runs with n state buffers (those ``needed_state()`` names, in order);
+//   Params<T>: its coefficients in the math type T, built once per call by params<T>(settings, values)
+//     (on CUDA by one thread per block), with every scalar computed in double and rounded once to T;
+//   update<NSTATE, REUSE>(w, g, g_v, state, p): one element's update of w (the restore point) with gradient
+//     g (plus c * g_v when REUSE) and its NSTATE state values ``state[0..NSTATE)``, read and written.
 
-// The momentum buffer starts as the gradient on step 0.
-template <typename T>
-HOST_DEVICE inline SGDParams<T> make_sgd_params(const SGDSettings& s, const StepValues& v) {
-  const double lr = hyperparameter(v.lr, s.lr);
-  SGDParams<T> p;
-  p.neg_lr = T(-lr);
-  p.momentum = T(s.momentum);
-  p.one_minus_dampening = T(1.0 - s.dampening);
-  p.weight_decay = T(s.weight_decay);
-  p.reuse_scale = reuse_scale<T>(v);
-  p.unscale = T(grad_unscale(v));
-  p.has_weight_decay = s.weight_decay != 0.0;
-  p.nesterov = s.nesterov;
-  p.maximize = s.maximize;
-  p.first_step = *v.step == 0.0f;
-  return p;
-}
+// --- SGD (torch.optim.SGD): state momentum_buffer (when momentum != 0) ---------------------------------
+struct SGD {
+  // hyper: momentum, dampening, weight_decay; flags: nesterov, maximize
+  static constexpr int kHyperparameters = 3, kFlags = 2;
+  HOST_DEVICE static constexpr bool valid_state_count(int n) { return n == 0 || n == 1; }
 
-// One SGD update of w (the restore point) with gradient g (plus c * g_v when REUSE); ``buf`` is the
-// momentum buffer, used only when MOMENTUM (momentum != 0). On the first step the buffer becomes the gradient.
-template <bool MOMENTUM, bool REUSE, typename V, typename T>
-HOST_DEVICE ALWAYS_INLINE inline V sgd_update(V w, V g, V g_v, V* buf, const SGDParams<T>& p) {
-  g = update_gradient<REUSE>(g, g_v, p.reuse_scale, p.unscale);
-  V d = p.maximize ? -g : g;
-  d = p.has_weight_decay ? d + p.weight_decay * w : d;
-  if (MOMENTUM) {
-    V b = p.first_step ? d : (*buf) * p.momentum + p.one_minus_dampening * d;
-    *buf = b;
-    d = p.nesterov ? d + p.momentum * b : b;
+  template <typename T>
+  struct Params {
+    T neg_lr, momentum, one_minus_dampening, weight_decay;
+    T reuse_scale;  // LookSAM's c (reuse steps only)
+    T unscale;      // grad_unscale: the gradient is multiplied by it first
+    bool has_weight_decay, nesterov, maximize, first_step;
+  };
+
+  // The momentum buffer starts as the gradient on step 0.
+  template <typename T>
+  HOST_DEVICE static Params<T> params(const UpdateSettings& s, const StepValues& v) {
+    const double lr = hyperparameter(v.lr, s.lr);
+    const double momentum = s.hyper[0], dampening = s.hyper[1], weight_decay = s.hyper[2];
+    Params<T> p;
+    p.neg_lr = T(-lr);
+    p.momentum = T(momentum);
+    p.one_minus_dampening = T(1.0 - dampening);
+    p.weight_decay = T(weight_decay);
+    p.reuse_scale = reuse_scale<T>(v);
+    p.unscale = T(grad_unscale(v));
+    p.has_weight_decay = weight_decay != 0.0;
+    p.nesterov = s.flag(0);
+    p.maximize = s.flag(1);
+    p.first_step = *v.step == 0.0f;
+    return p;
   }
-  return w + p.neg_lr * d;
-}
 
-// --- Adam / AdamW (torch.optim.Adam, AdamW) ---------------------------------------------------------
-struct AdamSettings {
-  double lr, beta1, beta2, eps, weight_decay;  // lr: unused when StepValues::lr is given
-  bool decoupled, maximize;
+  template <int NSTATE, bool REUSE, typename V, typename T>
+  HOST_DEVICE ALWAYS_INLINE static V update(V w, V g, V g_v, V* state, const Params<T>& p) {
+    g = update_gradient<REUSE>(g, g_v, p.reuse_scale, p.unscale);
+    V d = p.maximize ? -g : g;
+    d = p.has_weight_decay ? d + p.weight_decay * w : d;
+    if constexpr (NSTATE == 1) {  // momentum
+      V b = p.first_step ? d : state[0] * p.momentum + p.one_minus_dampening * d;
+      state[0] = b;
+      d = p.nesterov ? d + p.momentum * b : b;
+    }
+    return w + p.neg_lr * d;
+  }
 };
-
-template <typename T>
-struct AdamParams {
-  T lerp_weight;       // 1 - beta1, for exp_avg.lerp_(d, 1 - beta1)
-  T beta2, one_minus_beta2;
-  T eps, weight_decay, decay;  // decay = 1 - lr * weight_decay (AdamW)
-  T neg_step_size;             // -lr / (1 - beta1^t), t = step + 1
-  T bias_correction2_sqrt;     // (1 - beta2^t) ** 0.5
-  T reuse_scale;               // LookSAM's c (reuse steps only)
-  T unscale;                   // grad_unscale: the gradient is multiplied by it first
-  bool l2, decoupled, maximize;
-};
-
-// The bias corrections use t = step + 1, in double as torch.optim computes them in Python.
-template <typename T>
-HOST_DEVICE inline AdamParams<T> make_adam_params(const AdamSettings& s, const StepValues& v) {
-  const double t = double(*v.step) + 1.0;
-  const double lr = hyperparameter(v.lr, s.lr);
-  AdamParams<T> p;
-  p.lerp_weight = T(1.0 - s.beta1);
-  p.beta2 = T(s.beta2);
-  p.one_minus_beta2 = T(1.0 - s.beta2);
-  p.eps = T(s.eps);
-  p.weight_decay = T(s.weight_decay);
-  p.decay = T(1.0 - lr * s.weight_decay);
-  p.neg_step_size = T(-(lr / (1.0 - pow(s.beta1, t))));
-  p.bias_correction2_sqrt = T(sqrt(1.0 - pow(s.beta2, t)));
-  p.reuse_scale = reuse_scale<T>(v);
-  p.unscale = T(grad_unscale(v));
-  p.l2 = s.weight_decay != 0.0 && !s.decoupled;
-  p.decoupled = s.weight_decay != 0.0 && s.decoupled;
-  p.maximize = s.maximize;
-  return p;
-}
 
 // torch.lerp with a scalar weight (ATen/native/Lerp.h).
 template <typename V, typename T>
@@ -297,25 +285,109 @@ HOST_DEVICE ALWAYS_INLINE inline V fs_lerp(V self, V end, T weight) {
   return fs_abs(weight) < T(0.5) ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
 }
 
-// One Adam/AdamW update of w with gradient g (plus c * g_v when REUSE) and moments m, v (and vmax for
-// AMSGrad).
-template <bool AMSGRAD, bool REUSE, typename V, typename T>
-HOST_DEVICE ALWAYS_INLINE inline V adam_update(V w, V g, V g_v, V* m, V* v, V* vmax, const AdamParams<T>& p) {
-  g = update_gradient<REUSE>(g, g_v, p.reuse_scale, p.unscale);
-  V d = p.maximize ? -g : g;
-  w = p.decoupled ? w * p.decay : w;
-  d = p.l2 ? d + p.weight_decay * w : d;
-  V m_new = fs_lerp(*m, d, p.lerp_weight);
-  V v_new = (*v) * p.beta2 + p.one_minus_beta2 * d * d;
-  *m = m_new;
-  *v = v_new;
-  V second = v_new;
-  if (AMSGRAD) {
-    second = fs_maximum(*vmax, v_new);
-    *vmax = second;
+// --- Adam / AdamW (torch.optim.Adam, AdamW): state exp_avg, exp_avg_sq (, max_exp_avg_sq: AMSGrad) -------
+struct Adam {
+  // hyper: beta1, beta2, eps, weight_decay; flags: decoupled, amsgrad, maximize
+  static constexpr int kHyperparameters = 4, kFlags = 3;
+  HOST_DEVICE static constexpr bool valid_state_count(int n) { return n == 2 || n == 3; }
+
+  template <typename T>
+  struct Params {
+    T lerp_weight;       // 1 - beta1, for exp_avg.lerp_(d, 1 - beta1)
+    T beta2, one_minus_beta2;
+    T eps, weight_decay, decay;  // decay = 1 - lr * weight_decay (AdamW)
+    T neg_step_size;             // -lr / (1 - beta1^t), t = step + 1
+    T bias_correction2_sqrt;     // (1 - beta2^t) ** 0.5
+    T reuse_scale;               // LookSAM's c (reuse steps only)
+    T unscale;                   // grad_unscale: the gradient is multiplied by it first
+    bool l2, decoupled, maximize;
+  };
+
+  // The bias corrections use t = step + 1, in double as torch.optim computes them in Python.
+  template <typename T>
+  HOST_DEVICE static Params<T> params(const UpdateSettings& s, const StepValues& v) {
+    const double t = double(*v.step) + 1.0;
+    const double lr = hyperparameter(v.lr, s.lr);
+    const double beta1 = s.hyper[0], beta2 = s.hyper[1], eps = s.hyper[2], weight_decay = s.hyper[3];
+    const bool decoupled = s.flag(0);
+    Params<T> p;
+    p.lerp_weight = T(1.0 - beta1);
+    p.beta2 = T(beta2);
+    p.one_minus_beta2 = T(1.0 - beta2);
+    p.eps = T(eps);
+    p.weight_decay = T(weight_decay);
+    p.decay = T(1.0 - lr * weight_decay);
+    p.neg_step_size = T(-(lr / (1.0 - pow(beta1, t))));
+    p.bias_correction2_sqrt = T(sqrt(1.0 - pow(beta2, t)));
+    p.reuse_scale = reuse_scale<T>(v);
+    p.unscale = T(grad_unscale(v));
+    p.l2 = weight_decay != 0.0 && !decoupled;
+    p.decoupled = weight_decay != 0.0 && decoupled;
+    p.maximize = s.flag(2);
+    return p;
   }
-  V denom = fs_sqrt(second) / p.bias_correction2_sqrt + p.eps;
-  return w + p.neg_step_size * (m_new / denom);
+
+  template <int NSTATE, bool REUSE, typename V, typename T>
+  HOST_DEVICE ALWAYS_INLINE static V update(V w, V g, V g_v, V* state, const Params<T>& p) {
+    g = update_gradient<REUSE>(g, g_v, p.reuse_scale, p.unscale);
+    V d = p.maximize ? -g : g;
+    w = p.decoupled ? w * p.decay : w;
+    d = p.l2 ? d + p.weight_decay * w : d;
+    V m_new = fs_lerp(state[0], d, p.lerp_weight);
+    V v_new = state[1] * p.beta2 + p.one_minus_beta2 * d * d;
+    state[0] = m_new;
+    state[1] = v_new;
+    V second = v_new;
+    if constexpr (NSTATE == 3) {  // AMSGrad
+      second = fs_maximum(state[2], v_new);
+      state[2] = second;
+    }
+    V denom = fs_sqrt(second) / p.bias_correction2_sqrt + p.eps;
+    return w + p.neg_step_size * (m_new / denom);
+  }
+};
+
+// --- dispatch over the bases -----------------------------------------------------------------------
+
+#define FUSED_SAM_KIND_CODE(K) kKind##K,
+enum BaseKindCode : int64_t { FUSED_SAM_BASE_KINDS(FUSED_SAM_KIND_CODE) kBaseKindCount };
+#undef FUSED_SAM_KIND_CODE
+
+// f(Kind{}) for the base of code ``kind`` (checked by the operator: 0 <= kind < kBaseKindCount).
+template <typename F>
+inline void with_base_kind(int64_t kind, const F& f) {
+  switch (kind) {
+#define FUSED_SAM_KIND_CASE(K) \
+  case kKind##K:               \
+    return f(K{});
+    FUSED_SAM_BASE_KINDS(FUSED_SAM_KIND_CASE)
+#undef FUSED_SAM_KIND_CASE
+    default:
+      return;
+  }
+}
+
+// f(std::integral_constant<int, n>{}) for a state count ``n`` the base ``Kind`` runs with (checked by the
+// operator), so that each count compiles its own loop (which buffers it loads and stores).
+template <typename Kind, typename F>
+inline void with_state_count(int n, const F& f) {
+  static_assert(kMaxStateBuffers == 3, "one case per state count below");
+  switch (n) {
+    case 0:
+      if constexpr (Kind::valid_state_count(0)) f(std::integral_constant<int, 0>{});
+      return;
+    case 1:
+      if constexpr (Kind::valid_state_count(1)) f(std::integral_constant<int, 1>{});
+      return;
+    case 2:
+      if constexpr (Kind::valid_state_count(2)) f(std::integral_constant<int, 2>{});
+      return;
+    case 3:
+      if constexpr (Kind::valid_state_count(3)) f(std::integral_constant<int, 3>{});
+      return;
+    default:
+      return;
+  }
 }
 
 }  // namespace fused_sam

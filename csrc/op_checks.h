@@ -186,45 +186,44 @@ inline void check_restore_args(const at::Tensor& weights, const std::optional<at
   check_restore_point(weights, backup, master, "restore");
 }
 
-inline void check_sgd_args(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                           const std::optional<at::Tensor>& master, const at::Tensor& grads,
-                           const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
-                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                           double momentum, const std::optional<at::Tensor>& lr_tensor,
-                           const std::optional<at::Tensor>& reused, const std::optional<at::Tensor>& reuse_scale) {
-  check_weights(weights, "restore_sgd");
-  check_step_values(step, grad_scale, found_inf, lr_tensor, weights, "restore_sgd");
-  check_restore_point(weights, backup, master, "restore_sgd");
-  check_span_tensor(grads, weights, weights.scalar_type(), "grads", "restore_sgd");
-  check_reuse(reused, reuse_scale, weights, "restore_sgd");
-  if (momentum != 0.0) {
-    TORCH_CHECK(momentum_buffer.has_value(), "fused_sam::restore_sgd: momentum != 0 needs a momentum_buffer");
-  }
-  if (momentum_buffer.has_value()) {
-    check_span_tensor(*momentum_buffer, weights, state_dtype(weights.scalar_type()), "momentum_buffer",
-                      "restore_sgd");
+// One base update (restore_update): ``kind`` a code of FUSED_SAM_BASE_KINDS, ``state`` as many buffers as that
+// base runs with (in the math dtype, like the weights), ``hyperparameters`` and ``flags`` as many as it takes.
+inline void check_update_args(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                              const std::optional<at::Tensor>& master, const at::Tensor& grads, at::TensorList state,
+                              const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& reused,
+                              const std::optional<at::Tensor>& reuse_scale, int64_t kind, int64_t flags,
+                              at::ArrayRef<double> hyperparameters, const std::optional<at::Tensor>& lr_tensor) {
+  const char* op = "restore_update";
+  check_weights(weights, op);
+  check_step_values(step, grad_scale, found_inf, lr_tensor, weights, op);
+  check_restore_point(weights, backup, master, op);
+  check_span_tensor(grads, weights, weights.scalar_type(), "grads", op);
+  check_reuse(reused, reuse_scale, weights, op);
+  TORCH_CHECK(kind >= 0 && kind < kBaseKindCount, "fused_sam::restore_update: unknown base update kind ", kind,
+              " (this build knows ", static_cast<int64_t>(kBaseKindCount), ")");
+  with_base_kind(kind, [&](auto base) {
+    using Kind = decltype(base);
+    TORCH_CHECK(Kind::valid_state_count(static_cast<int>(state.size())), "fused_sam::restore_update: base kind ",
+                kind, " does not run with ", state.size(), " state buffers");
+    TORCH_CHECK(static_cast<int64_t>(hyperparameters.size()) == Kind::kHyperparameters,
+                "fused_sam::restore_update: base kind ", kind, " takes ", Kind::kHyperparameters,
+                " hyperparameters, got ", hyperparameters.size());
+    TORCH_CHECK(flags >= 0 && (flags >> Kind::kFlags) == 0, "fused_sam::restore_update: base kind ", kind,
+                " takes ", Kind::kFlags, " flags, got the bits ", flags);
+  });
+  for (const at::Tensor& buffer : state) {
+    check_span_tensor(buffer, weights, state_dtype(weights.scalar_type()), "a state buffer", op);
   }
 }
 
-inline void check_adam_args(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                            const std::optional<at::Tensor>& master, const at::Tensor& grads,
-                            const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                            const std::optional<at::Tensor>& max_exp_avg_sq, const at::Tensor& step,
-                            const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf,
-                            const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& reused,
-                            const std::optional<at::Tensor>& reuse_scale) {
-  check_weights(weights, "restore_adam");
-  check_step_values(step, grad_scale, found_inf, lr_tensor, weights, "restore_adam");
-  auto sd = state_dtype(weights.scalar_type());
-  check_restore_point(weights, backup, master, "restore_adam");
-  check_span_tensor(grads, weights, weights.scalar_type(), "grads", "restore_adam");
-  check_reuse(reused, reuse_scale, weights, "restore_adam");
-  check_span_tensor(exp_avg, weights, sd, "exp_avg", "restore_adam");
-  check_span_tensor(exp_avg_sq, weights, sd, "exp_avg_sq", "restore_adam");
-  if (max_exp_avg_sq.has_value()) {
-    check_span_tensor(*max_exp_avg_sq, weights, sd, "max_exp_avg_sq", "restore_adam");
-  }
+// The settings an update's kernels read (checked by check_update_args).
+inline UpdateSettings update_settings(double lr, int64_t flags, at::ArrayRef<double> hyperparameters) {
+  UpdateSettings s{};
+  s.lr = lr;
+  s.flags = flags;
+  for (size_t i = 0; i < hyperparameters.size(); ++i) s.hyper[i] = hyperparameters[i];
+  return s;
 }
 
 // --- the restore point ----------------------------------------------------------------------------------

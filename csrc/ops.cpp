@@ -6,13 +6,17 @@
 // mutation. The restore point is exactly one of ``backup`` (a copy of the weights in their dtype) and
 // ``master`` (a float32 master copy of bfloat16/float16 weights, which the weights are the rounding of).
 // The per-step values (step, grad_scale, found_inf) are float32 tensors of one element on the
-// weights' device, read by the kernels themselves, so a CUDA step never syncs with the host. So are the
-// optional trailing ``lr_tensor`` / ``rho_tensor`` (capturable=True: float64, one element, on the weights'
-// device), which replace the ``lr`` / ``rho`` floats (then unused) so a replayed CUDA graph reads the
-// values a scheduler wrote in place; the results are bit for bit those of the same value as a float.
-// The updates' optional trailing ``reused`` / ``reuse_scale`` (both or neither) are LookSAM's reuse step: the
-// update's gradient is grads + c * reused (reused in the math dtype, c float64 with one element on the
-// weights' device, rounded once to the math dtype), formed in registers: grads is not written.
+// weights' device, read by the kernels themselves, so a CUDA step never syncs with the host.
+// lr and rho come last in their operator, one way in both: ``float lr, Tensor? lr_tensor`` (``float rho, Tensor?
+// rho_tensor``): the tensor, when given (capturable=True: float64, one element, on the weights' device),
+// replaces the float (then unused), so a replayed CUDA graph reads the value a scheduler wrote in place; the
+// results are bit for bit those of the same value as a float.
+// restore_update runs one fused base update: ``kind`` its code (FUSED_SAM_BASE_KINDS in fused_sam_math.h, the
+// ``code`` of fused_sam/updates.py), ``state`` the buffers it keeps (its ``needed_state()``, in order),
+// ``hyperparameters`` its float settings in the order updates.py declares them, ``flags`` its bool settings as
+// bits. Its ``reused`` / ``reuse_scale`` (both or neither) are LookSAM's reuse step: the update's gradient is
+// grads + c * reused (reused in the math dtype, c float64 with one element on the weights' device, rounded once
+// to the math dtype), formed in registers: grads is not written.
 // CPU implementations: cpu_ops.cpp (kernels: cpu_kernels.cpp, one build per instruction set); CUDA:
 // cuda_kernels.cu.
 #include <Python.h>
@@ -39,7 +43,7 @@ void sq_norm_partials_meta(const at::Tensor& grads, const at::Tensor& weights,
 void perturb_meta(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
                   const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
                   const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
-                  double, bool, double, bool, double, const std::optional<at::Tensor>& rho_tensor) {
+                  bool, double, bool, double, double, const std::optional<at::Tensor>& rho_tensor) {
   check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor);
 }
 
@@ -48,26 +52,14 @@ void restore_meta(const at::Tensor& weights, const std::optional<at::Tensor>& ba
   check_restore_args(weights, backup, master);
 }
 
-void restore_sgd_meta(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                      const std::optional<at::Tensor>& master, const at::Tensor& grads,
-                      const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& step,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      double, double momentum, double, double, bool, bool,
-                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& reused,
-                      const std::optional<at::Tensor>& reuse_scale) {
-  check_sgd_args(weights, backup, master, grads, momentum_buffer, step, grad_scale, found_inf, momentum, lr_tensor,
-                 reused, reuse_scale);
-}
-
-void restore_adam_meta(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
-                       const std::optional<at::Tensor>& master, const at::Tensor& grads, const at::Tensor& exp_avg,
-                       const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                       const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf, double, double, double, double, double, bool,
-                       bool, const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& reused,
-                       const std::optional<at::Tensor>& reuse_scale) {
-  check_adam_args(weights, backup, master, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, grad_scale,
-                  found_inf, lr_tensor, reused, reuse_scale);
+void restore_update_meta(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
+                         const std::optional<at::Tensor>& master, const at::Tensor& grads, at::TensorList state,
+                         const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& reused,
+                         const std::optional<at::Tensor>& reuse_scale, int64_t kind, int64_t flags,
+                         at::ArrayRef<double> hyperparameters, double, const std::optional<at::Tensor>& lr_tensor) {
+  check_update_args(weights, backup, master, grads, state, step, grad_scale, found_inf, reused, reuse_scale, kind,
+                    flags, hyperparameters, lr_tensor);
 }
 
 }  // namespace
@@ -79,27 +71,20 @@ TORCH_LIBRARY(fused_sam, m) {
       "-> ()");
   m.def(
       "perturb(Tensor(a!) weights, Tensor grads, Tensor(b!)? backup, Tensor? master, Tensor? partials, "
-      "Tensor(c!)? nonfinite_count, Tensor? grad_scale, float rho, bool adaptive, float eta, bool normalize, "
-      "float eps, Tensor? rho_tensor=None) -> ()");
+      "Tensor(c!)? nonfinite_count, Tensor? grad_scale, bool adaptive, float eta, bool normalize, float eps, "
+      "float rho, Tensor? rho_tensor) -> ()");
   m.def("restore(Tensor(a!) weights, Tensor? backup, Tensor? master) -> ()");
   m.def(
-      "restore_sgd(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, "
-      "Tensor(c!)? momentum_buffer, Tensor step, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? reused=None, Tensor? reuse_scale=None) -> ()");
-  m.def(
-      "restore_adam(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, Tensor(c!) exp_avg, "
-      "Tensor(d!) exp_avg_sq, Tensor(e!)? max_exp_avg_sq, Tensor step, Tensor? grad_scale, Tensor? found_inf, "
-      "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, "
-      "Tensor? lr_tensor=None, Tensor? reused=None, Tensor? reuse_scale=None) -> ()");
+      "restore_update(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, Tensor(c!)[] state, "
+      "Tensor step, Tensor? grad_scale, Tensor? found_inf, Tensor? reused, Tensor? reuse_scale, int kind, int flags, "
+      "float[] hyperparameters, float lr, Tensor? lr_tensor) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_sam, Meta, m) {
   m.impl("sq_norm_partials", &fused_sam::sq_norm_partials_meta);
   m.impl("perturb", &fused_sam::perturb_meta);
   m.impl("restore", &fused_sam::restore_meta);
-  m.impl("restore_sgd", &fused_sam::restore_sgd_meta);
-  m.impl("restore_adam", &fused_sam::restore_adam_meta);
+  m.impl("restore_update", &fused_sam::restore_update_meta);
 }
 
 // --- the Python module ------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ SAM_STATE_KEYS = (MASTER_KEY, RESTORE_KEY, LOOKSAM_KEY)  # per-parameter tensors
 # What the classic SAM classes keep per parameter in their own state (the last w, the last e): leftovers of a
 # step, not optimizer state. Their state dicts load with these dropped.
 CLASSIC_KEYS = ("old_p", "e_w")
-FUSED_STATE_NAMES = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
 COUNTERS = ("completed_steps", "nonfinite_steps", "skipped_steps")
 
 
@@ -413,7 +412,7 @@ def _check_values(opt, saved_state: dict, merged: List[dict], order: list) -> No
     where = {id(p): (segment, i) for segment in opt._sam.segments for i, p in enumerate(segment.params)}
     kind = opt._fused_kind
     needed = [u.needed_state() for u in opt._base_updates(merged)] if kind else [()] * len(merged)
-    kept = FUSED_STATE_NAMES.get(kind, ())
+    kept = kind.state_names if kind else ()
     base_name = type(opt.base_optimizer).__name__
     checks = []  # (tensor, what): values whose finiteness is read in one go at the end
 
@@ -459,12 +458,12 @@ def _check_step_count(step, what: str) -> None:
         raise ValueError(f"{what} must be a non-negative whole number, got {step!r}")
 
 
-def _check_needed_state(entry: dict, names: list, kept: tuple, needed: tuple, kind: str, label: str,
+def _check_needed_state(entry: dict, names: list, kept: tuple, needed: tuple, kind: type, label: str,
                         base_name: str) -> None:
     base_names = [n for n in names if n in kept or n == "step"]
     stepped = float(entry["step"]) > 0 if entry.get("step") is not None else bool(base_names)
-    if kind == "adam" and base_names and "step" not in base_names:
-        raise ValueError(f"the state of {label} lacks 'step' (Adam's bias correction needs it)")
+    if kind.step_in_state and base_names and "step" not in base_names:
+        raise ValueError(f"the state of {label} lacks 'step' ({base_name}'s update reads it)")
     lacking = [n for n in needed if n not in base_names]
     if stepped and lacking:
         raise ValueError(f"the state of {label} has taken steps but lacks {lacking[0]!r}, which "

@@ -11,11 +11,12 @@ the parameter's strides (channels_last stays channels_last).
 from __future__ import annotations
 
 import ctypes
+import math
 import operator
 import sys
 import weakref
 from itertools import groupby
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -314,11 +315,16 @@ class FlatSegment:
             return False
         return any(g is not None and g is not h for g, h in zip(map(_GRAD, self.params), self.grad_handles))
 
-    def ensure_state(self, names: Sequence[str]) -> bool:
-        """Create the named state buffers that do not exist yet; True if any was created."""
+    def ensure_state(self, names: Sequence[str], initial: Optional[Callable[[str], float]] = None) -> bool:
+        """Create the named state buffers that do not exist yet, each parameter's elements ``initial(name)``
+        (default 0; the padding stays 0); True if any was created."""
         missing = [name for name in names if name not in self.state]
         for name in missing:
-            self.state[name] = flat_zeros(self.numel, self.state_dtype, self.device)
+            buf = self.state[name] = flat_zeros(self.numel, self.state_dtype, self.device)
+            value = 0.0 if initial is None else initial(name)
+            if value != 0:
+                for offset, (shape, _) in zip(self.offsets, self.layout):
+                    buf[offset:offset + math.prod(shape)].fill_(value)
         return bool(missing)
 
     def state_views(self, i: int) -> dict:

@@ -59,7 +59,7 @@ def nonfinite_flag(sam, work: list, group_count: int, norm: Optional[torch.Tenso
     if not (work or sam.shard_groups):
         return None
     if norm is None:
-        plain = Perturbation(rho=0.0, adaptive=False, eta=0.0, normalize=True, eps=sam.perturb_eps)
+        plain = Perturbation(adaptive=False, eta=0.0, normalize=True, eps=sam.perturb_eps)
         partials = next(iter(norm_partials(sam, work, [plain] * group_count).values()))
     else:
         partials = norm.reshape(1)

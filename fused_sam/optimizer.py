@@ -7,20 +7,19 @@ state dict to ``fused_sam.checkpoint``, a variant's own passes to its hooks (``f
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from . import capture, checkpoint
 from .backends import KernelLaunches, Perturbation, StepScalars, check_backend_name, resolve_backend
-from .backends.base import grad_unscale
+from .backends.base import Hyperparameter, grad_unscale
 from .distributed import is_dtensor, local_of, refuse_under_zero, shard_group
 from .flat import LOW_PRECISION, FlatSegment
 from .norms import nonfinite_flag, norm_partials, spans_with_gradients, squared_norm
 from .settings import MODES, SAM_KEYS, check_flag, check_params, check_sam_settings, current_scale, tensor_of
 from .step_state import PerDevice, SAMState
-from .updates import capturing, fused_kind, update_from_group
+from .updates import capturing, fused_kind, scalar, update_from_group
 from .variants import StepView, Variant, resolve as resolve_variant
 
 
@@ -172,7 +171,7 @@ class FusedSAM(torch.optim.Optimizer):
             segment.backend, segment.shard_group = backend, group
             sam.segments.append(segment)
             if updates:  # state exists from the start, as templates for loading (DCP) need it
-                segment.ensure_state(updates[gi].needed_state())
+                segment.ensure_state(updates[gi].needed_state(), updates[gi].initial_state)
                 checkpoint.publish_state(self, segment)
         sam.home_counters()
 
@@ -224,24 +223,25 @@ class FusedSAM(torch.optim.Optimizer):
     # --- per-step settings --------------------------------------------------------------------------
 
     def _perturbations(self) -> List[Perturbation]:
-        """Each param group's SAM settings; with capturable=True rho is NaN here (the kernels read it from
-        ``_hyperparameter_on``)."""
+        """Each param group's SAM settings (rho, a per-step value, comes from ``_step_hyperparameters``)."""
         out = []
         for gi, g in enumerate(self.param_groups):
             check_sam_settings(g, f"param group {gi}")
             if isinstance(g["rho"], torch.Tensor) and not self.capturable:
                 raise ValueError(f"rho of param group {gi} is a tensor: that needs FusedSAM(..., capturable=True)")
-            rho = math.nan if self.capturable else float(g["rho"])
-            out.append(Perturbation(rho, bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps))
+            out.append(Perturbation(bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps))
         return out
 
-    def _device_hyperparameters(self, name: str) -> Dict[tuple, torch.Tensor]:
-        """capturable=True: ``name`` (lr or rho) of each param group on each device it has parameters on,
-        keyed (group index, device); empty otherwise."""
-        if not self.capturable:
-            return {}
-        keys = dict.fromkeys((segment.group_index, segment.device) for segment in self._sam.segments)
-        return {(gi, device): self._hyperparameter_on(gi, name, device) for gi, device in keys}
+    def _step_hyperparameters(self, name: str) -> Callable[[int, torch.device], Hyperparameter]:
+        """``of(group index, device)``: ``name`` (lr or rho) of a param group on a device it has parameters on,
+        as the kernels take it: a Python float, or with capturable=True a float64 tensor on that device. Every
+        value is read (and checked) now."""
+        if self.capturable:
+            keys = dict.fromkeys((segment.group_index, segment.device) for segment in self._sam.segments)
+            on_device = {(gi, device): self._hyperparameter_on(gi, name, device) for gi, device in keys}
+            return lambda gi, device: on_device[gi, device]
+        values = [scalar(g[name], name) for g in self.param_groups]
+        return lambda gi, device: values[gi]
 
     def _hyperparameter_on(self, gi: int, name: str, device: torch.device) -> torch.Tensor:
         """capturable=True: param group ``gi``'s ``name`` (lr or rho) as a float64 one-element tensor on
@@ -275,22 +275,24 @@ class FusedSAM(torch.optim.Optimizer):
         if not self._fused_kind:
             return []
         base_cls = type(self.base_optimizer)
-        return [update_from_group(self._fused_kind, base_cls, g, lr_on_device=self.capturable)
+        return [update_from_group(self._fused_kind, base_cls, g)
                 for g in (self.param_groups if groups is None else groups)]
 
     def _check_base_settings(self) -> None:
         """Raise now, before first_step moves w, what reading the base update at second_step would refuse."""
-        self._base_updates()
+        if self._base_updates():
+            self._step_hyperparameters("lr")
 
     def _momentum_states(self) -> Optional[List[Optional[str]]]:
         """Per param group, the fused base's first-moment buffer under its settings (None: it keeps none);
         None when the base is not fused."""
         if not self._fused_kind:
             return None
-        return [u.momentum_state for u in self._base_updates()]
+        return [u.momentum_state if u.momentum_state in u.needed_state() else None for u in self._base_updates()]
 
     def _view(self, active: list) -> StepView:
-        return StepView(self._sam, active, self._perturbations, self._momentum_states)
+        return StepView(self._sam, active, self._perturbations, self._momentum_states,
+                        lambda: self._step_hyperparameters("rho"))
 
     # --- the SAM step ------------------------------------------------------------------------------
 
@@ -319,10 +321,10 @@ class FusedSAM(torch.optim.Optimizer):
         grad_scale = current_scale(grad_scaler)
         intact = self._weights_taken_in()
         perturbations = self._perturbations()
-        rhos = self._device_hyperparameters("rho")  # before any kernel: a refusal leaves nothing half done
+        rhos = self._step_hyperparameters("rho")  # before any kernel: a refusal leaves nothing half done
         self._check_base_settings()
         active = self._linked_grads(intact, "first_step()")
-        self.variant.sam_step_began(StepView(sam, active, lambda: perturbations, self._momentum_states))
+        self.variant.sam_step_began(StepView(sam, active, lambda: perturbations, self._momentum_states, lambda: rhos))
         self._perturb(spans_with_gradients(sam.segments, active), perturbations, grad_scale, rhos)
         sam.perturbed = active
         for segment in sam.segments:
@@ -331,7 +333,7 @@ class FusedSAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _perturb(self, work: list, perturbations: List[Perturbation], grad_scale: Optional[torch.Tensor],
-                 rhos: Dict[tuple, torch.Tensor]) -> None:
+                 rhos: Callable[[int, torch.device], Hyperparameter]) -> None:
         """backup <- w, w <- w + e over ``work`` ((segment, span) with a gradient), with the global norm."""
         sam = self._sam
         partials = None
@@ -344,10 +346,9 @@ class FusedSAM(torch.optim.Optimizer):
         for segment, span in work:
             owns_counter = counter is not None and span.device == counter.device
             device_partials = None if partials is None else partials[span.device]
-            segment.backend.perturb(
-                span, perturbations[segment.group_index], device_partials, counter if owns_counter else None,
-                scales.on(span.device), rho=rhos.get((segment.group_index, span.device)),
-            )
+            scalars = StepScalars(rho=rhos(segment.group_index, span.device), grad_scale=scales.on(span.device))
+            segment.backend.perturb(span, perturbations[segment.group_index], device_partials,
+                                    counter if owns_counter else None, scalars)
             if owns_counter:
                 counter = None
         for segment in sam.segments:
@@ -417,15 +418,15 @@ class FusedSAM(torch.optim.Optimizer):
         parameter has none now."""
         sam = self._sam
         updates = self._base_updates()
-        lrs = self._device_hyperparameters("lr")
+        lrs = self._step_hyperparameters("lr")
         reused_key = self.variant.state_keys[0] if reuses.value is not None else None
         for segment, perturbed, has_grad in zip(sam.segments, sam.perturbed, active):
             update = updates[segment.group_index]
-            if segment.ensure_state(update.needed_state()) or not segment.published:
+            if segment.ensure_state(update.needed_state(), update.initial_state) or not segment.published:
                 capture.refuse_if_captured(sam, "a new optimizer state buffer (momentum or amsgrad turned on)")
                 checkpoint.publish_state(self, segment)
             device_scale, device_inf = scales.on(segment.device), infs.on(segment.device)
-            lr, device_reuse = lrs.get((segment.group_index, segment.device)), reuses.on(segment.device)
+            lr, device_reuse = lrs(segment.group_index, segment.device), reuses.on(segment.device)
             for first, _, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
                 if updated:
                     if not was_perturbed and span.master is None:  # a plain step, or a gradient that
@@ -433,7 +434,8 @@ class FusedSAM(torch.optim.Optimizer):
                         # w itself is the restore point (the kernels read each element before writing it)
                     if reused_key is not None:
                         span = dataclasses.replace(span, reused=span.state[reused_key])
-                    scalars = StepScalars(segment.step_of(first), device_scale, device_inf, lr, device_reuse)
+                    scalars = StepScalars(step=segment.step_of(first), lr=lr, grad_scale=device_scale,
+                                          found_inf=device_inf, reuse_scale=device_reuse)
                     segment.backend.restore_and_update(span, update, scalars)
                 elif was_perturbed:
                     segment.backend.restore(span)

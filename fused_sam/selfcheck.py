@@ -38,22 +38,28 @@ TOLERANCE = {
 STATE_TOLERANCE = {torch.float64: (1e-12, 1e-14), torch.float32: (2e-6, 1e-7)}
 
 PERTURBATIONS = [
-    Perturbation(rho=0.05, adaptive=False, eta=0.0, normalize=True, eps=1e-12),
-    Perturbation(rho=0.5, adaptive=True, eta=0.01, normalize=True, eps=1e-12),
-    Perturbation(rho=0.05, adaptive=True, eta=0.0, normalize=True, eps=1e-12),
-    Perturbation(rho=0.1, adaptive=False, eta=0.0, normalize=False, eps=1e-12),
+    Perturbation(adaptive=False, eta=0.0, normalize=True, eps=1e-12),
+    Perturbation(adaptive=True, eta=0.01, normalize=True, eps=1e-12),
+    Perturbation(adaptive=True, eta=0.0, normalize=True, eps=1e-12),
+    Perturbation(adaptive=False, eta=0.0, normalize=False, eps=1e-12),
 ]
+# rho for each of PERTURBATIONS in check_all_ops; RHO where a check is given none.
+PERTURBATION_RHOS = (0.05, 0.5, 0.05, 0.1)
+RHO = 0.05
 
 UPDATES = [
-    SGDUpdate(lr=0.1),
-    SGDUpdate(lr=0.1, momentum=0.9, weight_decay=5e-4),
-    SGDUpdate(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=True),
-    SGDUpdate(lr=0.05, momentum=0.8, weight_decay=1e-3, nesterov=True),
-    AdamUpdate(lr=1e-3),
-    AdamUpdate(lr=1e-3, weight_decay=1e-2, decoupled=True),
-    AdamUpdate(lr=2e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=1e-2, amsgrad=True, maximize=True),
-    AdamUpdate(lr=1e-3, weight_decay=1e-1, decoupled=True, amsgrad=True),
+    SGDUpdate(),
+    SGDUpdate(momentum=0.9, weight_decay=5e-4),
+    SGDUpdate(momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=True),
+    SGDUpdate(momentum=0.8, weight_decay=1e-3, nesterov=True),
+    AdamUpdate(),
+    AdamUpdate(weight_decay=1e-2, decoupled=True),
+    AdamUpdate(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=1e-2, amsgrad=True, maximize=True),
+    AdamUpdate(weight_decay=1e-1, decoupled=True, amsgrad=True),
 ]
+# lr for each of UPDATES in check_all_ops; LR where a check is given none.
+UPDATE_LRS = (0.1, 0.1, 0.05, 0.05, 1e-3, 1e-3, 2e-3, 1e-3)
+LR = 1e-2
 
 
 def make_span(numel: int, dtype: torch.dtype, device, update=None, grad_fill=None, seed: int = 0,
@@ -73,7 +79,7 @@ def make_span(numel: int, dtype: torch.dtype, device, update=None, grad_fill=Non
     if update is not None:
         for name in update.needed_state():
             buf = rand(state_dtype, 0.1)
-            state[name] = buf.abs() if name in ("exp_avg_sq", "max_exp_avg_sq") else buf
+            state[name] = buf.abs() if name in update.nonnegative_state else buf
     if master:
         masters = rand(torch.float32)
         return Span(weights=masters.to(dtype), grads=grads, backup=None, state=state, master=masters)
@@ -112,13 +118,20 @@ def restore_point(span: Span) -> torch.Tensor:
     return span.master if span.master is not None else span.backup
 
 
-def step_scalars(device, step: int = 0, grad_scale=None, found_inf=None) -> StepScalars:
-    """StepScalars as the optimizer passes them: float32 tensors on ``device`` (the step a 0-d view)."""
+def step_scalars(device, step: int = 0, grad_scale=None, found_inf=None, lr: float = LR) -> StepScalars:
+    """An update's StepScalars as the optimizer passes them: float32 tensors on ``device`` (the step a 0-d
+    view), lr a Python float."""
     def scalar(value):
         return None if value is None else torch.tensor(float(value), dtype=torch.float32, device=device)
 
     steps = torch.tensor([7.0, float(step)], dtype=torch.float32, device=device)  # a view, as the optimizer's
-    return StepScalars(step=steps[1], grad_scale=scalar(grad_scale), found_inf=scalar(found_inf))
+    return StepScalars(step=steps[1], lr=lr, grad_scale=scalar(grad_scale), found_inf=scalar(found_inf))
+
+
+def perturb_scalars(device, grad_scale=None, rho: float = RHO) -> StepScalars:
+    """perturb's StepScalars: rho a Python float, the optional GradScaler scale a float32 tensor on ``device``."""
+    scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32, device=device)
+    return StepScalars(rho=rho, grad_scale=scale)
 
 
 # (step, grad_scale, found_inf): plain steps; GradScaler steps unscaled in the kernel; skipped steps, with
@@ -183,14 +196,15 @@ def check_sq_norm(backend, span: Span, perturbation: Perturbation) -> None:
     _close(out.double().sum(), exact_sq_norm(span, perturbation), (rtol, 1e-30), "squared norm")
 
 
-def check_perturb(backend, span: Span, perturbation: Perturbation, partials, grad_scale=None) -> None:
+def check_perturb(backend, span: Span, perturbation: Perturbation, partials, grad_scale=None,
+                  rho: float = RHO) -> None:
     """Backup is an exact copy of w; w + e matches the reference; the non-finite counter matches."""
     cand, ref = clone_span(span), clone_span(span)
     cand_count = torch.zeros(1, dtype=torch.int32, device=span.device)
     ref_count = torch.zeros(1, dtype=torch.int32, device=span.device)
-    scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32, device=span.device)
-    backend.perturb(cand, perturbation, partials, cand_count, scale)
-    REFERENCE.perturb(ref, perturbation, partials, ref_count, scale)
+    scalars = perturb_scalars(span.device, grad_scale, rho)
+    backend.perturb(cand, perturbation, partials, cand_count, scalars)
+    REFERENCE.perturb(ref, perturbation, partials, ref_count, scalars)
     if span.master is not None:
         assert torch.equal(cand.master, span.master), "perturb changed the master weights"
     else:
@@ -251,39 +265,39 @@ def norm_partials_for(span: Span, perturbation: Perturbation, extra: float = 0.0
 def check_all_ops(backend, numel: int, dtype: torch.dtype, device, seed: int = 0, master: bool = False) -> None:
     """Every operation of the interface, every perturbation and update variant, one size and dtype
     (master: spans with float32 master weights, for bf16/fp16)."""
-    for k, perturbation in enumerate(PERTURBATIONS):
+    for k, (perturbation, rho) in enumerate(zip(PERTURBATIONS, PERTURBATION_RHOS)):
         span = make_span(numel, dtype, device, seed=seed + k, master=master)
         check_sq_norm(backend, span, perturbation)
         for grad_scale in GRAD_SCALES:
-            check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation), grad_scale)
-            check_perturb(backend, span, perturbation, None, grad_scale)
-        check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation, math.inf))
-        check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation, math.nan), 1024.0)
+            check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation), grad_scale, rho)
+            check_perturb(backend, span, perturbation, None, grad_scale, rho)
+        check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation, math.inf), None, rho)
+        check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation, math.nan), 1024.0, rho)
     zero = make_span(numel, dtype, device, grad_fill=0.0, seed=seed, master=master)
     check_sq_norm(backend, zero, PERTURBATIONS[0])
     check_perturb(backend, zero, PERTURBATIONS[0], norm_partials_for(zero, PERTURBATIONS[0]))
     check_perturb(backend, zero, PERTURBATIONS[0], norm_partials_for(zero, PERTURBATIONS[0]), 1024.0)
     check_restore(backend, make_span(numel, dtype, device, seed=seed, master=master))
-    for k, update in enumerate(UPDATES):
+    for k, (update, lr) in enumerate(zip(UPDATES, UPDATE_LRS)):
         span = make_span(numel, dtype, device, update, seed=seed + k, master=master)
         for step, grad_scale, found_inf in SCALARS:
-            check_restore_and_update(backend, span, update, step_scalars(device, step, grad_scale, found_inf))
-        check_reuse(backend, span, update)
+            check_restore_and_update(backend, span, update, step_scalars(device, step, grad_scale, found_inf, lr))
+        check_reuse(backend, span, update, lr)
         if not master:
-            check_update_in_place(backend, span, update)
+            check_update_in_place(backend, span, update, lr)
 
 
-def check_update_in_place(backend, span: Span, update) -> None:
+def check_update_in_place(backend, span: Span, update, lr: float = LR) -> None:
     """A plain step (nothing perturbed) restores from w itself: ``backup`` may be the weights tensor. Each
     element is read before it is written, so the result is bit for bit that of a separate backup; also
     skipped, and reusing a direction."""
-    cases = [(step_scalars(span.device, 3), None), (step_scalars(span.device, 3, 8.0, 1.0), None),
-             (step_scalars(span.device, 0), 0.7310585786300049)]
+    cases = [(step_scalars(span.device, 3, lr=lr), None), (step_scalars(span.device, 3, 8.0, 1.0, lr), None),
+             (step_scalars(span.device, 0, lr=lr), 0.7310585786300049)]
     for scalars, reuse in cases:
         if reuse is not None:
             span = with_reused(span, seed=1)
-            scalars = StepScalars(scalars.step, reuse_scale=torch.tensor([reuse], dtype=torch.float64,
-                                                                          device=span.device))
+            scalars = StepScalars(step=scalars.step, lr=lr, reuse_scale=torch.tensor([reuse], dtype=torch.float64,
+                                                                                     device=span.device))
         separate, in_place = clone_span(span), clone_span(span)
         separate.backup.copy_(separate.weights)
         in_place = dataclasses.replace(in_place, backup=in_place.weights)
@@ -308,14 +322,14 @@ REUSE_CASES = [(0.7310585786300049, SCALARS[1]), (3.0e4, SCALARS[2]), (0.0, SCAL
                (0.7310585786300049, SCALARS[4])]
 
 
-def check_reuse(backend, span: Span, update) -> None:
+def check_reuse(backend, span: Span, update, lr: float = LR) -> None:
     """LookSAM's reuse update (d = g + c * g_v, g_v in ``span.reused``) matches the reference and writes no
     gradient; plain, under a GradScaler, and skipped."""
     span = with_reused(span, seed=span.numel)
-    for lone, scalars in ((span, step_scalars(span.device)),
-                          (make_span(1, span.weights.dtype, span.device, update), StepScalars(
-                              step_scalars(span.device).step, reuse_scale=torch.ones(1, dtype=torch.float64,
-                                                                                     device=span.device)))):
+    plain = step_scalars(span.device, lr=lr)
+    for lone, scalars in ((span, plain),
+                          (make_span(1, span.weights.dtype, span.device, update), dataclasses.replace(
+                              plain, reuse_scale=torch.ones(1, dtype=torch.float64, device=span.device)))):
         try:  # one without the other: refused
             backend.restore_and_update(clone_span(lone), update, scalars)
         except (ValueError, RuntimeError) as exc:
@@ -323,9 +337,9 @@ def check_reuse(backend, span: Span, update) -> None:
         else:
             raise AssertionError("restore_and_update took a reused direction without its scale, or the reverse")
     for scale, (step, grad_scale, found_inf) in REUSE_CASES:
-        plain = step_scalars(span.device, step, grad_scale, found_inf)
-        scalars = StepScalars(plain.step, plain.grad_scale, plain.found_inf,
-                              reuse_scale=torch.tensor([scale], dtype=torch.float64, device=span.device))
+        plain = step_scalars(span.device, step, grad_scale, found_inf, lr)
+        scalars = dataclasses.replace(plain, reuse_scale=torch.tensor([scale], dtype=torch.float64,
+                                                                      device=span.device))
         check_restore_and_update(backend, span, update, scalars)
 
 
@@ -351,13 +365,13 @@ def check_master_roundings(backend, device, dtype) -> None:
     masters = master_rounding_cases(dtype).to(device)
     span = Span(weights=torch.full_like(masters, math.nan, dtype=dtype), grads=torch.zeros_like(masters, dtype=dtype),
                 backup=None, master=masters)
-    plain_sgd = SGDUpdate(lr=0.1)
+    plain_sgd = SGDUpdate()
     ops = {
-        "perturb": lambda backend, s: backend.perturb(s, PERTURBATIONS[3], None, None),
+        "perturb": lambda backend, s: backend.perturb(s, PERTURBATIONS[3], None, None, perturb_scalars(device)),
         "restore": lambda backend, s: backend.restore(s),
-        "update": lambda backend, s: backend.restore_and_update(s, plain_sgd, step_scalars(device, 0)),
+        "update": lambda backend, s: backend.restore_and_update(s, plain_sgd, step_scalars(device, 0, lr=0.1)),
         "skipped update": lambda backend, s: backend.restore_and_update(s, plain_sgd,
-                                                                        step_scalars(device, 3, 8.0, 1.0)),
+                                                                        step_scalars(device, 3, 8.0, 1.0, 0.1)),
     }
     for what, op in ops.items():
         cand, ref = clone_span(span), clone_span(span)
@@ -381,33 +395,30 @@ def _same_span(a: Span, b: Span, what: str) -> None:
 
 
 def check_device_hyperparameters(backend, numel: int, dtype: torch.dtype, device, seed: int = 0,
-                                 master: bool = False, perturbations=PERTURBATIONS, updates=UPDATES) -> None:
-    """lr and rho read from device tensors (capturable=True) give the float path's results bit for bit; the
-    float fields are then NaN, so a backend that still read them would fail."""
-    for k, perturbation in enumerate(perturbations):
+                                 master: bool = False, perturbations=PERTURBATIONS, updates=UPDATES,
+                                 rhos=PERTURBATION_RHOS, lrs=UPDATE_LRS) -> None:
+    """lr and rho read from device tensors (capturable=True) give the float path's results bit for bit."""
+    for k, (perturbation, rho) in enumerate(zip(perturbations, rhos)):
         span = make_span(numel, dtype, device, seed=seed + k, master=master)
-        on_device = Perturbation(math.nan, perturbation.adaptive, perturbation.eta, perturbation.normalize,
-                                 perturbation.eps)
-        rho = device_hyperparameter(perturbation.rho, device)
         for partials, grad_scale in ((norm_partials_for(span, perturbation), None),
                                      (norm_partials_for(span, perturbation), 1024.0), (None, 2.0**-3)):
-            scale = None if grad_scale is None else torch.tensor([grad_scale], dtype=torch.float32, device=device)
+            as_float = perturb_scalars(device, grad_scale, rho)
+            as_tensor = dataclasses.replace(as_float, rho=device_hyperparameter(rho, device))
             expect, cand = clone_span(span), clone_span(span)
-            backend.perturb(expect, perturbation, partials, None, scale)
-            backend.perturb(cand, on_device, partials, None, scale, rho=rho)
-            _same_span(cand, expect, f"perturb {perturbation} grad_scale={grad_scale}")
-    for k, update in enumerate(updates):
+            backend.perturb(expect, perturbation, partials, None, as_float)
+            backend.perturb(cand, perturbation, partials, None, as_tensor)
+            _same_span(cand, expect, f"perturb {perturbation} rho={rho} grad_scale={grad_scale}")
+    for k, (update, lr) in enumerate(zip(updates, lrs)):
         span = make_span(numel, dtype, device, update, seed=seed + k, master=master)
         if span.backup is not None:
             span.backup.copy_(span.weights)  # w restored from it, not NaN
-        nan_lr = type(update)(**dict(update.__dict__, lr=math.nan))
         for step, grad_scale, found_inf in SCALARS[:4]:
-            scalars = step_scalars(device, step, grad_scale, found_inf)
+            as_float = step_scalars(device, step, grad_scale, found_inf, lr)
+            as_tensor = dataclasses.replace(as_float, lr=device_hyperparameter(lr, device))
             expect, cand = clone_span(span), clone_span(span)
-            backend.restore_and_update(expect, update, scalars)
-            backend.restore_and_update(cand, nan_lr, StepScalars(scalars.step, scalars.grad_scale, scalars.found_inf,
-                                                                 lr=device_hyperparameter(update.lr, device)))
-            _same_span(cand, expect, f"{update} step={step} grad_scale={grad_scale}")
+            backend.restore_and_update(expect, update, as_float)
+            backend.restore_and_update(cand, update, as_tensor)
+            _same_span(cand, expect, f"{update} lr={lr} step={step} grad_scale={grad_scale}")
 
 
 # --- the checks fused_sam runs on the user's machine ---------------------------------------------------------
@@ -452,13 +463,12 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
     def perturb(perturbation, extra, grad_scale):
         def run(backend, device):
             span, count = span_for(device), torch.zeros(1, dtype=torch.int32, device=device)
-            scale = None if grad_scale is None else torch.tensor([grad_scale], dtype=torch.float32, device=device)
             partials = None
             if extra is not None:  # the reference's squared norm on the CPU, made once: the same input everywhere
                 if perturbation not in norms:
                     norms[perturbation] = norm_partials_for(span_for("cpu"), perturbation)[:1]
                 partials = torch.cat([norms[perturbation], norms[perturbation].new_tensor([extra])]).to(device)
-            backend.perturb(span, perturbation, partials, count, scale)
+            backend.perturb(span, perturbation, partials, count, perturb_scalars(device, grad_scale))
             return [span.weights, restore_point(span), count]
         return run
 
@@ -552,19 +562,12 @@ def cuda_cpu_disagreement(device, sizes=SELF_CHECK_SIZES) -> Optional[str]:
                                 sizes, UPDATES, elementwise_only=True)
 
 
-def _finite(item, **values):
-    """``item`` (an update or a perturbation) with ``values`` in place of its NaN fields (capturable=True
-    leaves lr and rho NaN, the kernels reading them from device tensors)."""
-    return dataclasses.replace(item, **{k: v for k, v in values.items() if math.isnan(getattr(item, k))})
-
-
 def known_answer_failure(backend, device, dtype: torch.dtype, master: bool, launches: KernelLaunches,
                          sizes=(1, 100, 4099)) -> Optional[str]:
     """None if ``backend`` matches the reference on ``device`` for the operations ``launches`` describes
     (within the tests' tolerances), else the first thing it got wrong. Small spans: a few dozen launches per
     size."""
-    updates = [_finite(u, lr=1e-3) for u in launches.updates]
-    perturbations = [_finite(p, rho=0.05) for p in launches.perturbations]
+    updates, perturbations = launches.updates, launches.perturbations
     device_hyperparameters = launches.device_hyperparameters
     try:
         for numel in sizes:
@@ -581,7 +584,8 @@ def known_answer_failure(backend, device, dtype: torch.dtype, master: bool, laun
                     check_restore_and_update(backend, span, update, step_scalars(device, step, grad_scale, found_inf))
             if device_hyperparameters:
                 check_device_hyperparameters(backend, numel, dtype, device, seed=numel, master=master,
-                                             perturbations=perturbations, updates=updates)
+                                             perturbations=perturbations, updates=updates,
+                                             rhos=[RHO] * len(perturbations), lrs=[LR] * len(updates))
     except AssertionError as exc:
         return str(exc).splitlines()[0]
     return None

@@ -1,13 +1,21 @@
-"""Base-optimizer hyperparameters of one step, read from a torch.optim param group.
+"""The fused base updates, each described once: what it fuses and what it needs, read from a param group.
 
-Only the exact classes torch.optim.SGD, Adam and AdamW are fused: a subclass may override ``step``, so it
-goes through the generic path (fused perturb/restore, then the subclass's own ``step()``).
+A fused base update is a frozen dataclass, a subclass of ``BaseUpdate``, whose fields are its settings (its
+torch.optim group key and default in each field's metadata), and whose class attributes say which torch.optim
+classes it fuses, which state buffers it keeps (torch.optim's names, in the order the kernels take them) and
+its code in the compiled operators (csrc/fused_sam_math.h's FUSED_SAM_BASE_KINDS). Everything else reads this
+description: ``update_from_group`` and the optimizer's checks and checkpoints, the backends (the reference's
+and each kernel backend's per-element math is keyed by the class), the compiled operator's arguments (the
+float settings in declaration order as ``hyperparameters()``, the bool ones as bits of ``flags()``).
+docs/adding_a_base.md says how to add one.
+
+Only the exact classes listed in ``fuses`` are fused: a subclass may override ``step``, so it goes through the
+generic path (fused perturb/restore, then the subclass's own ``step()``).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Optional, Tuple
 
 import torch
 
@@ -18,7 +26,7 @@ def capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-def _scalar(value, name: str) -> float:
+def scalar(value, name: str) -> float:
     """A hyperparameter as a Python float. Tensor values are read once per step (a sync if on a GPU)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -30,82 +38,123 @@ def _scalar(value, name: str) -> float:
     return float(value)
 
 
+def setting(default, key: str, index: Optional[int] = None, set_by: Optional[type] = None):
+    """A field of a base update: ``default``, read from the param group's ``key`` (element ``index`` of it, for
+    a tuple such as Adam's betas); a bool ``set_by`` a base class is True for that class (AdamW's decoupled
+    weight decay)."""
+    return field(default=default, metadata=dict(key=key, index=index, set_by=set_by))
+
+
 @dataclass(frozen=True)
-class SGDUpdate:
+class BaseUpdate:
+    """One fused base update's settings at one step (lr, a per-step value, comes in ``StepScalars``)."""
+
+    name: ClassVar[str]  # as the backends name it ("sgd")
+    code: ClassVar[int]  # its index in csrc/fused_sam_math.h's FUSED_SAM_BASE_KINDS
+    fuses: ClassVar[Tuple[type, ...]]  # the torch.optim classes it replaces
+    state_names: ClassVar[Tuple[str, ...]]  # torch.optim's names of its state buffers, in the kernels' order
+    momentum_state: ClassVar[Optional[str]] = None  # the buffer holding its momentum (MomentumSAM's direction)
+    nonnegative_state: ClassVar[Tuple[str, ...]] = ()  # buffers that hold only values >= 0 (second moments)
+    step_in_state: ClassVar[bool] = False  # torch.optim keeps a 'step' in each parameter's state
+    float_settings: ClassVar[Tuple[str, ...]] = ()  # set by @fused_base: the float fields, in declaration order
+    flag_settings: ClassVar[Tuple[str, ...]] = ()  # and the bool ones
+    group_keys: ClassVar[tuple] = ()  # and per field (name, group key, index, set_by, is bool)
+
+    def needed_state(self) -> Tuple[str, ...]:
+        """The state buffers these settings read and write (a prefix of ``state_names``)."""
+        return self.state_names
+
+    def initial_state(self, name: str) -> float:
+        """The value a state buffer starts from (torch.optim's initialisation)."""
+        return 0.0
+
+    def hyperparameters(self) -> Tuple[float, ...]:
+        """The float settings, in declaration order: the compiled operator's ``hyperparameters``."""
+        return tuple(getattr(self, name) for name in self.float_settings)
+
+    def flags(self) -> int:
+        """The bool settings as bits, the i-th declared bool in bit i: the compiled operator's ``flags``."""
+        return sum(1 << i for i, name in enumerate(self.flag_settings) if getattr(self, name))
+
+
+def fused_base(cls: type) -> type:
+    """Declares a fused base update: ``cls`` as a frozen dataclass, its settings' order recorded once (so that
+    nothing reads dataclass fields at each step, which torch.compile cannot trace)."""
+    cls = dataclass(frozen=True)(cls)
+    cls.float_settings = tuple(f.name for f in fields(cls) if f.type in ("float", float))
+    cls.flag_settings = tuple(f.name for f in fields(cls) if f.type in ("bool", bool))
+    cls.group_keys = tuple((f.name, f.metadata["key"], f.metadata["index"], f.metadata["set_by"],
+                            f.name in cls.flag_settings) for f in fields(cls))
+    return cls
+
+
+@fused_base
+class SGDUpdate(BaseUpdate):
     """torch.optim.SGD: momentum, dampening, nesterov, weight decay (L2, added to the gradient), maximize."""
 
-    lr: float
-    momentum: float = 0.0
-    dampening: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    maximize: bool = False
+    name = "sgd"
+    code = 0
+    fuses = (torch.optim.SGD,)
+    state_names = ("momentum_buffer",)
+    momentum_state = "momentum_buffer"
+
+    momentum: float = setting(0.0, "momentum")
+    dampening: float = setting(0.0, "dampening")
+    weight_decay: float = setting(0.0, "weight_decay")
+    nesterov: bool = setting(False, "nesterov")
+    maximize: bool = setting(False, "maximize")
 
     def needed_state(self) -> tuple:
-        return ("momentum_buffer",) if self.momentum != 0 else ()
-
-    @property
-    def momentum_state(self) -> Optional[str]:
-        """The buffer holding the first moment of the gradient, if these settings keep one."""
-        return "momentum_buffer" if self.momentum != 0 else None
+        return self.state_names if self.momentum != 0 else ()
 
 
-@dataclass(frozen=True)
-class AdamUpdate:
+@fused_base
+class AdamUpdate(BaseUpdate):
     """torch.optim.Adam / AdamW; ``decoupled`` selects AdamW's weight decay (w *= 1 - lr * wd)."""
 
-    lr: float
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    decoupled: bool = False
-    amsgrad: bool = False
-    maximize: bool = False
-
+    name = "adam"
+    code = 1
+    fuses = (torch.optim.Adam, torch.optim.AdamW)
     state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    momentum_state = "exp_avg"
+    nonnegative_state = ("exp_avg_sq", "max_exp_avg_sq")
+    step_in_state = True
+
+    beta1: float = setting(0.9, "betas", 0)
+    beta2: float = setting(0.999, "betas", 1)
+    eps: float = setting(1e-8, "eps")
+    weight_decay: float = setting(0.0, "weight_decay")
+    decoupled: bool = setting(False, "decoupled_weight_decay", set_by=torch.optim.AdamW)
+    amsgrad: bool = setting(False, "amsgrad")
+    maximize: bool = setting(False, "maximize")
 
     def needed_state(self) -> tuple:
         return self.state_names if self.amsgrad else self.state_names[:2]
 
-    momentum_state = "exp_avg"  # the first moment of the gradient
+
+# Every fused base update, in the order of their codes.
+FUSED_UPDATES: Tuple[type, ...] = (SGDUpdate, AdamUpdate)
 
 
-BaseUpdate = Union[SGDUpdate, AdamUpdate]
+def fused_kind(base_cls: type) -> Optional[type]:
+    """The base update class that fuses ``base_cls``, or None (not fused)."""
+    return next((kind for kind in FUSED_UPDATES if base_cls in kind.fuses), None)
 
 
-def fused_kind(base_cls: type) -> Optional[str]:
-    """'sgd', 'adam' or None (not fused) for a base optimizer class."""
-    if base_cls is torch.optim.SGD:
-        return "sgd"
-    if base_cls in (torch.optim.Adam, torch.optim.AdamW):
-        return "adam"
-    return None
-
-
-def update_from_group(kind: str, base_cls: type, group: dict, lr_on_device: bool = False) -> BaseUpdate:
-    """The base update a param group asks for at this step (LR schedulers may have changed it).
-    lr_on_device: the kernels read lr from a device tensor (capturable=True); it is NaN here, never read."""
-    lr = math.nan if lr_on_device else _scalar(group["lr"], "lr")
+def update_from_group(kind: type, base_cls: type, group: dict) -> BaseUpdate:
+    """The base update (of class ``kind``) a param group asks for at this step; its lr is a per-step value,
+    in ``StepScalars``."""
     if group.get("differentiable", False):
         raise ValueError("differentiable=True is not supported by FusedSAM's fused base update")
-    if kind == "sgd":
-        return SGDUpdate(
-            lr=lr,
-            momentum=_scalar(group.get("momentum", 0.0), "momentum"),
-            dampening=_scalar(group.get("dampening", 0.0), "dampening"),
-            weight_decay=_scalar(group.get("weight_decay", 0.0), "weight_decay"),
-            nesterov=bool(group.get("nesterov", False)),
-            maximize=bool(group.get("maximize", False)),
-        )
-    beta1, beta2 = group.get("betas", (0.9, 0.999))
-    return AdamUpdate(
-        lr=lr,
-        beta1=_scalar(beta1, "betas[0]"),
-        beta2=_scalar(beta2, "betas[1]"),
-        eps=_scalar(group.get("eps", 1e-8), "eps"),
-        weight_decay=_scalar(group.get("weight_decay", 0.0), "weight_decay"),
-        decoupled=base_cls is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False)),
-        amsgrad=bool(group.get("amsgrad", False)),
-        maximize=bool(group.get("maximize", False)),
-    )
+    values = {}
+    for name, key, index, set_by, is_bool in kind.group_keys:
+        value = group.get(key)
+        if value is not None and index is not None:
+            value, label = value[index], f"{key}[{index}]"
+        else:
+            label = key
+        if is_bool:
+            values[name] = base_cls is set_by or bool(value)
+        elif value is not None:
+            values[name] = scalar(value, label)
+    return kind(**values)

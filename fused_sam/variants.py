@@ -41,6 +41,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .backends.base import StepScalars
 from .flat import LOW_PRECISION
 from .norms import norm_partials, spans_with_gradients, sum_over_segments
 
@@ -55,13 +56,14 @@ class StepView:
     perturbations: each param group's SAM settings.
     momentum_states: per param group, the fused base's first-moment buffer ('momentum_buffer', 'exp_avg'),
         None where the group keeps none; None altogether when the base optimizer is not fused.
-    The last two are read from the param groups when first asked: most steps' hooks never ask.
+    rhos: ``of(group index, device)``, each group's rho as the kernels take it (``StepScalars.rho``).
+    The last three are read from the param groups when first asked: most steps' hooks never ask.
     """
 
     def __init__(self, sam, active: list, perturbations: Callable[[], list],
-                 momentum_states: Callable[[], Optional[List[Optional[str]]]]):
+                 momentum_states: Callable[[], Optional[List[Optional[str]]]], rhos: Callable[[], Callable]):
         self.sam, self.active = sam, active
-        self._read_perturbations, self._read_momentum_states = perturbations, momentum_states
+        self._read_perturbations, self._read_momentum_states, self._read_rhos = perturbations, momentum_states, rhos
 
     @functools.cached_property
     def perturbations(self) -> list:
@@ -70,6 +72,10 @@ class StepView:
     @functools.cached_property
     def momentum_states(self) -> Optional[List[Optional[str]]]:
         return self._read_momentum_states()
+
+    @functools.cached_property
+    def rhos(self) -> Callable:
+        return self._read_rhos()
 
 
 class Variant:
@@ -380,7 +386,7 @@ class MomentumSAM(Variant):
         float32/float64 parameters only). Only the parameters this step updated move; the others' backup is
         their weight, so the next step's restore leaves them as they are."""
         sam = view.sam
-        perturbations = [dataclasses.replace(p, rho=-p.rho) for p in view.perturbations]
+        perturbations = view.perturbations
         work = []
         for segment, mask in zip(sam.segments, view.active):
             name = view.momentum_states[segment.group_index]
@@ -391,7 +397,8 @@ class MomentumSAM(Variant):
                     span.backup.copy_(span.weights)
         partials = norm_partials(sam, work, perturbations)
         for segment, span in work:
-            segment.backend.perturb(span, perturbations[segment.group_index], partials[span.device], None)
+            scalars = StepScalars(rho=-view.rhos(segment.group_index, span.device))  # against the momentum
+            segment.backend.perturb(span, perturbations[segment.group_index], partials[span.device], None, scalars)
             segment.publish_weights()
         self.perturbed_between_steps = True
 

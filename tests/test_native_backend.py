@@ -34,6 +34,7 @@ from fused_sam.selfcheck import (
     make_span,
     misaligned_span,
     norm_partials_for,
+    perturb_scalars,
     restore_point,
     step_scalars,
     with_reused,
@@ -42,12 +43,30 @@ from models import mlp, sam_train
 from fused_sam import BackendUnavailable, FusedSAM
 from fused_sam.backends import native as native_module
 from fused_sam.backends import resolve_backend
-from fused_sam.backends.base import Perturbation, StepScalars, math_dtype
+from fused_sam.backends.base import Perturbation, math_dtype
 from fused_sam.backends.native import NativeBackend
 from fused_sam.backends.reference import ReferenceBackend
 from fused_sam.updates import AdamUpdate, SGDUpdate
 
-OPS = ("sq_norm_partials", "perturb", "restore", "restore_sgd", "restore_adam")
+OPS = ("sq_norm_partials", "perturb", "restore", "restore_update")
+# The base updates the op-level tests run restore_update with, by name (their state: make_span's).
+OP_UPDATES = {"sgd": SGDUpdate(momentum=0.9), "adam": AdamUpdate()}
+
+
+def op_name(op: str) -> str:
+    """The operator a case of the op-level tests calls: a base update's name stands for restore_update."""
+    return "restore_update" if op in OP_UPDATES else op
+
+
+def restore_update_args(update, weights, backup, master, grads, state, step, grad_scale=None, found_inf=None,
+                        lr=0.1, lr_tensor=None, reused=None, reuse_scale=None) -> tuple:
+    """torch.ops.fused_sam.restore_update's arguments for ``update`` (``state``: its needed buffers, in order)."""
+    return (weights, backup, master, grads, list(state), step, grad_scale, found_inf, reused, reuse_scale,
+            update.code, update.flags(), list(update.hyperparameters()), lr, lr_tensor)
+
+
+def needed(span, update) -> list:
+    return [span.state[name] for name in update.needed_state()]
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 _C = native_module._C
@@ -233,9 +252,9 @@ def test_low_precision_conversions_bitwise(dtype, isa):
     span.weights.copy_(w)
     span.grads.copy_(g)
     ref = copy.deepcopy(span)
-    usam = Perturbation(rho=1.0, adaptive=False, eta=0.0, normalize=False, eps=1e-12)
-    NativeBackend().perturb(span, usam, None, None)
-    ReferenceBackend().perturb(ref, usam, None, None)
+    usam = Perturbation(adaptive=False, eta=0.0, normalize=False, eps=1e-12)
+    NativeBackend().perturb(span, usam, None, None, perturb_scalars(CPU, rho=1.0))
+    ReferenceBackend().perturb(ref, usam, None, None, perturb_scalars(CPU, rho=1.0))
     nan = ref.weights.isnan()
     assert torch.equal(span.weights.isnan(), nan)  # NaN payloads differ between torch's own paths: not compared
     assert torch.equal(span.weights.view(torch.int16)[~nan], ref.weights.view(torch.int16)[~nan])
@@ -286,13 +305,26 @@ def test_partials_len_and_bad_arguments():
     with pytest.raises(RuntimeError, match="partials"):
         backend.sq_norm_partials(span, PERTURBATIONS[0], torch.empty(3))
     step = torch.zeros(())
-    with pytest.raises(RuntimeError, match="momentum_buffer"):
-        torch.ops.fused_sam.restore_sgd(span.weights, span.backup, None, span.grads, torch.zeros(5), step, None,
-                                        None, 0.1, 0.9, 0.0, 0.0, False, False)
+    sgd = OP_UPDATES["sgd"]
+    with pytest.raises(RuntimeError, match="a state buffer has 5 elements"):
+        torch.ops.fused_sam.restore_update(*restore_update_args(sgd, span.weights, span.backup, None, span.grads,
+                                                                [torch.zeros(5)], step))
     with pytest.raises(RuntimeError, match="must be Float, got Double"):
-        torch.ops.fused_sam.restore_sgd(span.weights, span.backup, None, span.grads,
-                                        torch.zeros(span.numel, dtype=torch.float64), step, None, None,
-                                        0.1, 0.9, 0.0, 0.0, False, False)
+        torch.ops.fused_sam.restore_update(*restore_update_args(
+            sgd, span.weights, span.backup, None, span.grads, [torch.zeros(span.numel, dtype=torch.float64)], step))
+    adam = OP_UPDATES["adam"]
+    with pytest.raises(RuntimeError, match="does not run with 1 state buffers"):
+        torch.ops.fused_sam.restore_update(*restore_update_args(adam, span.weights, span.backup, None, span.grads,
+                                                                [torch.zeros(span.numel)], step))
+    with pytest.raises(RuntimeError, match="unknown base update kind 99"):
+        torch.ops.fused_sam.restore_update(span.weights, span.backup, None, span.grads, [], step, None, None, None,
+                                           None, 99, 0, [], 0.1, None)
+    with pytest.raises(RuntimeError, match="takes 3 hyperparameters, got 2"):
+        torch.ops.fused_sam.restore_update(span.weights, span.backup, None, span.grads, [], step, None, None, None,
+                                           None, sgd.code, 0, [0.0, 0.0], 0.1, None)
+    with pytest.raises(RuntimeError, match="takes 2 flags, got the bits 4"):
+        torch.ops.fused_sam.restore_update(span.weights, span.backup, None, span.grads, [], step, None, None, None,
+                                           None, sgd.code, 4, [0.0, 0.0, 0.0], 0.1, None)
 
 
 BAD_STEP_SCALARS = [
@@ -305,32 +337,27 @@ BAD_STEP_SCALARS = [
 
 def _call_with_step_scalar(op: str, name: str, value: torch.Tensor):
     """A call of ``op``, valid but for its step tensor ``name`` set to ``value``."""
-    update = AdamUpdate(lr=1e-3) if op == "restore_adam" else SGDUpdate(lr=0.1, momentum=0.9)
+    update = OP_UPDATES.get(op)
     span = make_span(100, torch.float32, CPU, update)
     scalars = {"step": torch.zeros(()), "grad_scale": None, "found_inf": None}
     scalars[name] = value
     step, grad_scale, found_inf = scalars.values()
     ops = torch.ops.fused_sam
     if op == "perturb":
-        return lambda: ops.perturb(span.weights, span.grads, span.backup, None, None, None, grad_scale, 0.05, False,
-                                   0.0, False, 1e-12)
-    if op == "restore_sgd":
-        return lambda: ops.restore_sgd(span.weights, span.backup, None, span.grads, span.state["momentum_buffer"],
-                                       step, grad_scale, found_inf, 0.1, 0.9, 0.0, 0.0, False, False)
-    return lambda: ops.restore_adam(span.weights, span.backup, None, span.grads, span.state["exp_avg"],
-                                    span.state["exp_avg_sq"], None, step, grad_scale, found_inf, 1e-3, 0.9, 0.999,
-                                    1e-8, 0.0, False, False)
+        return lambda: ops.perturb(span.weights, span.grads, span.backup, None, None, None, grad_scale, False, 0.0,
+                                   False, 1e-12, 0.05, None)
+    return lambda: ops.restore_update(*restore_update_args(update, span.weights, span.backup, None, span.grads,
+                                                           needed(span, update), step, grad_scale, found_inf))
 
 
 @needs_native
 @pytest.mark.parametrize("bad,message", BAD_STEP_SCALARS, ids=["float64", "int32", "two", "empty"])
-@pytest.mark.parametrize("op,name", [("perturb", "grad_scale"), ("restore_sgd", "step"),
-                                     ("restore_sgd", "grad_scale"), ("restore_sgd", "found_inf"),
-                                     ("restore_adam", "step"), ("restore_adam", "grad_scale"),
-                                     ("restore_adam", "found_inf")])
+@pytest.mark.parametrize("op,name", [("perturb", "grad_scale"), ("sgd", "step"), ("sgd", "grad_scale"),
+                                     ("sgd", "found_inf"), ("adam", "step"), ("adam", "grad_scale"),
+                                     ("adam", "found_inf")])
 def test_bad_step_scalars(op, name, bad, message):
     """The step tensors are validated by name (the wrong-device case needs a GPU: test_native_gpu.py)."""
-    with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} {message}"):
+    with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: {name} {message}"):
         _call_with_step_scalar(op, name, bad)()
 
 
@@ -346,7 +373,7 @@ HYPERPARAMETER_IDS = ["float64", "float32", "bfloat16", "float16", "bfloat16-mas
 @pytest.mark.parametrize("dtype,master", HYPERPARAMETER_CASES, ids=HYPERPARAMETER_IDS)
 @pytest.mark.parametrize("numel", [1, 7, 4099])
 def test_lr_and_rho_on_the_device_match_the_floats_bitwise(numel, dtype, master, isa):
-    """lr_tensor / rho_tensor (float64, read by the kernels; the float arguments NaN) give the float path's
+    """lr_tensor / rho_tensor (float64, read by the kernels in place of the floats) give the float path's
     weights, backup, master and state bit for bit, for every perturbation and update variant."""
     check_device_hyperparameters(NativeBackend(), numel, dtype, CPU, seed=numel % 89, master=master)
 
@@ -357,14 +384,13 @@ def test_lr_tensor_is_read_at_each_call():
     update = UPDATES[5]  # AdamW: lr enters the step size and the decoupled decay
     span = make_span(1000, torch.float32, CPU, update, seed=3)
     span.backup.copy_(span.weights)
-    lr = device_hyperparameter(math.nan, CPU)
+    lr = device_hyperparameter(0.5, CPU)
     for value in (1e-3, 0.25, 0.0):
         lr.fill_(value)
         cand, expect = copy.deepcopy(span), copy.deepcopy(span)
-        scalars = step_scalars(CPU, 2)
-        NativeBackend().restore_and_update(expect, AdamUpdate(**dict(update.__dict__, lr=value)), scalars)
-        NativeBackend().restore_and_update(cand, AdamUpdate(**dict(update.__dict__, lr=math.nan)),
-                                           StepScalars(scalars.step, lr=lr))
+        scalars = step_scalars(CPU, 2, lr=value)
+        NativeBackend().restore_and_update(expect, update, scalars)
+        NativeBackend().restore_and_update(cand, update, dataclasses.replace(scalars, lr=lr))
         assert torch.equal(cand.weights, expect.weights)
         assert all(torch.equal(cand.state[k], expect.state[k]) for k in expect.state)
 
@@ -379,23 +405,19 @@ BAD_HYPERPARAMETERS = [
 
 def _call_with_hyperparameter(op: str, value: torch.Tensor, device="cpu"):
     """A call of ``op`` on ``device`` (cpu, or meta for the Meta kernel), valid but for its lr_tensor /
-    rho_tensor ``value``; the float lr / rho is NaN, as capturable=True passes it."""
-    update = AdamUpdate(lr=1e-3) if op == "restore_adam" else SGDUpdate(lr=0.1, momentum=0.9)
+    rho_tensor ``value`` (the float lr / rho 0.0, unused, as the native backend passes it)."""
+    update = OP_UPDATES.get(op)
     span = make_span(100, torch.float32, device, update)
     step = torch.zeros((), device=device)
     ops = torch.ops.fused_sam
     if op == "perturb":
-        return lambda: ops.perturb(span.weights, span.grads, span.backup, None, None, None, None, math.nan, False,
-                                   0.0, False, 1e-12, rho_tensor=value)
-    if op == "restore_sgd":
-        return lambda: ops.restore_sgd(span.weights, span.backup, None, span.grads, span.state["momentum_buffer"],
-                                       step, None, None, math.nan, 0.9, 0.0, 0.0, False, False, lr_tensor=value)
-    return lambda: ops.restore_adam(span.weights, span.backup, None, span.grads, span.state["exp_avg"],
-                                    span.state["exp_avg_sq"], None, step, None, None, math.nan, 0.9, 0.999, 1e-8, 0.0,
-                                    False, False, lr_tensor=value)
+        return lambda: ops.perturb(span.weights, span.grads, span.backup, None, None, None, None, False, 0.0, False,
+                                   1e-12, 0.0, value)
+    return lambda: ops.restore_update(*restore_update_args(update, span.weights, span.backup, None, span.grads,
+                                                           needed(span, update), step, lr=0.0, lr_tensor=value))
 
 
-HYPERPARAMETER_OPS = [("perturb", "rho_tensor"), ("restore_sgd", "lr_tensor"), ("restore_adam", "lr_tensor")]
+HYPERPARAMETER_OPS = [("perturb", "rho_tensor"), ("sgd", "lr_tensor"), ("adam", "lr_tensor")]
 
 
 @needs_native
@@ -404,7 +426,7 @@ HYPERPARAMETER_OPS = [("perturb", "rho_tensor"), ("restore_sgd", "lr_tensor"), (
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_bad_lr_and_rho_tensors(op, name, bad, message, device):
     """lr_tensor / rho_tensor are validated by name, in the CPU kernel and in the Meta kernel (fake tensors)."""
-    with pytest.raises(RuntimeError, match=re.escape(f"fused_sam::{op}: {name} {message}")):
+    with pytest.raises(RuntimeError, match=re.escape(f"fused_sam::{op_name(op)}: {name} {message}")):
         _call_with_hyperparameter(op, bad.to(device), device)()
 
 
@@ -415,8 +437,8 @@ def test_lr_and_rho_tensors_on_another_device(op, name):
     in test_native_gpu.py): the dispatcher picks the Meta kernel for the mixed call, which checks the same."""
     for weights_device, value_device in (("cpu", "meta"), ("meta", "cpu")):
         value = torch.ones(1, dtype=torch.float64, device=value_device)
-        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on {value_device}, the weights on "
-                                               f"{weights_device}"):
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: {name} is on {value_device}, the weights "
+                                               f"on {weights_device}"):
             _call_with_hyperparameter(op, value, weights_device)()
 
 
@@ -429,8 +451,8 @@ def test_float64_partials_for_float32_span():
     ref = torch.empty(1, dtype=torch.float64)
     ReferenceBackend().sq_norm_partials(make_span(2 * CHUNK + 3, torch.float64, CPU), PERTURBATIONS[1], ref)
     cand, expect = copy.deepcopy(span), copy.deepcopy(span)
-    NativeBackend().perturb(cand, PERTURBATIONS[1], out, None)
-    ReferenceBackend().perturb(expect, PERTURBATIONS[1], out, None)
+    NativeBackend().perturb(cand, PERTURBATIONS[1], out, None, perturb_scalars(CPU))
+    ReferenceBackend().perturb(expect, PERTURBATIONS[1], out, None, perturb_scalars(CPU))
     torch.testing.assert_close(cand.weights, expect.weights, rtol=2e-6, atol=1e-7)
 
 
@@ -438,23 +460,18 @@ def test_float64_partials_for_float32_span():
 # (The update itself is checked against the reference by check_all_ops: test_ops_match_reference and
 # test_master_ops_match_reference.)
 
-REUSE_OPS = ["restore_sgd", "restore_adam"]
+REUSE_OPS = ["sgd", "adam"]
 
 
 def _call_with_reuse(op: str, dtype: torch.dtype, reused, reuse_scale, device="cpu"):
     """A call of ``op`` on 100 ``dtype`` weights on ``device`` (cpu, or meta for the Meta kernel), valid but
     perhaps for its ``reused`` / ``reuse_scale``."""
-    update = AdamUpdate(lr=1e-3) if op == "restore_adam" else SGDUpdate(lr=0.1, momentum=0.9)
+    update = OP_UPDATES[op]
     span = make_span(100, dtype, device, update)
     step = torch.zeros((), device=device)
-    ops = torch.ops.fused_sam
-    if op == "restore_sgd":
-        return lambda: ops.restore_sgd(span.weights, span.backup, None, span.grads, span.state["momentum_buffer"],
-                                       step, None, None, 0.1, 0.9, 0.0, 0.0, False, False, reused=reused,
-                                       reuse_scale=reuse_scale)
-    return lambda: ops.restore_adam(span.weights, span.backup, None, span.grads, span.state["exp_avg"],
-                                    span.state["exp_avg_sq"], None, step, None, None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
-                                    False, False, reused=reused, reuse_scale=reuse_scale)
+    return lambda: torch.ops.fused_sam.restore_update(*restore_update_args(
+        update, span.weights, span.backup, None, span.grads, needed(span, update), step, reused=reused,
+        reuse_scale=reuse_scale))
 
 
 _SCALE = torch.tensor([0.5], dtype=torch.float64)
@@ -486,7 +503,7 @@ def test_bad_reuse_arguments(op, what, dtype, reused, reuse_scale, message):
     on_meta = tuple(None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
                     for t in (reused, reuse_scale))
     for device, args in (("cpu", (reused, reuse_scale)), ("meta", on_meta)):
-        with pytest.raises(RuntimeError, match=re.escape(f"fused_sam::{op}: {message}")):
+        with pytest.raises(RuntimeError, match=re.escape(f"fused_sam::{op_name(op)}: {message}")):
             _call_with_reuse(op, dtype, *args, device)()
 
 
@@ -499,8 +516,8 @@ def test_reuse_arguments_on_another_device(op, name):
     for weights_device, other_device in (("cpu", "meta"), ("meta", "cpu")):
         args = {"reused": torch.zeros(100), "reuse_scale": torch.ones(1, dtype=torch.float64)}
         args = {key: value.to(other_device if key == name else weights_device) for key, value in args.items()}
-        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on {other_device}, the weights on "
-                                               f"{weights_device}"):
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: {name} is on {other_device}, the weights "
+                                               f"on {weights_device}"):
             _call_with_reuse(op, torch.float32, args["reused"], args["reuse_scale"], weights_device)()
 
 
@@ -542,13 +559,17 @@ def restore_point_call(op: str, weights: torch.Tensor, backup, master):
     return {
         "sq_norm_partials": lambda: ops.sq_norm_partials(g, weights, master, True, 0.0,
                                                          torch.empty(1, device=weights.device)),
-        "perturb": lambda: ops.perturb(weights, g, backup, master, None, None, None, 0.05, True, 0.0, False, 1e-12),
+        "perturb": lambda: ops.perturb(weights, g, backup, master, None, None, None, True, 0.0, False, 1e-12, 0.05,
+                                       None),
         "restore": lambda: ops.restore(weights, backup, master),
-        "restore_sgd": lambda: ops.restore_sgd(weights, backup, master, g, None, step, None, None, 0.1, 0.0, 0.0, 0.0,
-                                               False, False),
-        "restore_adam": lambda: ops.restore_adam(weights, backup, master, g, moment, moment.clone(), None, step, None,
-                                                 None, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False),
+        "sgd": lambda: ops.restore_update(*restore_update_args(SGDUpdate(), weights, backup, master, g, [], step)),
+        "adam": lambda: ops.restore_update(*restore_update_args(AdamUpdate(), weights, backup, master, g,
+                                                                [moment, moment.clone()], step)),
     }[op]
+
+
+# Every operator (restore_update with two bases) as restore_point_call names them.
+RESTORE_POINT_OPS = ("sq_norm_partials", "perturb", "restore", "sgd", "adam")
 
 
 _BF16 = torch.zeros(100, dtype=torch.bfloat16)
@@ -566,7 +587,7 @@ BAD_RESTORE_POINTS = [
 
 
 @needs_native
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", RESTORE_POINT_OPS)
 @pytest.mark.parametrize("what,weights,backup,master,message", BAD_RESTORE_POINTS,
                          ids=[case[0] for case in BAD_RESTORE_POINTS])
 def test_bad_restore_points(op, what, weights, backup, master, message):
@@ -578,7 +599,7 @@ def test_bad_restore_points(op, what, weights, backup, master, message):
     on_meta = tuple(None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
                     for t in tensors)
     for args in (tensors, on_meta):  # the CPU kernel, then the Meta kernel (fake tensors)
-        with pytest.raises(RuntimeError, match=re.escape(f"fused_sam::{op}: {message}")):
+        with pytest.raises(RuntimeError, match=re.escape(f"fused_sam::{op_name(op)}: {message}")):
             restore_point_call(op, *args)()
 
 
@@ -606,7 +627,7 @@ def test_norm_partials_bitwise_across_thread_counts(dtype, master, adaptive, isa
             out = torch.empty(backend.partials_len(span), dtype=state_dtype)
             backend.sq_norm_partials(span, perturbation, out)
             cand = copy.deepcopy(span)
-            backend.perturb(cand, perturbation, out, None)
+            backend.perturb(cand, perturbation, out, None, perturb_scalars(CPU))
             update = dataclasses.replace(copy.deepcopy(cand),
                                          state={"momentum_buffer": torch.ones(span.numel, dtype=state_dtype)})
             backend.restore_and_update(update, UPDATES[3], step_scalars(CPU, 1))
@@ -662,9 +683,9 @@ def _every_op_outputs(dtype: torch.dtype) -> list:
         out = torch.empty(NativeBackend().partials_len(span), dtype=math_dtype(dtype))
         NativeBackend().sq_norm_partials(span, perturbation, out)
         cand = copy.deepcopy(span)
-        NativeBackend().perturb(cand, perturbation, out, torch.zeros(1, dtype=torch.int32))
+        NativeBackend().perturb(cand, perturbation, out, torch.zeros(1, dtype=torch.int32), perturb_scalars(CPU))
         outputs += [out, cand.weights]
-    reuse = StepScalars(step_scalars(CPU, 2).step, reuse_scale=torch.tensor([0.7], dtype=torch.float64))
+    reuse = dataclasses.replace(step_scalars(CPU, 2), reuse_scale=torch.tensor([0.7], dtype=torch.float64))
     for update in (UPDATES[3], UPDATES[7]):
         base = make_span(2 * CHUNK + 1001, dtype, CPU, update, seed=12, master=master)
         for cand, scalars in ((copy.deepcopy(base), step_scalars(CPU, 2, grad_scale=8.0, found_inf=0.0)),
@@ -718,56 +739,75 @@ def _opcheck_cases():
     w16 = master.bfloat16()
     partials = torch.tensor([float(g.square().sum())])
     step = torch.tensor([0.0, 3.0])[1]  # a 0-d view with a storage offset, as the optimizer passes it
+
+    def perturb_case(w, g, backup, master, partials, count, grad_scale, rho, adaptive, eta, normalize, eps,
+                     rho_tensor=None):
+        return "perturb", (w, g, backup, master, partials, count, grad_scale, adaptive, eta, normalize, eps, rho,
+                           rho_tensor)
+
+    def sgd_case(w, backup, master, g, buf, step, grad_scale, found_inf, lr, momentum, dampening, weight_decay,
+                 nesterov, maximize, lr_tensor=None, reused=None, reuse_scale=None):
+        update = SGDUpdate(momentum, dampening, weight_decay, nesterov, maximize)
+        return "restore_update", restore_update_args(update, w, backup, master, g, [] if buf is None else [buf],
+                                                     step, grad_scale, found_inf, lr, lr_tensor, reused, reuse_scale)
+
+    def adam_case(w, backup, master, g, m, v, vmax, step, grad_scale, found_inf, lr, beta1, beta2, eps,
+                  weight_decay, decoupled, maximize, lr_tensor=None, reused=None, reuse_scale=None):
+        update = AdamUpdate(beta1, beta2, eps, weight_decay, decoupled, vmax is not None, maximize)
+        state = [m, v] + ([] if vmax is None else [vmax])
+        return "restore_update", restore_update_args(update, w, backup, master, g, state, step, grad_scale,
+                                                     found_inf, lr, lr_tensor, reused, reuse_scale)
+
     return [
         ("sq_norm_partials", (g, w, None, False, 0.0, torch.empty(1))),
         ("sq_norm_partials", (g, w, None, True, 0.01, torch.empty(1, dtype=torch.float64))),
         ("sq_norm_partials", (g16, w16, master, True, 0.01, torch.empty(1))),
-        ("perturb", (w.clone(), g, bk.clone(), None, partials, torch.zeros(1, dtype=torch.int32), None, 0.05, False,
-                     0.0, True, 1e-12)),
-        ("perturb", (w.clone(), g, bk.clone(), None, torch.tensor([math.inf]), torch.zeros(1, dtype=torch.int32),
-                     scalar(1024), 0.05, True, 0.01, True, 1e-12)),
-        ("perturb", (w.clone(), g, bk.clone(), None, None, None, scalar(0.125), 0.05, True, 0.0, False, 1e-12)),
-        ("perturb", (w16.clone(), g16, None, master, partials, torch.zeros(1, dtype=torch.int32), scalar(1024), 0.05,
-                     True, 0.01, True, 1e-12)),
+        perturb_case(w.clone(), g, bk.clone(), None, partials, torch.zeros(1, dtype=torch.int32), None, 0.05, False,
+                     0.0, True, 1e-12),
+        perturb_case(w.clone(), g, bk.clone(), None, torch.tensor([math.inf]), torch.zeros(1, dtype=torch.int32),
+                     scalar(1024), 0.05, True, 0.01, True, 1e-12),
+        perturb_case(w.clone(), g, bk.clone(), None, None, None, scalar(0.125), 0.05, True, 0.0, False, 1e-12),
+        perturb_case(w16.clone(), g16, None, master, partials, torch.zeros(1, dtype=torch.int32), scalar(1024), 0.05,
+                     True, 0.01, True, 1e-12),
         ("restore", (w.clone(), bk, None)),
         ("restore", (w16.clone(), None, master)),
-        ("restore_sgd", (w.clone(), bk, None, g, t(), step, None, None, 0.1, 0.9, 0.0, 1e-4, True, False)),
-        ("restore_sgd", (w.clone(), bk, None, g, None, scalar(0), scalar(1024), scalar(0), 0.1, 0.0, 0.0, 0.0, False,
-                         True)),
-        ("restore_sgd", (w.clone(), bk, None, g, t(), step, scalar(1024), scalar(1), 0.1, 0.9, 0.0, 0.0, False,
-                         False)),
-        ("restore_sgd", (w16.clone(), None, master.clone(), g16, t(), step, None, None, 0.1, 0.9, 0.0, 1e-4, True,
-                         False)),
-        ("restore_adam", (w.clone(), bk, None, g, t(0.1), t(0.1).abs(), t(0.1).abs(), step, None, None, 1e-3, 0.9,
-                          0.999, 1e-8, 0.01, True, False)),
-        ("restore_adam", (w.clone(), bk, None, g, t(0.1), t(0.1).abs(), None, scalar(0), scalar(512), scalar(0), 1e-3,
-                          0.9, 0.999, 1e-8, 0.01, False, True)),
-        ("restore_adam", (w.clone().bfloat16(), bk.bfloat16(), None, g16, t(0.1), t(0.1).abs(), None, step,
-                          scalar(2.0**-3), scalar(math.nan), 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False)),
-        ("restore_adam", (w16.clone(), None, master.clone(), g16, t(0.1), t(0.1).abs(), t(0.1).abs(), step,
-                          scalar(2.0**-3), scalar(0), 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False)),
-        # lr / rho as float64 tensors (capturable=True; the floats NaN), a 0-d view like the step
-        ("perturb", (w.clone(), g, bk.clone(), None, partials, torch.zeros(1, dtype=torch.int32), scalar(1024),
-                     math.nan, True, 0.01, True, 1e-12, hyper(0.05))),
-        ("perturb", (w16.clone(), g16, None, master, None, None, scalar(0.125), math.nan, False, 0.0, False, 1e-12,
-                     hyper(0.05))),
-        ("restore_sgd", (w.clone(), bk, None, g, t(), step, scalar(1024), scalar(0), math.nan, 0.9, 0.1, 1e-4, False,
-                         True, hyper(0.1))),
-        ("restore_sgd", (w16.clone(), None, master.clone(), g16, t(), step, None, None, math.nan, 0.9, 0.0, 1e-4, True,
-                         False, hyper(0.1))),
-        ("restore_adam", (w.clone(), bk, None, g, t(0.1), t(0.1).abs(), t(0.1).abs(), step, None, None, math.nan,
-                          0.9, 0.999, 1e-8, 0.01, True, False, hyper(1e-3))),
-        ("restore_adam", (w16.clone(), None, master.clone(), g16, t(0.1), t(0.1).abs(), None, step, scalar(2.0**-3),
-                          scalar(0), math.nan, 0.9, 0.999, 1e-8, 0.01, False, True, hyper(1e-3))),
+        sgd_case(w.clone(), bk, None, g, t(), step, None, None, 0.1, 0.9, 0.0, 1e-4, True, False),
+        sgd_case(w.clone(), bk, None, g, None, scalar(0), scalar(1024), scalar(0), 0.1, 0.0, 0.0, 0.0, False,
+                         True),
+        sgd_case(w.clone(), bk, None, g, t(), step, scalar(1024), scalar(1), 0.1, 0.9, 0.0, 0.0, False,
+                         False),
+        sgd_case(w16.clone(), None, master.clone(), g16, t(), step, None, None, 0.1, 0.9, 0.0, 1e-4, True,
+                         False),
+        adam_case(w.clone(), bk, None, g, t(0.1), t(0.1).abs(), t(0.1).abs(), step, None, None, 1e-3, 0.9,
+                          0.999, 1e-8, 0.01, True, False),
+        adam_case(w.clone(), bk, None, g, t(0.1), t(0.1).abs(), None, scalar(0), scalar(512), scalar(0), 1e-3,
+                          0.9, 0.999, 1e-8, 0.01, False, True),
+        adam_case(w.clone().bfloat16(), bk.bfloat16(), None, g16, t(0.1), t(0.1).abs(), None, step,
+                          scalar(2.0**-3), scalar(math.nan), 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False),
+        adam_case(w16.clone(), None, master.clone(), g16, t(0.1), t(0.1).abs(), t(0.1).abs(), step,
+                          scalar(2.0**-3), scalar(0), 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False),
+        # lr / rho as float64 tensors (capturable=True; the floats 0.0, unused), a 0-d view like the step
+        perturb_case(w.clone(), g, bk.clone(), None, partials, torch.zeros(1, dtype=torch.int32), scalar(1024),
+                     0.0, True, 0.01, True, 1e-12, hyper(0.05)),
+        perturb_case(w16.clone(), g16, None, master, None, None, scalar(0.125), 0.0, False, 0.0, False, 1e-12,
+                     hyper(0.05)),
+        sgd_case(w.clone(), bk, None, g, t(), step, scalar(1024), scalar(0), 0.0, 0.9, 0.1, 1e-4, False,
+                         True, hyper(0.1)),
+        sgd_case(w16.clone(), None, master.clone(), g16, t(), step, None, None, 0.0, 0.9, 0.0, 1e-4, True,
+                         False, hyper(0.1)),
+        adam_case(w.clone(), bk, None, g, t(0.1), t(0.1).abs(), t(0.1).abs(), step, None, None, 0.0,
+                          0.9, 0.999, 1e-8, 0.01, True, False, hyper(1e-3)),
+        adam_case(w16.clone(), None, master.clone(), g16, t(0.1), t(0.1).abs(), None, step, scalar(2.0**-3),
+                          scalar(0), 0.0, 0.9, 0.999, 1e-8, 0.01, False, True, hyper(1e-3)),
         # LookSAM's reuse step: reused (g_v, in the math dtype) and reuse_scale (float64, a 0-d view)
-        ("restore_sgd", (w.double(), bk.double(), None, g.double(), t().double(), step, scalar(1024), scalar(0), 0.1,
-                         0.9, 0.0, 1e-4, True, False, None, t().double(), hyper(0.7))),
-        ("restore_sgd", (w16.clone(), None, master.clone(), g16, None, step, None, None, math.nan, 0.0, 0.0, 1e-4,
-                         False, True, hyper(0.1), t(), hyper(0.7))),
-        ("restore_adam", (w.clone(), bk, None, g, t(0.1), t(0.1).abs(), t(0.1).abs(), step, scalar(512), scalar(0),
-                          1e-3, 0.9, 0.999, 1e-8, 0.01, True, False, None, t(), hyper(0.7))),
-        ("restore_adam", (w16.clone(), None, master.clone(), g16, t(0.1), t(0.1).abs(), None, step, scalar(2.0**-3),
-                          scalar(1), 1e-3, 0.9, 0.999, 1e-8, 0.01, False, True, None, t(), hyper(0.7))),
+        sgd_case(w.double(), bk.double(), None, g.double(), t().double(), step, scalar(1024), scalar(0), 0.1,
+                         0.9, 0.0, 1e-4, True, False, None, t().double(), hyper(0.7)),
+        sgd_case(w16.clone(), None, master.clone(), g16, None, step, None, None, 0.0, 0.0, 0.0, 1e-4,
+                         False, True, hyper(0.1), t(), hyper(0.7)),
+        adam_case(w.clone(), bk, None, g, t(0.1), t(0.1).abs(), t(0.1).abs(), step, scalar(512), scalar(0),
+                          1e-3, 0.9, 0.999, 1e-8, 0.01, True, False, None, t(), hyper(0.7)),
+        adam_case(w16.clone(), None, master.clone(), g16, t(0.1), t(0.1).abs(), None, step, scalar(2.0**-3),
+                          scalar(1), 1e-3, 0.9, 0.999, 1e-8, 0.01, False, True, None, t(), hyper(0.7)),
     ]
 
 
@@ -895,9 +935,9 @@ def test_ops_under_torch_compile_fullgraph(master):
     """The operators trace into a graph (mutations functionalised, the master's too) and run from it."""
     def step(w, g, bk, m, buf, partials, count, step, grad_scale, found_inf):
         torch.ops.fused_sam.sq_norm_partials(g, w, m, True, 0.01, partials)
-        torch.ops.fused_sam.perturb(w, g, bk, m, partials, count, grad_scale, 0.05, True, 0.01, True, 1e-12)
-        torch.ops.fused_sam.restore_sgd(w, bk, m, g, buf, step, grad_scale, found_inf, 0.1, 0.9, 0.0, 0.0, False,
-                                        False)
+        torch.ops.fused_sam.perturb(w, g, bk, m, partials, count, grad_scale, True, 0.01, True, 1e-12, 0.05, None)
+        torch.ops.fused_sam.restore_update(*restore_update_args(SGDUpdate(momentum=0.9), w, bk, m, g, [buf], step,
+                                                                grad_scale, found_inf))
 
     gen = torch.Generator().manual_seed(0)
     w, g, restore_point, buf = (torch.randn(5000, generator=gen) for _ in range(4))

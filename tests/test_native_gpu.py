@@ -23,20 +23,22 @@ import pytest
 import torch
 
 from fused_sam.selfcheck import (
-    PERTURBATIONS, TOLERANCE, UPDATES, check_all_ops, check_device_hyperparameters, check_master_roundings,
-    clone_span, device_hyperparameter, make_span, restore_point, step_scalars,
+    PERTURBATIONS, RHO, TOLERANCE, UPDATES, check_all_ops, check_device_hyperparameters, check_master_roundings,
+    clone_span, device_hyperparameter, make_span, perturb_scalars, restore_point, step_scalars,
 )
 from models import batches, loss_of, mlp
 from test_native_backend import (
-    HYPERPARAMETER_CASES, HYPERPARAMETER_IDS, HYPERPARAMETER_OPS, MASTER_DTYPES, MASTER_IDS, REUSE_OPS,
-    _call_with_hyperparameter, _call_with_reuse, masters_of, restore_point_call,
+    HYPERPARAMETER_CASES, HYPERPARAMETER_IDS, HYPERPARAMETER_OPS, MASTER_DTYPES, MASTER_IDS, RESTORE_POINT_OPS,
+    REUSE_OPS, _call_with_hyperparameter, _call_with_reuse, masters_of, needed, op_name, restore_point_call,
+    restore_update_args,
 )
 
 from fused_sam import FusedSAM
 from fused_sam.backends import native as native_module
-from fused_sam.backends.base import Perturbation, Span, StepScalars
+from fused_sam.backends.base import Span, StepScalars
 from fused_sam.backends.native import NativeBackend
 from fused_sam.backends.reference import ReferenceBackend
+from fused_sam.updates import AdamUpdate, SGDUpdate
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -109,8 +111,8 @@ def test_misaligned_spans(dtype, master, offset):
     torch.testing.assert_close(out.sum(), ref.sum(), rtol=1e-5, atol=0)
     cand = _offset_span(n, dtype, offset, master=master)
     expect = clone_span(cand)
-    NATIVE.perturb(cand, PERTURBATIONS[1], out, None)
-    REFERENCE.perturb(expect, PERTURBATIONS[1], out, None)
+    NATIVE.perturb(cand, PERTURBATIONS[1], out, None, perturb_scalars(CUDA))
+    REFERENCE.perturb(expect, PERTURBATIONS[1], out, None, perturb_scalars(CUDA))
     torch.testing.assert_close(cand.weights, expect.weights, rtol=tol[0], atol=tol[1])
     assert torch.equal(restore_point(cand), restore_point(expect))
     NATIVE.restore(cand)
@@ -141,7 +143,7 @@ def test_misaligned_reused_direction(dtype, master):
     vector load of it would fault)."""
     n = 3 * BLOCK + 11
     g_v = torch.randn(n + 1, generator=torch.Generator().manual_seed(7)).to(CUDA)[1:]
-    scalars = StepScalars(step_scalars(CUDA, 3).step, reuse_scale=torch.tensor([0.7], dtype=torch.float64, device=CUDA))
+    scalars = dataclasses.replace(step_scalars(CUDA, 3), reuse_scale=torch.tensor([0.7], dtype=torch.float64, device=CUDA))
     for update in (UPDATES[3], UPDATES[7]):
         cand = make_span(n, dtype, CUDA, update, master=master)
         if cand.backup is not None:
@@ -170,8 +172,8 @@ def test_norm_deterministic_and_many_partials(dtype):
     # perturb re-reduces a long partials buffer (several spans' worth) in every block
     partials = torch.cat([outs[0], outs[0] * 0.5, torch.zeros(777, device=CUDA)])
     cand, expect = clone_span(span), clone_span(span)
-    NATIVE.perturb(cand, PERTURBATIONS[2], partials, None)
-    REFERENCE.perturb(expect, PERTURBATIONS[2], partials, None)
+    NATIVE.perturb(cand, PERTURBATIONS[2], partials, None, perturb_scalars(CUDA))
+    REFERENCE.perturb(expect, PERTURBATIONS[2], partials, None, perturb_scalars(CUDA))
     torch.testing.assert_close(cand.weights, expect.weights, rtol=TOLERANCE[dtype][0], atol=TOLERANCE[dtype][1])
 
 
@@ -181,7 +183,7 @@ def test_nonfinite_counter_incremented_once_across_blocks():
     w = span.weights.clone()
     for bad in (math.inf, math.nan):
         partials = torch.tensor([1.0, bad, 2.0], device=CUDA)
-        NATIVE.perturb(span, PERTURBATIONS[0], partials, count)
+        NATIVE.perturb(span, PERTURBATIONS[0], partials, count, perturb_scalars(CUDA))
         assert torch.equal(span.weights, w)
     assert count.item() == 2
 
@@ -191,9 +193,10 @@ def test_empty_span_counts_a_nonfinite_norm_like_the_cpu():
     for device in ("cpu", CUDA):
         span = make_span(0, torch.float32, device)
         count = torch.zeros(1, dtype=torch.int32, device=device)
-        NATIVE.perturb(span, PERTURBATIONS[0], torch.tensor([1.0, math.inf], device=device), count)
-        NATIVE.perturb(span, PERTURBATIONS[0], torch.tensor([4.0], device=device), count)
-        NATIVE.perturb(span, PERTURBATIONS[0], None, count)
+        scalars = perturb_scalars(device)
+        NATIVE.perturb(span, PERTURBATIONS[0], torch.tensor([1.0, math.inf], device=device), count, scalars)
+        NATIVE.perturb(span, PERTURBATIONS[0], torch.tensor([4.0], device=device), count, scalars)
+        NATIVE.perturb(span, PERTURBATIONS[0], None, count, scalars)
         assert count.item() == 1, device
 
 
@@ -240,9 +243,8 @@ def test_elementwise_ops_match_cpu_bitwise(dtype, master):
             norm = torch.empty(NATIVE.partials_len(cpu), dtype=cpu.state_dtype)
             NATIVE.sq_norm_partials(cpu, perturbation, norm)
             partials = norm.sum().reshape(1)
-            scale = step_scalars("cpu", 0, grad_scale).grad_scale
-            NATIVE.perturb(cpu, perturbation, partials, None, scale)
-            NATIVE.perturb(gpu, perturbation, partials.cuda(), None, None if scale is None else scale.cuda())
+            NATIVE.perturb(cpu, perturbation, partials, None, perturb_scalars("cpu", grad_scale))
+            NATIVE.perturb(gpu, perturbation, partials.cuda(), None, perturb_scalars(CUDA, grad_scale))
             _same_span_bits(gpu, cpu, f"perturb {perturbation}, grad_scale {grad_scale}")
             NATIVE.restore(cpu)
             NATIVE.restore(gpu)
@@ -267,7 +269,7 @@ def test_cpu_and_cuda_kernels_agree():
         for span in (cpu, gpu):
             out = torch.empty(NATIVE.partials_len(span), device=span.device)
             NATIVE.sq_norm_partials(span, PERTURBATIONS[1], out)
-            NATIVE.perturb(span, PERTURBATIONS[1], out, None)
+            NATIVE.perturb(span, PERTURBATIONS[1], out, None, perturb_scalars(span.device))
             NATIVE.restore_and_update(span, UPDATES[6], step_scalars(span.device, 2))
         tol = TOLERANCE[dtype]
         torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=tol[0], atol=tol[1])
@@ -279,7 +281,7 @@ def test_cpu_and_cuda_kernels_agree():
 
 def _step(span, partials, count, update, scalars):
     NATIVE.sq_norm_partials(span, PERTURBATIONS[0], partials)
-    NATIVE.perturb(span, PERTURBATIONS[0], partials, count, scalars.grad_scale)
+    NATIVE.perturb(span, PERTURBATIONS[0], partials, count, StepScalars(rho=RHO, grad_scale=scalars.grad_scale))
     NATIVE.restore_and_update(span, update, scalars)
 
 
@@ -385,30 +387,25 @@ def test_first_launch_inside_a_capture():
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("op,name", [("perturb", "grad_scale"), ("restore_sgd", "step"),
-                                     ("restore_sgd", "grad_scale"), ("restore_sgd", "found_inf"),
-                                     ("restore_adam", "step"), ("restore_adam", "grad_scale"),
-                                     ("restore_adam", "found_inf")])
+@pytest.mark.parametrize("op,name", [("perturb", "grad_scale"), ("sgd", "step"), ("sgd", "grad_scale"),
+                                     ("sgd", "found_inf"), ("adam", "step"), ("adam", "grad_scale"),
+                                     ("adam", "found_inf")])
 def test_step_scalars_on_another_device(op, name):
     """A step tensor on the CPU with weights on the GPU (or the other way round) is refused by name."""
     for weights_device, scalar_device in ((CUDA, "cpu"), ("cpu", CUDA)):
-        update = UPDATES[4] if op == "restore_adam" else UPDATES[1]
+        update = UPDATES[4] if op == "adam" else UPDATES[1]
         span = make_span(100, torch.float32, weights_device, update)
         scalars = {"step": torch.zeros((), device=weights_device), "grad_scale": None, "found_inf": None}
         scalars[name] = torch.ones((), device=scalar_device)
         step, grad_scale, found_inf = scalars.values()
         ops = torch.ops.fused_sam
-        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on"):
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: {name} is on"):
             if op == "perturb":
-                ops.perturb(span.weights, span.grads, span.backup, None, None, None, grad_scale, 0.05, False, 0.0,
-                            False, 1e-12)
-            elif op == "restore_sgd":
-                ops.restore_sgd(span.weights, span.backup, None, span.grads, span.state["momentum_buffer"], step,
-                                grad_scale, found_inf, 0.1, 0.9, 0.0, 0.0, False, False)
+                ops.perturb(span.weights, span.grads, span.backup, None, None, None, grad_scale, False, 0.0, False,
+                            1e-12, 0.05, None)
             else:
-                ops.restore_adam(span.weights, span.backup, None, span.grads, span.state["exp_avg"],
-                                 span.state["exp_avg_sq"], None, step, grad_scale, found_inf, 1e-3, 0.9, 0.999, 1e-8,
-                                 0.0, False, False)
+                ops.restore_update(*restore_update_args(update, span.weights, span.backup, None, span.grads,
+                                                        needed(span, update), step, grad_scale, found_inf))
 
 
 def test_cuda_graph_replay_reads_lr_and_rho():
@@ -421,19 +418,14 @@ def test_cuda_graph_replay_reads_lr_and_rho():
     partials = torch.empty(NATIVE.partials_len(base), device=CUDA)
     NATIVE.sq_norm_partials(base, perturbation, partials)
     scalars = step_scalars(CUDA, 3, grad_scale=1024.0, found_inf=0.0)
-    lr, rho = device_hyperparameter(math.nan, CUDA), device_hyperparameter(math.nan, CUDA)
-    nan_update = type(update)(**dict(update.__dict__, lr=math.nan))
-    nan_perturbation = Perturbation(math.nan, perturbation.adaptive, perturbation.eta, perturbation.normalize,
-                                    perturbation.eps)
-    on_device = StepScalars(scalars.step, scalars.grad_scale, scalars.found_inf, lr=lr)
+    lr, rho = device_hyperparameter(1e-3, CUDA), device_hyperparameter(RHO, CUDA)
+    on_device = dataclasses.replace(scalars, lr=lr)
 
     def step(span):
-        NATIVE.perturb(span, nan_perturbation, partials, None, scalars.grad_scale, rho=rho)
-        NATIVE.restore_and_update(span, nan_update, on_device)
+        NATIVE.perturb(span, perturbation, partials, None, StepScalars(rho=rho, grad_scale=scalars.grad_scale))
+        NATIVE.restore_and_update(span, update, on_device)
 
     graphed = clone_span(base)
-    lr.fill_(update.lr)
-    rho.fill_(perturbation.rho)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -451,10 +443,8 @@ def test_cuda_graph_replay_reads_lr_and_rho():
         rho.fill_(rho_value)
         graph.replay()
         expect = clone_span(base)
-        NATIVE.perturb(expect, Perturbation(rho_value, perturbation.adaptive, perturbation.eta,
-                                            perturbation.normalize, perturbation.eps), partials, None,
-                       scalars.grad_scale)
-        NATIVE.restore_and_update(expect, type(update)(**dict(update.__dict__, lr=lr_value)), scalars)
+        NATIVE.perturb(expect, perturbation, partials, None, StepScalars(rho=rho_value, grad_scale=scalars.grad_scale))
+        NATIVE.restore_and_update(expect, update, dataclasses.replace(scalars, lr=lr_value))
         torch.cuda.synchronize()
         assert torch.equal(graphed.weights, expect.weights) and torch.equal(graphed.backup, expect.backup)
         assert all(torch.equal(graphed.state[k], expect.state[k]) for k in expect.state)
@@ -465,7 +455,7 @@ def test_lr_and_rho_tensors_on_another_device(op, name):
     """An lr_tensor / rho_tensor on the CPU with weights on the GPU (or the other way round) is refused by name."""
     for weights_device, value_device in ((CUDA, "cpu"), ("cpu", CUDA)):
         value = torch.ones(1, dtype=torch.float64, device=value_device)
-        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on"):
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: {name} is on"):
             _call_with_hyperparameter(op, value, weights_device)()
 
 
@@ -476,23 +466,23 @@ def test_reuse_arguments_on_another_device(op, name):
     for weights_device, other_device in ((CUDA, "cpu"), ("cpu", CUDA)):
         args = {"reused": torch.zeros(100), "reuse_scale": torch.ones(1, dtype=torch.float64)}
         args = {key: value.to(other_device if key == name else weights_device) for key, value in args.items()}
-        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: {name} is on"):
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: {name} is on"):
             _call_with_reuse(op, torch.float32, args["reused"], args["reuse_scale"], weights_device)()
 
 
-@pytest.mark.parametrize("op", ["sq_norm_partials", "perturb", "restore", "restore_sgd", "restore_adam"])
+@pytest.mark.parametrize("op", RESTORE_POINT_OPS)
 def test_master_on_another_device(op):
     """A master on the CPU with weights on the GPU (or the other way round) is refused by name."""
     for weights_device, master_device in ((CUDA, "cpu"), ("cpu", CUDA)):
         weights = torch.zeros(100, dtype=torch.bfloat16, device=weights_device)
         master = torch.zeros(100, device=master_device)
-        with pytest.raises(RuntimeError, match=f"fused_sam::{op}: master is on"):
+        with pytest.raises(RuntimeError, match=f"fused_sam::{op_name(op)}: master is on"):
             restore_point_call(op, weights, None, master)()
 
 
 @pytest.mark.parametrize("capturable", [False, True], ids=["floats", "tensors"])
 @pytest.mark.parametrize("master", [False, True], ids=["backup", "master"])
-@pytest.mark.parametrize("name", ["sq_norm_partials", "perturb", "restore", "restore_sgd", "restore_adam"])
+@pytest.mark.parametrize("name", RESTORE_POINT_OPS)
 def test_opcheck_cuda(name, master, capturable):
     if capturable and name in ("sq_norm_partials", "restore"):
         pytest.skip("takes neither lr nor rho")
@@ -512,20 +502,20 @@ def test_opcheck_cuda(name, master, capturable):
     def clone(x):
         return None if x is None else x.clone()
 
+    sgd, adam = SGDUpdate(momentum=0.9, weight_decay=1e-4, nesterov=True), AdamUpdate(weight_decay=0.01, amsgrad=True)
     args = {
         "sq_norm_partials": (g, w, m, True, 0.01, torch.empty(1, device=CUDA)),
         "perturb": (w.clone(), g, clone(bk), m, torch.tensor([3.0], device=CUDA),
-                    torch.zeros(1, dtype=torch.int32, device=CUDA), scalars.grad_scale, 0.05, True, 0.0, True, 1e-12),
+                    torch.zeros(1, dtype=torch.int32, device=CUDA), scalars.grad_scale, True, 0.0, True, 1e-12, 0.05,
+                    None),
         "restore": (w.clone(), bk, m),
-        "restore_sgd": (w.clone(), bk, clone(m), g, t(), *step_values, 0.1, 0.9, 0.0, 1e-4, True, False),
-        "restore_adam": (w.clone(), bk, clone(m), g, t(0.1), t(0.1).abs(), t(0.1).abs(), *step_values, 1e-3, 0.9,
-                         0.999, 1e-8, 0.01, True, False),
+        "sgd": restore_update_args(sgd, w.clone(), bk, clone(m), g, [t()], *step_values, lr=0.1),
+        "adam": restore_update_args(adam, w.clone(), bk, clone(m), g, [t(0.1), t(0.1).abs(), t(0.1).abs()],
+                                    *step_values, lr=1e-3),
     }[name]
-    if capturable:  # lr / rho as float64 tensors on the device, the floats NaN
-        float_at = {"perturb": 7, "restore_sgd": 8, "restore_adam": 10}[name]  # rho or lr
-        value = args[float_at]
-        args = (*args[:float_at], math.nan, *args[float_at + 1:], device_hyperparameter(value, CUDA))
-    torch.library.opcheck(getattr(torch.ops.fused_sam, name).default, args)
+    if capturable:  # lr / rho as float64 tensors on the device (the last argument), the float unused
+        args = (*args[:-2], 0.0, device_hyperparameter(args[-2], CUDA))
+    torch.library.opcheck(getattr(torch.ops.fused_sam, op_name(name)).default, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

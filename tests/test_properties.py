@@ -279,8 +279,9 @@ def log_floats(lo: float, hi: float, *typical):
     return st.one_of(st.sampled_from(typical), st.floats(math.log10(lo), math.log10(hi)).map(lambda x: 10.0 ** x))
 
 
+rhos = log_floats(1e-3, 2.0, 0.05, 0.5, 0.0)
 perturbations = st.builds(
-    Perturbation, rho=log_floats(1e-3, 2.0, 0.05, 0.5, 0.0), adaptive=st.booleans(),
+    Perturbation, adaptive=st.booleans(),
     eta=log_floats(1e-4, 1.0, 0.01, 0.0), normalize=st.booleans(), eps=log_floats(1e-12, 1e-3, 1e-12, 1e-8),
 )
 grad_scales = st.one_of(st.none(), st.sampled_from([65536.0, 1024.0, 2.0**-3, 3.0]),
@@ -295,13 +296,13 @@ weight_decays = log_floats(1e-6, 0.5, 0.0, 5e-4, 1e-2)
 def sgd_updates(draw):
     momentum = draw(unit_floats(0.0, 0.99, 0.9))
     nesterov = momentum > 0 and draw(st.booleans())  # torch.optim's rule: nesterov needs dampening 0
-    return SGDUpdate(lr=draw(learning_rates), momentum=momentum,
+    return SGDUpdate(momentum=momentum,
                      dampening=0.0 if nesterov else draw(unit_floats(0.0, 1.0, 0.1)),
                      weight_decay=draw(weight_decays), nesterov=nesterov, maximize=draw(st.booleans()))
 
 
 adam_updates = st.builds(
-    AdamUpdate, lr=learning_rates, beta1=unit_floats(0.0, 0.99, 0.9), beta2=unit_floats(0.5, 0.9999, 0.999),
+    AdamUpdate, beta1=unit_floats(0.0, 0.99, 0.9), beta2=unit_floats(0.5, 0.9999, 0.999),
     eps=log_floats(1e-12, 1e-3, 1e-8), weight_decay=weight_decays, decoupled=st.booleans(),
     amsgrad=st.booleans(), maximize=st.booleans(),
 )
@@ -368,7 +369,7 @@ def norm_cases(draw, cand, dtype):
 
 def check_norm(backend, case: NormCase) -> None:
     span = case.span.build()
-    p = Perturbation(rho=0.05, adaptive=case.adaptive, eta=case.eta, normalize=True, eps=1e-12)
+    p = Perturbation(adaptive=case.adaptive, eta=case.eta, normalize=True, eps=1e-12)
     m = span.state_dtype
     exact = exact_sq_norm(span, p)
     out = torch.full((backend.partials_len(span),), math.nan, dtype=m)
@@ -403,29 +404,35 @@ class PerturbCase(OnSpan):
     with_partials: bool  # False: no group normalizes (partials=None); only when this one does not
     extra_partial: float  # another span's share of the norm: 0, or a non-finite one
     grad_scale: Optional[float]
+    rho: float
+
+    def scalars(self) -> StepScalars:
+        scale = None if self.grad_scale is None else torch.tensor([self.grad_scale], dtype=torch.float32)
+        return StepScalars(rho=self.rho, grad_scale=scale)
 
 
 @st.composite
 def perturb_cases(draw, cand, dtype):
     p = draw(perturbations, label="perturbation")
     return PerturbCase(draw(span_cases(cand, dtype)), p, p.normalize or draw(st.booleans()),
-                       draw(st.sampled_from([0.0, 0.0, 0.0, math.inf, math.nan])), draw(grad_scales))
+                       draw(st.sampled_from([0.0, 0.0, 0.0, math.inf, math.nan])), draw(grad_scales),
+                       draw(rhos, label="rho"))
 
 
-def expected_e(span: Span, p: Perturbation, partials, grad_scale) -> Optional[torch.Tensor]:
+def expected_e(span: Span, p: Perturbation, rho: float, partials, grad_scale) -> Optional[torch.Tensor]:
     """e in float64 from the span's values (None: a non-finite norm, e = 0), or reject the case if the
     reference's math comes near overflow."""
     m = span.state_dtype
     w = (span.master if span.master is not None else span.weights).double()
     g = span.grads.double()
-    scale = torch.tensor(p.rho, dtype=torch.float64)
+    scale = torch.tensor(rho, dtype=torch.float64)
     if partials is not None:
         if not bool(partials.sum().isfinite()):  # as the reference sums them: in the math dtype
             return None
         total = partials.double().sum()
         assume(total < torch.finfo(m).max * HEADROOM)
         if p.normalize:
-            scale = p.rho / (total.sqrt() + p.eps * (grad_scale or 1.0))
+            scale = rho / (total.sqrt() + p.eps * (grad_scale or 1.0))
     if not p.normalize and grad_scale is not None:
         scale = scale / grad_scale
     t2 = (w.abs() + p.eta).square() if p.adaptive else torch.ones(())
@@ -443,12 +450,11 @@ def check_perturb(backend, case: PerturbCase) -> None:
         partials = torch.empty(1, dtype=span.state_dtype)
         REFERENCE.sq_norm_partials(span, p, partials)  # the reference's norm for both: perturb alone is compared
         partials = torch.cat([partials, torch.tensor([case.extra_partial], dtype=partials.dtype)])
-    scale = None if case.grad_scale is None else torch.tensor([case.grad_scale], dtype=torch.float32)
-    e = expected_e(span, p, partials, case.grad_scale)
+    e = expected_e(span, p, case.rho, partials, case.grad_scale)
     cand, ref = clone_span(span), clone_span(span)
     counts = [torch.zeros(1, dtype=torch.int32) for _ in range(2)]
-    backend.perturb(cand, p, partials, counts[0], scale)
-    REFERENCE.perturb(ref, p, partials, counts[1], scale)
+    backend.perturb(cand, p, partials, counts[0], case.scalars())
+    REFERENCE.perturb(ref, p, partials, counts[1], case.scalars())
     assert torch.equal(counts[0], counts[1]), f"non-finite counter {counts[0].item()} != {counts[1].item()}"
     if span.master is not None:
         assert_bits_equal(cand.master, span.master, "perturb changed the master weights")
@@ -481,8 +487,7 @@ def check_roundtrip(backend, case: PerturbCase) -> None:
     if case.with_partials:
         partials = torch.full((backend.partials_len(span),), math.nan, dtype=span.state_dtype)
         backend.sq_norm_partials(span, case.perturbation, partials)
-    scale = None if case.grad_scale is None else torch.tensor([case.grad_scale], dtype=torch.float32)
-    backend.perturb(span, case.perturbation, partials, None, scale)
+    backend.perturb(span, case.perturbation, partials, None, case.scalars())
     backend.restore(span)
     assert_bits_equal(span.weights, before, "restore after perturb did not give back w bit for bit")
 
@@ -507,6 +512,7 @@ class UpdateCase(OnSpan):
     found_inf: Optional[float]
     reuse: Optional[tuple]  # (c, Values of g_v): LookSAM's d = g + c g_v
     in_place: bool  # backup is the weights tensor (a step that perturbed nothing)
+    lr: float
 
     @property
     def skipped(self) -> bool:
@@ -521,7 +527,7 @@ def update_cases(draw, cand, dtype):
     state = {name: draw(values(m), label=name) for name in update.needed_state()}
     reuse = draw(st.none() | st.tuples(log_floats(1e-3, 3.0e4, 0.7310585786300049, 0.0), values(m)), label="reuse")
     return UpdateCase(span, update, state, draw(step_counts), draw(grad_scales), draw(found_infs), reuse,
-                      not span.master and draw(st.booleans()))
+                      not span.master and draw(st.booleans()), draw(learning_rates, label="lr"))
 
 
 def update_magnitudes(span: Span, case: UpdateCase):
@@ -550,7 +556,7 @@ def update_magnitudes(span: Span, case: UpdateCase):
             buf = d if case.step == 0 else u.momentum * old + abs(1 - u.dampening) * d
             state["momentum_buffer"] = buf
             d = d + u.momentum * buf if u.nesterov else buf
-        new_w = w + u.lr * d
+        new_w = w + case.lr * d
         assume(not near_overflow(m, d, new_w, *state.values()))
     else:
         d, d_signed = (g, g_signed) if u.decoupled else (g + u.weight_decay * w, g_signed + u.weight_decay * w_signed)
@@ -566,8 +572,8 @@ def update_magnitudes(span: Span, case: UpdateCase):
         denom = second_exact.sqrt() / bc2_sqrt + u.eps
         amplification = torch.where(second_exact > 0, second / second_exact, torch.ones_like(second))
         ratio = state["exp_avg"] * (1 + amplification) / denom  # exp_avg / denom: overflows even with lr = 0
-        step = u.lr / bc1 * ratio
-        new_w = w * max(1.0, abs(1 - u.lr * u.weight_decay)) + step
+        step = case.lr / bc1 * ratio
+        new_w = w * max(1.0, abs(1 - case.lr * u.weight_decay)) + step
         assume(not near_overflow(m, d * d, ratio, new_w, step, *state.values()))
     assume(not near_overflow(span.weights.dtype, new_w, headroom=0.5))
     return new_w, state
@@ -579,6 +585,7 @@ def check_update(backend, case: UpdateCase) -> None:
         span.backup.copy_(span.weights)
     scalars = StepScalars(
         step=torch.tensor([7.0, case.step], dtype=torch.float32)[1],  # a 0-d view, as the optimizer passes it
+        lr=case.lr,
         grad_scale=None if case.grad_scale is None else torch.tensor(case.grad_scale, dtype=torch.float32),
         found_inf=None if case.found_inf is None else torch.tensor(case.found_inf, dtype=torch.float32),
         reuse_scale=None if case.reuse is None else torch.tensor([case.reuse[0]], dtype=torch.float64),
@@ -634,6 +641,7 @@ class NonfiniteCase(OnSpan):
     in_weights: bool
     positions: tuple  # fractions of the span where it goes
     grad_scale: Optional[float]
+    rho: float
 
 
 @st.composite
@@ -644,7 +652,7 @@ def nonfinite_cases(draw, cand, dtype):
     kinds = ["inf", "-inf", "nan"] + ([] if span.dtype == torch.float16 and not span.master else ["overflow"])
     return NonfiniteCase(span, p, draw(st.sampled_from(kinds)), p.adaptive and draw(st.booleans()),
                          tuple(draw(st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=3))),
-                         draw(grad_scales))
+                         draw(grad_scales), draw(rhos, label="rho"))
 
 
 def check_nonfinite(backend, case: NonfiniteCase) -> None:
@@ -668,7 +676,7 @@ def check_nonfinite(backend, case: NonfiniteCase) -> None:
                                                 f"gave a finite squared norm {partials.sum().item()!r}"
     count = torch.zeros(1, dtype=torch.int32)
     scale = None if case.grad_scale is None else torch.tensor([case.grad_scale], dtype=torch.float32)
-    backend.perturb(span, case.perturbation, partials, count, scale)
+    backend.perturb(span, case.perturbation, partials, count, StepScalars(rho=case.rho, grad_scale=scale))
     assert count.item() == 1, f"non-finite counter {count.item()} after one non-finite norm"
     # e = 0: w + 0 (a -0.0 may come back +0.0, as in the reference; NaN weights stay NaN)
     torch.testing.assert_close(span.weights, before, rtol=0, atol=0, equal_nan=True,
@@ -702,7 +710,8 @@ def test_triton_interpreter_reads_bfloat16_denormals():
     span = Span(weights=weights.clone(), grads=torch.zeros(4, dtype=torch.bfloat16),
                 backup=torch.empty(4, dtype=torch.bfloat16))
     backend = resolve_backend("triton", CPU, torch.bfloat16)
-    backend.perturb(span, Perturbation(rho=0.05, adaptive=False, eta=0.0, normalize=False, eps=1e-12), None, None)
+    backend.perturb(span, Perturbation(adaptive=False, eta=0.0, normalize=False, eps=1e-12), None, None,
+                    StepScalars(rho=0.05))
     assert torch.equal(span.weights, weights), f"{span.weights.tolist()} != {weights.tolist()}"
 
 

@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from fused_sam.backends.base import Span, StepScalars, math_dtype
+from fused_sam.backends.base import Span, math_dtype
 
 from fused_sam.selfcheck import (
-    PERTURBATIONS, REFERENCE, TOLERANCE, UPDATES, check_device_hyperparameters, check_sq_norm, clone_span,
-    exact_sq_norm, make_span, step_scalars,
+    PERTURBATIONS, REFERENCE, RHO, TOLERANCE, UPDATES, check_device_hyperparameters, check_sq_norm, clone_span,
+    exact_sq_norm, make_span, perturb_scalars, step_scalars,
 )
 
 
@@ -22,11 +22,11 @@ def test_norm_and_perturbation_follow_the_formula(perturbation, numel, dtype):
     w, g = span.weights.double().clone(), span.grads.double()
     t2 = (w.abs() + perturbation.eta) ** 2 if perturbation.adaptive else 1.0
     norm = exact_sq_norm(span, perturbation).sqrt()
-    scale = perturbation.rho / (norm + perturbation.eps) if perturbation.normalize else perturbation.rho
+    scale = RHO / (norm + perturbation.eps) if perturbation.normalize else RHO
     expected = (w + scale * t2 * g).to(dtype)
     partials = torch.empty(1, dtype=math_dtype(dtype))
     REFERENCE.sq_norm_partials(span, perturbation, partials)
-    REFERENCE.perturb(span, perturbation, partials, None)
+    REFERENCE.perturb(span, perturbation, partials, None, perturb_scalars("cpu"))
     assert torch.equal(span.backup, w.to(dtype))
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(span.weights, expected, rtol=max(rtol, 1e-5), atol=atol)
@@ -41,11 +41,11 @@ def test_perturbation_of_scaled_gradients_is_that_of_the_gradients(perturbation)
     w, g = span.weights.clone(), span.grads.clone()
     t2 = (w.abs() + perturbation.eta) ** 2 if perturbation.adaptive else 1.0
     norm = exact_sq_norm(span, perturbation).sqrt()
-    scale = perturbation.rho / (norm + perturbation.eps) if perturbation.normalize else perturbation.rho
+    scale = RHO / (norm + perturbation.eps) if perturbation.normalize else RHO
     span.grads.mul_(s)
     partials = torch.empty(1, dtype=torch.float64)
     REFERENCE.sq_norm_partials(span, perturbation, partials)
-    REFERENCE.perturb(span, perturbation, partials, None, torch.tensor(s, dtype=torch.float32))
+    REFERENCE.perturb(span, perturbation, partials, None, perturb_scalars("cpu", s))
     torch.testing.assert_close(span.weights, w + scale * t2 * g, rtol=1e-12, atol=1e-14)
 
 
@@ -91,8 +91,8 @@ def test_master_weight_spans_follow_the_float32_math(dtype):
         wide = Span(weights=span.master.clone(), grads=span.grads.float(), backup=torch.empty_like(span.master))
         partials = torch.empty(1)
         REFERENCE.sq_norm_partials(span, perturbation, partials)
-        REFERENCE.perturb(span, perturbation, partials, None)
-        REFERENCE.perturb(wide, perturbation, partials, None)
+        REFERENCE.perturb(span, perturbation, partials, None, perturb_scalars("cpu"))
+        REFERENCE.perturb(wide, perturbation, partials, None, perturb_scalars("cpu"))
         assert torch.equal(span.weights, wide.weights.to(dtype)) and torch.equal(span.master, wide.backup)
 
 
@@ -129,8 +129,8 @@ def test_reused_direction_enters_as_part_of_the_gradient(update):
             reused = dataclasses.replace(reused, reused=g_v)
         grads = reused.grads.clone()
         plain = step_scalars("cpu", 2, grad_scale, None if grad_scale is None else 0.0)
-        REFERENCE.restore_and_update(reused, update, StepScalars(
-            plain.step, plain.grad_scale, plain.found_inf, reuse_scale=torch.tensor([c], dtype=torch.float64)))
+        REFERENCE.restore_and_update(reused, update, dataclasses.replace(
+            plain, reuse_scale=torch.tensor([c], dtype=torch.float64)))
         assert torch.equal(reused.grads, grads)
         torch.testing.assert_close(reused.weights, by_hand.weights, rtol=1e-13, atol=1e-15)
         for name in by_hand.state:

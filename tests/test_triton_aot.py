@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
 import os
 import re
 import subprocess
@@ -97,9 +96,8 @@ def _span(numel, dtype, master, state=(), reused=False):
                 reused=_meta(numel, torch.float32) if reused else None)
 
 
-def _perturbation(normalize, adaptive, rho_on_device):
-    return Perturbation(rho=math.nan if rho_on_device else 0.05, adaptive=adaptive, eta=0.01,
-                        normalize=normalize, eps=1e-12)
+def _perturbation(normalize, adaptive):
+    return Perturbation(adaptive=adaptive, eta=0.01, normalize=normalize, eps=1e-12)
 
 
 def _weights():
@@ -108,12 +106,11 @@ def _weights():
             for master in (False, True) if not master or dtype in LOW_PRECISION]
 
 
-def _updates(lr_on_device):
-    lr = math.nan if lr_on_device else 0.01
-    sgd = [SGDUpdate(lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov, maximize=maximize)
+def _updates():
+    sgd = [SGDUpdate(momentum=momentum, weight_decay=wd, nesterov=nesterov, maximize=maximize)
            for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True))  # nesterov needs momentum
            for wd in (0.0, 1e-4) for maximize in (False, True)]
-    adam = [AdamUpdate(lr=lr, beta1=beta1, weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
+    adam = [AdamUpdate(beta1=beta1, weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
             for beta1 in (0.9, 0.3)  # torch.lerp's two formulas: weight 1 - beta1 below 0.5 or not
             for wd, decoupled in ((0.0, False), (1e-2, False), (1e-2, True))
             for amsgrad in (False, True) for maximize in (False, True)]
@@ -130,24 +127,25 @@ def _run_every_operation(backend):
         for adaptive, partials_dtype, aligned in itertools.product(bools, (torch.float32, torch.float64), bools):
             span = _span(numel, dtype, master)
             n = backend.partials_len(span)  # a span's slice of the device's partials buffer, at any offset
-            backend.sq_norm_partials(span, _perturbation(True, adaptive, False),
+            backend.sq_norm_partials(span, _perturbation(True, adaptive),
                                      _meta(n, partials_dtype, offset=0 if aligned else 1))
         # the whole partials buffer: one element (a variant's plain step), a multiple of 16 or not
         partials_options = [None] + [_meta(length, partials_dtype) for partials_dtype in (torch.float32, torch.float64)
                                      for length in (1, 32, 33)]
         for normalize, adaptive, partials, count, grad_scale, rho_on_device in itertools.product(
                 bools, bools, partials_options, bools, bools, bools):
-            backend.perturb(_span(numel, dtype, master), _perturbation(normalize, adaptive, rho_on_device), partials,
-                            _meta(1, torch.int32) if count else None, _scalar(torch.float32) if grad_scale else None,
-                            _scalar(torch.float64) if rho_on_device else None)
+            scalars = StepScalars(rho=_scalar(torch.float64) if rho_on_device else 0.05,
+                                  grad_scale=_scalar(torch.float32) if grad_scale else None)
+            backend.perturb(_span(numel, dtype, master), _perturbation(normalize, adaptive), partials,
+                            _meta(1, torch.int32) if count else None, scalars)
         backend.restore(_span(numel, dtype, master))
         for lr_on_device, grad_scale, found_inf, reused, step_aligned in itertools.product(bools, repeat=5):
-            for update in _updates(lr_on_device):
+            for update in _updates():
                 span = _span(numel, dtype, master, update.needed_state(), reused)
                 scalars = StepScalars(step=_scalar(torch.float32, step_aligned),
                                       grad_scale=_scalar(torch.float32) if grad_scale else None,
                                       found_inf=_scalar(torch.float32) if found_inf else None,
-                                      lr=_scalar(torch.float64) if lr_on_device else None,
+                                      lr=_scalar(torch.float64) if lr_on_device else 0.01,
                                       reuse_scale=_scalar(torch.float64) if reused else None)
                 backend.restore_and_update(span, update, scalars)
 

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from fused_sam.selfcheck import (  # noqa: E402
     PERTURBATIONS, REFERENCE, UPDATES, check_all_ops, check_device_hyperparameters, check_master_roundings,
-    check_perturb, check_restore_and_update, check_sq_norm, make_span, step_scalars,
+    check_perturb, check_restore_and_update, check_sq_norm, make_span, perturb_scalars, step_scalars,
 )
 from models import batches, loss_of, mlp  # noqa: E402
 
@@ -133,16 +133,16 @@ def test_adam_bias_corrections_match_reference_at_large_step_counts(update):
         check_restore_and_update(BACKEND, span, update, step_scalars(DEVICE, step))
 
 
-@pytest.mark.parametrize("hyperparameters", [dict(lr=0.5, beta1=0.0, beta2=0.5),
-                                             dict(lr=2.0**-10, beta1=0.5, beta2=0.0)], ids=["beta1-zero", "beta2-zero"])
-def test_adam_hyperparameters_passed_as_float64_bits(hyperparameters):
+@pytest.mark.parametrize("lr, hyperparameters", [(0.5, dict(beta1=0.0, beta2=0.5)),
+                                                 (2.0**-10, dict(beta1=0.5, beta2=0.0))], ids=["beta1-zero", "beta2-zero"])
+def test_adam_hyperparameters_passed_as_float64_bits(lr, hyperparameters):
     """lr and betas reach the kernel as float64 bit patterns: 0.0 is the int 0 (an int32 argument), 0.5 a
     pattern divisible by 16; both decode to the float64 value."""
     assert float64_bits(0.0) == 0 and float64_bits(0.5) % 16 == 0
     update = AdamUpdate(**hyperparameters)
     span = make_span(BLOCK + 1, torch.float32, DEVICE, update, seed=2)
     for step, grad_scale in ((0, None), (4, 8.0)):
-        check_restore_and_update(BACKEND, span, update, step_scalars(DEVICE, step, grad_scale))
+        check_restore_and_update(BACKEND, span, update, step_scalars(DEVICE, step, grad_scale, lr=lr))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter computes the discarded update
@@ -231,7 +231,7 @@ def test_nonfinite_counter_is_incremented_once_per_step():
     partials = torch.tensor([1.0, math.inf], device=DEVICE)
     before = span.weights.clone()
     for _ in range(2):
-        BACKEND.perturb(span, PERTURBATIONS[0], partials, count)
+        BACKEND.perturb(span, PERTURBATIONS[0], partials, count, perturb_scalars(DEVICE))
     assert count.item() == 2
     assert torch.equal(span.weights, before) and torch.equal(span.backup, before)
 
@@ -391,7 +391,7 @@ def test_two_identical_runs_are_bitwise_identical():
 
 def test_sgd_first_step_initialises_momentum_to_the_gradient():
     """Even when the buffer holds NaN: on the first step it is neither read into the result nor kept."""
-    update = SGDUpdate(lr=0.1, momentum=0.9)
+    update = SGDUpdate(momentum=0.9)
     span = make_span(BLOCK + 1, torch.float32, DEVICE, update)
     span.backup.copy_(span.weights)
     span.state["momentum_buffer"].fill_(math.nan)

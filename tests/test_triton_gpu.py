@@ -17,8 +17,8 @@ pytestmark = [requires_cuda, pytest.mark.cuda]
 triton = pytest.importorskip("triton")
 
 from fused_sam.selfcheck import (  # noqa: E402
-    PERTURBATIONS, REFERENCE, UPDATES, check_all_ops, check_device_hyperparameters, check_perturb,
-    check_restore_and_update, clone_span, make_span, step_scalars,
+    PERTURBATIONS, REFERENCE, RHO, UPDATES, check_all_ops, check_device_hyperparameters, check_perturb,
+    check_restore_and_update, clone_span, make_span, perturb_scalars, step_scalars,
 )
 from models import batches, conv_net, loss_of, mlp  # noqa: E402
 
@@ -248,16 +248,16 @@ def test_span_longer_than_2_to_the_31_elements():
         tail_span = lambda: Span(weights=w[-tail:].clone(), grads=g[-tail:].clone(),  # noqa: E731
                                  backup=backup[-tail:].clone(), state={"momentum_buffer": buf[-tail:].clone()})
         ref = tail_span()
-        REFERENCE.perturb(ref, perturbation, partials, None)
+        REFERENCE.perturb(ref, perturbation, partials, None, perturb_scalars(CUDA))
         head_before = w[:BLOCK].clone()
-        BACKEND.perturb(span, perturbation, partials, None)
+        BACKEND.perturb(span, perturbation, partials, None, perturb_scalars(CUDA))
         assert torch.equal(backup[-tail:], ref.backup)
         torch.testing.assert_close(w[-tail:], ref.weights, rtol=2e-6, atol=1e-7)
         assert not torch.equal(w[:BLOCK], head_before)
 
-        update = SGDUpdate(lr=0.1, momentum=0.9, weight_decay=1e-4)
+        update = SGDUpdate(momentum=0.9, weight_decay=1e-4)
         ref = tail_span()
-        first = step_scalars(CUDA, 0)
+        first = step_scalars(CUDA, 0, lr=0.1)
         REFERENCE.restore_and_update(ref, update, first)
         BACKEND.restore_and_update(span, update, first)
         torch.testing.assert_close(w[-tail:], ref.weights, rtol=2e-6, atol=1e-7)
@@ -273,7 +273,7 @@ def test_span_longer_than_2_to_the_31_elements():
 
 def test_adam_on_a_large_bfloat16_span_matches_reference():
     """A few blocks of bfloat16 Adam with float32 state on the GPU (fast path of the mixed-dtype kernels)."""
-    update = AdamUpdate(lr=1e-3, weight_decay=1e-2, decoupled=True, amsgrad=True)
+    update = AdamUpdate(weight_decay=1e-2, decoupled=True, amsgrad=True)
     span = make_span(5 * BLOCK + 3, torch.bfloat16, CUDA, update)
     check_restore_and_update(BACKEND, span, update, step_scalars(CUDA, 7))
     check_restore_and_update(BACKEND, span, update, step_scalars(CUDA, 7, 2.0**15, 0.0))
@@ -305,7 +305,7 @@ def test_step_scalars_are_read_on_the_device_without_a_sync(dtype, master):
     scalars = step_scalars(CUDA, 3, 1024.0, 0.0)
 
     def sam_step():
-        BACKEND.perturb(span, perturbation, partials, count, scalars.grad_scale)
+        BACKEND.perturb(span, perturbation, partials, count, StepScalars(rho=RHO, grad_scale=scalars.grad_scale))
         BACKEND.restore_and_update(span, sgd, scalars)
         BACKEND.restore_and_update(span, adam, scalars)
 
@@ -325,14 +325,15 @@ def test_cuda_graph_replays_read_the_current_step_scalars(reuse):
     LookSAM's reuse scale, with a g_v direction) change in place: each replay matches the reference run
     eagerly on the same values, so the kernel reads them on the device (a value read on the host would be
     frozen into the graph)."""
-    update = AdamUpdate(lr=1e-3, weight_decay=1e-2, decoupled=True)
+    update = AdamUpdate(weight_decay=1e-2, decoupled=True)
     start = make_span(BLOCK + 7, torch.float32, CUDA, update, seed=9)
     start.backup.copy_(start.weights)
     if reuse:
         g_v = torch.randn(start.numel, device=CUDA, generator=torch.Generator(device=CUDA).manual_seed(3))
         start = dataclasses.replace(start, reused=g_v)
     steps = torch.zeros(4, device=CUDA)
-    scalars = StepScalars(step=steps[2], grad_scale=torch.ones((), device=CUDA), found_inf=torch.zeros((), device=CUDA),
+    scalars = StepScalars(step=steps[2], lr=1e-3, grad_scale=torch.ones((), device=CUDA),
+                          found_inf=torch.zeros((), device=CUDA),
                           reuse_scale=torch.zeros(1, dtype=torch.float64, device=CUDA) if reuse else None)
     graphed = clone_span(start)
     BACKEND.restore_and_update(graphed, update, scalars)  # compiles; capturing only records the launch

@@ -6,9 +6,11 @@ called spans. Each method is one pass over a span, so a faster backend is a hand
 
 Conventions every backend follows:
 - Math in float32 (float64 for float64 parameters); optimizer state is stored in that same dtype.
-- Nothing syncs with the host. Hyperparameters (lr, betas, ...) arrive as Python numbers in the update;
-  the per-step values that may live on the device (the step count, GradScaler's scale and found_inf)
-  arrive as tensors in a ``StepScalars`` and are read by the kernels, never by the host.
+- Nothing syncs with the host. A base update's settings (betas, momentum, ...) and a perturbation's arrive
+  as Python numbers in the update or ``Perturbation``; every per-step value arrives in one ``StepScalars``:
+  lr and rho as one thing each (a Python float, or a float64 device tensor under capturable=True, decided
+  once per optimizer), the step count, GradScaler's scale and found_inf as tensors read by the kernels, never
+  by the host.
 - ``partials`` is a 1-D tensor on the span's device holding squared-norm partial sums written by
   ``sq_norm_partials`` for every span on that device (possibly from several dtypes and backends); a
   consumer sums all of it to get ||g||^2 (or ||T*g||^2 for ASAM).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -73,34 +75,48 @@ def grad_unscale(grad_scale: torch.Tensor) -> torch.Tensor:
     return grad_scale.double().reciprocal().float()
 
 
-@dataclass(frozen=True)
+# lr or rho: a Python float, or (capturable=True) a float64 tensor of one element on the span's device, read by
+# the kernels so that a replayed CUDA graph sees a scheduler's in-place update. A tensor enters the math exactly
+# as the float does (a Python float is a double): the results are the float path's bit for bit.
+Hyperparameter = Union[float, torch.Tensor]
+
+
+@dataclass  # not frozen: a frozen dataclass's __init__ costs ~0.5 us more, twice per SAM step
 class StepScalars:
-    """The per-step values of one base update that may live on the device, read inside the kernels.
+    """The per-step values of one ``perturb`` or ``restore_and_update`` call: every value that may change from
+    step to step without recompiling anything, in one object.
 
     step: float32, one element, on the span's device: how many base updates the span's parameters have
         had before this one (0 on the first, where SGD initialises its momentum buffer to the gradient
-        and Adam's bias corrections use step 1).
+        and Adam's bias corrections use step 1). Needed by ``restore_and_update`` only.
+    lr: the learning rate (``Hyperparameter``); needed by ``restore_and_update``.
+    rho: the perturbation radius (``Hyperparameter``); needed by ``perturb``.
     grad_scale: None, or float32 with one element on the span's device: the gradients are scaled by it
         (GradScaler's scale); the update uses grads * (1 / grad_scale), the reciprocal taken in float32
-        as GradScaler's ``unscale_`` does.
+        as GradScaler's ``unscale_`` does (for ``perturb`` see there).
     found_inf: None, or float32 with one element on the span's device: when non-zero (any non-zero
         value: GradScaler sums it over devices) the update is skipped: w <- backup exactly, state
         untouched. The caller advances the step count only where it is zero.
-    lr: None (the update's own ``lr``, a Python float), or float64 with one element on the span's
-        device: the learning rate, read by the kernel, so that a replayed CUDA graph sees a scheduler's
-        in-place update (``capturable=True``; the update's ``lr`` is then NaN). It enters the math exactly
-        as the float does (a Python float is a double): the results are the float path's bit for bit.
     reuse_scale: None, or float64 with one element on the span's device, given exactly when the span has
         ``reused``: the update's gradient is d = g + c * g_v (c this value rounded once to the math dtype,
         the sum in the math dtype, then unscaled by grad_scale), computed in registers: ``grads`` is not
         written. LookSAM's reuse step, c = alpha * ||g|| / ||g_v||, in one pass.
     """
 
-    step: torch.Tensor
+    step: Optional[torch.Tensor] = None
+    lr: Optional[Hyperparameter] = None
+    rho: Optional[Hyperparameter] = None
     grad_scale: Optional[torch.Tensor] = None
     found_inf: Optional[torch.Tensor] = None
-    lr: Optional[torch.Tensor] = None
     reuse_scale: Optional[torch.Tensor] = None
+
+
+def required(scalars: StepScalars, name: str):
+    """``scalars.<name>``, which the operation cannot run without: a clear error where it is missing."""
+    value = getattr(scalars, name)
+    if value is None:
+        raise ValueError(f"StepScalars.{name} is required here and was not given")
+    return value
 
 
 def check_reuse_inputs(span: Span, scalars: StepScalars) -> None:
@@ -111,9 +127,9 @@ def check_reuse_inputs(span: Span, scalars: StepScalars) -> None:
 
 @dataclass(frozen=True)
 class Perturbation:
-    """SAM settings of one param group: e = rho * T^2 * g / (||T g|| + eps), T = |w| + eta or 1."""
+    """SAM settings of one param group: e = rho * T^2 * g / (||T g|| + eps), T = |w| + eta or 1 (rho, a
+    per-step value, arrives in ``StepScalars``)."""
 
-    rho: float
     adaptive: bool
     eta: float
     normalize: bool
@@ -128,8 +144,7 @@ def self_check_skipped() -> bool:
 @dataclass(frozen=True)
 class KernelLaunches:
     """What an optimizer will launch on a device: its base updates (none for an unfused base), its param
-    groups' perturbations, and whether lr and rho come from device tensors (capturable=True). Values that are
-    NaN here (lr, rho under capturable) are replaced by finite ones when the kernels are checked."""
+    groups' perturbations, and whether lr and rho come from device tensors (capturable=True)."""
 
     updates: tuple
     perturbations: tuple
@@ -140,7 +155,7 @@ class KernelLaunches:
         def flags(item):
             return (type(item).__name__,) + tuple(
                 bool(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-                for k, v in sorted(vars(item).items()) if k not in ("lr", "rho", "beta1", "beta2", "eps"))
+                for k, v in sorted(vars(item).items()) if k not in ("beta1", "beta2", "eps"))
         return (tuple(sorted({flags(u) for u in self.updates})), tuple(sorted({flags(p) for p in self.perturbations})),
                 self.device_hyperparameters)
 
@@ -171,22 +186,18 @@ class Backend(ABC):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
-        grad_scale: Optional[torch.Tensor] = None,
-        rho: Optional[torch.Tensor] = None,
+        scalars: StepScalars,
     ) -> None:
-        """backup <- w exactly; w <- w + e.
+        """backup <- w exactly; w <- w + e, with rho from ``scalars.rho``.
 
         ``partials`` is None when no group normalizes (USAM everywhere): then e = rho * T^2 * g with no
         finiteness check. Otherwise, if sum(partials) is not finite, e = 0 and, when
         ``nonfinite_count`` (an int32 tensor of one element) is given, it is incremented by one.
 
-        ``grad_scale`` (None, or float32 with one element on the span's device): the gradients and so the
-        partials are scaled by s. The perturbation is that of the unscaled gradient: normalized,
+        ``scalars.grad_scale`` (None, or float32 with one element on the span's device): the gradients and so
+        the partials are scaled by s. The perturbation is that of the unscaled gradient: normalized,
         e = rho * T^2 * g / (sqrt(total) + eps * s) (the scale cancels; eps is scaled with it);
         un-normalized, e = ((1 / s) * rho) * T^2 * g, that factor in the math dtype.
-
-        ``rho`` (None, or float64 with one element on the span's device; ``capturable=True``): replaces
-        ``perturbation.rho`` (then NaN), read by the kernel, with results bit for bit those of the float.
         """
 
     @abstractmethod
@@ -199,7 +210,7 @@ class Backend(ABC):
         ``scalars.reuse_scale * span.reused`` when given). ``span.backup`` may be ``span.weights`` itself (a
         step that perturbed nothing restores from w in place): read each element before writing it.
 
-        ``update`` is an ``SGDUpdate`` or an ``AdamUpdate``; ``scalars`` carries the step count and,
+        ``update`` is an ``SGDUpdate`` or an ``AdamUpdate``; ``scalars`` carries the step count, lr and,
         under a GradScaler, the scale to divide the gradients by and the found_inf flag that skips the
         update (then w is the backup exactly and the state is unchanged). The step count is not advanced
         here.

@@ -4,8 +4,10 @@ The operators live in the optional extension ``fused_sam._C`` (built by setup.py
 with the dispatcher for CPU and, when built with CUDA, for CUDA devices. Each method below is one operator
 call, one pass over the span; the step values (``StepScalars``) go in as tensors that the kernels read
 themselves, and so do lr and rho when they live on the device (``capturable=True``: float64 tensors passed
-as the operators' trailing ``lr_tensor`` / ``rho_tensor``, which replace the float arguments) and LookSAM's
-reuse scale (``span.reused`` and ``scalars.reuse_scale`` go in as the updates' ``reused`` / ``reuse_scale``).
+as the operators' last argument ``lr_tensor`` / ``rho_tensor``, which replaces the float before it) and
+LookSAM's reuse scale (``span.reused`` and ``scalars.reuse_scale`` go in as ``reused`` / ``reuse_scale``).
+Every fused base update is one operator, ``restore_update``, told the base by its description
+(fused_sam/updates.py): its code, its state buffers, its float settings and its flags.
 Spans with master weights pass their float32 ``master`` in place of the backup (every operator takes both,
 exactly one of them set). Without the extension the backend is unavailable and says why.
 """
@@ -17,8 +19,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars, self_check_skipped
+from .base import Backend, Hyperparameter, Perturbation, Span, StepScalars, required, self_check_skipped
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -33,8 +34,7 @@ else:
     _sq_norm_partials = torch.ops.fused_sam.sq_norm_partials.default
     _perturb = torch.ops.fused_sam.perturb.default
     _restore = torch.ops.fused_sam.restore.default
-    _restore_sgd = torch.ops.fused_sam.restore_sgd.default
-    _restore_adam = torch.ops.fused_sam.restore_adam.default
+    _restore_update = torch.ops.fused_sam.restore_update.default
     _LOADED_CAPABILITY = _C.cpu_capability()  # the best build this CPU runs, or FUSED_SAM_CPU_CAPABILITY's
 
 
@@ -160,6 +160,12 @@ def verify_cpu_capability() -> Dict[str, Optional[str]]:
     return outcome
 
 
+def _float_or_tensor(value: Hyperparameter) -> tuple:
+    """lr or rho as the operators take it: (the float, None), or (0.0, the float64 tensor), which the kernels
+    read in place of the float."""
+    return (0.0, value) if isinstance(value, torch.Tensor) else (value, None)
+
+
 class NativeBackend(Backend):
     name = "native"
     supports_master_weights = True
@@ -205,35 +211,22 @@ class NativeBackend(Backend):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
-        grad_scale: Optional[torch.Tensor] = None,
-        rho: Optional[torch.Tensor] = None,
+        scalars: StepScalars,
     ) -> None:
+        rho, rho_tensor = _float_or_tensor(required(scalars, "rho"))
         _perturb(
             span.weights, span.grads, span.backup, span.master, partials,
-            nonfinite_count if partials is not None else None, grad_scale,
-            perturbation.rho, perturbation.adaptive, perturbation.eta, perturbation.normalize, perturbation.eps,
-            rho,
+            nonfinite_count if partials is not None else None, scalars.grad_scale,
+            perturbation.adaptive, perturbation.eta, perturbation.normalize, perturbation.eps, rho, rho_tensor,
         )
 
     def restore(self, span: Span) -> None:
         _restore(span.weights, span.backup, span.master)
 
     def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
-        if isinstance(update, SGDUpdate):
-            _restore_sgd(
-                span.weights, span.backup, span.master, span.grads,
-                span.state.get("momentum_buffer") if update.momentum != 0 else None,
-                scalars.step, scalars.grad_scale, scalars.found_inf,
-                update.lr, update.momentum, update.dampening, update.weight_decay, update.nesterov, update.maximize,
-                scalars.lr, span.reused, scalars.reuse_scale,
-            )
-        elif isinstance(update, AdamUpdate):
-            _restore_adam(
-                span.weights, span.backup, span.master, span.grads, span.state["exp_avg"], span.state["exp_avg_sq"],
-                span.state["max_exp_avg_sq"] if update.amsgrad else None,
-                scalars.step, scalars.grad_scale, scalars.found_inf,
-                update.lr, update.beta1, update.beta2, update.eps, update.weight_decay, update.decoupled,
-                update.maximize, scalars.lr, span.reused, scalars.reuse_scale,
-            )
-        else:
-            raise TypeError(f"unknown base update {type(update).__name__}")
+        lr, lr_tensor = _float_or_tensor(required(scalars, "lr"))
+        _restore_update(
+            span.weights, span.backup, span.master, span.grads, [span.state[name] for name in update.needed_state()],
+            required(scalars, "step"), scalars.grad_scale, scalars.found_inf, span.reused, scalars.reuse_scale,
+            update.code, update.flags(), update.hyperparameters(), lr, lr_tensor,
+        )

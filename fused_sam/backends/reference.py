@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale
+from .base import Backend, Hyperparameter, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale, required
 
 
 def _math(t: torch.Tensor, span: Span) -> torch.Tensor:
@@ -21,13 +21,13 @@ def _math(t: torch.Tensor, span: Span) -> torch.Tensor:
     return t.to(span.state_dtype)
 
 
-def _on_device(value: float, tensor: Optional[torch.Tensor], span: Span) -> torch.Tensor:
-    """A hyperparameter as a float64 0-d tensor on the span's device: the one given (capturable=True), else
-    the Python float. One path for both, so that both give the same bits; a float rounds as it would
-    entering torch's ops (a double, rounded to the dtype of the tensor it meets)."""
-    if tensor is None:
-        tensor = torch.tensor(value, dtype=torch.float64, device=span.device)
-    return tensor.reshape(())
+def on_device(value: Hyperparameter, device: torch.device) -> torch.Tensor:
+    """lr or rho as a float64 0-d tensor on ``device``: the one given (capturable=True), else the Python float.
+    One path for both, so that both give the same bits; a float rounds as it would entering torch's ops (a
+    double, rounded to the dtype of the tensor it meets)."""
+    if not isinstance(value, torch.Tensor):
+        value = torch.tensor(value, dtype=torch.float64, device=device)
+    return value.reshape(())
 
 
 def _restore_point(span: Span) -> torch.Tensor:
@@ -56,15 +56,15 @@ class ReferenceBackend(Backend):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
-        grad_scale: Optional[torch.Tensor] = None,
-        rho: Optional[torch.Tensor] = None,
+        scalars: StepScalars,
     ) -> None:
+        grad_scale = scalars.grad_scale
         if span.master is not None:
             w = span.master
         else:
             span.backup.copy_(span.weights)
             w = _math(span.weights, span)
-        rho = _on_device(perturbation.rho, rho, span)
+        rho = on_device(required(scalars, "rho"), span.device)
         scale = rho.to(span.state_dtype)
         if not perturbation.normalize and grad_scale is not None:
             scale = grad_scale.to(span.state_dtype).reciprocal() * scale  # (1 / s) * rho in the math dtype
@@ -97,13 +97,11 @@ class ReferenceBackend(Backend):
             d = d * grad_unscale(scalars.grad_scale).to(d.dtype)
         if update.maximize:
             d = -d
-        lr = _on_device(update.lr, scalars.lr, span)
-        if isinstance(update, SGDUpdate):
-            w, new_state = self._sgd(w, d, span, update, scalars.step, lr)
-        elif isinstance(update, AdamUpdate):
-            w, new_state = self._adam(w, d, span, update, scalars.step, lr)
-        else:
+        lr = on_device(required(scalars, "lr"), span.device)
+        math = UPDATE_MATH.get(type(update))
+        if math is None:
             raise TypeError(f"unknown base update {type(update).__name__}")
+        w, new_state = math(w, d, span.state, update, required(scalars, "step").reshape(()), lr)
         if scalars.found_inf is not None:  # GradScaler's sum over devices: any non-zero skips
             skip = scalars.found_inf.reshape(()) != 0
             new_state = {name: torch.where(skip, span.state[name], value) for name, value in new_state.items()}
@@ -114,36 +112,45 @@ class ReferenceBackend(Backend):
             span.master.copy_(w)
         span.weights.copy_(w)
 
-    @staticmethod
-    def _sgd(w: torch.Tensor, d: torch.Tensor, span: Span, u: SGDUpdate, step: torch.Tensor, lr: torch.Tensor):
-        if u.weight_decay != 0:
-            d = d.add(w, alpha=u.weight_decay)
-        new_state = {}
-        if u.momentum != 0:
-            buf = span.state["momentum_buffer"]
-            buf = torch.where(step.reshape(()) == 0, d, buf.mul(u.momentum).add_(d, alpha=1 - u.dampening))
-            new_state["momentum_buffer"] = buf
-            d = d.add(buf, alpha=u.momentum) if u.nesterov else buf
-        return torch.addcmul(w, d, (-lr).to(w.dtype)), new_state
 
-    @staticmethod
-    def _adam(w: torch.Tensor, d: torch.Tensor, span: Span, u: AdamUpdate, step: torch.Tensor, lr: torch.Tensor):
-        if u.weight_decay != 0:
-            if u.decoupled:
-                w = w * (1 - lr * u.weight_decay).to(w.dtype)
-            else:
-                d = d.add(w, alpha=u.weight_decay)
-        exp_avg = torch.lerp(span.state["exp_avg"], d, 1 - u.beta1)
-        exp_avg_sq = span.state["exp_avg_sq"].mul(u.beta2).addcmul_(d, d, value=1 - u.beta2)
-        new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        # The bias corrections from the step count on the device, in double as torch.optim computes them in
-        # Python, each rounded once to the math dtype.
-        t = step.reshape(()).double() + 1
-        neg_step_size = (-lr / (1 - torch.pow(u.beta1, t))).to(w.dtype)
-        bias_correction2_sqrt = (1 - torch.pow(u.beta2, t)).sqrt().to(w.dtype)
-        second_moment = exp_avg_sq
-        if u.amsgrad:
-            second_moment = torch.maximum(span.state["max_exp_avg_sq"], exp_avg_sq)
-            new_state["max_exp_avg_sq"] = second_moment
-        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(u.eps)
-        return w + neg_step_size * (exp_avg / denom), new_state
+# The per-element math of each fused base update, as torch.optim's single-tensor code writes it: the new w and
+# the new state buffers (fresh tensors) from w, the descent direction d (the gradient, unscaled, negated for
+# maximize), the state (torch.optim's names; the buffers ``needed_state()`` names), the step count before this
+# update (a 0-d float32 tensor) and lr (a 0-d float64 tensor).
+
+def _sgd(w: torch.Tensor, d: torch.Tensor, state: dict, u: SGDUpdate, step: torch.Tensor, lr: torch.Tensor):
+    if u.weight_decay != 0:
+        d = d.add(w, alpha=u.weight_decay)
+    new_state = {}
+    if u.momentum != 0:
+        buf = state["momentum_buffer"]
+        buf = torch.where(step == 0, d, buf.mul(u.momentum).add_(d, alpha=1 - u.dampening))
+        new_state["momentum_buffer"] = buf
+        d = d.add(buf, alpha=u.momentum) if u.nesterov else buf
+    return torch.addcmul(w, d, (-lr).to(w.dtype)), new_state
+
+
+def _adam(w: torch.Tensor, d: torch.Tensor, state: dict, u: AdamUpdate, step: torch.Tensor, lr: torch.Tensor):
+    if u.weight_decay != 0:
+        if u.decoupled:
+            w = w * (1 - lr * u.weight_decay).to(w.dtype)
+        else:
+            d = d.add(w, alpha=u.weight_decay)
+    exp_avg = torch.lerp(state["exp_avg"], d, 1 - u.beta1)
+    exp_avg_sq = state["exp_avg_sq"].mul(u.beta2).addcmul_(d, d, value=1 - u.beta2)
+    new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    # The bias corrections from the step count on the device, in double as torch.optim computes them in
+    # Python, each rounded once to the math dtype.
+    t = step.double() + 1
+    neg_step_size = (-lr / (1 - torch.pow(u.beta1, t))).to(w.dtype)
+    bias_correction2_sqrt = (1 - torch.pow(u.beta2, t)).sqrt().to(w.dtype)
+    second_moment = exp_avg_sq
+    if u.amsgrad:
+        second_moment = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+        new_state["max_exp_avg_sq"] = second_moment
+    denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(u.eps)
+    return w + neg_step_size * (exp_avg / denom), new_state
+
+
+# base update class -> its math
+UPDATE_MATH = {SGDUpdate: _sgd, AdamUpdate: _adam}

@@ -38,6 +38,9 @@ copy), this backend uses:
   at step 0 and (momentum, 1 - dampening) later: buf <- d exactly (-0.0 becomes +0.0). Later steps are
   the reference's bits without dampening, within an ulp with it (addcmul_ for add_(alpha=)).
 
+A fused base update with no chained formulas here (any but SGD and Adam/AdamW) runs the reference's own
+formulas chunk by chunk: elementwise, so the reference's bits, with chunk-sized temporaries.
+
 The squared norm writes one partial per chunk: the squares of the 2-norms of the chunk's rows of
 ``NORM_ROW`` elements, summed. torch splits a row-wise reduction between threads by whole rows and sums the
 few row norms of a chunk in one thread, so the partials are the same whatever the thread count.
@@ -50,7 +53,8 @@ from typing import Optional
 import torch
 
 from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale
+from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale, required
+from .reference import ReferenceBackend, on_device
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -75,18 +79,12 @@ GPU_CHUNK = 1 << 22
 NORM_ROW = 512
 
 
-def _on_device(value: float, tensor: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A hyperparameter as a float64 0-d tensor on the device, as the reference makes it."""
-    if tensor is None:
-        tensor = torch.tensor(value, dtype=torch.float64, device=device)
-    return tensor.reshape(())
-
-
 def _chunks(t: Optional[torch.Tensor], size: int):
     return None if t is None else t.split(size)
 
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+_REFERENCE = ReferenceBackend()
 
 
 def _mask(cond: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -201,12 +199,12 @@ class TorchBackend(Backend):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
-        grad_scale: Optional[torch.Tensor] = None,
-        rho: Optional[torch.Tensor] = None,
+        scalars: StepScalars,
     ) -> None:
         md = span.state_dtype
+        grad_scale = scalars.grad_scale
         # The scale of e, as the reference computes it (0-d device tensors).
-        rho = _on_device(perturbation.rho, rho, span.device)
+        rho = on_device(required(scalars, "rho"), span.device)
         scale = rho.to(md)
         if not perturbation.normalize and grad_scale is not None:
             scale = grad_scale.to(md).reciprocal() * scale  # (1 / s) * rho in the math dtype
@@ -277,12 +275,13 @@ class TorchBackend(Backend):
     # --- restore and update ------------------------------------------------------------------------------
 
     def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
-        if not isinstance(update, (SGDUpdate, AdamUpdate)):
-            raise TypeError(f"unknown base update {type(update).__name__}")
+        if type(update) not in (SGDUpdate, AdamUpdate):
+            self._update_by_reference(span, update, scalars)
+            return
         check_reuse_inputs(span, scalars)
         md = span.state_dtype
         device = span.device
-        lr = _on_device(update.lr, scalars.lr, device)
+        lr = on_device(required(scalars, "lr"), device)
         reuse = None if span.reused is None else scalars.reuse_scale.reshape(()).to(md)
         unscale = None if scalars.grad_scale is None else grad_unscale(scalars.grad_scale).to(md)
         skip = None if scalars.found_inf is None else scalars.found_inf.reshape(()) != 0
@@ -306,8 +305,8 @@ class TorchBackend(Backend):
             if momentum:
                 # buf * momentum + (1 - dampening) * d, except d at step 0: there the coefficients are 0 and 1
                 first = step == 0
-                consts["momentum"] = torch.where(first, 0.0, _on_device(update.momentum, None, device)).to(md)
-                consts["d_weight"] = torch.where(first, 1.0, _on_device(1 - update.dampening, None, device)).to(md)
+                consts["momentum"] = torch.where(first, 0.0, on_device(update.momentum, device)).to(md)
+                consts["d_weight"] = torch.where(first, 1.0, on_device(1 - update.dampening, device)).to(md)
                 consts["later"] = _mask(~first, md)
             names = ["d"] + (["buf"] if momentum and skip is not None else [])
         else:
@@ -365,6 +364,18 @@ class TorchBackend(Backend):
                 w_out.copy_(r)  # the weights: the master's rounding
             elif target is not w_out:
                 w_out.copy_(target)
+
+    def _update_by_reference(self, span: Span, update, scalars: StepScalars) -> None:
+        """A base update without chained formulas here: the reference's own, chunk by chunk (so its
+        temporaries are chunk-sized; elementwise, so the reference's bits)."""
+        size = self.chunk_numel(span.device)
+        count = -(-span.numel // size)
+        buffers = [_chunks(t, size) or [None] * count
+                   for t in (span.weights, span.grads, span.backup, span.master, span.reused)]
+        state = {name: buf.split(size) for name, buf in span.state.items()}
+        for k, (w, g, b, m, gv) in enumerate(zip(*buffers)):
+            chunk = Span(w, g, b, {name: bufs[k] for name, bufs in state.items()}, m, gv)
+            _REFERENCE.restore_and_update(chunk, update, scalars)
 
     def _fused_update(self, span: Span, u, step: torch.Tensor, lr: float) -> None:
         """w <- backup, then torch's fused CPU update of w in place, chunk by chunk (the chunk restored is

@@ -37,16 +37,14 @@ as in the unit tests, is still correct but gets scalar accesses.) Perturb and th
 capped at ``MAX_STREAM_PROGRAMS`` programs, so what each program computes before streaming (perturb's
 partials re-reduction, Adam's float64 bias corrections) is amortised over several blocks on large spans.
 
-Hyperparameters that may change between steps (lr, rho) are kernel arguments: Python floats, i.e.
-float32, or, where the math needs float64 (Adam's lr and betas; rho and eps for float64 partials), their
-bit patterns as int64 (``float64_bits``), not specialised on. A new value neither recompiles nor syncs.
-With ``capturable=True``, lr (``StepScalars.lr``) and rho (``perturb(..., rho=)``) arrive instead as
-float64 tensors on the device, and the kernels' ``LR_ON_DEVICE`` / ``RHO_ON_DEVICE`` variants load them
-(the float fields are then NaN and never read), so a CUDA graph replay sees a scheduler's in-place update.
-The loaded float64 enters the same operations as the float path's value, and what this module derives
-from lr in Python (SGD's -lr, AdamW's 1 - lr * wd, in float64 and then rounded to a float32 argument) is
-derived in the kernel in float64 and rounded to float32 at the same point: results are the float path's
-bit for bit. Without a tensor the variant flag is off and the float path's kernels are unchanged.
+Settings are kernel arguments: Python floats, i.e. float32, or, where the math needs float64 (Adam's betas,
+eps for float64 partials), their bit patterns as int64 (``float64_bits``), not specialised on. lr and rho
+(``StepScalars``) reach every kernel one way (``_hyperparameter_args``): a Python float as its float64 bit
+pattern, or with ``capturable=True`` a float64 tensor on the device that the kernels' ``LR_ON_DEVICE`` /
+``RHO_ON_DEVICE`` variants load, so a CUDA graph replay sees a scheduler's in-place update. Either way the
+kernel holds the same float64 and derives everything from it (SGD's -lr, Adam's step size, AdamW's
+1 - lr * wd) in float64, rounded to float32 where the math needs it: the two give the same bits. A new value
+neither recompiles nor syncs.
 The per-step values on the device (step count, grad scale, found_inf) are tensors the kernels load, so
 the step-dependent branches (SGD's first-step momentum initialisation, Adam's bias corrections, the
 skip) are taken on the device. Other integers passed are only sizes (Triton may specialise those equal to
@@ -64,18 +62,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 from typing import Optional
 
 import torch
 
-from ..updates import AdamUpdate, SGDUpdate
-from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs
+from .base import Backend, Hyperparameter, Perturbation, Span, StepScalars, check_reuse_inputs, required
 
 try:
     import triton
 
     from . import triton_kernels as _k
+    from .triton_kernels import UPDATE_ARGUMENTS, float64_bits
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # pragma: no cover - depends on the environment
     triton = None
@@ -112,14 +109,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _f32(x: float) -> float:
-    """``x`` rounded to float32, as a Python float."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def float64_bits(x: float) -> int:
-    """The IEEE bit pattern of float64 ``x`` as a signed integer: how a float64 scalar reaches a kernel."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+def _hyperparameter_args(value: Hyperparameter, unused: torch.Tensor) -> tuple:
+    """lr or rho as every kernel takes it: (pointer, float64 bits, ON_DEVICE): a float64 tensor is loaded by
+    the kernel (``unused`` stands in for the pointer otherwise), a Python float travels as its bits."""
+    if isinstance(value, torch.Tensor):
+        return value, 0, True
+    return unused, float64_bits(value), False
 
 
 def _stream_grid(span: Span) -> tuple:
@@ -185,25 +180,24 @@ class TritonBackend(Backend):
         perturbation: Perturbation,
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
-        grad_scale: Optional[torch.Tensor] = None,
-        rho: Optional[torch.Tensor] = None,
+        scalars: StepScalars,
     ) -> None:
         has_partials = partials is not None
         has_count = has_partials and nonfinite_count is not None
         unused = span.grads  # stands in for the pointers a variant never reads
+        grad_scale = scalars.grad_scale
+        rho_ptr, rho_bits, rho_on_device = _hyperparameter_args(required(scalars, "rho"), unused)
         with _on(span.device):
             _k.perturb_kernel[_stream_grid(span)](
                 span.weights, span.grads, _restore_point(span),
                 partials if has_partials else unused,
                 nonfinite_count if has_count else unused,
-                unused if grad_scale is None else grad_scale,
-                unused if rho is None else rho,
-                span.numel, partials.numel() if has_partials else 0,
-                float64_bits(perturbation.rho) if rho is None else 0,  # capturable: perturbation.rho is NaN
+                unused if grad_scale is None else grad_scale, rho_ptr,
+                span.numel, partials.numel() if has_partials else 0, rho_bits,
                 float(perturbation.eta), float64_bits(perturbation.eps),
                 HAS_PARTIALS=has_partials, NORMALIZE=bool(perturbation.normalize),
                 ADAPTIVE=bool(perturbation.adaptive), HAS_COUNT=has_count, HAS_GRAD_SCALE=grad_scale is not None,
-                RHO_ON_DEVICE=rho is not None, MASTER=span.master is not None, BLOCK=BLOCK, PBLOCK=PARTIALS_BLOCK,
+                RHO_ON_DEVICE=rho_on_device, MASTER=span.master is not None, BLOCK=BLOCK, PBLOCK=PARTIALS_BLOCK,
                 RTNE_BF16=_rtne_bf16(span), **LAUNCH_OPTIONS,
             )
 
@@ -218,58 +212,26 @@ class TritonBackend(Backend):
             )
 
     def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
-        if isinstance(update, SGDUpdate):
-            launch = self._sgd
-        elif isinstance(update, AdamUpdate):
-            launch = self._adam
-        else:
+        arguments = UPDATE_ARGUMENTS.get(update.name)
+        if arguments is None:
             raise TypeError(f"unknown base update {type(update).__name__}")
         check_reuse_inputs(span, scalars)
         unused = span.grads  # stands in for the pointers a variant never reads
         reused = unused if span.reused is None else span.reused
+        lr_ptr, lr_bits, lr_on_device = _hyperparameter_args(required(scalars, "lr"), unused)
         device_scalars = (
-            scalars.step,
+            required(scalars, "step"),
             unused if scalars.grad_scale is None else scalars.grad_scale,
             unused if scalars.found_inf is None else scalars.found_inf,
-            unused if scalars.lr is None else scalars.lr,
+            lr_ptr,
             unused if scalars.reuse_scale is None else scalars.reuse_scale,
         )
-        # capturable: the lr is read from scalars.lr in the kernel, update.lr (NaN) is not used
         variant = dict(HAS_GRAD_SCALE=scalars.grad_scale is not None, HAS_FOUND_INF=scalars.found_inf is not None,
-                       LR_ON_DEVICE=scalars.lr is not None, REUSE=span.reused is not None,
+                       LR_ON_DEVICE=lr_on_device, REUSE=span.reused is not None,
                        MASTER=span.master is not None, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), **LAUNCH_OPTIONS)
+        kernel, state, values, flags = arguments(update, [span.state[name] for name in update.needed_state()], unused)
         with _on(span.device):
-            launch(span, update, _stream_grid(span), reused, device_scalars, variant)
-
-    @staticmethod
-    def _sgd(span: Span, u: SGDUpdate, grid, reused, device_scalars, variant) -> None:
-        has_momentum = u.momentum != 0
-        _k.sgd_kernel[grid](
-            span.weights, _restore_point(span), span.grads, reused,
-            span.state["momentum_buffer"] if has_momentum else span.grads, *device_scalars, span.numel,
-            0.0 if variant["LR_ON_DEVICE"] else -float(u.lr),  # on the device: the kernel negates the lr it loads
-            float(u.weight_decay), float(u.momentum), 1.0 - float(u.dampening),
-            MAXIMIZE=bool(u.maximize), HAS_WD=u.weight_decay != 0, HAS_MOMENTUM=has_momentum,
-            NESTEROV=bool(u.nesterov), **variant,
-        )
-
-    @staticmethod
-    def _adam(span: Span, u: AdamUpdate, grid, reused, device_scalars, variant) -> None:
-        # torch.lerp takes its scalar weight in float32 and picks its formula on that value
-        lerp_weight = _f32(1 - u.beta1)
-        state = span.state
-        decoupled_wd = u.weight_decay != 0 and bool(u.decoupled)
-        if variant["LR_ON_DEVICE"]:  # u.lr is NaN: the kernel computes 1 - lr * wd from the lr it loads
-            lr_bits, decay, weight_decay_bits = 0, 0.0, float64_bits(u.weight_decay) if decoupled_wd else 0
-        else:
-            lr_bits, decay, weight_decay_bits = float64_bits(u.lr), 1 - u.lr * u.weight_decay, 0
-        _k.adam_kernel[grid](
-            span.weights, _restore_point(span), span.grads, reused,
-            state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if u.amsgrad else state["exp_avg_sq"],
-            *device_scalars, span.numel,
-            lr_bits, float64_bits(u.beta1), float64_bits(u.beta2),
-            decay, float(u.weight_decay), weight_decay_bits, lerp_weight, _f32(1.0 - lerp_weight), float(u.eps),
-            MAXIMIZE=bool(u.maximize), L2_WD=u.weight_decay != 0 and not u.decoupled,
-            DECOUPLED_WD=decoupled_wd, AMSGRAD=bool(u.amsgrad),
-            LERP_SMALL=abs(lerp_weight) < 0.5, **variant,
-        )
+            getattr(_k, kernel)[_stream_grid(span)](
+                span.weights, _restore_point(span), span.grads, reused, *state, *device_scalars, span.numel, lr_bits,
+                *values, **flags, **variant,
+            )

@@ -11,17 +11,17 @@ Hyperparameters are kernel arguments and the per-step values that live on the de
 GradScaler's scale and found_inf, LookSAM's reuse scale) are loaded from their tensors, so a new value
 never recompiles and nothing syncs with the host; structure (which options are on) is ``tl.constexpr``.
 
-``LR_ON_DEVICE`` / ``RHO_ON_DEVICE`` (``capturable=True``): lr or rho is loaded from a float64 tensor
-(``lr_ptr`` / ``rho_ptr``) instead of arriving as an argument, so that a replayed CUDA graph sees a
-scheduler's in-place update. The loaded float64 goes through the same operations as the float path's
-value, and what the launcher derives from lr in Python (SGD's -lr, AdamW's 1 - lr * wd) is derived here in
-float64 and rounded to float32 where the argument would have been: the results are the float path's bit
-for bit. Without the flag the pointer is a stand-in that is never read, and the kernel is the float one.
+lr and rho arrive one way in every kernel (``_float64_hyperparameter``): as the bit pattern of a float64
+(``lr_bits`` / ``rho_bits``), or with ``LR_ON_DEVICE`` / ``RHO_ON_DEVICE`` (``capturable=True``) loaded
+from a float64 tensor (``lr_ptr`` / ``rho_ptr``), so that a replayed CUDA graph sees a scheduler's in-place
+update. Everything derived from them (SGD's -lr, Adam's step size, AdamW's 1 - lr * wd) is computed here in
+float64 and rounded to float32 where the math needs it, the same operations either way: the same bits.
+Without the flag the pointer is a stand-in that is never read.
 
-Triton passes Python floats as float32. Values needed in float64 (Adam's lr and betas, rho and eps for
-float64 partials) are passed as their IEEE bit patterns in int64 (``*_bits``, see ``float64_bits`` in
-``triton.py``) and bit-cast back here; those arguments are ``do_not_specialize`` so that a value whose bit
-pattern is divisible by 16 does not compile a second variant.
+Triton passes Python floats as float32. Values needed in float64 (lr, rho, Adam's betas and decoupled
+weight decay, eps for float64 partials) are passed as their IEEE bit patterns in int64 (``*_bits``, see
+``float64_bits`` in ``triton.py``) and bit-cast back here; those arguments are ``do_not_specialize`` so that
+a value whose bit pattern is divisible by 16 does not compile a second variant.
 
 The docstring of each kernel counts the bytes it moves per element for float32 weights, gradients and
 state (halve the weight/gradient terms for bfloat16 or float16 weights).
@@ -42,8 +42,20 @@ GPU it is False and the hardware conversion is used.
 """
 from __future__ import annotations
 
+import struct
+
 import triton
 import triton.language as tl
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def float64_bits(x: float) -> int:
+    """The IEEE bit pattern of float64 ``x`` as a signed integer: how a float64 scalar reaches a kernel."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 @triton.jit
@@ -247,10 +259,10 @@ def copy_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr, RTNE_BF16: tl.cons
     tl.store(dst_ptr + offs, _rounded_for(dst_ptr, tl.load(src_ptr + offs, mask=mask), RTNE_BF16), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lr_bits"])
 def sgd_kernel(
     w_ptr, restore_ptr, g_ptr, reused_ptr, buf_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr,
-    reuse_scale_ptr, numel, neg_lr, weight_decay, momentum, one_minus_dampening,
+    reuse_scale_ptr, numel, lr_bits, weight_decay, momentum, one_minus_dampening,
     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_ON_DEVICE: tl.constexpr, REUSE: tl.constexpr,
     MASTER: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
@@ -262,8 +274,7 @@ def sgd_kernel(
     d = +-g / grad_scale (+ wd * w), REUSE: g + reuse_scale * g_v in place of g; buf = d on the first step
     (step == 0), else momentum * buf + (1 - dampening) * d; d = d + momentum * buf (nesterov) or buf;
     w = w - lr * d. When found_inf is non-zero, w <- backup bit for bit and nothing else is read or
-    written. ``neg_lr`` is -lr in float32, or (LR_ON_DEVICE) the float64 at ``lr_ptr`` negated and rounded
-    to float32 here (``neg_lr`` unused).
+    written. lr: float64, from ``lr_bits`` or (LR_ON_DEVICE) ``lr_ptr``; -lr rounded to float32 here.
     Grid-stride like perturb (the launcher caps the programs).
     Bytes per element: 20 with momentum (read backup, g, buf; write w, buf), 16 on the first step (buf
     not read), 12 without momentum; a skipped update 8 (read backup, write w). MASTER with 16-bit weights:
@@ -274,8 +285,7 @@ def sgd_kernel(
     nprog = tl.num_programs(0)
     apply, inv_scale, reuse_scale = _update_controls(grad_scale_ptr, found_inf_ptr, reuse_scale_ptr, HAS_GRAD_SCALE,
                                                      HAS_FOUND_INF, REUSE)
-    if LR_ON_DEVICE:
-        neg_lr = (-tl.load(lr_ptr)).to(tl.float32)
+    neg_lr = (-_float64_hyperparameter(lr_ptr, lr_bits, LR_ON_DEVICE)).to(tl.float32)
     # Lengths rather than scalar flags and-ed into the masks (which the interpreter mishandles): a skipped
     # update reads no gradient or state, the first step no momentum buffer.
     first = tl.load(step_ptr) == 0
@@ -306,7 +316,7 @@ def sgd_kernel(
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits"])
 def adam_kernel(
     w_ptr, restore_ptr, g_ptr, reused_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr,
-    reuse_scale_ptr, numel, lr_bits, beta1_bits, beta2_bits, decay, weight_decay, weight_decay_bits, lerp_weight,
+    reuse_scale_ptr, numel, lr_bits, beta1_bits, beta2_bits, weight_decay, weight_decay_bits, lerp_weight,
     lerp_weight_complement, eps,
     MAXIMIZE: tl.constexpr, L2_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
     LERP_SMALL: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -323,9 +333,8 @@ def adam_kernel(
     corrections come from the step count on the device, t = step + 1: step_size = lr / (1 - beta1^t),
     sqrt(bc2) = sqrt(1 - beta2^t), in float64 as torch.optim computes them in Python, each rounded once to
     float32. When found_inf is non-zero, w <- backup bit for bit and nothing else is read or written.
-    lr is float64: decoded from ``lr_bits``, or (LR_ON_DEVICE) loaded from ``lr_ptr``; AdamW's ``decay``
-    (1 - lr * wd, float32) is then computed here from it and ``weight_decay_bits`` (wd in float64), which
-    only that variant reads.
+    lr is float64: decoded from ``lr_bits``, or (LR_ON_DEVICE) loaded from ``lr_ptr``; AdamW's decay
+    (1 - lr * wd, float32) is computed here from it and ``weight_decay_bits`` (wd in float64).
     Grid-stride (the launcher caps the programs) so the float64 scalar work, a few dozen operations per
     program, is amortised over several blocks on large spans.
     Bytes per element: 28 (read backup, g, m, v; write w, m, v), 36 with amsgrad (vmax read and written);
@@ -340,7 +349,7 @@ def adam_kernel(
     t = tl.load(step_ptr).to(tl.int64) + 1
     lr = _float64_hyperparameter(lr_ptr, lr_bits, LR_ON_DEVICE)
     neg_step_size = (-lr / (1.0 - _pow_float64(_float64_from_bits(beta1_bits), t))).to(tl.float32)
-    if LR_ON_DEVICE and DECOUPLED_WD:
+    if DECOUPLED_WD:
         # Python's 1 - lr * wd: two float64 roundings. fma(lr, wd, +0.0) is lr * wd rounded once (the +0.0
         # addend only turns a -0.0 product into +0.0, which 1 - p does not see) and, unlike a multiply, is
         # never contracted with the subtraction into one fused rounding.
@@ -381,3 +390,30 @@ def adam_kernel(
         denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
         updated = w + neg_step_size * tl.div_rn(m, denom)
         _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, updated, MASTER, RTNE_BF16)
+
+
+# --- the base updates' launch arguments -----------------------------------------------------------------------
+# Each update kernel takes (w, restore point, g, g_v, its state pointers, step, grad_scale, found_inf, lr,
+# reuse_scale, numel, lr_bits, its settings..., its flags and the launch's variant flags as constexprs). Per fused
+# base update (its ``name``), a function of (update, its needed state buffers, a stand-in for pointers never
+# read) gives (kernel name, state pointers, settings, flags): the launcher (triton.py) adds the rest.
+
+def _sgd_arguments(u, state, unused) -> tuple:
+    has_momentum = u.momentum != 0
+    return ("sgd_kernel", (state[0] if has_momentum else unused,),
+            (float(u.weight_decay), float(u.momentum), 1.0 - float(u.dampening)),
+            dict(MAXIMIZE=bool(u.maximize), HAS_WD=u.weight_decay != 0, HAS_MOMENTUM=has_momentum,
+                 NESTEROV=bool(u.nesterov)))
+
+
+def _adam_arguments(u, state, unused) -> tuple:
+    lerp_weight = _f32(1 - u.beta1)  # torch.lerp takes its scalar weight in float32 and picks its formula on it
+    return ("adam_kernel", (state[0], state[1], state[2] if u.amsgrad else state[1]),
+            (float64_bits(u.beta1), float64_bits(u.beta2), float(u.weight_decay), float64_bits(u.weight_decay),
+             lerp_weight, _f32(1.0 - lerp_weight), float(u.eps)),
+            dict(MAXIMIZE=bool(u.maximize), L2_WD=u.weight_decay != 0 and not u.decoupled,
+                 DECOUPLED_WD=u.weight_decay != 0 and bool(u.decoupled), AMSGRAD=bool(u.amsgrad),
+                 LERP_SMALL=abs(lerp_weight) < 0.5))
+
+
+UPDATE_ARGUMENTS = {"sgd": _sgd_arguments, "adam": _adam_arguments}
