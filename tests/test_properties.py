@@ -317,17 +317,18 @@ def denormal_floor(dtype: torch.dtype) -> float:
     return 2 * info.smallest_normal * info.eps
 
 
-def assert_within(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor, rtol: float, floor: float,
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor, rtol: float, floor,
                   what: str) -> None:
-    """|actual - expected| <= rtol * magnitude + floor element by element (equal values pass, infinities
-    included; a NaN on either side fails)."""
+    """|actual - expected| <= rtol * magnitude + floor element by element (``floor`` a number or per element;
+    equal values pass, infinities included; a NaN on either side fails)."""
     a, e, magnitude = actual.double().reshape(-1), expected.double().reshape(-1), magnitude.double().reshape(-1)
+    floor = torch.as_tensor(floor, dtype=torch.float64).reshape(-1).expand_as(a)
     ok = (a == e) | ((a - e).abs() <= rtol * magnitude + floor)
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten()
         i = int(bad[0])
         raise AssertionError(f"{what}: {bad.numel()} of {a.numel()} elements differ beyond rtol {rtol:g} x magnitude "
-                             f"+ {floor:g}; first at {i}: actual {a[i].item()!r}, expected {e[i].item()!r}, "
+                             f"+ {floor[i].item():g}; first at {i}: actual {a[i].item()!r}, expected {e[i].item()!r}, "
                              f"magnitude {magnitude[i].item()!r}")
 
 
@@ -532,9 +533,12 @@ def update_cases(draw, cand, dtype):
 
 def update_magnitudes(span: Span, case: UpdateCase):
     """The update evaluated in float64 on absolute values, the bound on what roundings can move:
-    (|w| + lr |direction|, {state name: magnitude}). Adam's denominator is a divisor, so it enters with its
-    exact value, and the step's magnitude with the relative error the second moment can carry (its terms'
-    magnitude over its value). Rejects the case if the reference's math comes near overflow."""
+    (|w| + lr |direction|, {state name: magnitude}, the absolute floor of w's error). Adam's denominator is a
+    divisor, so it enters with its exact value, and the step's magnitude with the relative error the second
+    moment can carry (its terms' magnitude over its value). The floor: torch's fused Adam (the torch backend's)
+    forms lr / bc1 * exp_avg before dividing by the denominator, and that product may be subnormal, rounded to
+    half a subnormal ulp, which the division then scales by 1 / denom. Rejects the case if the reference's
+    math comes near overflow."""
     u, m = case.update, span.state_dtype
     w_signed = (span.master if span.master is not None else span.weights).double()
     w, g_signed = w_signed.abs(), span.grads.double()
@@ -558,6 +562,7 @@ def update_magnitudes(span: Span, case: UpdateCase):
             d = d + u.momentum * buf if u.nesterov else buf
         new_w = w + case.lr * d
         assume(not near_overflow(m, d, new_w, *state.values()))
+        floor = torch.zeros(())
     else:
         d, d_signed = (g, g_signed) if u.decoupled else (g + u.weight_decay * w, g_signed + u.weight_decay * w_signed)
         state["exp_avg"] = u.beta1 * span.state["exp_avg"].double().abs() + (1 - u.beta1) * d
@@ -574,9 +579,10 @@ def update_magnitudes(span: Span, case: UpdateCase):
         ratio = state["exp_avg"] * (1 + amplification) / denom  # exp_avg / denom: overflows even with lr = 0
         step = case.lr / bc1 * ratio
         new_w = w * max(1.0, abs(1 - case.lr * u.weight_decay)) + step
+        floor = torch.finfo(m).smallest_normal * torch.finfo(m).eps / denom
         assume(not near_overflow(m, d * d, ratio, new_w, step, *state.values()))
     assume(not near_overflow(span.weights.dtype, new_w, headroom=0.5))
-    return new_w, state
+    return new_w, state, floor
 
 
 def check_update(backend, case: UpdateCase) -> None:
@@ -606,17 +612,18 @@ def check_update(backend, case: UpdateCase) -> None:
         if span.master is not None:
             assert_bits_equal(cand.master, span.master, f"a skipped update changed the master: {what}")
         return
-    w_mag, state_mag = update_magnitudes(span, case)
+    w_mag, state_mag, w_floor = update_magnitudes(span, case)
     backend.restore_and_update(cand, case.update, scalars)
     REFERENCE.restore_and_update(ref, case.update, scalars)
     if span.reused is not None:
         assert_bits_equal(cand.grads, span.grads, f"the update wrote the gradients: {what}")
     dtype = span.weights.dtype
     if span.master is not None:
-        assert_within(cand.master, ref.master, w_mag, TOLERANCE[torch.float32][0], denormal_floor(torch.float32),
-                      f"master after {what}")
+        assert_within(cand.master, ref.master, w_mag, TOLERANCE[torch.float32][0],
+                      denormal_floor(torch.float32) + w_floor, f"master after {what}")
         assert_bits_equal(cand.weights, cand.master.to(dtype), f"weights are not the master's rounding: {what}")
-    assert_within(cand.weights, ref.weights, w_mag, TOLERANCE[dtype][0], denormal_floor(dtype), f"w after {what}")
+    assert_within(cand.weights, ref.weights, w_mag, TOLERANCE[dtype][0], denormal_floor(dtype) + w_floor,
+                  f"w after {what}")
     for name, value in ref.state.items():
         assert_within(cand.state[name], value, state_mag[name], STATE_TOLERANCE[value.dtype][0],
                       denormal_floor(value.dtype), f"{name} after {what}")
