@@ -74,7 +74,11 @@ class BaseUpdate:
 
     def flags(self) -> int:
         """The bool settings as bits, the i-th declared bool in bit i: the compiled operator's ``flags``."""
-        return sum(1 << i for i, name in enumerate(self.flag_settings) if getattr(self, name))
+        bits = 0
+        for i, name in enumerate(self.flag_settings):
+            if getattr(self, name):
+                bits |= 1 << i
+        return bits
 
 
 def fused_base(cls: type) -> type:
