@@ -207,7 +207,7 @@ HOST_DEVICE ALWAYS_INLINE inline V update_gradient(V g, V g_v, T c, T unscale) {
 // ===================================== the fused base updates =========================================
 // One entry per fused base update, in the order of their codes (``code`` in fused_sam/updates.py): the
 // restore_update operator's ``kind`` is the index here. A new base is one entry here plus its struct below.
-#define FUSED_SAM_BASE_KINDS(X) X(SGD) X(Adam)
+#define FUSED_SAM_BASE_KINDS(X) X(SGD) X(Adam) X(Adagrad)
 
 // The most state buffers a base keeps, and the most float settings.
 constexpr int kMaxStateBuffers = 3;
@@ -344,6 +344,50 @@ struct Adam {
     }
     V denom = fs_sqrt(second) / p.bias_correction2_sqrt + p.eps;
     return w + p.neg_step_size * (m_new / denom);
+  }
+};
+
+// --- Adagrad (torch.optim.Adagrad): state sum ----------------------------------------------------------
+struct Adagrad {
+  // hyper: lr_decay, weight_decay, initial_accumulator_value (the sum's start, set by the caller), eps;
+  // flags: maximize
+  static constexpr int kHyperparameters = 4, kFlags = 1;
+  HOST_DEVICE static constexpr bool valid_state_count(int n) { return n == 1; }
+
+  template <typename T>
+  struct Params {
+    T neg_clr;  // -lr / (1 + step * lr_decay), step the updates before this one
+    T weight_decay, eps;
+    T reuse_scale;  // LookSAM's c (reuse steps only)
+    T unscale;      // grad_unscale: the gradient is multiplied by it first
+    bool has_weight_decay, maximize;
+  };
+
+  // torch.optim's clr = lr / (1 + (step - 1) * lr_decay) after its step += 1, in double as Python computes it.
+  template <typename T>
+  HOST_DEVICE static Params<T> params(const UpdateSettings& s, const StepValues& v) {
+    const double lr = hyperparameter(v.lr, s.lr);
+    const double lr_decay = s.hyper[0], weight_decay = s.hyper[1], eps = s.hyper[3];
+    Params<T> p;
+    p.neg_clr = T(-(lr / (1.0 + double(*v.step) * lr_decay)));
+    p.weight_decay = T(weight_decay);
+    p.eps = T(eps);
+    p.reuse_scale = reuse_scale<T>(v);
+    p.unscale = T(grad_unscale(v));
+    p.has_weight_decay = weight_decay != 0.0;
+    p.maximize = s.flag(0);
+    return p;
+  }
+
+  // sum += d * d; w += (-clr * d) / (sqrt(sum) + eps), as torch's addcmul_ and addcdiv_ round it.
+  template <int NSTATE, bool REUSE, typename V, typename T>
+  HOST_DEVICE ALWAYS_INLINE static V update(V w, V g, V g_v, V* state, const Params<T>& p) {
+    g = update_gradient<REUSE>(g, g_v, p.reuse_scale, p.unscale);
+    V d = p.maximize ? -g : g;
+    d = p.has_weight_decay ? d + p.weight_decay * w : d;
+    const V sum = state[0] + d * d;
+    state[0] = sum;
+    return w + (p.neg_clr * d) / (fs_sqrt(sum) + p.eps);
   }
 };
 

@@ -240,7 +240,8 @@ class FusedSAM(torch.optim.Optimizer):
             keys = dict.fromkeys((segment.group_index, segment.device) for segment in self._sam.segments)
             on_device = {(gi, device): self._hyperparameter_on(gi, name, device) for gi, device in keys}
             return lambda gi, device: on_device[gi, device]
-        values = [scalar(g[name], name) for g in self.param_groups]
+        values = [value if type(value) is float else scalar(value, name)
+                  for value in (g[name] for g in self.param_groups)]
         return lambda gi, device: values[gi]
 
     def _hyperparameter_on(self, gi: int, name: str, device: torch.device) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from fused_sam.backends.base import KernelLaunches, Perturbation, Span, StepScalars, math_dtype
 from fused_sam.backends.reference import ReferenceBackend
 from fused_sam.flat import LOW_PRECISION
-from fused_sam.updates import AdamUpdate, SGDUpdate
+from fused_sam.updates import AdagradUpdate, AdamUpdate, SGDUpdate
 
 REFERENCE = ReferenceBackend()
 
@@ -56,9 +56,11 @@ UPDATES = [
     AdamUpdate(weight_decay=1e-2, decoupled=True),
     AdamUpdate(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=1e-2, amsgrad=True, maximize=True),
     AdamUpdate(weight_decay=1e-1, decoupled=True, amsgrad=True),
+    AdagradUpdate(),
+    AdagradUpdate(lr_decay=1e-2, weight_decay=1e-2, initial_accumulator_value=0.1, eps=1e-6, maximize=True),
 ]
 # lr for each of UPDATES in check_all_ops; LR where a check is given none.
-UPDATE_LRS = (0.1, 0.1, 0.05, 0.05, 1e-3, 1e-3, 2e-3, 1e-3)
+UPDATE_LRS = (0.1, 0.1, 0.05, 0.05, 1e-3, 1e-3, 2e-3, 1e-3, 1e-2, 5e-2)
 LR = 1e-2
 
 
@@ -511,9 +513,9 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
         yield f"restore_and_update({upd}, reusing g_v)", update(upd, 3, None, None, 0.7310585786300049)
 
 
-# The update variants with distinct kernel instances (momentum or none; Adam, AdamW with AMSGrad): the other
-# settings are values in registers, the same code.
-KERNEL_UPDATES = (UPDATES[0], UPDATES[3], UPDATES[4], UPDATES[6])
+# The update variants with distinct kernel instances (momentum or none; Adam, AdamW with AMSGrad; Adagrad): the
+# other settings are values in registers, the same code.
+KERNEL_UPDATES = (UPDATES[0], UPDATES[3], UPDATES[4], UPDATES[6], UPDATES[9])
 
 
 def _native_disagreement(outputs_of, sizes, updates, elementwise_only: bool = False) -> Optional[str]:

@@ -74,7 +74,11 @@ class BaseUpdate:
 
     def flags(self) -> int:
         """The bool settings as bits, the i-th declared bool in bit i: the compiled operator's ``flags``."""
-        return sum(1 << i for i, name in enumerate(self.flag_settings) if getattr(self, name))
+        bits = 0
+        for i, name in enumerate(self.flag_settings):
+            if getattr(self, name):
+                bits |= 1 << i
+        return bits
 
 
 def fused_base(cls: type) -> type:
@@ -132,8 +136,34 @@ class AdamUpdate(BaseUpdate):
         return self.state_names if self.amsgrad else self.state_names[:2]
 
 
+@fused_base
+class AdagradUpdate(BaseUpdate):
+    """torch.optim.Adagrad: the running sum of squared gradients ('sum', from initial_accumulator_value), lr
+    decayed by the step count (lr / (1 + step * lr_decay)), weight decay (L2, added to the gradient), maximize."""
+
+    name = "adagrad"
+    code = 2
+    fuses = (torch.optim.Adagrad,)
+    state_names = ("sum",)
+    nonnegative_state = ("sum",)
+    step_in_state = True
+
+    lr_decay: float = setting(0.0, "lr_decay")
+    weight_decay: float = setting(0.0, "weight_decay")
+    initial_accumulator_value: float = setting(0.0, "initial_accumulator_value")
+    eps: float = setting(1e-10, "eps")
+    maximize: bool = setting(False, "maximize")
+
+    def __post_init__(self):
+        if not self.eps > 0:  # a parameter's padding (zero gradient, zero sum) would divide 0 by 0
+            raise ValueError(f"FusedSAM fuses torch.optim.Adagrad with eps > 0, got eps={self.eps!r}")
+
+    def initial_state(self, name: str) -> float:
+        return self.initial_accumulator_value
+
+
 # Every fused base update, in the order of their codes.
-FUSED_UPDATES: Tuple[type, ...] = (SGDUpdate, AdamUpdate)
+FUSED_UPDATES: Tuple[type, ...] = (SGDUpdate, AdamUpdate, AdagradUpdate)
 
 
 def fused_kind(base_cls: type) -> Optional[type]:

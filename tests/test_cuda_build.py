@@ -219,7 +219,7 @@ def test_cuda_kernels_contract_no_multiply_add(tmp_path):
     entries = re.findall(r"\.entry\s+(\w+)", ptx)
     for kernel in ("sq_norm_kernel", "perturb_kernel", "round_master_kernel", "update_kernel"):
         assert any(kernel in name for name in entries), f"no {kernel} in the PTX"
-    for base in ("SGD", "Adam"):  # the update kernel of every fused base (FUSED_SAM_BASE_KINDS)
+    for base in ("SGD", "Adam", "Adagrad"):  # the update kernel of every fused base (FUSED_SAM_BASE_KINDS)
         assert any("update_kernel" in name and f"{len(base)}{base}E" in name for name in entries), f"no {base} update"
     fmas = _fmas_by_function(ptx)
     assert all("pow" in name for name in fmas), f"multiply-adds contracted outside pow: {fmas}"

@@ -45,7 +45,7 @@ from fused_sam.backends import triton as triton_backend  # noqa: E402
 from fused_sam.backends import triton_kernels  # noqa: E402
 from fused_sam.backends.base import Perturbation, Span, StepScalars  # noqa: E402
 from fused_sam.flat import ALIGN, LOW_PRECISION  # noqa: E402
-from fused_sam.updates import AdamUpdate, SGDUpdate  # noqa: E402
+from fused_sam.updates import AdagradUpdate, AdamUpdate, SGDUpdate  # noqa: E402
 
 # where the workers import fused_sam from: where this process did
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(triton_kernels.__file__))))
@@ -114,7 +114,8 @@ def _updates():
             for beta1 in (0.9, 0.3)  # torch.lerp's two formulas: weight 1 - beta1 below 0.5 or not
             for wd, decoupled in ((0.0, False), (1e-2, False), (1e-2, True))
             for amsgrad in (False, True) for maximize in (False, True)]
-    return sgd + adam
+    adagrad = [AdagradUpdate(weight_decay=wd, maximize=maximize) for wd in (0.0, 1e-2) for maximize in (False, True)]
+    return sgd + adam + adagrad
 
 
 def _run_every_operation(backend):

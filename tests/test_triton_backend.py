@@ -115,7 +115,7 @@ def test_programs_loop_over_several_blocks(monkeypatch, master):
         partials = torch.empty(3, device=DEVICE)
         BACKEND.sq_norm_partials(span, perturbation, partials)
         check_perturb(BACKEND, span, perturbation, partials, grad_scale=1024.0)
-    for k, update in enumerate(UPDATES[1:2] + UPDATES[-1:]):
+    for k, update in enumerate(UPDATES[1:2] + UPDATES[7:8] + UPDATES[9:10]):
         span = make_span(numel, torch.bfloat16, DEVICE, update, seed=k, master=master)
         for step, found_inf in ((0, None), (3, 0.0), (3, 1.0)):
             check_restore_and_update(BACKEND, span, update, step_scalars(DEVICE, step, 256.0, found_inf))

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..updates import AdamUpdate, SGDUpdate
+from ..updates import AdagradUpdate, AdamUpdate, SGDUpdate
 from .base import Backend, Hyperparameter, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale, required
 
 
@@ -152,5 +152,15 @@ def _adam(w: torch.Tensor, d: torch.Tensor, state: dict, u: AdamUpdate, step: to
     return w + neg_step_size * (exp_avg / denom), new_state
 
 
+def _adagrad(w: torch.Tensor, d: torch.Tensor, state: dict, u: AdagradUpdate, step: torch.Tensor, lr: torch.Tensor):
+    if u.weight_decay != 0:
+        d = d.add(w, alpha=u.weight_decay)
+    # torch.optim's clr = lr / (1 + (step - 1) * lr_decay) after its step += 1: the count before it, in double
+    neg_clr = (-(lr / (1 + step.double() * u.lr_decay))).to(w.dtype)
+    total = state["sum"].addcmul(d, d)
+    std = total.sqrt().add_(u.eps)
+    return w + (neg_clr * d) / std, {"sum": total}  # addcdiv(w, d, std, value=-clr), that value a tensor
+
+
 # base update class -> its math
-UPDATE_MATH = {SGDUpdate: _sgd, AdamUpdate: _adam}
+UPDATE_MATH = {SGDUpdate: _sgd, AdamUpdate: _adam, AdagradUpdate: _adagrad}

@@ -392,6 +392,47 @@ def adam_kernel(
         _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, updated, MASTER, RTNE_BF16)
 
 
+@triton.jit(do_not_specialize=["lr_bits", "lr_decay_bits"])
+def adagrad_kernel(
+    w_ptr, restore_ptr, g_ptr, reused_ptr, sum_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr, reuse_scale_ptr,
+    numel, lr_bits, lr_decay_bits, weight_decay, eps,
+    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, REUSE: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
+):
+    """w <- backup, then torch.optim.Adagrad's update of w and its sum, in one pass (MASTER as in adam_kernel).
+
+    d = +-g / grad_scale (REUSE: g + reuse_scale * g_v in place of g) + wd * w; sum += d * d;
+    w += (-clr * d) / (sqrt(sum) + eps), clr = lr / (1 + step * lr_decay) in float64 from the step count on the
+    device (the updates before this one), rounded once to float32. When found_inf is non-zero, w <- backup bit
+    for bit and nothing else is read or written.
+    Bytes per element: 20 (read backup, g, sum; write w, sum); a skipped update 8. REUSE: 4 more.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    apply, inv_scale, reuse_scale = _update_controls(grad_scale_ptr, found_inf_ptr, reuse_scale_ptr, HAS_GRAD_SCALE,
+                                                     HAS_FOUND_INF, REUSE)
+    lr = _float64_hyperparameter(lr_ptr, lr_bits, LR_ON_DEVICE)
+    step = tl.load(step_ptr).to(tl.float64)
+    neg_clr = (-(lr / (1.0 + step * _float64_from_bits(lr_decay_bits)))).to(tl.float32)
+    live_numel = tl.where(apply, numel, 0)  # a skipped update reads and writes no gradient or state
+    lanes = tl.arange(0, BLOCK)
+    for blk in range(pid, _block_count(numel, BLOCK), nprog):
+        offs = tl.cast(blk, tl.int64) * BLOCK + lanes
+        mask = offs < numel
+        live = offs < live_numel
+        restore_point = tl.load(restore_ptr + offs, mask=mask, other=0.0)
+        w = restore_point.to(tl.float32)
+        d = _descent_direction(g_ptr, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE, HAS_GRAD_SCALE,
+                               REUSE)
+        if HAS_WD:
+            d = d + weight_decay * w
+        total = tl.load(sum_ptr + offs, mask=live, other=0.0) + d * d
+        tl.store(sum_ptr + offs, total, mask=live)
+        updated = w + tl.div_rn(neg_clr * d, tl.sqrt_rn(total) + eps)
+        _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, updated, MASTER, RTNE_BF16)
+
+
 # --- the base updates' launch arguments -----------------------------------------------------------------------
 # Each update kernel takes (w, restore point, g, g_v, its state pointers, step, grad_scale, found_inf, lr,
 # reuse_scale, numel, lr_bits, its settings..., its flags and the launch's variant flags as constexprs). Per fused
@@ -416,4 +457,9 @@ def _adam_arguments(u, state, unused) -> tuple:
                  LERP_SMALL=abs(lerp_weight) < 0.5))
 
 
-UPDATE_ARGUMENTS = {"sgd": _sgd_arguments, "adam": _adam_arguments}
+def _adagrad_arguments(u, state, unused) -> tuple:
+    return ("adagrad_kernel", (state[0],), (float64_bits(u.lr_decay), float(u.weight_decay), float(u.eps)),
+            dict(MAXIMIZE=bool(u.maximize), HAS_WD=u.weight_decay != 0))
+
+
+UPDATE_ARGUMENTS = {"sgd": _sgd_arguments, "adam": _adam_arguments, "adagrad": _adagrad_arguments}
