@@ -19,7 +19,7 @@ from .flat import LOW_PRECISION, FlatSegment
 from .norms import nonfinite_flag, norm_partials, spans_with_gradients, squared_norm
 from .settings import MODES, SAM_KEYS, check_flag, check_params, check_sam_settings, current_scale, tensor_of
 from .step_state import PerDevice, SAMState
-from .updates import capturing, fused_kind, scalar, update_from_group
+from .updates import fused_kind, update_from_group
 from .variants import StepView, Variant, resolve as resolve_variant
 
 
@@ -233,42 +233,8 @@ class FusedSAM(torch.optim.Optimizer):
         return out
 
     def _step_hyperparameters(self, name: str) -> Callable[[int, torch.device], Hyperparameter]:
-        """``of(group index, device)``: ``name`` (lr or rho) of a param group on a device it has parameters on,
-        as the kernels take it: a Python float, or with capturable=True a float64 tensor on that device. Every
-        value is read (and checked) now."""
-        if self.capturable:
-            keys = dict.fromkeys((segment.group_index, segment.device) for segment in self._sam.segments)
-            on_device = {(gi, device): self._hyperparameter_on(gi, name, device) for gi, device in keys}
-            return lambda gi, device: on_device[gi, device]
-        values = [value if type(value) is float else scalar(value, name)
-                  for value in (g[name] for g in self.param_groups)]
-        return lambda gi, device: values[gi]
-
-    def _hyperparameter_on(self, gi: int, name: str, device: torch.device) -> torch.Tensor:
-        """capturable=True: param group ``gi``'s ``name`` (lr or rho) as a float64 one-element tensor on
-        ``device``, read by the kernels. A tensor-valued setting is used itself (a scheduler's in-place
-        update reaches a replayed graph); a Python float is written into a buffer kept for it, which under
-        capture would freeze its value into the graph, so it is refused there."""
-        value = self.param_groups[gi][name]
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1 or not value.is_floating_point():
-                raise ValueError(f"{name} of param group {gi} must be a number or a one-element floating tensor")
-            if value.device != device and capturing():
-                raise RuntimeError(f"{name} of param group {gi} is a tensor on {value.device}, the parameters on "
-                                   f"{device}: a CUDA graph cannot read it there; create it on {device}")
-            return value.detach().reshape(1).to(device=device, dtype=torch.float64)
-        if capturing():
-            raise RuntimeError(
-                f"{name} of param group {gi} is a Python float ({value!r}): a CUDA graph would replay it frozen, "
-                f"and a scheduler's later change would be silently ignored. Make it a tensor on {device} and "
-                f"update it in place, e.g. group[{name!r}] = torch.tensor({value!r}, device={str(device)!r}) "
-                "before capturing (LR schedulers then write it with fill_)"
-            )
-        key = (gi, name, device)
-        buffer = self._sam.device_hyperparameters.get(key)
-        if buffer is None:
-            buffer = self._sam.device_hyperparameters[key] = torch.empty(1, dtype=torch.float64, device=device)
-        return buffer.fill_(float(value))
+        """``of(group index, device)``: ``name`` (lr or rho) as the kernels take it (``capture.step_values``)."""
+        return capture.step_values(self._sam, self.param_groups, name, self.capturable)
 
     def _base_updates(self, groups: Optional[List[dict]] = None) -> list:
         """The fused base update of each param group (``groups``: settings to read instead of the live

@@ -370,8 +370,8 @@ class MomentumSAM(Variant):
                              "along the base optimizer's momentum, which it reads from the flat state buffers")
         for gi, (group, state) in enumerate(zip(groups, momentum_states)):
             if state is None:
-                raise ValueError(f"MomentumSAM needs a base optimizer with momentum (SGD with momentum > 0, Adam, "
-                                 f"AdamW); param group {gi} keeps none")
+                raise ValueError(f"MomentumSAM needs a fused base optimizer with a momentum (SGD with momentum > 0, "
+                                 f"Adam, AdamW); param group {gi} keeps none")
             dtype = next((p.dtype for p in group["params"] if p.dtype in LOW_PRECISION), None)
             if dtype is not None:
                 raise ValueError(f"MomentumSAM supports float32 and float64 parameters, not {dtype} (its "

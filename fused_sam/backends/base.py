@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..updates import AdamUpdate, BaseUpdate, SGDUpdate  # noqa: F401  (re-exported for backends)
+from ..updates import BaseUpdate
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:

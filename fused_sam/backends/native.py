@@ -56,10 +56,6 @@ def extension_unavailable_reason() -> Optional[str]:
     return None
 
 
-def has_cuda_kernels() -> bool:
-    return _C is not None and bool(_C.WITH_CUDA)
-
-
 def cuda_archs() -> tuple:
     """The CUDA images the extension holds, from the build's -gencode flags: cubins "sm_XY" and PTX
     "compute_XY", e.g. ("sm_75", "sm_80", ..., "compute_120"); () without CUDA kernels."""
