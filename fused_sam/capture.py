@@ -66,7 +66,10 @@ def step_values(sam, groups: list, name: str, capturable: bool):
         keys = dict.fromkeys((segment.group_index, segment.device) for segment in sam.segments)
         on_device = {(gi, device): _value_on(sam, groups, gi, name, device) for gi, device in keys}
         return lambda gi, device: on_device[gi, device]
-    values = [value if type(value) is float else scalar(value, name) for value in (g[name] for g in groups)]
+    values = [g[name] for g in groups]
+    for gi, value in enumerate(values):
+        if type(value) is not float:
+            values[gi] = scalar(value, name)
     return lambda gi, device: values[gi]
 
 

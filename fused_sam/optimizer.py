@@ -22,6 +22,8 @@ from .step_state import PerDevice, SAMState
 from .updates import fused_kind, update_from_group
 from .variants import StepView, Variant, resolve as resolve_variant
 
+_PERTURBATIONS: Dict[tuple, Perturbation] = {}  # by their settings: a step reads every group's
+
 
 class FusedSAM(torch.optim.Optimizer):
     """SAM (Foret et al., 2021), ASAM and un-normalized SAM, fused over flat parameter buffers.
@@ -229,7 +231,13 @@ class FusedSAM(torch.optim.Optimizer):
             check_sam_settings(g, f"param group {gi}")
             if isinstance(g["rho"], torch.Tensor) and not self.capturable:
                 raise ValueError(f"rho of param group {gi} is a tensor: that needs FusedSAM(..., capturable=True)")
-            out.append(Perturbation(bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps))
+            key = (bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps)
+            perturbation = _PERTURBATIONS.get(key)
+            if perturbation is None:  # a frozen dataclass costs ~1 us to build: once per distinct setting
+                if len(_PERTURBATIONS) >= 256:
+                    _PERTURBATIONS.clear()
+                perturbation = _PERTURBATIONS[key] = Perturbation(*key)
+            out.append(perturbation)
         return out
 
     def _step_hyperparameters(self, name: str) -> Callable[[int, torch.device], Hyperparameter]:

@@ -6,7 +6,7 @@ classes it fuses, which state buffers it keeps (torch.optim's names, in the orde
 its code in the compiled operators (csrc/fused_sam_math.h's FUSED_SAM_BASE_KINDS). Everything else reads this
 description: ``update_from_group`` and the optimizer's checks and checkpoints, the backends (the reference's
 and each kernel backend's per-element math is keyed by the class), the compiled operator's arguments (the
-float settings in declaration order as ``hyperparameters()``, the bool ones as bits of ``flags()``).
+float settings in declaration order as ``hyperparameters``, the bool ones as bits of ``flags``).
 docs/adding_a_base.md says how to add one.
 
 Only the exact classes listed in ``fuses`` are fused: a subclass may override ``step``, so it goes through the
@@ -14,6 +14,7 @@ generic path (fused perturb/restore, then the subclass's own ``step()``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Optional, Tuple
 
@@ -59,6 +60,7 @@ class BaseUpdate:
     float_settings: ClassVar[Tuple[str, ...]] = ()  # set by @fused_base: the float fields, in declaration order
     flag_settings: ClassVar[Tuple[str, ...]] = ()  # and the bool ones
     group_keys: ClassVar[tuple] = ()  # and per field (name, group key, index, set_by, is bool)
+    read_keys: ClassVar[tuple] = ()  # and the group keys it reads
 
     def needed_state(self) -> Tuple[str, ...]:
         """The state buffers these settings read and write (a prefix of ``state_names``)."""
@@ -68,17 +70,15 @@ class BaseUpdate:
         """The value a state buffer starts from (torch.optim's initialisation)."""
         return 0.0
 
+    @functools.cached_property
     def hyperparameters(self) -> Tuple[float, ...]:
         """The float settings, in declaration order: the compiled operator's ``hyperparameters``."""
         return tuple(getattr(self, name) for name in self.float_settings)
 
+    @functools.cached_property
     def flags(self) -> int:
         """The bool settings as bits, the i-th declared bool in bit i: the compiled operator's ``flags``."""
-        bits = 0
-        for i, name in enumerate(self.flag_settings):
-            if getattr(self, name):
-                bits |= 1 << i
-        return bits
+        return sum(1 << i for i, name in enumerate(self.flag_settings) if getattr(self, name))
 
 
 def fused_base(cls: type) -> type:
@@ -89,6 +89,7 @@ def fused_base(cls: type) -> type:
     cls.flag_settings = tuple(f.name for f in fields(cls) if f.type in ("bool", bool))
     cls.group_keys = tuple((f.name, f.metadata["key"], f.metadata["index"], f.metadata["set_by"],
                             f.name in cls.flag_settings) for f in fields(cls))
+    cls.read_keys = ("differentiable",) + tuple(dict.fromkeys(key for _, key, _, _, _ in cls.group_keys))
     return cls
 
 
@@ -171,9 +172,35 @@ def fused_kind(base_cls: type) -> Optional[type]:
     return next((kind for kind in FUSED_UPDATES if base_cls in kind.fuses), None)
 
 
+# Base updates already read, by (class, base class, the group's raw values): a step reads each group's
+# settings twice, and building the frozen dataclass costs more than the rest of the step's host work per group.
+# Only plain values are kept: a tensor may change in place (a key holding one hashes by identity, so it finds
+# no entry and is read afresh).
+_READ: dict = {}
+
+
+def _plain(values: tuple) -> bool:
+    for value in values:
+        if isinstance(value, torch.Tensor) or (type(value) is tuple and any(isinstance(v, torch.Tensor) for v in value)):
+            return False
+    return True
+
+
 def update_from_group(kind: type, base_cls: type, group: dict) -> BaseUpdate:
     """The base update (of class ``kind``) a param group asks for at this step; its lr is a per-step value,
-    in ``StepScalars``."""
+    in ``StepScalars``. Settings held as plain numbers are read once per distinct value."""
+    key = (kind, base_cls, tuple(map(group.get, kind.read_keys)))
+    update = _READ.get(key)
+    if update is None:
+        update = _read_update(kind, base_cls, group)
+        if _plain(key[2]):
+            if len(_READ) >= 256:  # settings scheduled through many values: keep the recent ones only
+                _READ.clear()
+            _READ[key] = update
+    return update
+
+
+def _read_update(kind: type, base_cls: type, group: dict) -> BaseUpdate:
     if group.get("differentiable", False):
         raise ValueError("differentiable=True is not supported by FusedSAM's fused base update")
     values = {}
