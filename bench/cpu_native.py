@@ -164,7 +164,7 @@ def main(argv=None):
     master, w16, g16 = torch.randn(n), torch.empty(n, dtype=torch.bfloat16), g.bfloat16()
     step = torch.ones(())  # not the first step: the momentum buffer is read
     u = SGDUpdate(momentum=0.9, weight_decay=5e-4)
-    sgd = (u.code, u.flags, list(u.hyperparameters))  # restore_update's kind, flags and hyperparameters
+    sgd = (u.code, u.flags(), list(u.hyperparameters()))  # restore_update's kind, flags and hyperparameters
     partials = torch.empty(NativeBackend().partials_len(type("S", (), {"numel": n, "device": torch.device("cpu")})()))
     op_rows = [
         ("op sq_norm_partials", 4, lambda: ops.sq_norm_partials(g, w, None, False, 0.0, partials)),

@@ -107,7 +107,7 @@ def main(argv=None):
         bk, m = (None, torch.randn(n, device="cuda")) if master else (torch.empty_like(w), None)
         step = torch.ones((), device="cuda")  # not the first step: the momentum buffer is read
         u = SGDUpdate(momentum=0.9, weight_decay=5e-4)
-        sgd = (u.code, u.flags, list(u.hyperparameters))  # restore_update's kind, flags and hyperparameters
+        sgd = (u.code, u.flags(), list(u.hyperparameters()))  # restore_update's kind, flags and hyperparameters
         partials = torch.empty(NativeBackend().partials_len(type("S", (), {"numel": n, "device": w.device})()),
                                device="cuda")
         for name, nbytes, fn in (

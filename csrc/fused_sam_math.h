@@ -214,7 +214,7 @@ constexpr int kMaxStateBuffers = 3;
 constexpr int kMaxHyperparameters = 8;
 
 // One update's settings as the Python update object holds them (fused_sam/updates.py): its float settings
-// in declaration order (``hyperparameters``), its bool settings as bits (``flags``, the i-th in bit i),
+// in declaration order (``hyperparameters()``), its bool settings as bits (``flags()``, the i-th in bit i),
 // and lr (unused when StepValues::lr is given).
 struct UpdateSettings {
   double lr;

@@ -6,7 +6,7 @@ classes it fuses, which state buffers it keeps (torch.optim's names, in the orde
 its code in the compiled operators (csrc/fused_sam_math.h's FUSED_SAM_BASE_KINDS). Everything else reads this
 description: ``update_from_group`` and the optimizer's checks and checkpoints, the backends (the reference's
 and each kernel backend's per-element math is keyed by the class), the compiled operator's arguments (the
-float settings in declaration order as ``hyperparameters``, the bool ones as bits of ``flags``).
+float settings in declaration order as ``hyperparameters()``, the bool ones as bits of ``flags()``).
 docs/adding_a_base.md says how to add one.
 
 Only the exact classes listed in ``fuses`` are fused: a subclass may override ``step``, so it goes through the
@@ -14,7 +14,6 @@ generic path (fused perturb/restore, then the subclass's own ``step()``).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Optional, Tuple
 
@@ -70,15 +69,17 @@ class BaseUpdate:
         """The value a state buffer starts from (torch.optim's initialisation)."""
         return 0.0
 
-    @functools.cached_property
     def hyperparameters(self) -> Tuple[float, ...]:
         """The float settings, in declaration order: the compiled operator's ``hyperparameters``."""
         return tuple(getattr(self, name) for name in self.float_settings)
 
-    @functools.cached_property
     def flags(self) -> int:
         """The bool settings as bits, the i-th declared bool in bit i: the compiled operator's ``flags``."""
-        return sum(1 << i for i, name in enumerate(self.flag_settings) if getattr(self, name))
+        bits = 0
+        for i, name in enumerate(self.flag_settings):
+            if getattr(self, name):
+                bits |= 1 << i
+        return bits
 
 
 def fused_base(cls: type) -> type:
@@ -190,7 +191,10 @@ def update_from_group(kind: type, base_cls: type, group: dict) -> BaseUpdate:
     """The base update (of class ``kind``) a param group asks for at this step; its lr is a per-step value,
     in ``StepScalars``. Settings held as plain numbers are read once per distinct value."""
     key = (kind, base_cls, tuple(map(group.get, kind.read_keys)))
-    update = _READ.get(key)
+    try:
+        update = _READ.get(key)
+    except TypeError:  # an unhashable setting (betas as a list): read it every time
+        return _read_update(kind, base_cls, group)
     if update is None:
         update = _read_update(kind, base_cls, group)
         if _plain(key[2]):

@@ -62,7 +62,7 @@ def restore_update_args(update, weights, backup, master, grads, state, step, gra
                         lr=0.1, lr_tensor=None, reused=None, reuse_scale=None) -> tuple:
     """torch.ops.fused_sam.restore_update's arguments for ``update`` (``state``: its needed buffers, in order)."""
     return (weights, backup, master, grads, list(state), step, grad_scale, found_inf, reused, reuse_scale,
-            update.code, update.flags, list(update.hyperparameters), lr, lr_tensor)
+            update.code, update.flags(), list(update.hyperparameters()), lr, lr_tensor)
 
 
 def needed(span, update) -> list:

@@ -478,3 +478,32 @@ def test_rho_changed_to_negative_at_runtime_is_caught_before_any_change():
     with pytest.raises(ValueError, match="rho must be a non-negative"):
         opt.first_step()
     assert_unchanged(model, before)
+
+
+def test_base_settings_changed_between_steps_take_effect():
+    """The base update is read once per distinct setting: a setting changed between steps (a number, a
+    pair, a flag) must reach the next update as torch.optim's does."""
+    def run(change):
+        torch.manual_seed(0)
+        model = mlp(torch.float64)
+        opt = FusedSAM(model.parameters(), torch.optim.Adam, rho=0.0, lr=0.01, betas=(0.9, 0.99))
+        ref_model = mlp(torch.float64)
+        ref = torch.optim.Adam(ref_model.parameters(), lr=0.01, betas=(0.9, 0.99))
+        for step, (x, y) in enumerate(batches(model, 4, torch.float64)):
+            if step == 2:
+                change(opt.param_groups[0]), change(ref.param_groups[0])
+            for m, o in ((model, opt), (ref_model, ref)):
+                loss_of(m, x, y).backward()
+            opt.first_step(zero_grad=True)
+            loss_of(model, x, y).backward()
+            opt.second_step(zero_grad=True)
+            ref.step()
+            ref.zero_grad()
+        for a, b in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        return [p.detach().clone() for p in model.parameters()]
+
+    unchanged = run(lambda g: None)
+    for change in (lambda g: g.update(weight_decay=0.1), lambda g: g.update(betas=(0.5, 0.99)),
+                   lambda g: g.update(maximize=True)):
+        assert not all(map(torch.equal, run(change), unchanged))

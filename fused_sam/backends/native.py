@@ -224,5 +224,5 @@ class NativeBackend(Backend):
         _restore_update(
             span.weights, span.backup, span.master, span.grads, [span.state[name] for name in update.needed_state()],
             required(scalars, "step"), scalars.grad_scale, scalars.found_inf, span.reused, scalars.reuse_scale,
-            update.code, update.flags, update.hyperparameters, lr, lr_tensor,
+            update.code, update.flags(), update.hyperparameters(), lr, lr_tensor,
         )
