@@ -299,7 +299,8 @@ class FusedSAM(torch.optim.Optimizer):
         rhos = self._step_hyperparameters("rho")  # before any kernel: a refusal leaves nothing half done
         self._check_base_settings()
         active = self._linked_grads(intact, "first_step()")
-        self.variant.sam_step_began(StepView(sam, active, lambda: perturbations, self._momentum_states, lambda: rhos))
+        if "sam_step_began" in self.variant.passes:
+            self.variant.sam_step_began(StepView(sam, active, lambda: perturbations, self._momentum_states, lambda: rhos))
         self._perturb(spans_with_gradients(sam.segments, active), perturbations, grad_scale, rhos)
         sam.perturbed = active
         for segment in sam.segments:
@@ -365,7 +366,8 @@ class FusedSAM(torch.optim.Optimizer):
             raise RuntimeError(problem + "; the weights were restored to w and not updated")
         if found_inf is None:
             found_inf = self._nonfinite_gradients(spans_with_gradients(sam.segments, active))
-        self.variant.sam_update_due(self._view(active), found_inf)
+        if "sam_update_due" in self.variant.passes:
+            self.variant.sam_update_due(self._view(active), found_inf)
         self._update(active, grad_scale, found_inf)
 
     def _update(self, active, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
@@ -454,11 +456,14 @@ class FusedSAM(torch.optim.Optimizer):
             self.variant.observe(norm)
         if found_inf is None:
             found_inf = self._nonfinite_gradients(work, norm)
-        view = self._view(active)
-        reuse_scale = self.variant.plain_direction(view, fused=bool(self._fused_kind))
+        view, passes = self._view(active), self.variant.passes
+        reuse_scale = None
+        if "plain_direction" in passes:
+            reuse_scale = self.variant.plain_direction(view, fused=bool(self._fused_kind))
         sam.perturbed = [[self.variant.perturbed_between_steps] * len(segment.params) for segment in sam.segments]
         self._update(active, grad_scale, found_inf, reuse_scale)
-        self.variant.plain_step_done(view)
+        if "plain_step_done" in passes:
+            self.variant.plain_step_done(view)
 
     def _nonfinite_gradients(self, work, norm: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """With ``skip_nonfinite``, the found_inf of an update without a GradScaler (see

@@ -84,6 +84,7 @@ class Variant:
 
     name = "sam"
     needs_norm = False  # does observe() want ||g||^2 at w on plain steps too?
+    passes: frozenset = frozenset()  # the step hooks this class defines (set per subclass: FusedSAM calls only these)
     state_keys: tuple = ()  # per-parameter flat state buffers the variant keeps (saved with the optimizer's)
     # Does the model hold perturbed weights between steps, the backup w (MomentumSAM)? And does it now?
     moves_between_steps = False
@@ -140,6 +141,13 @@ class Variant:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.passes = frozenset(hook for hook in _STEP_HOOKS if getattr(cls, hook) is not getattr(Variant, hook))
+
+
+_STEP_HOOKS = ("sam_step_began", "sam_update_due", "plain_direction", "plain_step_done")
 
 
 def _positive_int(value, what: str) -> int:
