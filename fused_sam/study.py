@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .bench.report import cpu_model
 from .demo.mlp import MLPConfig, accuracy, make_data, top_hessian_eigenvalue
 from .optimizer import FusedSAM
 from .variants import Every, LookSAM, MomentumSAM, Randomly, WhenSharp
@@ -229,7 +230,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     return dict(config=asdict(cfg), torch=torch.__version__, python=platform.python_version(),
-                machine=dict(platform=platform.platform(), processor=_cpu_name(), cpus=os.cpu_count(),
+                machine=dict(platform=platform.platform(), processor=cpu_model(), cpus=os.cpu_count(),
                              niceness=os.nice(0) if hasattr(os, "nice") else None,
                              load_average_before=load_before, load_average_after=_load()),
                 threads=cfg.threads, seconds=seconds,
@@ -241,17 +242,6 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict:
 
 def _load() -> Optional[List[float]]:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _fmt(entry: dict, spec: str) -> str:

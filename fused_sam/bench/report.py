@@ -25,7 +25,7 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -78,8 +78,8 @@ def environment(device: torch.device) -> Dict[str, object]:
 
     env = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "cpu_model": _cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cores_available": machine_cores(),
         "torch_threads": torch.get_num_threads(),
