@@ -10,27 +10,15 @@ Compare two trees by interleaving processes, so that the machine's load falls on
     done
 """
 import json
-import statistics
 import sys
-import time
 
 import torch
 
+from cpu_native import median_time, sam_step  # bench/ is this script's directory
 from fused_sam import FusedSAM
 
 COUNT, SIZE, STEPS = 1000, 16, 300
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.01, momentum=0.9)), "adamw": (torch.optim.AdamW, dict(lr=1e-3))}
-
-
-def median_us(fn, n: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def with_grads() -> list:
@@ -46,13 +34,8 @@ def main() -> None:
     result = {"label": sys.argv[1] if len(sys.argv) > 1 else ""}
     for name, (cls, kwargs) in BASES.items():
         opt = FusedSAM(with_grads(), cls, rho=0.05, backend="native", **kwargs)
-
-        def sam_step():
-            opt.first_step()
-            opt.second_step()
-
-        result[f"sam_{name}_us"] = median_us(sam_step, STEPS)
-        result[f"torch_fused_{name}_us"] = median_us(cls(with_grads(), fused=True, **kwargs).step, 100)
+        result[f"sam_{name}_us"] = median_time(sam_step(opt), STEPS) * 1e6
+        result[f"torch_fused_{name}_us"] = median_time(cls(with_grads(), fused=True, **kwargs).step, 100) * 1e6
     print(json.dumps(result))
 
 
