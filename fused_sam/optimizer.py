@@ -19,7 +19,7 @@ from .flat import LOW_PRECISION, FlatSegment
 from .norms import nonfinite_flag, norm_partials, spans_with_gradients, squared_norm
 from .settings import MODES, SAM_KEYS, check_flag, check_params, check_sam_settings, current_scale, tensor_of
 from .step_state import PerDevice, SAMState
-from .updates import fused_kind, update_from_group
+from .updates import fused_kind, remember, update_from_group
 from .variants import StepView, Variant, resolve as resolve_variant
 
 _PERTURBATIONS: Dict[tuple, Perturbation] = {}  # by their settings: a step reads every group's
@@ -234,9 +234,7 @@ class FusedSAM(torch.optim.Optimizer):
             key = (bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps)
             perturbation = _PERTURBATIONS.get(key)
             if perturbation is None:  # a frozen dataclass costs ~1 us to build: once per distinct setting
-                if len(_PERTURBATIONS) >= 256:
-                    _PERTURBATIONS.clear()
-                perturbation = _PERTURBATIONS[key] = Perturbation(*key)
+                perturbation = remember(_PERTURBATIONS, key, Perturbation(*key))
             out.append(perturbation)
         return out
 

@@ -198,10 +198,17 @@ def update_from_group(kind: type, base_cls: type, group: dict) -> BaseUpdate:
     if update is None:
         update = _read_update(kind, base_cls, group)
         if _plain(key[2]):
-            if len(_READ) >= 256:  # settings scheduled through many values: keep the recent ones only
-                _READ.clear()
-            _READ[key] = update
+            remember(_READ, key, update)
     return update
+
+
+def remember(cache: dict, key, value):
+    """``cache[key] = value`` in a cache of what was read from settings, by their values, holding at most 256:
+    settings scheduled through many values keep the recent ones only."""
+    if len(cache) >= 256:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _read_update(kind: type, base_cls: type, group: dict) -> BaseUpdate:
