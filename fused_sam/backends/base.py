@@ -205,13 +205,24 @@ class Backend(ABC):
         """w <- backup exactly (used before a base optimizer that is not fused)."""
 
     @abstractmethod
-    def restore_and_update(self, span: Span, update: BaseUpdate, scalars: StepScalars) -> None:
+    def restore_and_update(self, span: Span, update: BaseUpdate, scalars: StepScalars,
+                           sums: Optional[torch.Tensor] = None) -> None:
         """w <- backup, then one base-optimizer update of w and ``span.state`` with ``span.grads`` (plus
         ``scalars.reuse_scale * span.reused`` when given). ``span.backup`` may be ``span.weights`` itself (a
         step that perturbed nothing restores from w in place): read each element before writing it.
 
-        ``update`` is an ``SGDUpdate`` or an ``AdamUpdate``; ``scalars`` carries the step count, lr and,
+        ``update`` is one of ``fused_sam.updates.FUSED_UPDATES``; ``scalars`` carries the step count, lr and,
         under a GradScaler, the scale to divide the gradients by and the found_inf flag that skips the
         update (then w is the backup exactly and the state is unchanged). The step count is not advanced
         here.
+
+        ``sums`` (telemetry): None, or a contiguous ``(partials_len(span), 3)`` tensor on the span's device,
+        float32 or float64 (float64 whenever the span is), every element of which the call writes: per row,
+        partial sums of e^2, e * g2 and g2^2 over the span, where e = (the weights as they are on entry, in
+        the math dtype) - (the restore point: ``master`` or ``backup``, in the math dtype) and g2 =
+        ``span.grads`` in the math dtype times GradScaler's unscale factor (``grad_unscale``) when a scale
+        is given: the unscaled gradient, not negated for maximize, without the reused direction. Written
+        whatever found_inf says (the caller discards a skipped step's). Without ``sums`` the backend runs
+        exactly the code (kernels, bytes moved) it runs without telemetry; with it, one more read of the
+        weights.
         """

@@ -35,6 +35,18 @@ def _restore_point(span: Span) -> torch.Tensor:
     return span.master if span.master is not None else _math(span.backup, span)
 
 
+def telemetry_sums(span: Span, grad_scale: Optional[torch.Tensor], sums: torch.Tensor, has_grads: bool = True) -> None:
+    """Row 0 of ``sums`` <- (e.e, e.g2, g2.g2), the other rows 0 (see ``Backend.restore_and_update``): e the
+    weights now (w + e, as the model saw it) minus the restore point, g2 the unscaled gradient (zero where
+    ``has_grads`` is False: a perturbed span restored without a second gradient)."""
+    e = _math(span.weights, span) - _restore_point(span)
+    g = _math(span.grads, span) if has_grads else torch.zeros_like(e)
+    if grad_scale is not None:
+        g = g * grad_unscale(grad_scale).to(g.dtype)
+    sums.zero_()
+    sums[0].copy_(torch.stack([torch.dot(e, e), torch.dot(e, g), torch.dot(g, g)]))
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     supports_master_weights = True
@@ -87,8 +99,10 @@ class ReferenceBackend(Backend):
     def restore(self, span: Span) -> None:
         span.weights.copy_(span.master if span.master is not None else span.backup)
 
-    def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
+    def restore_and_update(self, span: Span, update, scalars: StepScalars, sums: Optional[torch.Tensor] = None) -> None:
         check_reuse_inputs(span, scalars)
+        if sums is not None:
+            telemetry_sums(span, scalars.grad_scale, sums)
         w = _restore_point(span)
         d = _math(span.grads, span)
         if span.reused is not None:

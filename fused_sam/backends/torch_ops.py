@@ -54,7 +54,7 @@ import torch
 
 from ..updates import AdamUpdate, SGDUpdate
 from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale, required
-from .reference import ReferenceBackend, on_device
+from .reference import ReferenceBackend, on_device, telemetry_sums
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -274,7 +274,9 @@ class TorchBackend(Backend):
 
     # --- restore and update ------------------------------------------------------------------------------
 
-    def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
+    def restore_and_update(self, span: Span, update, scalars: StepScalars, sums: Optional[torch.Tensor] = None) -> None:
+        if sums is not None:  # before the update overwrites w + e
+            self._telemetry_sums(span, scalars.grad_scale, sums)
         if type(update) not in (SGDUpdate, AdamUpdate):
             self._update_by_reference(span, update, scalars)
             return
@@ -364,6 +366,15 @@ class TorchBackend(Backend):
                 w_out.copy_(r)  # the weights: the master's rounding
             elif target is not w_out:
                 w_out.copy_(target)
+
+    def _telemetry_sums(self, span: Span, grad_scale: Optional[torch.Tensor], sums: torch.Tensor) -> None:
+        """The reference's sums, one row per chunk of the squared norm (``partials_len`` rows)."""
+        size = self.norm_chunk_numel(span.device)
+        for k, start in enumerate(range(0, span.numel, size)):
+            part = slice(start, start + size)
+            chunk = Span(span.weights[part], span.grads[part], None if span.backup is None else span.backup[part],
+                         master=None if span.master is None else span.master[part])
+            telemetry_sums(chunk, grad_scale, sums[k:k + 1])
 
     def _update_by_reference(self, span: Span, update, scalars: StepScalars) -> None:
         """A base update without chained formulas here: the reference's own, chunk by chunk (so its
