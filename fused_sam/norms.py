@@ -26,10 +26,12 @@ def spans_with_gradients(segments, active: list) -> list:
     ]
 
 
-def norm_partials(sam, work: list, perturbations: List) -> Dict[torch.device, torch.Tensor]:
+def norm_partials(sam, work: list, perturbations: List,
+                  local: Optional[dict] = None) -> Dict[torch.device, torch.Tensor]:
     """Squared-norm partials per device of ``work`` ((segment, span) pairs), each under its group's
     perturbation (ASAM: ||T g||^2). With several devices, or parameters sharded over ranks, each device
-    gets the global sum as a one-element float64 tensor."""
+    gets the global sum as a one-element float64 tensor. ``local``, if given, receives per (device, shard
+    group) the partials before any sum: (buffer, (segment, span) items, each item's slice)."""
     layout: Dict[tuple, list] = {}
     for segment, span in work:
         layout.setdefault((span.device, segment.shard_group), []).append((segment, span))
@@ -39,6 +41,8 @@ def norm_partials(sam, work: list, perturbations: List) -> Dict[torch.device, to
         for (segment, span), out in zip(items, outs):
             segment.backend.sq_norm_partials(span, perturbations[segment.group_index], out)
         partials[key] = buf
+        if local is not None:
+            local[key] = (buf, items, outs)
     if not sam.shard_groups and len(partials) <= 1:
         return {device: buf for (device, _), buf in partials.items()}
     return global_sum(sam, partials)
@@ -82,23 +86,25 @@ def sum_over_segments(sam, per_segment: Callable) -> torch.Tensor:
     return next(iter(totals.values())).reshape(())
 
 
-def global_sum(sam, partials: Dict[tuple, torch.Tensor]) -> Dict[torch.device, torch.Tensor]:
-    """Sum the partials of every (device, shard group) into one float64 total, the sharded ones over
-    their ranks first; hand each device the total as a one-element tensor."""
+def global_sum(sam, partials: Dict[tuple, torch.Tensor], width: Optional[int] = None) -> Dict[torch.device, torch.Tensor]:
+    """Sum the partials of every (device, shard group) over their first dimension into one float64 total
+    (a scalar, or a vector of ``width`` values for (rows, width) partials), the sharded ones over their
+    ranks first (one all-reduce per shard group); hand each device the total as a 1-D tensor."""
+    shape = () if width is None else (width,)
     reductions = []
     for group, device in sam.shard_groups:  # every rank, every group, in one order: no rank waits alone
-        own = [buf.sum(dtype=torch.float64).to(device) for (_, g), buf in partials.items() if g is group]
-        value = torch.stack(own).sum() if own else torch.zeros((), dtype=torch.float64, device=device)
+        own = [buf.sum(0, dtype=torch.float64).to(device) for (_, g), buf in partials.items() if g is group]
+        value = torch.stack(own).sum(0) if own else torch.zeros(shape, dtype=torch.float64, device=device)
         reductions.append((value, sum_over_ranks(value, group)))
     home = sam.segments[0].device if sam.segments else sam.shard_groups[0][1]
-    total = torch.zeros((), dtype=torch.float64, device=home)
+    total = torch.zeros(shape, dtype=torch.float64, device=home)
     for (_, group), buf in partials.items():
         if group is None:
-            total = total + buf.sum(dtype=torch.float64).to(home)
+            total = total + buf.sum(0, dtype=torch.float64).to(home)
     for value, handle in reductions:
         handle.wait()
         total = total + value.to(home)
-    return {device: total.to(device).reshape(1) for device, _ in partials} or {home: total.reshape(1)}
+    return {device: total.to(device).reshape(-1) for device, _ in partials} or {home: total.reshape(-1)}
 
 
 def _partials_buffer(sam, key: tuple, items: list) -> tuple:

@@ -13,12 +13,14 @@ import torch
 
 from . import capture, checkpoint
 from .backends import KernelLaunches, Perturbation, StepScalars, check_backend_name, resolve_backend
-from .backends.base import Hyperparameter, grad_unscale
+from .backends.base import Hyperparameter, grad_unscale, math_dtype
+from .backends.reference import telemetry_sums
 from .distributed import is_dtensor, local_of, refuse_under_zero, shard_group
 from .flat import LOW_PRECISION, FlatSegment
 from .norms import nonfinite_flag, norm_partials, spans_with_gradients, squared_norm
 from .settings import MODES, SAM_KEYS, check_flag, check_params, check_sam_settings, current_scale, tensor_of
 from .step_state import PerDevice, SAMState
+from .telemetry import Telemetry
 from .updates import fused_kind, remember, update_from_group
 from .variants import StepView, Variant, resolve as resolve_variant
 
@@ -46,6 +48,9 @@ class FusedSAM(torch.optim.Optimizer):
             into a CUDA graph and replayed (see README, "CUDA graphs"). Paired mode, fused base only.
         variant: a ``fused_sam.variants`` object (``Every(k)``, ``Randomly(p)``, ``LookSAM(k)``) that decides
             per step whether SAM's second pass runs (``sam_step_due``); None: SAM at every step.
+        telemetry: measure every SAM step on the device, from sums inside its passes: gradient norms,
+            the perturbation's norm, the directional derivative, the curvature along e, the cosine of the two
+            gradients, the loss gap (see ``telemetry()``). False runs exactly the kernels it runs without.
         skip_nonfinite: without a GradScaler, skip an update whose gradients hold an inf or NaN (w restored
             exactly, state and step counts unchanged; counted in ``skipped_steps``), decided on the device
             from one more read of the gradients (their squared norm, summed over ranks). Under a GradScaler
@@ -76,12 +81,13 @@ class FusedSAM(torch.optim.Optimizer):
         capturable: bool = False,
         variant: Optional[Variant] = None,
         skip_nonfinite: bool = True,
+        telemetry: bool = False,
         backend: str = "auto",
         **base_kwargs,
     ):
         self.variant = resolve_variant(variant)
         self._check_options(base_optimizer, rho, eta, perturb_eps, mode, master_weights, capturable,
-                            skip_nonfinite, backend)
+                            skip_nonfinite, telemetry, backend)
         refuse_under_zero(FusedSAM)
         groups = check_params(params)
         if master_weights and not any(tensor_of(p).dtype in LOW_PRECISION for g in groups for p in g["params"]):
@@ -93,6 +99,7 @@ class FusedSAM(torch.optim.Optimizer):
         self.backend_name, self.mode = backend, mode
         self.base_optimizer = None
         self._sam = SAMState(float(perturb_eps))
+        self._sam.telemetry = Telemetry() if telemetry else None
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, **base_kwargs)
         defaults[checkpoint.PROGRESS_KEY] = None
         super().__init__(groups, defaults)
@@ -110,7 +117,7 @@ class FusedSAM(torch.optim.Optimizer):
         self.variant.check(self.param_groups, self._momentum_states())
 
     def _check_options(self, base_optimizer, rho, eta, perturb_eps, mode, master_weights, capturable,
-                       skip_nonfinite, backend) -> None:
+                       skip_nonfinite, telemetry, backend) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             hint = " (pass the class, not an instance)" if isinstance(base_optimizer, torch.optim.Optimizer) else ""
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass{hint}, got {base_optimizer!r}")
@@ -121,7 +128,7 @@ class FusedSAM(torch.optim.Optimizer):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for value, name in ((master_weights, "master_weights"), (capturable, "capturable"),
-                            (skip_nonfinite, "skip_nonfinite")):
+                            (skip_nonfinite, "skip_nonfinite"), (telemetry, "telemetry")):
             check_flag(value, name)
         if capturable and mode != "paired":
             raise ValueError("capturable=True needs mode='paired': in alternate mode each step() call is one half "
@@ -270,7 +277,8 @@ class FusedSAM(torch.optim.Optimizer):
     # --- the SAM step ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None,
+                   loss=None) -> None:
         """Save w exactly and move to w + e(w) using the gradients now in ``.grad``.
 
         A parameter whose ``.grad`` is None is not perturbed (it has no first gradient) but is still
@@ -280,6 +288,9 @@ class FusedSAM(torch.optim.Optimizer):
         to scale perturb_eps with the gradient (without it e differs by perturb_eps / ||g||, relatively);
         un-normalized SAM (normalize=False) needs it, and the second step refuses to go on without it.
         Its scale is read on the device, without a host sync.
+
+        ``loss``: with ``telemetry=True``, the loss at w (a tensor, read on the device), so that the step
+        records ``loss_gap`` when ``second_step`` is given the loss at w + e.
         """
         sam = self._sam
         if sam.perturbed is not None:
@@ -299,7 +310,7 @@ class FusedSAM(torch.optim.Optimizer):
         active = self._linked_grads(intact, "first_step()")
         if "sam_step_began" in self.variant.passes:
             self.variant.sam_step_began(StepView(sam, active, lambda: perturbations, self._momentum_states, lambda: rhos))
-        self._perturb(spans_with_gradients(sam.segments, active), perturbations, grad_scale, rhos)
+        self._perturb(spans_with_gradients(sam.segments, active), perturbations, grad_scale, rhos, loss)
         sam.perturbed = active
         for segment in sam.segments:
             segment.mark_grads_seen()
@@ -307,14 +318,25 @@ class FusedSAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _perturb(self, work: list, perturbations: List[Perturbation], grad_scale: Optional[torch.Tensor],
-                 rhos: Callable[[int, torch.device], Hyperparameter]) -> None:
+                 rhos: Callable[[int, torch.device], Hyperparameter], loss=None) -> None:
         """backup <- w, w <- w + e over ``work`` ((segment, span) with a gradient), with the global norm."""
         sam = self._sam
         partials = None
-        if any(p.normalize for p in perturbations) and (work or sam.shard_groups):
-            partials = norm_partials(sam, work, perturbations)
-            if self.variant.needs_norm:
-                self.variant.observe(squared_norm(partials, grad_scale))
+        normalized = any(p.normalize for p in perturbations)
+        telemetry, local = sam.telemetry, {}
+        if telemetry is not None:
+            telemetry.abandon()  # what an earlier step that ended in an error gathered
+        if (normalized or telemetry is not None) and (work or sam.shard_groups):
+            partials = norm_partials(sam, work, perturbations, local if telemetry is not None else None)
+            if self.variant.needs_norm or telemetry is not None:
+                grad_sq = squared_norm(partials, grad_scale)
+                if self.variant.needs_norm:
+                    self.variant.observe(grad_sq)
+                if telemetry is not None:
+                    telemetry.start(sam.segments[0].device, sam.completed_steps)
+                    telemetry.began(local, grad_sq, perturbations, rhos, grad_scale, sam.perturb_eps, loss)
+            if not normalized:  # measured for telemetry only: an un-normalized e does not read it
+                partials = None
         counter = sam.nonfinite if partials is not None else None  # incremented once per step
         scales = PerDevice(grad_scale)
         for segment, span in work:
@@ -331,18 +353,19 @@ class FusedSAM(torch.optim.Optimizer):
         sam.perturbed_unnormalized = any(not perturbations[segment.group_index].normalize for segment, _ in work)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, loss=None) -> None:
         """Restore w exactly, then take the base optimizer's step with the gradients taken at w + e.
 
         Every parameter with a gradient now is updated, also one that had none at ``first_step``; a
         parameter perturbed at ``first_step`` but without a gradient now is restored and not updated.
         Under a GradScaler, finish the step with ``scaler.step(optimizer)`` instead (see ``step``).
+        ``loss``: with ``telemetry=True``, the loss at w + e (see ``first_step``).
         """
-        self._second_step(None, None)
+        self._second_step(None, None, loss)
         if zero_grad:
             self.zero_grad()
 
-    def _second_step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    def _second_step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], loss=None) -> None:
         """second_step with GradScaler's inputs: the gradients are divided by ``grad_scale`` inside the
         update, and where ``found_inf`` is non-zero the update is skipped (w restored exactly, state and
         step counts unchanged), all decided on the device."""
@@ -366,31 +389,43 @@ class FusedSAM(torch.optim.Optimizer):
             found_inf = self._nonfinite_gradients(spans_with_gradients(sam.segments, active))
         if "sam_update_due" in self.variant.passes:
             self.variant.sam_update_due(self._view(active), found_inf)
-        self._update(active, grad_scale, found_inf)
+        telemetry = sam.telemetry
+        if telemetry is None or not telemetry.measuring:
+            self._update(active, grad_scale, found_inf)
+            return
+        sums: Dict[tuple, list] = {}
+        self._update(active, grad_scale, found_inf, sums=sums)
+        telemetry.finished(sam, {key: torch.cat(outs) for key, outs in sums.items()}, grad_scale, found_inf, loss)
 
     def _update(self, active, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                reuse_scale: Optional[torch.Tensor] = None) -> None:
+                reuse_scale: Optional[torch.Tensor] = None, sums: Optional[Dict[tuple, list]] = None) -> None:
         """Restore w where it was perturbed and take the base update with the gradients now in the buffers
         (``reuse_scale``: plus that times the variant's stored direction, added inside the kernels); end the
-        step. ``sam.perturbed`` says what was perturbed (a plain step: nothing)."""
+        step. ``sam.perturbed`` says what was perturbed (a plain step: nothing). ``sums`` (telemetry):
+        receives per (device, shard group) each span's (rows, 3) sums of e.e, e.g2, g2.g2."""
         sam = self._sam
         scales = PerDevice(grad_scale)
         if self._fused_kind:
-            self._fused_update(active, scales, PerDevice(found_inf), PerDevice(reuse_scale, torch.float64))
+            self._fused_update(active, scales, PerDevice(found_inf), PerDevice(reuse_scale, torch.float64), sums)
         else:
+            if sums is not None:
+                self._reference_sums(active, scales, sums)
             self._restore_all()
             self._unfused_base_step(scales, found_inf)
         sam.perturbed = None
         sam.completed_steps += 1
+        if sam.telemetry is not None:
+            sam.telemetry.tick()
         sam.sam_due = None
         for segment in sam.segments:
             segment.mark_grads_seen()
         # What an LR scheduler's wrapper of step() records; users of first/second_step never call step().
         self._opt_called = self.base_optimizer._opt_called = True
 
-    def _fused_update(self, active, scales: PerDevice, infs: PerDevice, reuses: PerDevice) -> None:
+    def _fused_update(self, active, scales: PerDevice, infs: PerDevice, reuses: PerDevice,
+                      sums: Optional[Dict[tuple, list]] = None) -> None:
         """The backends' restore-and-update over every span with a gradient; restore only where a perturbed
-        parameter has none now."""
+        parameter has none now. ``sums``: see ``_update``."""
         sam = self._sam
         updates = self._base_updates()
         lrs = self._step_hyperparameters("lr")
@@ -411,12 +446,58 @@ class FusedSAM(torch.optim.Optimizer):
                         span = dataclasses.replace(span, reused=span.state[reused_key])
                     scalars = StepScalars(step=segment.step_of(first), lr=lr, grad_scale=device_scale,
                                           found_inf=device_inf, reuse_scale=device_reuse)
-                    segment.backend.restore_and_update(span, update, scalars)
+                    if sums is None:
+                        segment.backend.restore_and_update(span, update, scalars)
+                    else:
+                        out = self._sums_out(sums, segment, span)
+                        segment.backend.restore_and_update(span, update, scalars, out)
                 elif was_perturbed:
+                    if sums is not None:  # e counts in |e|^2, with no second gradient
+                        telemetry_sums(span, None, self._sums_out(sums, segment, span, 1), has_grads=False)
                     segment.backend.restore(span)
             taken = None if device_inf is None else (device_inf.reshape(()) == 0).to(torch.float32)
             segment.advance_steps(has_grad, taken)
             segment.publish_weights()
+
+    @staticmethod
+    def _sums_out(sums: Dict[tuple, list], segment: FlatSegment, span, rows: Optional[int] = None) -> torch.Tensor:
+        """A fresh (rows, 3) telemetry sums tensor for ``span``, listed under its (device, shard group)."""
+        rows = segment.backend.partials_len(span) if rows is None else rows
+        out = torch.empty(rows, 3, dtype=math_dtype(span.weights.dtype), device=span.device)
+        sums.setdefault((span.device, segment.shard_group), []).append(out)
+        return out
+
+    def _reference_sums(self, active, scales: PerDevice, sums: Dict[tuple, list]) -> None:
+        """Telemetry's sums before a base optimizer that is not fused restores and steps itself."""
+        for segment, perturbed, has_grad in zip(self._sam.segments, self._sam.perturbed, active):
+            for _, _, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
+                if not (was_perturbed or updated):
+                    continue
+                if not was_perturbed and span.master is None:
+                    span = dataclasses.replace(span, backup=span.weights)
+                telemetry_sums(span, scales.on(segment.device) if updated else None,
+                               self._sums_out(sums, segment, span, 1), has_grads=updated)
+
+    def telemetry(self, sync: bool = True) -> Optional[dict]:
+        """What the last recorded SAM step measured (``FusedSAM(..., telemetry=True)``), None before one.
+
+        Keys: ``step`` (the optimizer step it was measured at, 0-based, counting plain and skipped steps),
+        ``grad_norm`` |g1| (ASAM: |T g1|, the norm SAM used), ``sam_grad_norm`` |g2|, ``perturbation_norm``
+        |e| as applied to the weights, ``directional_derivative`` e.g1, ``curvature`` (e.g2 - e.g1) / |e|^2
+        (the Hessian's Rayleigh quotient along e, to first order in |e|), ``cosine`` e.g2 / (|e| |g2|) (for
+        SAM and USAM the cosine of g1 and g2), ``loss_gap`` L(w + e) - L(w) (None unless both losses were
+        given: ``step(closure)`` gives them, or ``first_step(loss=...)`` and ``second_step(loss=...)``).
+        Gradients are unscaled (GradScaler); a skipped step (found_inf, a non-finite first gradient) and a
+        variant's plain step record nothing, so the last record stays.
+
+        ``sync=True`` reads the record to the host: one synchronisation, Python floats. ``sync=False``
+        returns 0-d float64 device tensors (a copy of the record, no sync; ``step`` is NaN while nothing
+        was recorded, ``loss_gap`` NaN when not measured).
+        """
+        telemetry = self._sam.telemetry
+        if telemetry is None:
+            raise RuntimeError("telemetry() needs FusedSAM(..., telemetry=True)")
+        return telemetry.read(sync)
 
     @property
     def sam_step_due(self) -> bool:
@@ -502,7 +583,7 @@ class FusedSAM(torch.optim.Optimizer):
         return any(segment.grads_fresh() for segment in self._sam.segments)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None):
+    def step(self, closure: Optional[Callable] = None, loss=None):
         """One SAM step, in either closure convention; returns the loss at w.
 
         - torch.optim's (Lightning's automatic optimization): no backward has run since the last step,
@@ -513,6 +594,9 @@ class FusedSAM(torch.optim.Optimizer):
         once (at w + e) and ``second_step`` follows; so a trainer's own ``optimizer.step()`` after a
         hand-written first pass completes the SAM step. With ``mode="alternate"``
         each call is one half of a SAM step: perturb, then restore and update (see the class docstring).
+
+        ``loss`` (telemetry): the loss at w + e of a second step taken here without a closure, e.g.
+        ``scaler.step(optimizer, loss=loss)`` (see ``first_step``).
         """
         if self.mode == "alternate":
             return self._half_step(closure)
@@ -525,12 +609,11 @@ class FusedSAM(torch.optim.Optimizer):
             self._plain_step(grad_scale, found_inf)
             return loss
         if self._sam.perturbed is not None:  # the rest of a SAM step begun by first_step()
-            loss = None
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            self._second_step(grad_scale, found_inf)
-            return loss
+            self._second_step(grad_scale, found_inf, loss)
+            return loss if closure is not None else None
         if grad_scale is not None or found_inf is not None:
             raise RuntimeError(
                 "scaler.step(optimizer) is SAM's second step: run the first scaled backward and "
@@ -547,10 +630,10 @@ class FusedSAM(torch.optim.Optimizer):
         if not self._grads_fresh():
             with torch.enable_grad():
                 loss = closure()
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, loss=loss)
         with torch.enable_grad():
             loss_at_perturbed = closure()
-        self.second_step()
+        self.second_step(loss=loss_at_perturbed)
         return loss_at_perturbed if loss is None else loss
 
     def _half_step(self, closure: Optional[Callable]):
@@ -560,9 +643,9 @@ class FusedSAM(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._sam.perturbed is None:
-            self.first_step()
+            self.first_step(loss=loss)
         else:
-            self.second_step()
+            self.second_step(loss=loss)
         return loss
 
     @property

@@ -44,6 +44,7 @@ class SAMState:
         # Per captured half ("first_step()", "second_step()"): which parameters had a gradient (per segment),
         # so the graph perturbs and updates those on every replay.
         self.captured_live: Dict[str, list] = {}
+        self.telemetry = None  # fused_sam.telemetry.Telemetry with telemetry=True
 
     def home_counters(self) -> None:
         """The step counters live on the first segment's device (made there, or moved after a re-layout)."""
