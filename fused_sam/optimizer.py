@@ -160,7 +160,8 @@ class FusedSAM(torch.optim.Optimizer):
         updates = self._base_updates()
 
         def launches() -> KernelLaunches:  # read only where a backend is checked before use
-            return KernelLaunches(tuple(updates), tuple(self._perturbations()), self.capturable)
+            return KernelLaunches(tuple(updates), tuple(self._perturbations()), self.capturable,
+                                  sam.telemetry is not None)
 
         for gi in group_indices:
             buckets: Dict[tuple, list] = {}

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from fused_sam.backends.base import KernelLaunches, Perturbation, Span, StepScalars, math_dtype
+from fused_sam.backends.base import KernelLaunches, Perturbation, Span, StepScalars, grad_unscale, math_dtype
 from fused_sam.backends.reference import ReferenceBackend
 from fused_sam.flat import LOW_PRECISION
 from fused_sam.updates import AdagradUpdate, AdamUpdate, SGDUpdate
@@ -256,6 +256,39 @@ def check_restore_and_update(backend, span: Span, update, scalars: StepScalars) 
         _close(cand.state[name], ref.state[name], STATE_TOLERANCE[ref.state[name].dtype], f"{name} after {what}")
 
 
+def check_telemetry_sums(backend, span: Span, update, scalars: StepScalars) -> None:
+    """restore_and_update with telemetry sums: every row written, their totals the reference's (e = the
+    weights on entry minus the restore point, g2 the unscaled gradient), and the update the same bits as
+    without sums."""
+    base = clone_span(span)
+    if base.backup is not None:
+        base.backup.copy_(base.weights)
+    gen = torch.Generator().manual_seed(base.numel)
+    e = torch.randn(base.numel, generator=gen, dtype=torch.float64).mul_(1e-2).to(base.device)
+    base.weights.copy_((restore_point(base).double() + e).to(base.weights.dtype))
+    plain, cand = clone_span(base), clone_span(base)
+    backend.restore_and_update(plain, update, scalars)
+    rows = backend.partials_len(cand)
+    what = f"telemetry sums of {update}, grad_scale {scalars.grad_scale}, {rows} rows"
+    for dtype in {span.state_dtype, torch.float64}:  # a float32 span may share a float64 buffer
+        sums = torch.full((rows, 3), math.nan, dtype=dtype, device=span.device)
+        cand = clone_span(base)
+        backend.restore_and_update(cand, update, scalars, sums)
+        for a, b in zip([plain.weights, *plain.state.values()], [cand.weights, *cand.state.values()]):
+            assert torch.equal(as_bits(a), as_bits(b)), f"{what}: the update changed with sums"
+        assert not sums.isnan().any(), f"{what}: a row left unwritten"
+        # float64 sums of the math-dtype products, within a fraction of the sum of their magnitudes
+        e = base.weights.double() - restore_point(base).double()
+        g = base.grads.to(span.state_dtype)
+        if scalars.grad_scale is not None:
+            g = g * grad_unscale(scalars.grad_scale).to(g.dtype)
+        g = g.double()
+        tol = 1e-12 if dtype == torch.float64 and span.state_dtype == torch.float64 else 1e-4
+        got = sums.double().sum(0)
+        for k, (x, y) in enumerate(((e, e), (e, g), (g, g))):
+            _close(got[k], (x * y).sum(), (0.0, tol * float((x * y).abs().sum()) + 1e-300), f"{what}, sum {k}")
+
+
 def norm_partials_for(span: Span, perturbation: Perturbation, extra: float = 0.0) -> torch.Tensor:
     """Reference partials for ``span`` plus ``extra`` (to test inf/nan totals), as a perturb input."""
     ref = torch.empty(1, dtype=span.state_dtype,
@@ -285,6 +318,8 @@ def check_all_ops(backend, numel: int, dtype: torch.dtype, device, seed: int = 0
         for step, grad_scale, found_inf in SCALARS:
             check_restore_and_update(backend, span, update, step_scalars(device, step, grad_scale, found_inf, lr))
         check_reuse(backend, span, update, lr)
+        for grad_scale in (None, 1024.0):
+            check_telemetry_sums(backend, span, update, step_scalars(device, 3, grad_scale, None, lr))
         if not master:
             check_update_in_place(backend, span, update, lr)
 
@@ -584,6 +619,8 @@ def known_answer_failure(backend, device, dtype: torch.dtype, master: bool, laun
                 span = make_span(numel, dtype, device, update, seed=numel, master=master)
                 for step, grad_scale, found_inf in (SCALARS[0], SCALARS[2], SCALARS[5]):
                     check_restore_and_update(backend, span, update, step_scalars(device, step, grad_scale, found_inf))
+                if launches.telemetry:
+                    check_telemetry_sums(backend, span, update, step_scalars(device, 3, 1024.0))
             if device_hyperparameters:
                 check_device_hyperparameters(backend, numel, dtype, device, seed=numel, master=master,
                                              perturbations=perturbations, updates=updates,

@@ -17,7 +17,7 @@ import fused_sam.backends as registry
 from fused_sam import FusedSAM
 from fused_sam.backends import KernelLaunches, resolve_backend
 from fused_sam.backends import native
-from fused_sam.backends.reference import ReferenceBackend
+from fused_sam.backends.reference import ReferenceBackend, telemetry_sums
 from fused_sam.selfcheck import as_bits, known_answer_failure
 from fused_sam.updates import AdamUpdate
 
@@ -85,10 +85,21 @@ class _AdamOffByOneUlp(ReferenceBackend):
 
     name = "adam-off"
 
-    def restore_and_update(self, span, update, scalars):
-        super().restore_and_update(span, update, scalars)
+    def restore_and_update(self, span, update, scalars, sums=None):
+        super().restore_and_update(span, update, scalars, sums)
         if isinstance(update, AdamUpdate):
             span.weights[-1:] = torch.nextafter(span.weights[-1:], torch.full_like(span.weights[-1:], torch.inf))
+
+
+class _SumsWithoutTheUnscale(ReferenceBackend):
+    """The reference, but its telemetry sums take the scaled gradient: only telemetry is wrong."""
+
+    name = "sums-scaled"
+
+    def restore_and_update(self, span, update, scalars, sums=None):
+        if sums is not None:
+            telemetry_sums(span, None, sums)
+        super().restore_and_update(span, update, scalars)
 
 
 @pytest.fixture
@@ -141,7 +152,7 @@ def test_a_right_candidate_is_kept_also_under_capturable(cpu_checked_like_cuda):
         opt = FusedSAM(_model().parameters(), torch.optim.Adam, lr=1e-3, capturable=True)
     assert set(opt.backends.values()) == {"right"}
     (key,) = registry._self_checks
-    assert key[-1][-1] is True  # the lr/rho-from-device-tensor kernels were among those checked
+    assert key[-1][-2] is True  # the lr/rho-from-device-tensor kernels were among those checked
 
 
 def test_the_known_answer_check_can_be_turned_off(cpu_checked_like_cuda, monkeypatch):
@@ -155,8 +166,9 @@ def test_the_known_answer_check_can_be_turned_off(cpu_checked_like_cuda, monkeyp
 def test_known_answer_check_passes_every_cpu_backend(dtype, master):
     launches = KernelLaunches(
         updates=(AdamUpdate(weight_decay=0.1, decoupled=True, amsgrad=True),),
-        perturbations=(registry.Perturbation(True, 0.01, True, 1e-12),), device_hyperparameters=True)
+        perturbations=(registry.Perturbation(True, 0.01, True, 1e-12),), device_hyperparameters=True, telemetry=True)
     for name in registry.available_backends(CPU, dtype, master):
         backend = resolve_backend(name, CPU, dtype, master)
         assert known_answer_failure(backend, CPU, dtype, master, launches) is None, name
     assert "AdamUpdate(" in known_answer_failure(_AdamOffByOneUlp(), CPU, dtype, master, launches)
+    assert "telemetry sums" in known_answer_failure(_SumsWithoutTheUnscale(), CPU, dtype, master, launches)

@@ -144,11 +144,13 @@ def self_check_skipped() -> bool:
 @dataclass(frozen=True)
 class KernelLaunches:
     """What an optimizer will launch on a device: its base updates (none for an unfused base), its param
-    groups' perturbations, and whether lr and rho come from device tensors (capturable=True)."""
+    groups' perturbations, whether lr and rho come from device tensors (capturable=True), and whether the
+    updates write telemetry sums (telemetry=True)."""
 
     updates: tuple
     perturbations: tuple
     device_hyperparameters: bool = False
+    telemetry: bool = False
 
     def key(self) -> tuple:
         """The kernel instances these launch: flags, not values (a scheduled lr runs the same code)."""
@@ -157,7 +159,7 @@ class KernelLaunches:
                 bool(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
                 for k, v in sorted(vars(item).items()) if k not in ("beta1", "beta2", "eps"))
         return (tuple(sorted({flags(u) for u in self.updates})), tuple(sorted({flags(p) for p in self.perturbations})),
-                self.device_hyperparameters)
+                self.device_hyperparameters, self.telemetry)
 
 
 class Backend(ABC):
