@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
     | tee -a "$OUT/summary.txt"
 
-TESTS="tests/test_triton_gpu.py tests/test_amp_gpu.py tests/test_fsdp_gpu.py tests/test_capturable_gpu.py"
+TESTS="tests/test_triton_gpu.py tests/test_amp_gpu.py tests/test_fsdp_gpu.py tests/test_capturable_gpu.py tests/test_telemetry_gpu.py"
 start=$SECONDS
 if [ "${NATIVE:-1}" = 0 ]; then
     status "build _C (CPU+CUDA ops)" "skipped (NATIVE=0)"
