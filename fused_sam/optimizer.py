@@ -324,11 +324,12 @@ class FusedSAM(torch.optim.Optimizer):
         sam = self._sam
         partials = None
         normalized = any(p.normalize for p in perturbations)
-        telemetry, local = sam.telemetry, {}
+        telemetry, local = sam.telemetry, None
         if telemetry is not None:
             telemetry.abandon()  # what an earlier step that ended in an error gathered
+            local = {}
         if (normalized or telemetry is not None) and (work or sam.shard_groups):
-            partials = norm_partials(sam, work, perturbations, local if telemetry is not None else None)
+            partials = norm_partials(sam, work, perturbations, local)
             if self.variant.needs_norm or telemetry is not None:
                 grad_sq = squared_norm(partials, grad_scale)
                 if self.variant.needs_norm:

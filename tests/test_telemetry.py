@@ -350,3 +350,47 @@ def test_fsdp2_measures_the_whole_model(tmp_path):
         for got, want in zip(records, expected):
             assert got["step"] == want["step"] and got["loss_gap"] is None
             assert_fields({**got, "loss_gap": 0.0}, {**want, "loss_gap": 0.0}, 1e-10)
+
+
+def test_alternate_mode_records_what_the_paired_mode_does():
+    def run(mode):
+        q = Quadratic(6)
+        opt = quadratic_opt(q, "auto", {}, mode=mode)
+        records = []
+        for _ in range(2):
+            def closure():
+                opt.zero_grad()
+                loss = q.loss()
+                loss.backward()
+                return loss.detach()
+            if mode == "alternate":
+                opt.step(closure)
+                opt.step(closure)
+            else:
+                opt.step(closure)
+            records.append(opt.telemetry())
+        return records
+
+    paired, alternate = run("paired"), run("alternate")
+    for got, want in zip(alternate, paired):
+        assert got["loss_gap"] is not None
+        assert_fields(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("base", ["sgd", "rmsprop"])
+def test_a_parameter_without_a_second_gradient_counts_in_e_only(base):
+    """Perturbed at w, no gradient at w + e: restored, not updated; its e is in |e|, not in e.g2 or |g2|."""
+    q = Quadratic(7)
+    opt = quadratic_opt(q, "auto", {}, base)
+    w0 = q.flat()
+    q.loss().backward()
+    opt.first_step(zero_grad=True)
+    e = q.flat() - w0
+    (0.5 * q.params[0] @ q.params[0]).backward()  # a second gradient for the first parameter only
+    g2 = torch.cat([q.params[0].grad.detach(), torch.zeros(3, dtype=torch.float64)])
+    opt.second_step(zero_grad=True)
+    got = opt.telemetry()
+    assert got["perturbation_norm"] == pytest.approx(float(e.norm()), rel=1e-10)
+    assert got["sam_grad_norm"] == pytest.approx(float(g2.norm()), rel=1e-10)
+    assert got["cosine"] == pytest.approx(float(e @ g2 / (e.norm() * g2.norm())), rel=1e-10)
+    assert torch.equal(q.flat()[5:], w0[5:])  # restored exactly, not updated
