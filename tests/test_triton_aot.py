@@ -4,7 +4,7 @@ triton wheel carries ptxas), so a kernel that would fail to compile on an A100 o
 
 The variants come from the backend's own launch code: its four operations run over meta-device spans for
 every combination of what a caller passes (dtype, master weights, perturbation, base update, step scalars,
-a span length just below 2^31 and one of 2^31), with the kernels swapped for recorders, and Triton's JIT
+telemetry sums, a span length just below 2^31 and one of 2^31), with the kernels swapped for recorders, and Triton's JIT
 binder turns each recorded launch into the signature and specialization a GPU would compile. The default
 run compiles a covering set (every kernel, flag value, argument type and specialization at least once);
 ``-m slow`` compiles them all.
@@ -141,14 +141,20 @@ def _run_every_operation(backend):
                             _meta(1, torch.int32) if count else None, scalars)
         backend.restore(_span(numel, dtype, master))
         for lr_on_device, grad_scale, found_inf, reused, step_aligned in itertools.product(bools, repeat=5):
-            for update in _updates():
+            # telemetry sums: none, or a span's rows of a device's (rows, 3) buffer: float32 at its start, or
+            # (with the unaligned step count, so the variants only double) float64 one row in, 24 bytes
+            sums_options = (None, (torch.float32, 0) if step_aligned else (torch.float64, 3))
+            for update, sums in itertools.product(_updates(), sums_options):
                 span = _span(numel, dtype, master, update.needed_state(), reused)
                 scalars = StepScalars(step=_scalar(torch.float32, step_aligned),
                                       grad_scale=_scalar(torch.float32) if grad_scale else None,
                                       found_inf=_scalar(torch.float32) if found_inf else None,
                                       lr=_scalar(torch.float64) if lr_on_device else 0.01,
                                       reuse_scale=_scalar(torch.float64) if reused else None)
-                backend.restore_and_update(span, update, scalars)
+                if sums is not None:
+                    rows = backend.partials_len(span)
+                    sums = _meta(3 * rows, sums[0], offset=sums[1]).view(rows, 3)
+                backend.restore_and_update(span, update, scalars, sums)
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,6 +21,7 @@ from fused_sam.selfcheck import (  # noqa: E402
     check_restore_and_update, clone_span, make_span, perturb_scalars, step_scalars,
 )
 from models import batches, conv_net, loss_of, mlp  # noqa: E402
+import test_telemetry_triton as telemetry  # noqa: E402  (its span and sum helpers; its tests stay in it)
 
 from fused_sam import FusedSAM  # noqa: E402
 from fused_sam.backends import triton_kernels  # noqa: E402
@@ -89,6 +90,23 @@ def test_lr_and_rho_on_the_device_match_the_floats_bitwise_on_cuda(numel, dtype,
     bit in compiled kernels too (launched without multiply-add contraction, as the interpreter computes:
     AdamW's 1 - lr * wd must keep the two roundings of the launcher's Python double)."""
     check_device_hyperparameters(BACKEND, numel, dtype, CUDA, master=master)
+
+
+@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)],
+                         ids=["float32", "bf16-master", "float16"])
+@pytest.mark.parametrize("numel", [BLOCK + 3, 3 * BLOCK * 512 + 5])
+def test_telemetry_sums_on_cuda(numel, dtype, master):
+    """The telemetry sums of compiled kernels (tests/test_telemetry_triton.py holds them to an exact sum on
+    small spans): on a span past the row cap, 512 programs striding over several blocks each, every row
+    written, the sums within the same bound, the update bit for bit the one without sums."""
+    for k, update in enumerate((UPDATES[1], UPDATES[6], UPDATES[9])):
+        span = telemetry.perturbed_span(numel, dtype, master, update, seed=k)
+        for step, grad_scale, found_inf, sums_dtype in telemetry.SCALARS:
+            scalars = step_scalars(CUDA, step, grad_scale, found_inf)
+            sums = telemetry.run_with_and_without_sums(span, update, scalars, sums_dtype)
+            assert sums.shape == (BACKEND.partials_len(span), 3)
+            telemetry.assert_sums_close(sums.double().sum(dim=0), telemetry.exact_terms(span, scalars.grad_scale),
+                                        f"{update}, {numel} elements, grad_scale {grad_scale}")
 
 
 BASES = {

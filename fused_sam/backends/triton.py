@@ -17,6 +17,8 @@ Launches per span and SAM step, and why not fewer:
    The step count, GradScaler's scale and found_inf are read from their device tensors by the kernel
    (``StepScalars``); a skipped step (found_inf non-zero) writes w <- backup and leaves the state alone.
    LookSAM's reuse steps fold g + c * g_v into the same pass (``Span.reused``, c read from its tensor).
+   With telemetry (``sums``) the kernel's ``TELEMETRY`` variant also reads the perturbed weights and writes
+   the partial sums of e.e, e.g2 and g2.g2, one row per program (``partials_len(span)`` programs).
    With a base optimizer that is not fused, ``restore`` (a copy kernel) runs instead and the base
    optimizer's own step follows.
 
@@ -211,11 +213,13 @@ class TritonBackend(Backend):
                 RTNE_BF16=span.master is not None and _rtne_bf16(span), **LAUNCH_OPTIONS,
             )
 
-    def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
+    def restore_and_update(self, span: Span, update, scalars: StepScalars, sums: Optional[torch.Tensor] = None) -> None:
         arguments = UPDATE_ARGUMENTS.get(update.name)
         if arguments is None:
             raise TypeError(f"unknown base update {type(update).__name__}")
         check_reuse_inputs(span, scalars)
+        if sums is not None:
+            self._check_sums(span, sums)
         unused = span.grads  # stands in for the pointers a variant never reads
         reused = unused if span.reused is None else span.reused
         lr_ptr, lr_bits, lr_on_device = _hyperparameter_args(required(scalars, "lr"), unused)
@@ -225,13 +229,29 @@ class TritonBackend(Backend):
             unused if scalars.found_inf is None else scalars.found_inf,
             lr_ptr,
             unused if scalars.reuse_scale is None else scalars.reuse_scale,
+            unused if sums is None else sums,
         )
         variant = dict(HAS_GRAD_SCALE=scalars.grad_scale is not None, HAS_FOUND_INF=scalars.found_inf is not None,
-                       LR_ON_DEVICE=lr_on_device, REUSE=span.reused is not None,
-                       MASTER=span.master is not None, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), **LAUNCH_OPTIONS)
+                       LR_ON_DEVICE=lr_on_device, REUSE=span.reused is not None, MASTER=span.master is not None,
+                       TELEMETRY=sums is not None, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), **LAUNCH_OPTIONS)
         kernel, state, values, flags = arguments(update, [span.state[name] for name in update.needed_state()], unused)
+        # With telemetry, program k writes row k of the sums: one program per row, partials_len(span) of them,
+        # striding over the blocks as the norm kernel does (the update is elementwise: the same bits whatever
+        # the grid). Without it, the streaming grid.
+        grid = (self.partials_len(span),) if sums is not None else _stream_grid(span)
         with _on(span.device):
-            getattr(_k, kernel)[_stream_grid(span)](
+            getattr(_k, kernel)[grid](
                 span.weights, _restore_point(span), span.grads, reused, *state, *device_scalars, span.numel, lr_bits,
                 *values, **flags, **variant,
             )
+
+    def _check_sums(self, span: Span, sums: torch.Tensor) -> None:
+        """The kernels write row k at sums + 3k in the buffer's dtype: refuse a buffer laid out otherwise."""
+        rows = self.partials_len(span)
+        if sums.shape != (rows, 3) or not sums.is_contiguous():
+            raise ValueError(f"sums must be a contiguous ({rows}, 3) tensor for this span (partials_len rows), "
+                             f"not {'a non-contiguous ' if not sums.is_contiguous() else ''}{tuple(sums.shape)}")
+        if sums.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"sums must be float32 or float64, not {sums.dtype}")
+        if sums.device != span.device:
+            raise ValueError(f"sums are on {sums.device}, the span on {span.device}")

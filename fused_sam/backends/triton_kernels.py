@@ -35,6 +35,13 @@ are stand-ins that are never read and the kernels compile as before.
 as its rounding; nothing is backed up. It is a ``tl.constexpr``, so the variants without a master compile
 exactly as before. ``restore_ptr`` is the restore point: the backup (weights' dtype), or the master.
 
+``TELEMETRY`` (the ``sums`` of ``Backend.restore_and_update``): the updates also read the weights as they are
+on entry (w + e) before writing them, and accumulate e.e, e.g2 and g2.g2 per lane in float32 (the math dtype;
+e = w - the restore point, g2 the unscaled gradient); each program writes its sums, in the buffer's dtype, to
+row ``program_id`` of ``sums_ptr`` (the launcher runs one program per row). Without it the pointer is a
+stand-in that is never read and the kernels compile as before. It costs 4 bytes per element (2 for 16-bit
+weights), and a skipped update reads the gradient too, as the sums take it whatever found_inf says.
+
 ``RTNE_BF16`` is set only under Triton's CPU interpreter and for bfloat16 weights: the interpreter
 truncates float32 -> bfloat16 instead of rounding to nearest even as the GPU (and torch) do, so there
 the rounding is done with integer ops and CPU tests compare against torch without a spurious ulp. On a
@@ -120,11 +127,20 @@ def _update_controls(grad_scale_ptr, found_inf_ptr, reuse_scale_ptr, HAS_GRAD_SC
 
 
 @triton.jit
-def _descent_direction(g_ptr, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE: tl.constexpr,
+def _load_gradient(g_ptr, offs, mask, live, TELEMETRY: tl.constexpr):
+    """The gradient in float32. Lanes outside ``live`` (a skipped update) are 0 and not read, except under
+    TELEMETRY, whose sums take the gradient whatever found_inf says (as the reference's do)."""
+    if TELEMETRY:
+        return tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _descent_direction(g, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE: tl.constexpr,
                        HAS_GRAD_SCALE: tl.constexpr, REUSE: tl.constexpr):
     """The unscaled gradient (REUSE: of g + reuse_scale * g_v, both carrying the grad scale), negated when
-    maximizing, in float32; lanes outside ``live`` are not read."""
-    d = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    maximizing, in float32, from ``g`` (float32, as ``_load_gradient`` gives it); g_v is read in ``live``."""
+    d = g
     if REUSE:
         d = d + reuse_scale * tl.load(reused_ptr + offs, mask=live, other=0.0)
     if HAS_GRAD_SCALE:
@@ -146,6 +162,33 @@ def _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, u
     else:
         w = _rounded_for(w_ptr, updated, RTNE_BF16)
         tl.store(w_ptr + offs, tl.where(apply, w, restore_point), mask=mask)
+
+
+@triton.jit
+def _telemetry_zeros(BLOCK: tl.constexpr):
+    """The three per-lane float32 accumulators of the telemetry sums (e.e, e.g2, g2.g2), zero."""
+    return tl.zeros([BLOCK], dtype=tl.float32), tl.zeros([BLOCK], dtype=tl.float32), tl.zeros([BLOCK], dtype=tl.float32)
+
+
+@triton.jit
+def _telemetry_add(ee, eg, gg, w_ptr, offs, mask, restore_point, g, inv_scale, HAS_GRAD_SCALE: tl.constexpr):
+    """The telemetry accumulators plus one block's terms: e = w as on entry (the perturbed weights, read
+    before the update writes them) - the restore point, g2 = g unscaled (not negated for maximize, without
+    a reused direction); float32, as the math. Lanes outside ``mask`` add 0 (both loads give 0 there)."""
+    e = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) - restore_point.to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+    return ee + e * e, eg + e * g, gg + g * g
+
+
+@triton.jit
+def _store_telemetry_row(sums_ptr, row, ee, eg, gg):
+    """Row ``row`` of the (rows, 3) sums <- the accumulators' sums, in the buffer's dtype."""
+    out_dtype = sums_ptr.dtype.element_ty
+    base = sums_ptr + tl.cast(row, tl.int64) * 3
+    tl.store(base, tl.sum(ee, axis=0).to(out_dtype))
+    tl.store(base + 1, tl.sum(eg, axis=0).to(out_dtype))
+    tl.store(base + 2, tl.sum(gg, axis=0).to(out_dtype))
 
 
 @triton.jit
@@ -262,10 +305,10 @@ def copy_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr, RTNE_BF16: tl.cons
 @triton.jit(do_not_specialize=["lr_bits"])
 def sgd_kernel(
     w_ptr, restore_ptr, g_ptr, reused_ptr, buf_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr,
-    reuse_scale_ptr, numel, lr_bits, weight_decay, momentum, one_minus_dampening,
+    reuse_scale_ptr, sums_ptr, numel, lr_bits, weight_decay, momentum, one_minus_dampening,
     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_ON_DEVICE: tl.constexpr, REUSE: tl.constexpr,
-    MASTER: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    MASTER: tl.constexpr, TELEMETRY: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """w <- backup, then torch.optim.SGD's update of w and the momentum buffer, in one pass (MASTER: w is
     the master, and the update writes the master and its rounding to the weights; a skipped one only the
@@ -279,7 +322,7 @@ def sgd_kernel(
     Bytes per element: 20 with momentum (read backup, g, buf; write w, buf), 16 on the first step (buf
     not read), 12 without momentum; a skipped update 8 (read backup, write w). MASTER with 16-bit weights:
     20 with momentum (read master, g, buf; write master, w, buf); a skipped update 6 (read master, write w).
-    REUSE: 4 more where the update runs (read g_v).
+    REUSE: 4 more where the update runs (read g_v). TELEMETRY: see the module's docstring.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -291,6 +334,8 @@ def sgd_kernel(
     first = tl.load(step_ptr) == 0
     live_numel = tl.where(apply, numel, 0)
     momentum_numel = tl.where(first, 0, live_numel)
+    if TELEMETRY:
+        ee, eg, gg = _telemetry_zeros(BLOCK)
     lanes = tl.arange(0, BLOCK)
     for blk in range(pid, _block_count(numel, BLOCK), nprog):
         offs = tl.cast(blk, tl.int64) * BLOCK + lanes
@@ -298,8 +343,10 @@ def sgd_kernel(
         live = offs < live_numel
         restore_point = tl.load(restore_ptr + offs, mask=mask, other=0.0)
         w = restore_point.to(tl.float32)
-        d = _descent_direction(g_ptr, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE, HAS_GRAD_SCALE,
-                               REUSE)
+        g = _load_gradient(g_ptr, offs, mask, live, TELEMETRY)
+        if TELEMETRY:
+            ee, eg, gg = _telemetry_add(ee, eg, gg, w_ptr, offs, mask, restore_point, g, inv_scale, HAS_GRAD_SCALE)
+        d = _descent_direction(g, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE, HAS_GRAD_SCALE, REUSE)
         if HAS_WD:
             d = d + weight_decay * w
         if HAS_MOMENTUM:
@@ -311,17 +358,19 @@ def sgd_kernel(
             else:
                 d = buf
         _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, w + neg_lr * d, MASTER, RTNE_BF16)
+    if TELEMETRY:
+        _store_telemetry_row(sums_ptr, pid, ee, eg, gg)
 
 
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits"])
 def adam_kernel(
     w_ptr, restore_ptr, g_ptr, reused_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr,
-    reuse_scale_ptr, numel, lr_bits, beta1_bits, beta2_bits, weight_decay, weight_decay_bits, lerp_weight,
+    reuse_scale_ptr, sums_ptr, numel, lr_bits, beta1_bits, beta2_bits, weight_decay, weight_decay_bits, lerp_weight,
     lerp_weight_complement, eps,
     MAXIMIZE: tl.constexpr, L2_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
     LERP_SMALL: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr, REUSE: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr,
-    RTNE_BF16: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, REUSE: tl.constexpr, MASTER: tl.constexpr, TELEMETRY: tl.constexpr,
+    BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """w <- backup, then torch.optim.Adam/AdamW's update of w, exp_avg, exp_avg_sq (, max_exp_avg_sq)
     (MASTER: w is the master, and the update writes the master and its rounding to the weights; a skipped
@@ -339,7 +388,7 @@ def adam_kernel(
     program, is amortised over several blocks on large spans.
     Bytes per element: 28 (read backup, g, m, v; write w, m, v), 36 with amsgrad (vmax read and written);
     a skipped update 8. MASTER with 16-bit weights: 28 (read master, g, m, v; write master, w, m, v); a
-    skipped update 6. REUSE: 4 more where the update runs (read g_v).
+    skipped update 6. REUSE: 4 more where the update runs (read g_v). TELEMETRY: see the module's docstring.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -358,6 +407,8 @@ def adam_kernel(
     beta2 = beta2_f64.to(tl.float32)
     one_minus_beta2 = (1.0 - beta2_f64).to(tl.float32)
     live_numel = tl.where(apply, numel, 0)  # a skipped update reads and writes no gradient or state
+    if TELEMETRY:
+        ee, eg, gg = _telemetry_zeros(BLOCK)
     lanes = tl.arange(0, BLOCK)
     for blk in range(pid, _block_count(numel, BLOCK), nprog):
         offs = tl.cast(blk, tl.int64) * BLOCK + lanes
@@ -365,8 +416,10 @@ def adam_kernel(
         live = offs < live_numel
         restore_point = tl.load(restore_ptr + offs, mask=mask, other=0.0)
         w = restore_point.to(tl.float32)
-        d = _descent_direction(g_ptr, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE, HAS_GRAD_SCALE,
-                               REUSE)
+        g = _load_gradient(g_ptr, offs, mask, live, TELEMETRY)
+        if TELEMETRY:
+            ee, eg, gg = _telemetry_add(ee, eg, gg, w_ptr, offs, mask, restore_point, g, inv_scale, HAS_GRAD_SCALE)
+        d = _descent_direction(g, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE, HAS_GRAD_SCALE, REUSE)
         m = tl.load(m_ptr + offs, mask=live, other=0.0)
         v = tl.load(v_ptr + offs, mask=live, other=0.0)
         if DECOUPLED_WD:
@@ -390,15 +443,17 @@ def adam_kernel(
         denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
         updated = w + neg_step_size * tl.div_rn(m, denom)
         _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, updated, MASTER, RTNE_BF16)
+    if TELEMETRY:
+        _store_telemetry_row(sums_ptr, pid, ee, eg, gg)
 
 
 @triton.jit(do_not_specialize=["lr_bits", "lr_decay_bits"])
 def adagrad_kernel(
     w_ptr, restore_ptr, g_ptr, reused_ptr, sum_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr, reuse_scale_ptr,
-    numel, lr_bits, lr_decay_bits, weight_decay, eps,
+    sums_ptr, numel, lr_bits, lr_decay_bits, weight_decay, eps,
     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr, REUSE: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr,
-    RTNE_BF16: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, REUSE: tl.constexpr, MASTER: tl.constexpr, TELEMETRY: tl.constexpr,
+    BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """w <- backup, then torch.optim.Adagrad's update of w and its sum, in one pass (MASTER as in adam_kernel).
 
@@ -406,7 +461,8 @@ def adagrad_kernel(
     w += (-clr * d) / (sqrt(sum) + eps), clr = lr / (1 + step * lr_decay) in float64 from the step count on the
     device (the updates before this one), rounded once to float32. When found_inf is non-zero, w <- backup bit
     for bit and nothing else is read or written.
-    Bytes per element: 20 (read backup, g, sum; write w, sum); a skipped update 8. REUSE: 4 more.
+    Bytes per element: 20 (read backup, g, sum; write w, sum); a skipped update 8. REUSE: 4 more. TELEMETRY:
+    see the module's docstring.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -416,6 +472,8 @@ def adagrad_kernel(
     step = tl.load(step_ptr).to(tl.float64)
     neg_clr = (-(lr / (1.0 + step * _float64_from_bits(lr_decay_bits)))).to(tl.float32)
     live_numel = tl.where(apply, numel, 0)  # a skipped update reads and writes no gradient or state
+    if TELEMETRY:
+        ee, eg, gg = _telemetry_zeros(BLOCK)
     lanes = tl.arange(0, BLOCK)
     for blk in range(pid, _block_count(numel, BLOCK), nprog):
         offs = tl.cast(blk, tl.int64) * BLOCK + lanes
@@ -423,19 +481,23 @@ def adagrad_kernel(
         live = offs < live_numel
         restore_point = tl.load(restore_ptr + offs, mask=mask, other=0.0)
         w = restore_point.to(tl.float32)
-        d = _descent_direction(g_ptr, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE, HAS_GRAD_SCALE,
-                               REUSE)
+        g = _load_gradient(g_ptr, offs, mask, live, TELEMETRY)
+        if TELEMETRY:
+            ee, eg, gg = _telemetry_add(ee, eg, gg, w_ptr, offs, mask, restore_point, g, inv_scale, HAS_GRAD_SCALE)
+        d = _descent_direction(g, reused_ptr, offs, live, inv_scale, reuse_scale, MAXIMIZE, HAS_GRAD_SCALE, REUSE)
         if HAS_WD:
             d = d + weight_decay * w
         total = tl.load(sum_ptr + offs, mask=live, other=0.0) + d * d
         tl.store(sum_ptr + offs, total, mask=live)
         updated = w + tl.div_rn(neg_clr * d, tl.sqrt_rn(total) + eps)
         _store_updated(w_ptr, restore_ptr, offs, mask, live, apply, restore_point, updated, MASTER, RTNE_BF16)
+    if TELEMETRY:
+        _store_telemetry_row(sums_ptr, pid, ee, eg, gg)
 
 
 # --- the base updates' launch arguments -----------------------------------------------------------------------
 # Each update kernel takes (w, restore point, g, g_v, its state pointers, step, grad_scale, found_inf, lr,
-# reuse_scale, numel, lr_bits, its settings..., its flags and the launch's variant flags as constexprs). Per fused
+# reuse_scale, sums, numel, lr_bits, its settings..., its flags and the launch's variant flags as constexprs). Per fused
 # base update (its ``name``), a function of (update, its needed state buffers, a stand-in for pointers never
 # read) gives (kernel name, state pointers, settings, flags): the launcher (triton.py) adds the rest.
 
