@@ -26,12 +26,10 @@ def spans_with_gradients(segments, active: list) -> list:
     ]
 
 
-def norm_partials(sam, work: list, perturbations: List,
-                  local: Optional[dict] = None) -> Dict[torch.device, torch.Tensor]:
+def norm_partials(sam, work: list, perturbations: List) -> Dict[torch.device, torch.Tensor]:
     """Squared-norm partials per device of ``work`` ((segment, span) pairs), each under its group's
     perturbation (ASAM: ||T g||^2). With several devices, or parameters sharded over ranks, each device
-    gets the global sum as a one-element float64 tensor. ``local``, if given, receives per (device, shard
-    group) the partials before any sum: (buffer, (segment, span) items, each item's slice)."""
+    gets the global sum as a one-element float64 tensor."""
     layout: Dict[tuple, list] = {}
     for segment, span in work:
         layout.setdefault((span.device, segment.shard_group), []).append((segment, span))
@@ -41,8 +39,6 @@ def norm_partials(sam, work: list, perturbations: List,
         for (segment, span), out in zip(items, outs):
             segment.backend.sq_norm_partials(span, perturbations[segment.group_index], out)
         partials[key] = buf
-        if local is not None:
-            local[key] = (buf, items, outs)
     if not sam.shard_groups and len(partials) <= 1:
         return {device: buf for (device, _), buf in partials.items()}
     return global_sum(sam, partials)

@@ -322,21 +322,19 @@ class FusedSAM(torch.optim.Optimizer):
                  rhos: Callable[[int, torch.device], Hyperparameter], loss=None) -> None:
         """backup <- w, w <- w + e over ``work`` ((segment, span) with a gradient), with the global norm."""
         sam = self._sam
-        partials = None
+        partials = grad_sq = along_g1 = None
         normalized = any(p.normalize for p in perturbations)
-        telemetry, local = sam.telemetry, None
+        telemetry = sam.telemetry
         if telemetry is not None:
             telemetry.abandon()  # what an earlier step that ended in an error gathered
-            local = {}
         if (normalized or telemetry is not None) and (work or sam.shard_groups):
-            partials = norm_partials(sam, work, perturbations, local)
+            partials = norm_partials(sam, work, perturbations)
             if self.variant.needs_norm or telemetry is not None:
                 grad_sq = squared_norm(partials, grad_scale)
                 if self.variant.needs_norm:
                     self.variant.observe(grad_sq)
-                if telemetry is not None:
-                    telemetry.start(sam.segments[0].device, sam.completed_steps)
-                    telemetry.began(local, grad_sq, perturbations, rhos, grad_scale, sam.perturb_eps, loss)
+            if telemetry is not None:
+                along_g1 = {}  # per (device, shard group): each span's e.g1 partials
             if not normalized:  # measured for telemetry only: an un-normalized e does not read it
                 partials = None
         counter = sam.nonfinite if partials is not None else None  # incremented once per step
@@ -345,10 +343,17 @@ class FusedSAM(torch.optim.Optimizer):
             owns_counter = counter is not None and span.device == counter.device
             device_partials = None if partials is None else partials[span.device]
             scalars = StepScalars(rho=rhos(segment.group_index, span.device), grad_scale=scales.on(span.device))
-            segment.backend.perturb(span, perturbations[segment.group_index], device_partials,
-                                    counter if owns_counter else None, scalars)
+            args = (span, perturbations[segment.group_index], device_partials, counter if owns_counter else None,
+                    scalars)
+            if along_g1 is None:
+                segment.backend.perturb(*args)
+            else:
+                segment.backend.perturb(*args, self._sums_out(along_g1, segment, span, columns=None))
             if owns_counter:
                 counter = None
+        if along_g1 is not None:
+            telemetry.start(sam.segments[0].device, sam.completed_steps)
+            telemetry.began(grad_sq, {key: torch.cat(outs) for key, outs in along_g1.items()}, grad_scale, loss)
         for segment in sam.segments:
             segment.publish_weights()
         sam.perturbed_with_scale = grad_scale is not None
@@ -462,10 +467,13 @@ class FusedSAM(torch.optim.Optimizer):
             segment.publish_weights()
 
     @staticmethod
-    def _sums_out(sums: Dict[tuple, list], segment: FlatSegment, span, rows: Optional[int] = None) -> torch.Tensor:
-        """A fresh (rows, 3) telemetry sums tensor for ``span``, listed under its (device, shard group)."""
+    def _sums_out(sums: Dict[tuple, list], segment: FlatSegment, span, rows: Optional[int] = None,
+                  columns: Optional[int] = 3) -> torch.Tensor:
+        """A fresh telemetry sums tensor for ``span`` ((rows, columns), or (rows,) for ``columns=None``),
+        listed under its (device, shard group)."""
         rows = segment.backend.partials_len(span) if rows is None else rows
-        out = torch.empty(rows, 3, dtype=math_dtype(span.weights.dtype), device=span.device)
+        shape = (rows,) if columns is None else (rows, columns)
+        out = torch.empty(shape, dtype=math_dtype(span.weights.dtype), device=span.device)
         sums.setdefault((span.device, segment.shard_group), []).append(out)
         return out
 
@@ -611,11 +619,13 @@ class FusedSAM(torch.optim.Optimizer):
             self._plain_step(grad_scale, found_inf)
             return loss
         if self._sam.perturbed is not None:  # the rest of a SAM step begun by first_step()
+            returned = None
             if closure is not None:
                 with torch.enable_grad():
-                    loss = closure()
-            self._second_step(grad_scale, found_inf, loss)
-            return loss if closure is not None else None
+                    returned = closure()
+            # a trainer's do-nothing closure (Lightning's manual optimization) returns None: keep ``loss``
+            self._second_step(grad_scale, found_inf, loss if returned is None else returned)
+            return returned
         if grad_scale is not None or found_inf is not None:
             raise RuntimeError(
                 "scaler.step(optimizer) is SAM's second step: run the first scaled backward and "

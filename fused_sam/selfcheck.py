@@ -215,6 +215,27 @@ def check_perturb(backend, span: Span, perturbation: Perturbation, partials, gra
     assert torch.equal(cand_count, ref_count), f"non-finite counter {cand_count.item()} != {ref_count.item()}"
 
 
+def check_perturb_sums(backend, span: Span, perturbation: Perturbation, partials, grad_scale=None,
+                       rho: float = RHO) -> None:
+    """perturb with telemetry sums: every element written, their total the float64 sum of e * g (e as written
+    to the weights, g as given), and the perturbation the same bits as without sums."""
+    plain = clone_span(span)
+    scalars = perturb_scalars(span.device, grad_scale, rho)
+    backend.perturb(plain, perturbation, partials, None, scalars)
+    rows = backend.partials_len(span)
+    what = f"telemetry sums of perturb({perturbation}, grad_scale {grad_scale}), {rows} rows"
+    for dtype in {span.state_dtype, torch.float64}:  # a float32 span may share a float64 buffer
+        cand = clone_span(span)
+        sums = torch.full((rows,), math.nan, dtype=dtype, device=span.device)
+        backend.perturb(cand, perturbation, partials, None, scalars, sums)
+        for a, b in ((plain.weights, cand.weights), (restore_point(plain), restore_point(cand))):
+            assert torch.equal(as_bits(a), as_bits(b)), f"{what}: the perturbation changed with sums"
+        assert not sums.isnan().any(), f"{what}: an element left unwritten"
+        terms = (cand.weights.double() - restore_point(cand).double()) * cand.grads.to(span.state_dtype).double()
+        tol = 1e-12 if dtype == torch.float64 and span.state_dtype == torch.float64 else 1e-4
+        _close(sums.double().sum(), terms.sum(), (0.0, tol * float(terms.abs().sum()) + 1e-300), what)
+
+
 def check_restore(backend, span: Span) -> None:
     """w <- the backup exactly, or the rounding of the master (as torch rounds)."""
     span = clone_span(span)
@@ -306,6 +327,8 @@ def check_all_ops(backend, numel: int, dtype: torch.dtype, device, seed: int = 0
         for grad_scale in GRAD_SCALES:
             check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation), grad_scale, rho)
             check_perturb(backend, span, perturbation, None, grad_scale, rho)
+            check_perturb_sums(backend, span, perturbation,
+                               norm_partials_for(span, perturbation) if perturbation.normalize else None, grad_scale, rho)
         check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation, math.inf), None, rho)
         check_perturb(backend, span, perturbation, norm_partials_for(span, perturbation, math.nan), 1024.0, rho)
     zero = make_span(numel, dtype, device, grad_fill=0.0, seed=seed, master=master)
@@ -614,6 +637,8 @@ def known_answer_failure(backend, device, dtype: torch.dtype, master: bool, laun
                 partials = norm_partials_for(span, perturbation) if perturbation.normalize else None
                 check_perturb(backend, span, perturbation, partials)
                 check_perturb(backend, span, perturbation, partials, 1024.0)
+                if launches.telemetry:
+                    check_perturb_sums(backend, span, perturbation, partials, 1024.0)
             check_restore(backend, span)
             for update in updates:
                 span = make_span(numel, dtype, device, update, seed=numel, master=master)

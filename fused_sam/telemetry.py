@@ -3,9 +3,10 @@
 A SAM step holds g1 = grad L(w), the perturbation e and g2 = grad L(w + e). Since g2 - g1 = H e + O(|e|^2),
 the Rayleigh quotient of the Hessian along e is kappa = (e.g2 - e.g1) / |e|^2 (exact on a quadratic loss).
 The pieces come from the passes a step makes anyway:
-- |g1| and e.g1 from the norm pass: e = rho_g T^2 g1 / (N + eps) in param group g (N the norm SAM uses, T = 1
-  or ASAM's |w| + eta), so e.g1 = sum_g rho_g N_g^2 / (N + eps), N_g^2 group g's share of N^2 (rho_g N_g^2
-  for un-normalized groups); exact for the e SAM computes, before the weights round it;
+- |g1| from the norm pass (an extra one where no param group normalizes);
+- e.g1 from the perturb pass (``Backend.perturb(..., sums)``), with e as written to the weights: e.g2 and
+  e.g1 then see the same e, rounding included, so their difference (often a small part of either, with
+  large gradients) carries no rounding mismatch;
 - |e|^2, e.g2 and |g2|^2 from the restore-and-update pass (``Backend.restore_and_update(..., sums)``), with
   e read as the weights hold it (16-bit weights minus the float32 master with master weights).
 Everything stays on the device: a record is a float64 vector written in place each SAM step (kept as it
@@ -50,30 +51,15 @@ class Telemetry:
         if self.clock is not None:
             self.clock += 1
 
-    def began(self, local: Dict[tuple, tuple], grad_sq: torch.Tensor, perturbations: list, rhos,
-              grad_scale: Optional[torch.Tensor], perturb_eps: float, loss) -> None:
-        """first_step, after the norm pass: keep |g1|^2 (unscaled, the global float64 total) and e.g1 per
-        (device, shard group). ``local`` maps each (device, shard group) to its norm partials (buffer,
-        (segment, span) items, each span's slice)."""
-        norm = grad_sq.sqrt()
+    def began(self, grad_sq: torch.Tensor, along_g1: Dict[tuple, torch.Tensor], grad_scale: Optional[torch.Tensor],
+              loss) -> None:
+        """first_step, after the perturb pass: keep |g1|^2 (unscaled, the global float64 total) and e.g1 per
+        (device, shard group) from the perturb pass's partials (``along_g1``, of the gradient as given)."""
         self._along_g1 = {}
-        for key, (_, items, outs) in local.items():
-            device = key[0]
-            norm_here = norm.to(device)
-            by_group: Dict[int, list] = {}
-            for (segment, _), out in zip(items, outs):
-                by_group.setdefault(segment.group_index, []).append(out)
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            for gi, outs_of_group in by_group.items():
-                share = torch.cat(outs_of_group).sum(dtype=torch.float64)
-                if grad_scale is not None:
-                    share = share / grad_scale.to(device, torch.float64).square()
-                rho = rhos(gi, device)
-                rho = rho.reshape(()) if isinstance(rho, torch.Tensor) else rho
-                along = share * rho
-                if perturbations[gi].normalize:
-                    along = along / (norm_here + perturb_eps)
-                total = total + along
+        for key, partials in along_g1.items():
+            total = partials.sum(dtype=torch.float64)
+            if grad_scale is not None:
+                total = total / grad_scale.to(total.device, torch.float64).reshape(())
             self._along_g1[key] = total
         self._grad_sq = grad_sq
         self._first_scaled = grad_scale is not None

@@ -394,3 +394,29 @@ def test_a_parameter_without_a_second_gradient_counts_in_e_only(base):
     assert got["sam_grad_norm"] == pytest.approx(float(g2.norm()), rel=1e-10)
     assert got["cosine"] == pytest.approx(float(e @ g2 / (e.norm() * g2.norm())), rel=1e-10)
     assert torch.equal(q.flat()[5:], w0[5:])  # restored exactly, not updated
+
+
+def test_float32_curvature_sees_one_e_through_both_gradients():
+    """With large gradients e.g2 - e.g1 is a small part of either: both taken with e as the float32 weights
+    hold it, the curvature is the float64 value of the same float32 quantities (an e.g1 from the unrounded
+    e would be off by its rounding, here 0.7%)."""
+    q = Quadratic(8)
+    q.b = q.b * 500
+    params = [nn.Parameter(p.detach().float()) for p in q.params]
+    loss_of_w = lambda: 0.5 * (w := torch.cat([p.reshape(-1) for p in params])) @ q.a.float() @ w - q.b.float() @ w
+    for backend in available_backends("cpu", torch.float32):
+        for p, init in zip(params, q.params):
+            p.data.copy_(init.detach())
+        opt = FusedSAM([{"params": params}], torch.optim.SGD, lr=0.0, rho=0.05, telemetry=True, backend=backend)
+        w0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
+        loss_of_w().backward()
+        g1 = torch.cat([p.grad.reshape(-1) for p in params]).double()
+        opt.first_step(zero_grad=True)
+        e = torch.cat([p.detach().reshape(-1) for p in params]).double() - w0
+        loss_of_w().backward()
+        g2 = torch.cat([p.grad.reshape(-1) for p in params]).double()
+        opt.second_step(zero_grad=True)
+        expected = float(e @ (g2 - g1) / (e @ e))
+        assert float(e @ g1) > 1e3 * abs(float(e @ (g2 - g1)))  # the cancellation this test is about
+        # float32 partial sums: ~5e-4 here; an e.g1 of the unrounded e: 7e-3
+        assert opt.telemetry()["curvature"] == pytest.approx(expected, rel=2e-3), backend

@@ -189,6 +189,7 @@ class Backend(ABC):
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
         scalars: StepScalars,
+        sums: Optional[torch.Tensor] = None,
     ) -> None:
         """backup <- w exactly; w <- w + e, with rho from ``scalars.rho``.
 
@@ -200,6 +201,13 @@ class Backend(ABC):
         the partials are scaled by s. The perturbation is that of the unscaled gradient: normalized,
         e = rho * T^2 * g / (sqrt(total) + eps * s) (the scale cancels; eps is scaled with it);
         un-normalized, e = ((1 / s) * rho) * T^2 * g, that factor in the math dtype.
+
+        ``sums`` (telemetry): None, or a contiguous 1-D tensor of ``partials_len(span)`` elements on the span's
+        device, float32 or float64 (float64 whenever the span is), every element of which the call writes:
+        partial sums of e * g over the span, e the perturbation as applied ((the weights written, in the math
+        dtype) - (the restore point: ``master``, or the weights on entry)), g ``span.grads`` in the math dtype
+        as given (scaled, under a GradScaler: the caller unscales). Without ``sums`` the backend runs exactly
+        the code it runs without telemetry; with it, no more bytes move.
         """
 
     @abstractmethod

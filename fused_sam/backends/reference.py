@@ -47,6 +47,14 @@ def telemetry_sums(span: Span, grad_scale: Optional[torch.Tensor], sums: torch.T
     sums[0].copy_(torch.stack([torch.dot(e, e), torch.dot(e, g), torch.dot(g, g)]))
 
 
+def perturbation_sums(span: Span, sums: torch.Tensor) -> None:
+    """``sums`` <- (e.g, 0, ...) after a perturb (see ``Backend.perturb``): e the weights now minus the
+    restore point, g the gradient as given."""
+    e = _math(span.weights, span) - _restore_point(span)
+    sums.zero_()
+    sums[0] = torch.dot(e, _math(span.grads, span))
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     supports_master_weights = True
@@ -69,6 +77,7 @@ class ReferenceBackend(Backend):
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
         scalars: StepScalars,
+        sums: Optional[torch.Tensor] = None,
     ) -> None:
         grad_scale = scalars.grad_scale
         if span.master is not None:
@@ -95,6 +104,8 @@ class ReferenceBackend(Backend):
         if finite is not None:
             e.masked_fill_(~finite, 0.0)
         span.weights.copy_(w + e)
+        if sums is not None:
+            perturbation_sums(span, sums)
 
     def restore(self, span: Span) -> None:
         span.weights.copy_(span.master if span.master is not None else span.backup)

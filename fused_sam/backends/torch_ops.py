@@ -54,7 +54,7 @@ import torch
 
 from ..updates import AdamUpdate, SGDUpdate
 from .base import Backend, Perturbation, Span, StepScalars, check_reuse_inputs, grad_unscale, required
-from .reference import ReferenceBackend, on_device, telemetry_sums
+from .reference import ReferenceBackend, on_device, perturbation_sums, telemetry_sums
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -200,7 +200,14 @@ class TorchBackend(Backend):
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
         scalars: StepScalars,
+        sums: Optional[torch.Tensor] = None,
     ) -> None:
+        self._perturb(span, perturbation, partials, nonfinite_count, scalars)
+        if sums is not None:
+            self._by_norm_chunk(span, perturbation_sums, sums)
+
+    def _perturb(self, span: Span, perturbation: Perturbation, partials: Optional[torch.Tensor],
+                 nonfinite_count: Optional[torch.Tensor], scalars: StepScalars) -> None:
         md = span.state_dtype
         grad_scale = scalars.grad_scale
         # The scale of e, as the reference computes it (0-d device tensors).
@@ -276,7 +283,7 @@ class TorchBackend(Backend):
 
     def restore_and_update(self, span: Span, update, scalars: StepScalars, sums: Optional[torch.Tensor] = None) -> None:
         if sums is not None:  # before the update overwrites w + e
-            self._telemetry_sums(span, scalars.grad_scale, sums)
+            self._by_norm_chunk(span, lambda chunk, rows: telemetry_sums(chunk, scalars.grad_scale, rows), sums)
         if type(update) not in (SGDUpdate, AdamUpdate):
             self._update_by_reference(span, update, scalars)
             return
@@ -367,14 +374,15 @@ class TorchBackend(Backend):
             elif target is not w_out:
                 w_out.copy_(target)
 
-    def _telemetry_sums(self, span: Span, grad_scale: Optional[torch.Tensor], sums: torch.Tensor) -> None:
-        """The reference's sums, one row per chunk of the squared norm (``partials_len`` rows)."""
+    def _by_norm_chunk(self, span: Span, sums_of, sums: torch.Tensor) -> None:
+        """The reference's telemetry sums (``sums_of(chunk, rows)``), one row per chunk of the squared norm
+        (``partials_len`` rows): an extra pass over the chunk's buffers."""
         size = self.norm_chunk_numel(span.device)
         for k, start in enumerate(range(0, span.numel, size)):
             part = slice(start, start + size)
             chunk = Span(span.weights[part], span.grads[part], None if span.backup is None else span.backup[part],
                          master=None if span.master is None else span.master[part])
-            telemetry_sums(chunk, grad_scale, sums[k:k + 1])
+            sums_of(chunk, sums[k:k + 1])
 
     def _update_by_reference(self, span: Span, update, scalars: StepScalars) -> None:
         """A base update without chained formulas here: the reference's own, chunk by chunk (so its
