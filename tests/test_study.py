@@ -3,6 +3,8 @@ counts the costs as the variants say (the accuracy numbers are the study's to re
 judge)."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import random
@@ -10,8 +12,9 @@ import statistics
 
 import numpy as np
 import pytest
+import torch
 
-from fused_sam.study import StudyConfig, bootstrap_interval, main, summarize
+from fused_sam.study import TASKS, Run, StudyConfig, batch_top_eigenvalue, bootstrap_interval, main, summarize
 
 
 def _percentile(sorted_values, q):
@@ -128,3 +131,90 @@ def test_study_refuses_a_single_seed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--seeds", "1", "--out", str(tmp_path)])
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_curvature_is_recorded_every_sam_step_and_is_the_secant_autograd_computes(tmp_path):
+    """``--curvature`` on the quick config. Every SAM step's curvature is counted once, per epoch; at each
+    check the recorded kappa is autograd's e.(g2 - g1) / |e|^2 (float64) at the weights, e and batch of the
+    step that recorded it, and the first-order curvature along that e, e'He / |e|^2, is at most the top
+    eigenvalue of the same batch Hessian (a Rayleigh quotient; 2% for the power iteration's shortfall).
+    kappa itself is a secant over |e| = rho = 0.3 and has no such bound (see the small-rho test)."""
+    pytest.importorskip("sklearn")
+    argv = ["--quick", "--curvature", "--backend", "torch", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "study.json").read_text())
+    assert "curvature along e" in (tmp_path / "study.md").read_text()
+    epochs = result["config"]["epochs"]
+    for task in ("digits", "noisy"):
+        runs, summary = result["runs"][task], result["summary"][task]
+        assert "curvature" not in runs["sgd"][0] and "curvature" not in summary["sgd"]
+        # MomentumSAM perturbs along its momentum: telemetry records nothing
+        assert all(e["sam_steps"] == 0 for r in runs["momentum-sam"] for e in r["curvature"])
+        assert "curvature" not in summary["momentum-sam"]
+        steps = summary["sgd"]["gradient_evaluations_per_epoch"]["mean"]
+        for method in ("sam", "every-5", "randomly-0.2", "looksam-5", "whensharp"):
+            for run in runs[method]:
+                sam_steps = round((run["gradient_evaluations_per_epoch"] - steps) * epochs)
+                assert sum(e["sam_steps"] for e in run["curvature"]) == sam_steps, (task, method)
+                for e in run["curvature"]:  # positive on these tasks early in training
+                    assert math.isfinite(e["median"]) and e["median"] > 0, (task, method, e)
+                    assert math.isfinite(e["mean"]) and e["mean"] > 0, (task, method, e)
+                assert [c["epoch"] for c in run["curvature_checks"]] == [1, 2]
+                for check in run["curvature_checks"]:
+                    assert check["telemetry_step"] == check["step"]
+                    assert check["curvature"] == pytest.approx(check["recomputed"], rel=1e-3, abs=1e-4)
+                    top = check["batch_top_eigenvalue"]
+                    assert top > 0 and check["rayleigh_quotient"] <= 1.02 * top, (task, method, check)
+            by_epoch = summary[method]["curvature"]["by_epoch"]
+            assert [e["mean"] for e in by_epoch] == pytest.approx(
+                [statistics.fmean(r["curvature"][i]["median"] for r in runs[method]) for i in range(epochs)])
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "study_curvature.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("task", ["digits", "noisy"])
+def test_at_a_small_rho_the_curvature_is_the_hessian_rayleigh_quotient_below_its_top_eigenvalue(task):
+    """As rho -> 0 the secant kappa becomes e'He / |e|^2 (H the batch Hessian at w), a Rayleigh quotient:
+    at rho = 1e-3 it is within 3% of it and at most the same batch Hessian's top eigenvalue."""
+    if task == "digits":
+        pytest.importorskip("sklearn")
+    cfg = dataclasses.replace(StudyConfig.quick(), rho=1e-3, curvature=True, backend="torch")
+    run = Run(TASKS[task](0), "sam", 0, cfg)
+    for _ in range(cfg.epochs):
+        run.epoch()
+    assert len(run.checks) == 2
+    for check in run.checks:
+        assert check["curvature"] == pytest.approx(check["rayleigh_quotient"], rel=0.03)
+        assert 0 < check["curvature"] <= 1.02 * check["batch_top_eigenvalue"]
+
+
+def _exact_hessian_eigenvalues(model, x, y):
+    """Every eigenvalue of the Hessian of the mean cross-entropy, from the full Hessian (torch.func)."""
+    from torch.func import functional_call
+
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(flat):
+        params, start = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = flat[start:start + shape.numel()].reshape(shape)
+            start += shape.numel()
+        return torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))
+
+
+@pytest.mark.parametrize("seed", [0, 11])  # seed 11: the eigenvalue of largest magnitude is negative (-2.7)
+def test_batch_top_eigenvalue_is_the_most_positive_one(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    eigenvalues = _exact_hessian_eigenvalues(model, x, y)
+    if seed == 11:
+        assert -eigenvalues[0] > 2 * eigenvalues[-1] > 0
+    assert batch_top_eigenvalue(model, x, y, 300, seed=0) == pytest.approx(float(eigenvalues[-1]), rel=1e-6)

@@ -22,6 +22,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning")
@@ -338,3 +339,84 @@ def test_lightning_optimizer_wrapper_shares_relayout_and_state(wrap):
             torch.testing.assert_close(state[i]["momentum_buffer"], want, **TOL)
             assert state[i]["step"].item() == 6
     torch.testing.assert_close(snapshot(model), snapshot(twin), **TOL)
+
+
+# --- 6. logging telemetry, as the README shows it -----------------------------------------------------
+
+class TelemetryAutomatic(L.LightningModule):
+    """The README's automatic-optimization logging example, word for word (the net aside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(F64)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)          # runs at w, then at w + e
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        telemetry = self.optimizers().optimizer.telemetry(sync=False)
+        if telemetry is not None:
+            self.log_dict({f"sam/{key}": value for key, value in telemetry.items()})
+
+    def configure_optimizers(self):
+        return FusedSAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, telemetry=True)
+
+
+class TelemetryManual(TelemetryAutomatic):
+    """The README's manual-optimization logging example, word for word."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt, (x, y) = self.optimizers(), batch
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(self(x), y)
+            self.manual_backward(loss)
+            return loss
+        loss = opt.step(closure=closure)            # the loss at w; loss_gap recorded
+        telemetry = opt.optimizer.telemetry(sync=False)
+        if telemetry is not None:
+            self.log_dict({f"sam/{key}": value for key, value in telemetry.items()})
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        pass
+
+
+class LoggedAgainstTelemetry(L.Callback):
+    """Before each step and at the end of training: what was logged last against ``opt.telemetry()``."""
+
+    def __init__(self):
+        self.seen = []
+
+    def compare(self, trainer):
+        logged = {key: value for key, value in trainer.callback_metrics.items() if key.startswith("sam/")}
+        self.seen.append((logged, trainer.optimizers[0].telemetry()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx > 0:
+            self.compare(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self.compare(trainer)
+
+
+@pytest.mark.parametrize("module", [TelemetryAutomatic, TelemetryManual])
+def test_readme_telemetry_logging_logs_what_telemetry_reads(module):
+    checker = LoggedAgainstTelemetry()
+    model = module()
+    data = make_data(model.net, 4)
+    fit(model, data, max_epochs=1, callbacks=[checker])
+    assert len(checker.seen) == 4
+    for step, (logged, record) in enumerate(checker.seen):
+        assert record["step"] == step and record["loss_gap"] is not None  # step(closure) gave both losses
+        assert set(logged) == {f"sam/{key}" for key in record}
+        for key, value in record.items():
+            assert logged[f"sam/{key}"].item() == pytest.approx(value, rel=1e-12), key
