@@ -636,36 +636,6 @@ void restore(const RestoreCall& c) {
 
 // --- restore + a base update ------------------------------------------------------------------------------
 
-// One loop step of the base Kind's update over elements [k, k + count) (all kStep of them when FULL): w read
-// from the restore point, out <- the updated w (also written to the master: MASTER), the NSTATE state buffers
-// read and written, g_v read when REUSE. ``observe(wv, gr)`` sees the restore point and the gradient as
-// loaded, before anything is written.
-template <typename Kind, int NSTATE, bool MASTER, bool REUSE, bool FULL, typename S, typename Observe>
-ALWAYS_INLINE inline void update_step(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv,
-                                      math_t<S>* const (&s)[kMaxStateBuffers], int64_t k, int64_t count,
-                                      const typename Kind::template Params<math_t<S>>& p, bool stream,
-                                      const Observe& observe) {
-  using T = math_t<S>;
-  using M = Mem<S>;
-  using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
-  using V = typename M::V;
-  V wv[M::kVals], gr[M::kVals], rv[M::kVals] = {}, sv[kMaxStateBuffers][M::kVals];
-  PMem::template load<FULL>(point + k, count, wv);
-  M::template load<FULL>(g + k, count, gr);
-  if constexpr (REUSE) Mem<T>::template load<FULL>(gv + k, count, rv);
-  for (int b = 0; b < NSTATE; ++b) Mem<T>::template load<FULL>(s[b] + k, count, sv[b]);
-  observe(wv, gr);
-  for (int j = 0; j < M::kVals; ++j) {
-    V lane_state[kMaxStateBuffers];
-    for (int b = 0; b < NSTATE; ++b) lane_state[b] = sv[b][j];
-    wv[j] = Kind::template update<NSTATE, REUSE>(wv[j], gr[j], rv[j], lane_state, p);
-    for (int b = 0; b < NSTATE; ++b) sv[b][j] = lane_state[b];
-  }
-  for (int b = 0; b < NSTATE; ++b) Mem<T>::template store<FULL>(s[b] + k, count, sv[b]);
-  if constexpr (MASTER) PMem::template store<FULL>(point + k, count, wv);
-  M::template store_out<FULL>(out + k, count, wv, stream);
-}
-
 // out <- the updated w (also written to the master: MASTER) for len elements, by the base Kind's per-element
 // update; its NSTATE state buffers are read and written, g_v read when REUSE.
 template <typename Kind, int NSTATE, bool MASTER, bool REUSE, typename S>
@@ -673,11 +643,27 @@ SPAN_FN void update_span(S* out, point_t<S, MASTER>* point, const S* g, const ma
                          math_t<S>* const* state, int64_t len, const typename Kind::template Params<math_t<S>> p,
                          bool stream) {
   using T = math_t<S>;
+  using M = Mem<S>;
+  using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
+  using V = typename M::V;
   T* s[kMaxStateBuffers] = {};
   for (int k = 0; k < NSTATE; ++k) s[k] = state[k];  // in registers: the loop below never reloads them
-  for_each_step<Mem<S>::kStep>(len, [=](auto full, int64_t k, int64_t count) {
-    update_step<Kind, NSTATE, MASTER, REUSE, decltype(full)::value>(out, point, g, gv, s, k, count, p, stream,
-                                                                     [](const auto&, const auto&) {});
+  for_each_step<M::kStep>(len, [=](auto full, int64_t k, int64_t count) {
+    constexpr bool FULL = decltype(full)::value;
+    V wv[M::kVals], gr[M::kVals], rv[M::kVals] = {}, sv[kMaxStateBuffers][M::kVals];
+    PMem::template load<FULL>(point + k, count, wv);
+    M::template load<FULL>(g + k, count, gr);
+    if constexpr (REUSE) Mem<T>::template load<FULL>(gv + k, count, rv);
+    for (int b = 0; b < NSTATE; ++b) Mem<T>::template load<FULL>(s[b] + k, count, sv[b]);
+    for (int j = 0; j < M::kVals; ++j) {
+      V lane_state[kMaxStateBuffers];
+      for (int b = 0; b < NSTATE; ++b) lane_state[b] = sv[b][j];
+      wv[j] = Kind::template update<NSTATE, REUSE>(wv[j], gr[j], rv[j], lane_state, p);
+      for (int b = 0; b < NSTATE; ++b) sv[b][j] = lane_state[b];
+    }
+    for (int b = 0; b < NSTATE; ++b) Mem<T>::template store<FULL>(s[b] + k, count, sv[b]);
+    if constexpr (MASTER) PMem::template store<FULL>(point + k, count, wv);
+    M::template store_out<FULL>(out + k, count, wv, stream);
   });
 }
 
@@ -749,13 +735,15 @@ ALWAYS_INLINE inline void telemetry_blocks(int64_t len, const Step& step, double
 }
 
 // update_span over one chunk (len elements), with its telemetry sums: e = the weights on entry minus the
-// restore point, g2 = the unscaled gradient.
+// restore point, g2 = the unscaled gradient. The loop step is update_span's plus the sums (update_span keeps
+// its own copy: sharing one inline step function changed how GCC compiles the loop without the sums).
 template <typename Kind, int NSTATE, bool MASTER, bool REUSE, typename S>
 SPAN_FN void update_chunk_with_sums(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv,
                                     math_t<S>* const* state, int64_t len,
                                     const typename Kind::template Params<math_t<S>> p, double (&totals)[3]) {
   using T = math_t<S>;
   using M = Mem<S>;
+  using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
   using V = typename M::V;
   T* s[kMaxStateBuffers] = {};
   for (int k = 0; k < NSTATE; ++k) s[k] = state[k];
@@ -763,12 +751,22 @@ SPAN_FN void update_chunk_with_sums(S* out, point_t<S, MASTER>* point, const S* 
       len,
       [&](auto full, int64_t k, int64_t count, TelemetryLanes<S>& lanes, int q) {
         constexpr bool FULL = decltype(full)::value;
-        update_step<Kind, NSTATE, MASTER, REUSE, FULL>(
-            out, point, g, gv, s, k, count, p, false, [&](const V (&wv)[M::kVals], const V (&gr)[M::kVals]) {
-              V now[M::kVals];
-              M::template load<FULL>(out + k, count, now);
-              lanes.add(q, now, wv, gr, p.unscale);
-            });
+        V wv[M::kVals], gr[M::kVals], rv[M::kVals] = {}, sv[kMaxStateBuffers][M::kVals], now[M::kVals];
+        PMem::template load<FULL>(point + k, count, wv);
+        M::template load<FULL>(g + k, count, gr);
+        M::template load<FULL>(out + k, count, now);  // w + e, before the update overwrites it
+        if constexpr (REUSE) Mem<T>::template load<FULL>(gv + k, count, rv);
+        for (int b = 0; b < NSTATE; ++b) Mem<T>::template load<FULL>(s[b] + k, count, sv[b]);
+        lanes.add(q, now, wv, gr, p.unscale);
+        for (int j = 0; j < M::kVals; ++j) {
+          V lane_state[kMaxStateBuffers];
+          for (int b = 0; b < NSTATE; ++b) lane_state[b] = sv[b][j];
+          wv[j] = Kind::template update<NSTATE, REUSE>(wv[j], gr[j], rv[j], lane_state, p);
+          for (int b = 0; b < NSTATE; ++b) sv[b][j] = lane_state[b];
+        }
+        for (int b = 0; b < NSTATE; ++b) Mem<T>::template store<FULL>(s[b] + k, count, sv[b]);
+        if constexpr (MASTER) PMem::template store<FULL>(point + k, count, wv);
+        M::template store<FULL>(out + k, count, wv);
       },
       totals);
 }
