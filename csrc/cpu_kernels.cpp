@@ -14,8 +14,9 @@
 //
 // Determinism: the squared norm is one partial per CPU_NORM_CHUNK elements, each chunk summed by one thread
 // in NORM_LANES lanes (vectors holding the same lanes on every ISA), folded in a fixed order and accumulated
-// in double, so partials are bitwise identical whatever the thread count and the instruction set. The
-// build uses -ffp-contract=off: no multiply-add is contracted into an FMA on one ISA and not another.
+// in double, so partials are bitwise identical whatever the thread count and the instruction set; so are the
+// telemetry sums of restore_update, summed the same way. The build uses -ffp-contract=off: no multiply-add is
+// contracted into an FMA on one ISA and not another.
 #ifndef CPU_CAPABILITY
 #define CPU_CAPABILITY DEFAULT
 #endif
@@ -666,7 +667,160 @@ SPAN_FN void update_span(S* out, point_t<S, MASTER>* point, const S* g, const ma
   });
 }
 
+// --- telemetry sums (restore_update with sums) ------------------------------------------------------------
+// One row of sums per CPU_NORM_CHUNK elements, like the norm's partials, each chunk summed by one thread as
+// the norm sums a chunk: blocks of CPU_NORM_BLOCK elements in NORM_LANES lanes in the math type (lane j adds
+// the block's elements j, j + NORM_LANES, ... in order), folded in a fixed order and added in double. The
+// lanes are the same on every instruction set, so the sums are bitwise the same on each and for any thread
+// count. The pass reads the weights before it writes them and stores them plainly (their lines are in the
+// cache already: streaming would save nothing).
+
+// The lanes of one block's three sums (e^2, e * g2, g2^2): lane j is vector j / kLanes, lane j % kLanes.
+template <typename S>
+struct TelemetryLanes {
+  using T = math_t<S>;
+  using V = value_t<T>;
+  static constexpr int64_t kLanes = Mem<S>::kLanes;
+  static constexpr int kVecs = NORM_LANES / kLanes;
+  static constexpr int kVals = Mem<S>::kVals;
+  V ee[kVecs], eg[kVecs], gg[kVecs];
+
+  TelemetryLanes() {
+    for (int q = 0; q < kVecs; ++q) ee[q] = eg[q] = gg[q] = V(T(0));
+  }
+
+  // One loop step's terms, its first value in lane vector q (missing elements were loaded as zeros: their
+  // terms are +0, which leaves a lane as it is).
+  ALWAYS_INLINE void add(int q, const V (&now)[kVals], const V (&point)[kVals], const V (&g)[kVals], T unscale) {
+    for (int j = 0; j < kVals; ++j) {
+      const TelemetryTerms<V> t = telemetry_terms(now[j], point[j], g[j], unscale);
+      ee[q + j] = ee[q + j] + t.ee;
+      eg[q + j] = eg[q + j] + t.eg;
+      gg[q + j] = gg[q + j] + t.gg;
+    }
+  }
+
+  void fold_into(double (&totals)[3]) const {
+    totals[0] += fold_lanes<T, kLanes>(ee);
+    totals[1] += fold_lanes<T, kLanes>(eg);
+    totals[2] += fold_lanes<T, kLanes>(gg);
+  }
+};
+
+// Runs step(std::bool_constant<FULL>, k, count, lanes, q) over the elements [0, len) of one chunk, one loop step
+// (kStep elements, the last one maybe fewer) at a time, block by block: ``lanes`` the block's TelemetryLanes,
+// ``q`` the lane vector element k falls in. totals <- the chunk's sums.
+template <typename S, typename Step>
+ALWAYS_INLINE inline void telemetry_blocks(int64_t len, const Step& step, double (&totals)[3]) {
+  constexpr int64_t kStep = Mem<S>::kStep;
+  constexpr int kVals = Mem<S>::kVals;
+  static_assert(NORM_LANES % kStep == 0 && CPU_NORM_BLOCK % NORM_LANES == 0, "whole loop steps per lane group");
+  for (double& t : totals) t = 0.0;
+  for (int64_t b = 0; b < len; b += CPU_NORM_BLOCK) {
+    TelemetryLanes<S> lanes;
+    const int64_t stop = std::min(len, b + CPU_NORM_BLOCK);
+    int64_t k = b;
+    for (; k + NORM_LANES <= stop; k += NORM_LANES) {
+      for (int t = 0; t < NORM_LANES / kStep; ++t) step(std::true_type{}, k + t * kStep, kStep, lanes, t * kVals);
+    }
+    for (int t = 0; k < stop; k += kStep, ++t) {  // the block's last lane group, not whole
+      if (k + kStep <= stop) {
+        step(std::true_type{}, k, kStep, lanes, t * kVals);
+      } else {
+        step(std::false_type{}, k, stop - k, lanes, t * kVals);
+      }
+    }
+    lanes.fold_into(totals);
+  }
+}
+
+// update_span over one chunk (len elements), with its telemetry sums: e = the weights on entry minus the
+// restore point, g2 = the unscaled gradient. The loop step is update_span's plus the sums (update_span keeps
+// its own copy: sharing one inline step function changed how GCC compiles the loop without the sums).
 template <typename Kind, int NSTATE, bool MASTER, bool REUSE, typename S>
+SPAN_FN void update_chunk_with_sums(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv,
+                                    math_t<S>* const* state, int64_t len,
+                                    const typename Kind::template Params<math_t<S>> p, double (&totals)[3]) {
+  using T = math_t<S>;
+  using M = Mem<S>;
+  using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
+  using V = typename M::V;
+  T* s[kMaxStateBuffers] = {};
+  for (int k = 0; k < NSTATE; ++k) s[k] = state[k];
+  telemetry_blocks<S>(
+      len,
+      [&](auto full, int64_t k, int64_t count, TelemetryLanes<S>& lanes, int q) {
+        constexpr bool FULL = decltype(full)::value;
+        V wv[M::kVals], gr[M::kVals], rv[M::kVals] = {}, sv[kMaxStateBuffers][M::kVals], now[M::kVals];
+        PMem::template load<FULL>(point + k, count, wv);
+        M::template load<FULL>(g + k, count, gr);
+        M::template load<FULL>(out + k, count, now);  // w + e, before the update overwrites it
+        if constexpr (REUSE) Mem<T>::template load<FULL>(gv + k, count, rv);
+        for (int b = 0; b < NSTATE; ++b) Mem<T>::template load<FULL>(s[b] + k, count, sv[b]);
+        lanes.add(q, now, wv, gr, p.unscale);
+        for (int j = 0; j < M::kVals; ++j) {
+          V lane_state[kMaxStateBuffers];
+          for (int b = 0; b < NSTATE; ++b) lane_state[b] = sv[b][j];
+          wv[j] = Kind::template update<NSTATE, REUSE>(wv[j], gr[j], rv[j], lane_state, p);
+          for (int b = 0; b < NSTATE; ++b) sv[b][j] = lane_state[b];
+        }
+        for (int b = 0; b < NSTATE; ++b) Mem<T>::template store<FULL>(s[b] + k, count, sv[b]);
+        if constexpr (MASTER) PMem::template store<FULL>(point + k, count, wv);
+        M::template store<FULL>(out + k, count, wv);
+      },
+      totals);
+}
+
+// A skipped update's pass with telemetry over one chunk: its sums, and out <- the restore point as restore
+// writes it (the backup bit for bit, or the master's rounding).
+template <bool MASTER, typename S>
+SPAN_FN void restore_chunk_with_sums(S* out, point_t<S, MASTER>* point, const S* g, int64_t len, math_t<S> unscale,
+                                     double (&totals)[3]) {
+  using M = Mem<S>;
+  using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
+  using V = typename M::V;
+  telemetry_blocks<S>(
+      len,
+      [&](auto full, int64_t k, int64_t count, TelemetryLanes<S>& lanes, int q) {
+        constexpr bool FULL = decltype(full)::value;
+        V now[M::kVals], pv[M::kVals], gr[M::kVals];
+        M::template load<FULL>(out + k, count, now);
+        PMem::template load<FULL>(point + k, count, pv);
+        M::template load<FULL>(g + k, count, gr);
+        lanes.add(q, now, pv, gr, unscale);
+        if constexpr (MASTER) {
+          M::template store<FULL>(out + k, count, pv);
+        } else {
+          M::template copy_step<FULL>(out + k, point + k, count, false);
+        }
+      },
+      totals);
+}
+
+// Runs chunk(start, len, totals) over every chunk of the span (threads take whole chunks) and writes each
+// chunk's row of sums.
+template <typename Chunk>
+void for_each_chunk_with_sums(const UpdateCall& c, const Chunk& chunk) {
+  at::parallel_for(0, cpu_partials_len(c.n), std::max<int64_t>(1, kGrain / CPU_NORM_CHUNK), [&](int64_t cb, int64_t ce) {
+    for (int64_t k = cb; k < ce; ++k) {
+      const int64_t start = k * CPU_NORM_CHUNK;
+      double totals[3];
+      chunk(start, std::min(c.n, start + CPU_NORM_CHUNK) - start, totals);
+      for (int i = 0; i < 3; ++i) {
+        if (c.sums_double) {
+          static_cast<double*>(c.sums)[3 * k + i] = totals[i];
+        } else {
+          static_cast<float*>(c.sums)[3 * k + i] = static_cast<float>(totals[i]);
+        }
+      }
+    }
+  });
+}
+
+// --- restore + a base update: the loops -------------------------------------------------------------------
+
+// SUMS: with the telemetry sums (a separate instance: the loop without them is unchanged).
+template <typename Kind, int NSTATE, bool MASTER, bool REUSE, bool SUMS, typename S>
 void update_loop(const UpdateCall& c) {
   using T = math_t<S>;
   const auto p = Kind::template params<T>(c.settings, c.values);
@@ -674,28 +828,60 @@ void update_loop(const UpdateCall& c) {
   const auto* g = static_cast<const S*>(c.grads);
   const auto* gv = static_cast<const T*>(c.reused);
   auto* w = static_cast<S*>(c.weights);
-  for_each_range(w, c.n, [&](int64_t i, int64_t len, bool stream) {
-    T* state[kMaxStateBuffers] = {};
+  auto state_at = [&](int64_t i, T* (&state)[kMaxStateBuffers]) {
     for (int b = 0; b < NSTATE; ++b) state[b] = static_cast<T*>(c.state[b]) + i;
-    update_span<Kind, NSTATE, MASTER, REUSE, S>(w + i, point + i, g + i, REUSE ? gv + i : nullptr, state, len, p,
-                                                stream);
+  };
+  if constexpr (SUMS) {
+    for_each_chunk_with_sums(c, [&](int64_t i, int64_t len, double (&totals)[3]) {
+      T* state[kMaxStateBuffers] = {};
+      state_at(i, state);
+      update_chunk_with_sums<Kind, NSTATE, MASTER, REUSE, S>(w + i, point + i, g + i, REUSE ? gv + i : nullptr, state,
+                                                             len, p, totals);
+    });
+  } else {
+    for_each_range(w, c.n, [&](int64_t i, int64_t len, bool stream) {
+      T* state[kMaxStateBuffers] = {};
+      state_at(i, state);
+      update_span<Kind, NSTATE, MASTER, REUSE, S>(w + i, point + i, g + i, REUSE ? gv + i : nullptr, state, len, p,
+                                                  stream);
+    });
+  }
+}
+
+// A skipped update with telemetry: the sums, and w <- the restore point; the state neither read nor written.
+template <bool MASTER, typename S>
+void restore_loop_with_sums(const UpdateCall& c) {
+  const auto unscale = static_cast<math_t<S>>(grad_unscale(c.values));
+  point_t<S, MASTER>* point = restore_point<S, MASTER>(c);
+  const auto* g = static_cast<const S*>(c.grads);
+  auto* w = static_cast<S*>(c.weights);
+  for_each_chunk_with_sums(c, [&](int64_t i, int64_t len, double (&totals)[3]) {
+    restore_chunk_with_sums<MASTER, S>(w + i, point + i, g + i, len, unscale, totals);
   });
 }
 
 void restore_update(const UpdateCall& c) {
   dispatch(c.dtype, [&](auto type) {
     using S = typename decltype(type)::type;
+    if (c.sums != nullptr && update_skipped(c.values)) {
+      with_flags(
+          [&](auto master) {
+            if constexpr (!decltype(master)::value || kReduced<S>) restore_loop_with_sums<decltype(master)::value, S>(c);
+          },
+          c.master != nullptr);
+      return;
+    }
     with_base_kind(c.kind, [&](auto kind) {
       using Kind = decltype(kind);
       with_state_count<Kind>(c.nstate, [&](auto nstate) {
         constexpr int NSTATE = decltype(nstate)::value;
         with_flags(
-            [&](auto master, auto reuse) {
+            [&](auto master, auto reuse, auto sums) {
               if constexpr (!decltype(master)::value || kReduced<S>) {
-                update_loop<Kind, NSTATE, decltype(master)::value, decltype(reuse)::value, S>(c);
+                update_loop<Kind, NSTATE, decltype(master)::value, decltype(reuse)::value, decltype(sums)::value, S>(c);
               }
             },
-            c.master != nullptr, c.reused != nullptr);
+            c.master != nullptr, c.reused != nullptr, c.sums != nullptr);
       });
     });
   });

@@ -51,7 +51,8 @@ struct RestoreCall {
 };
 
 // One base update (of the base ``kind``, fused_sam_math.h's FUSED_SAM_BASE_KINDS): it computes its
-// coefficients from the settings and the step values (host pointers on CPU).
+// coefficients from the settings and the step values (host pointers on CPU). With ``sums`` it also writes the
+// telemetry sums, skipped update or not (then it only restores w).
 struct UpdateCall {
   at::ScalarType dtype;
   int64_t n;
@@ -65,6 +66,8 @@ struct UpdateCall {
   void* state[kMaxStateBuffers];     // in the math dtype
   UpdateSettings settings;
   StepValues values;
+  void* sums;        // telemetry: cpu_partials_len(n) rows of (e^2, e * g2, g2^2), or null
+  bool sums_double;  // float64 sums, else float32
 };
 
 struct Kernels {

@@ -201,18 +201,21 @@ void restore_update_cpu(const at::Tensor& weights, const std::optional<at::Tenso
                         const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& reused,
                         const std::optional<at::Tensor>& reuse_scale, int64_t kind, int64_t flags,
-                        at::ArrayRef<double> hyperparameters, double lr, const std::optional<at::Tensor>& lr_tensor) {
+                        at::ArrayRef<double> hyperparameters, double lr, const std::optional<at::Tensor>& lr_tensor,
+                        const std::optional<at::Tensor>& sums) {
   check_update_args(weights, backup, master, grads, state, step, grad_scale, found_inf, reused, reuse_scale, kind,
-                    flags, hyperparameters, lr_tensor);
+                    flags, hyperparameters, lr_tensor, sums, cpu_partials_len(weights.numel()));
   const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor, reuse_scale);
-  if (update_skipped(values)) {  // the state is not even read, the master not written
+  if (update_skipped(values) && !sums.has_value()) {  // the state is not even read, the master not written
     restore_weights(weights, backup, master);
     return;
   }
   UpdateCall call{weights.scalar_type(), weights.numel(), weights.mutable_data_ptr(), optional_data(backup),
                   master.has_value() ? master->mutable_data_ptr<float>() : nullptr, grads.const_data_ptr(),
                   optional_data(reused), kind, static_cast<int>(state.size()), {},
-                  update_settings(lr, flags, hyperparameters), values};
+                  update_settings(lr, flags, hyperparameters), values,
+                  sums.has_value() ? sums->mutable_data_ptr() : nullptr,
+                  sums.has_value() && sums->scalar_type() == at::kDouble};
   for (size_t k = 0; k < state.size(); ++k) call.state[k] = state[k].mutable_data_ptr();
   kernels().restore_update(call);
 }

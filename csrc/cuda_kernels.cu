@@ -11,6 +11,8 @@
 //   (capturable=True), and LookSAM's reuse_scale are read through pointers inside the kernels: no host
 //   sync, and CUDA-graph capture records the tensors, not their values. A skipped update (found_inf)
 //   restores the weights in the same launch and leaves the optimizer state untouched.
+// - Telemetry sums (restore_update's sums): the SUMS instances of the update kernel, on a grid of at most
+//   cuda_partials_len(n) blocks, one row per block, deterministic like the norm.
 // - Master weights: each kernel has a MASTER variant (bfloat16/float16 only) that reads w from the float32
 //   master (see point_t); the updates write it back, and the weights receive its rounding (round to
 //   nearest even, c10's conversions as torch's .to()).
@@ -356,6 +358,73 @@ __device__ __forceinline__ void restore_from(scalar_t* __restrict__ w,
   });
 }
 
+// --- telemetry sums (restore_update with sums) -------------------------------------------------------------
+// One row of (e^2, e * g2, g2^2) per block of the update's grid, which then has at most cuda_partials_len(n)
+// blocks (rows past the grid are written as zeros): each thread sums its elements' terms (fused_sam_math.h's
+// telemetry_terms, in the math type) in double, each block reduces them in a fixed order, as the norm does.
+
+// Where the sums go: ``rows`` rows of three, float64 or float32.
+struct SumsOut {
+  void* data;
+  bool is_double;
+  int64_t rows;
+};
+
+// One thread's sums.
+struct TelemetryAcc {
+  double ee = 0.0, eg = 0.0, gg = 0.0;
+
+  template <typename T>
+  __device__ __forceinline__ void add(T w_now, T point, T g, T unscale) {
+    const TelemetryTerms<T> t = telemetry_terms(w_now, point, g, unscale);
+    ee += static_cast<double>(t.ee);
+    eg += static_cast<double>(t.eg);
+    gg += static_cast<double>(t.gg);
+  }
+};
+
+__device__ __forceinline__ void store_sums_row(const SumsOut& out, int64_t row, double ee, double eg, double gg) {
+  if (out.is_double) {
+    double* r = static_cast<double*>(out.data) + 3 * row;
+    r[0] = ee, r[1] = eg, r[2] = gg;
+  } else {
+    float* r = static_cast<float*>(out.data) + 3 * row;
+    r[0] = static_cast<float>(ee), r[1] = static_cast<float>(eg), r[2] = static_cast<float>(gg);
+  }
+}
+
+// The block's row (every thread of the block calls this), and block 0 zeroes the rows past the grid.
+__device__ __forceinline__ void write_sums(const TelemetryAcc& acc, const SumsOut& out) {
+  const double ee = block_sum(acc.ee), eg = block_sum(acc.eg), gg = block_sum(acc.gg);
+  if (threadIdx.x == 0) store_sums_row(out, blockIdx.x, ee, eg, gg);
+  if (blockIdx.x == 0) {
+    for (int64_t row = gridDim.x + threadIdx.x; row < out.rows; row += blockDim.x) store_sums_row(out, row, 0.0, 0.0, 0.0);
+  }
+}
+
+// restore_from for a skipped update with telemetry: also the sums of the elements this thread restores.
+template <int N, bool MASTER, typename scalar_t>
+__device__ __forceinline__ void restore_with_sums(scalar_t* __restrict__ w,
+                                                  const point_t<scalar_t, MASTER>* __restrict__ point,
+                                                  const scalar_t* __restrict__ g, int64_t n,
+                                                  math_t<scalar_t> unscale, TelemetryAcc& acc) {
+  using T = math_t<scalar_t>;
+  for_each_vec<N>(n, [&](auto width, int64_t i) {
+    constexpr int M = decltype(width)::value;
+    point_elem_t<scalar_t, MASTER> pv[M];
+    scalar_t now[M], gv[M], out[M];
+    load_vec<M>(point + i, pv);
+    load_vec<M>(w + i, now);
+    load_vec<M>(g + i, gv);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      acc.add(static_cast<T>(now[j]), static_cast<T>(pv[j]), static_cast<T>(gv[j]), unscale);
+      out[j] = static_cast<scalar_t>(pv[j]);
+    }
+    store_vec<M>(w + i, out);
+  });
+}
+
 template <typename scalar_t, int N>
 __global__ void __launch_bounds__(kThreads)
     round_master_kernel(scalar_t* __restrict__ w, const float* __restrict__ master, int64_t n) {
@@ -411,17 +480,24 @@ struct StatePointers {
 };
 
 // The base Kind's update: its NSTATE state buffers read and written; gv: LookSAM's reused direction, read only
-// when REUSE.
-template <typename Kind, typename scalar_t, int NSTATE, bool MASTER, bool REUSE, int N>
+// when REUSE. SUMS: also the telemetry sums into ``sums`` (unused otherwise), the weights read before they are
+// written, the update skipped or not.
+template <typename Kind, typename scalar_t, int NSTATE, bool MASTER, bool REUSE, int N, bool SUMS>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(scalar_t* __restrict__ w, point_t<scalar_t, MASTER>* __restrict__ point,
                   const scalar_t* __restrict__ g, const math_t<scalar_t>* __restrict__ gv,
                   const StatePointers<math_t<scalar_t>> state, int64_t n, const UpdateSettings settings,
-                  const StepValues values) {
+                  const StepValues values, const SumsOut sums) {
   using T = math_t<scalar_t>;
   using Params = typename Kind::template Params<T>;
+  TelemetryAcc acc;
   if (update_skipped(values)) {  // the same value in every thread: the whole grid returns here
-    restore_from<N, MASTER>(w, point, n);
+    if constexpr (SUMS) {
+      restore_with_sums<N, MASTER>(w, point, g, n, static_cast<T>(grad_unscale(values)), acc);
+      write_sums(acc, sums);
+    } else {
+      restore_from<N, MASTER>(w, point, n);
+    }
     return;
   }
   const Params p = block_params<Params>([&] { return Kind::template params<T>(settings, values); });
@@ -435,6 +511,14 @@ __global__ void __launch_bounds__(kThreads)
     if (REUSE) load_vec<M>(gv + i, rv);
 #pragma unroll
     for (int b = 0; b < NSTATE; ++b) load_vec<M>(state.p[b] + i, sv[b]);
+    if constexpr (SUMS) {
+      scalar_t now[M];
+      load_vec<M>(w + i, now);
+#pragma unroll
+      for (int j = 0; j < M; ++j) {
+        acc.add(static_cast<T>(now[j]), static_cast<T>(pv[j]), static_cast<T>(gr[j]), p.unscale);
+      }
+    }
 #pragma unroll
     for (int j = 0; j < M; ++j) {
       T lane_state[kMaxStateBuffers];
@@ -452,22 +536,25 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (MASTER) store_vec<M>(point + i, pv);
     store_vec<M>(w + i, out);
   });
+  if constexpr (SUMS) write_sums(acc, sums);
 }
 
-template <typename Kind, int NSTATE, bool MASTER, bool REUSE, typename scalar_t>
+// SUMS: the grid has at most sums.rows blocks, one row each.
+template <typename Kind, int NSTATE, bool MASTER, bool REUSE, bool SUMS, typename scalar_t>
 void launch_update(scalar_t* w, point_t<scalar_t, MASTER>* point, const scalar_t* g, const math_t<scalar_t>* gv,
                    const StatePointers<math_t<scalar_t>>& state, int64_t n, const UpdateSettings& settings,
-                   const StepValues& values, int device, cudaStream_t stream) {
+                   const StepValues& values, const SumsOut& sums, int device, cudaStream_t stream) {
   constexpr int N = vec_elems<scalar_t>();
   bool vec = vectors_aligned<N>(w, point, g, gv);
   for (int b = 0; b < NSTATE; ++b) vec = vec && vectors_aligned<N>(state.p[b]);
   const int64_t work = vec ? (n + N - 1) / N : n;
   auto launch = [&](auto kernel) {
-    kernel<<<elementwise_blocks(kernel, work, device), kThreads, 0, stream>>>(w, point, g, gv, state, n, settings,
-                                                                              values);
+    unsigned int blocks = elementwise_blocks(kernel, work, device);
+    if (SUMS) blocks = static_cast<unsigned int>(std::min<int64_t>(blocks, sums.rows));
+    kernel<<<blocks, kThreads, 0, stream>>>(w, point, g, gv, state, n, settings, values, sums);
   };
-  if (vec) launch(update_kernel<Kind, scalar_t, NSTATE, MASTER, REUSE, N>);
-  else launch(update_kernel<Kind, scalar_t, NSTATE, MASTER, REUSE, 1>);
+  if (vec) launch(update_kernel<Kind, scalar_t, NSTATE, MASTER, REUSE, N, SUMS>);
+  else launch(update_kernel<Kind, scalar_t, NSTATE, MASTER, REUSE, 1, SUMS>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -476,13 +563,19 @@ void restore_update_cuda(const at::Tensor& weights, const std::optional<at::Tens
                          const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& reused,
                          const std::optional<at::Tensor>& reuse_scale, int64_t kind, int64_t flags,
-                         at::ArrayRef<double> hyperparameters, double lr, const std::optional<at::Tensor>& lr_tensor) {
+                         at::ArrayRef<double> hyperparameters, double lr, const std::optional<at::Tensor>& lr_tensor,
+                         const std::optional<at::Tensor>& sums) {
+  const int64_t n = weights.numel();
   check_update_args(weights, backup, master, grads, state, step, grad_scale, found_inf, reused, reuse_scale, kind,
-                    flags, hyperparameters, lr_tensor);
+                    flags, hyperparameters, lr_tensor, sums, cuda_partials_len(n));
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t n = weights.numel();
-  if (n == 0) return;
+  if (n == 0) {
+    if (sums.has_value()) sums->zero_();
+    return;
+  }
+  const SumsOut sums_out{sums.has_value() ? sums->mutable_data_ptr() : nullptr,
+                         sums.has_value() && sums->scalar_type() == at::kDouble, cuda_partials_len(n)};
   const UpdateSettings settings = update_settings(lr, flags, hyperparameters);
   const StepValues values = step_values(step, grad_scale, found_inf, lr_tensor, reuse_scale);
   FUSED_SAM_DISPATCH(weights.scalar_type(), "fused_sam::restore_update", [&] {
@@ -497,9 +590,17 @@ void restore_update_cuda(const at::Tensor& weights, const std::optional<at::Tens
         with_master<scalar_t>(master.has_value(), [&](auto has_master) {
           constexpr bool MASTER = decltype(has_master)::value;
           with_reuse(gv != nullptr, [&](auto reuse) {
-            launch_update<Kind, NSTATE, MASTER, decltype(reuse)::value>(
-                weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
-                grads.const_data_ptr<scalar_t>(), gv, buffers, n, settings, values, weights.get_device(), stream);
+            auto run = [&](auto with_sums) {
+              launch_update<Kind, NSTATE, MASTER, decltype(reuse)::value, decltype(with_sums)::value>(
+                  weights.mutable_data_ptr<scalar_t>(), point_ptr<scalar_t, MASTER>(backup, master),
+                  grads.const_data_ptr<scalar_t>(), gv, buffers, n, settings, values, sums_out, weights.get_device(),
+                  stream);
+            };
+            if (sums.has_value()) {
+              run(std::true_type{});
+            } else {
+              run(std::false_type{});
+            }
           });
         });
       });

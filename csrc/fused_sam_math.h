@@ -204,6 +204,23 @@ HOST_DEVICE ALWAYS_INLINE inline V update_gradient(V g, V g_v, T c, T unscale) {
   return (REUSE ? g + c * g_v : g) * unscale;
 }
 
+// --- telemetry (restore_update's sums) ------------------------------------------------------------------
+// One element's terms of the telemetry sums e^2, e * g2, g2^2, as fused_sam/backends/reference.py's
+// telemetry_sums forms them: e = the weights as the model saw them (w + e, read before the update writes
+// them) minus the restore point, g2 = the gradient times GradScaler's unscale factor (1 without a scaler:
+// g bit for bit), not negated for maximize and without LookSAM's reused direction.
+template <typename V>
+struct TelemetryTerms {
+  V ee, eg, gg;
+};
+
+template <typename V, typename T>
+HOST_DEVICE ALWAYS_INLINE inline TelemetryTerms<V> telemetry_terms(V w_now, V point, V g, T unscale) {
+  const V e = w_now - point;
+  const V g2 = g * unscale;
+  return {e * e, e * g2, g2 * g2};
+}
+
 // ===================================== the fused base updates =========================================
 // One entry per fused base update, in the order of their codes (``code`` in fused_sam/updates.py): the
 // restore_update operator's ``kind`` is the index here. A new base is one entry here plus its struct below.

@@ -186,14 +186,33 @@ inline void check_restore_args(const at::Tensor& weights, const std::optional<at
   check_restore_point(weights, backup, master, "restore");
 }
 
+// restore_update's telemetry sums: a contiguous (rows, 3) float32 or float64 tensor (float64 for float64
+// weights) on the weights' device, ``rows`` the span's partials count (not checked when negative: the Meta
+// kernel does not know the device the span will run on).
+inline void check_telemetry_sums(const at::Tensor& sums, const at::Tensor& weights, int64_t rows, const char* op) {
+  TORCH_CHECK(sums.device() == weights.device(), "fused_sam::", op, ": sums is on ", sums.device(),
+              ", the weights on ", weights.device());
+  TORCH_CHECK(sums.scalar_type() == at::kFloat || sums.scalar_type() == at::kDouble, "fused_sam::", op,
+              ": sums must be float32 or float64, got ", sums.scalar_type());
+  TORCH_CHECK(weights.scalar_type() != at::kDouble || sums.scalar_type() == at::kDouble, "fused_sam::", op,
+              ": sums of float64 weights must be float64, got ", sums.scalar_type());
+  TORCH_CHECK(sums.dim() == 2 && sums.sym_size(1) == 3 && sums.is_contiguous(), "fused_sam::", op,
+              ": sums must be a contiguous tensor of shape (rows, 3), got shape ", sums.sym_sizes(), " strides ",
+              sums.sym_strides());
+  TORCH_CHECK(rows < 0 || sums.sym_size(0) == rows, "fused_sam::", op, ": sums has ", sums.sym_size(0),
+              " rows; a span of ", weights.sym_numel(), " elements on ", weights.device(), " writes ", rows);
+}
+
 // One base update (restore_update): ``kind`` a code of FUSED_SAM_BASE_KINDS, ``state`` as many buffers as that
-// base runs with (in the math dtype, like the weights), ``hyperparameters`` and ``flags`` as many as it takes.
+// base runs with (in the math dtype, like the weights), ``hyperparameters`` and ``flags`` as many as it takes;
+// ``sums`` (telemetry), if given, ``sums_rows`` rows (see check_telemetry_sums).
 inline void check_update_args(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
                               const std::optional<at::Tensor>& master, const at::Tensor& grads, at::TensorList state,
                               const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& reused,
                               const std::optional<at::Tensor>& reuse_scale, int64_t kind, int64_t flags,
-                              at::ArrayRef<double> hyperparameters, const std::optional<at::Tensor>& lr_tensor) {
+                              at::ArrayRef<double> hyperparameters, const std::optional<at::Tensor>& lr_tensor,
+                              const std::optional<at::Tensor>& sums, int64_t sums_rows) {
   const char* op = "restore_update";
   check_weights(weights, op);
   check_step_values(step, grad_scale, found_inf, lr_tensor, weights, op);
@@ -215,6 +234,7 @@ inline void check_update_args(const at::Tensor& weights, const std::optional<at:
   for (const at::Tensor& buffer : state) {
     check_span_tensor(buffer, weights, state_dtype(weights.scalar_type()), "a state buffer", op);
   }
+  if (sums.has_value()) check_telemetry_sums(*sums, weights, sums_rows, op);
 }
 
 // The settings an update's kernels read (checked by check_update_args).

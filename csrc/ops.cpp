@@ -16,7 +16,9 @@
 // ``hyperparameters`` its float settings in the order updates.py declares them, ``flags`` its bool settings as
 // bits. Its ``reused`` / ``reuse_scale`` (both or neither) are LookSAM's reuse step: the update's gradient is
 // grads + c * reused (reused in the math dtype, c float64 with one element on the weights' device, rounded once
-// to the math dtype), formed in registers: grads is not written.
+// to the math dtype), formed in registers: grads is not written. Its optional ``sums`` (telemetry, last) receives
+// per partial row the sums of e^2, e * g2 and g2^2 (e the weights on entry minus the restore point, g2 the
+// unscaled gradient), whatever found_inf says; without it the kernels are the ones without telemetry.
 // CPU implementations: cpu_ops.cpp (kernels: cpu_kernels.cpp, one build per instruction set); CUDA:
 // cuda_kernels.cu.
 #include <Python.h>
@@ -57,9 +59,10 @@ void restore_update_meta(const at::Tensor& weights, const std::optional<at::Tens
                          const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& reused,
                          const std::optional<at::Tensor>& reuse_scale, int64_t kind, int64_t flags,
-                         at::ArrayRef<double> hyperparameters, double, const std::optional<at::Tensor>& lr_tensor) {
+                         at::ArrayRef<double> hyperparameters, double, const std::optional<at::Tensor>& lr_tensor,
+                         const std::optional<at::Tensor>& sums) {
   check_update_args(weights, backup, master, grads, state, step, grad_scale, found_inf, reused, reuse_scale, kind,
-                    flags, hyperparameters, lr_tensor);
+                    flags, hyperparameters, lr_tensor, sums, -1);
 }
 
 }  // namespace
@@ -77,7 +80,7 @@ TORCH_LIBRARY(fused_sam, m) {
   m.def(
       "restore_update(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, Tensor(c!)[] state, "
       "Tensor step, Tensor? grad_scale, Tensor? found_inf, Tensor? reused, Tensor? reuse_scale, int kind, int flags, "
-      "float[] hyperparameters, float lr, Tensor? lr_tensor) -> ()");
+      "float[] hyperparameters, float lr, Tensor? lr_tensor, Tensor(d!)? sums=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_sam, Meta, m) {

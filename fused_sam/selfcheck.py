@@ -503,8 +503,8 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
               elementwise_only: bool = False):
     """(what, run(backend, device) -> output tensors) for every operation a step launches on spans of
     ``numel`` elements: each ``run`` makes its span afresh from ``seed`` on ``device`` (the same values on
-    every device) and returns what the operation wrote. ``elementwise_only``: no norm partials (their layout
-    differs between devices)."""
+    every device) and returns what the operation wrote. ``elementwise_only``: no norm partials nor telemetry
+    sums (their rows differ between devices)."""
     made, norms = {}, {}
 
     def span_for(device, update=None):
@@ -540,7 +540,7 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
         backend.restore(span)
         return [span.weights]
 
-    def update(upd, step, grad_scale, found_inf, reuse):
+    def update(upd, step, grad_scale, found_inf, reuse, telemetry=False):
         def run(backend, device):
             span, run_scalars = span_for(device, upd), step_scalars(device, step, grad_scale, found_inf)
             if reuse is not None:
@@ -549,6 +549,11 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
                 run_scalars = dataclasses.replace(run_scalars, reuse_scale=scale)
             if span.backup is not None:
                 span.backup.copy_(span.weights)
+            if telemetry:  # the weights as the model saw them: the backup + g / 8
+                span.weights.add_(span.grads / 8)
+                sums = torch.full((backend.partials_len(span), 3), math.nan, dtype=torch.float64, device=device)
+                backend.restore_and_update(span, upd, run_scalars, sums)
+                return [span.weights, restore_point(span), *span.state.values(), sums]
             span.weights.fill_(math.nan)
             backend.restore_and_update(span, upd, run_scalars)
             return [span.weights, restore_point(span), *span.state.values()]
@@ -569,6 +574,9 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
             yield (f"restore_and_update({upd}, step {step}, grad_scale {grad_scale}, found_inf {found_inf})",
                    update(upd, step, grad_scale, found_inf, None))
         yield f"restore_and_update({upd}, reusing g_v)", update(upd, 3, None, None, 0.7310585786300049)
+        if not elementwise_only:  # the sums' rows differ between devices
+            yield (f"restore_and_update({upd}, with telemetry sums)",
+                   update(upd, *SCALARS[2], 0.7310585786300049, telemetry=True))
 
 
 # The update variants with distinct kernel instances (momentum or none; Adam, AdamW with AMSGrad; Adagrad): the

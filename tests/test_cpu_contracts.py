@@ -6,8 +6,8 @@ tests, under every instruction set it has.
 
 The build is made here, once per session, into a temporary folder (FUSED_SAM_CHECK_CONTRACTS=1, CPU only:
 about a minute on 2 cores), and exercised in a fresh interpreter (a process holds one fused_sam._C): every
-operation of the native backend against the reference, every dtype with and without master weights, awkward
-sizes, misaligned starts and two threads.
+operation of the native backend against the reference (restore_and_update with telemetry sums too), every
+dtype with and without master weights, awkward sizes, misaligned starts and two threads.
 """
 from __future__ import annotations
 
@@ -53,7 +53,20 @@ _EXERCISE = textwrap.dedent("""
     from fused_sam.backends import native
     from fused_sam.selfcheck import SELF_CHECK_SIZES, check_all_ops, dtype_configs, misaligned_span, make_span
     from fused_sam.selfcheck import check_restore_and_update, check_sq_norm, PERTURBATIONS, UPDATES, step_scalars
+    from fused_sam.selfcheck import clone_span
+    from fused_sam.backends.reference import telemetry_sums
     assert native._C is checked
+
+    def check_telemetry(backend, span, update, scalars):  # restore_and_update's sums pass, tails and all
+        span = clone_span(span)
+        if span.backup is not None:
+            span.backup.copy_(span.weights)
+        span.weights.add_(span.grads / 8)
+        expected = torch.empty(1, 3, dtype=torch.float64)
+        telemetry_sums(span, scalars.grad_scale, expected)
+        sums = torch.full((backend.partials_len(span), 3), float("nan"), dtype=torch.float64)
+        backend.restore_and_update(span, update, scalars, sums)
+        torch.testing.assert_close(sums.sum(0), expected[0], rtol=1e-4, atol=1e-6)
 
     backend = native.NativeBackend()
     chunk = checked.CPU_NORM_CHUNK
@@ -63,12 +76,17 @@ _EXERCISE = textwrap.dedent("""
         for dtype, master in dtype_configs():
             for numel in SELF_CHECK_SIZES:
                 check_all_ops(backend, numel, dtype, "cpu", seed=numel, master=master)
+                for update in (UPDATES[1], UPDATES[6], UPDATES[9]):
+                    span = make_span(numel, dtype, "cpu", update, seed=numel, master=master)
+                    for found_inf in (0.0, 1.0):
+                        check_telemetry(backend, span, update, step_scalars("cpu", 3, 1024.0, found_inf))
         torch.set_num_threads(2)
         for dtype, master in dtype_configs():  # several chunks, two threads, every thread's range unaligned
             span = misaligned_span(make_span(4 * chunk + 77, dtype, "cpu", UPDATES[6], master=master), 3)
             for perturbation in PERTURBATIONS:
                 check_sq_norm(backend, span, perturbation)
             check_restore_and_update(backend, span, UPDATES[6], step_scalars("cpu", 3))
+            check_telemetry(backend, span, UPDATES[6], step_scalars("cpu", 3, 1024.0, 0.0))
         print("checked", isa)
 """)
 

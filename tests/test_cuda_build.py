@@ -220,6 +220,8 @@ def test_cuda_kernels_contract_no_multiply_add(tmp_path):
     for kernel in ("sq_norm_kernel", "perturb_kernel", "round_master_kernel", "update_kernel"):
         assert any(kernel in name for name in entries), f"no {kernel} in the PTX"
     for base in ("SGD", "Adam", "Adagrad"):  # the update kernel of every fused base (FUSED_SAM_BASE_KINDS)
-        assert any("update_kernel" in name and f"{len(base)}{base}E" in name for name in entries), f"no {base} update"
+        for sums in (0, 1):  # without and with the telemetry sums: the last template flag, SUMS
+            assert any("update_kernel" in name and f"{len(base)}{base}E" in name and f"Lb{sums}EEEv" in name
+                       for name in entries), f"no {base} update with SUMS = {sums}"
     fmas = _fmas_by_function(ptx)
     assert all("pow" in name for name in fmas), f"multiply-adds contracted outside pow: {fmas}"

@@ -32,6 +32,7 @@ from test_native_backend import (
     REUSE_OPS, _call_with_hyperparameter, _call_with_reuse, masters_of, needed, op_name, restore_point_call,
     restore_update_args,
 )
+import test_telemetry_native as telemetry
 
 from fused_sam import FusedSAM
 from fused_sam.backends import native as native_module
@@ -55,6 +56,7 @@ NATIVE, REFERENCE = NativeBackend(), ReferenceBackend()
 
 
 SIZES = [1, 7, 4095, BLOCK + 1, 1_000_003]
+TELEMETRY_BASES = telemetry.BASES
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -225,6 +227,30 @@ def _same_span_bits(gpu: Span, cpu: Span, what: str) -> None:
             _same_bits(getattr(gpu, name), getattr(cpu, name), f"{what}: {name}")
     for k in cpu.state:
         _same_bits(gpu.state[k], cpu.state[k], f"{what}: {k}")
+
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, False),
+                                          (torch.float16, False), (torch.bfloat16, True), (torch.float16, True)],
+                         ids=["float32", "float64", "bfloat16", "float16", "bfloat16-master", "float16-master"])
+def test_telemetry_sums(dtype, master):
+    """restore_and_update's telemetry sums on CUDA: one row per block of a grid of at most partials_len blocks
+    (the rows past it zeros), every row written, their total the exact sum of the terms within the CPU's
+    bound; the update bit for bit the one without sums, applied or skipped; the vector loop and the tail, one
+    block and the 1024 rows of a span of 2^24 + 3 elements."""
+    for numel in (1, 7, BLOCK + 1, 1_000_003, (1 << 24) + 3):
+        bases = TELEMETRY_BASES if numel < 1 << 24 else TELEMETRY_BASES[:1]  # the large span: one base will do
+        for k, update in enumerate(bases):
+            span = telemetry.perturbed(make_span(numel, dtype, CUDA, update, seed=k, master=master), seed=k)
+            for found_inf in (0.0, 1.0):
+                scalars = step_scalars(CUDA, 3, 1024.0, found_inf)
+                what = f"{update} on {numel} {dtype}, master {master}, found_inf {found_inf}"
+                sums, entry, with_sums, without = telemetry.run_with_and_without_sums(span, update, scalars)
+                telemetry.assert_same_update(with_sums, without, what)
+                assert sums.shape == (NATIVE.partials_len(span), 3) and bool(torch.isfinite(sums).all()), what
+                exact, magnitude = (t.sum(0) for t in telemetry.sum_terms_exactly(entry, scalars.grad_scale))
+                rtol = telemetry.SUMS_RTOL[span.state_dtype]
+                assert bool(((sums.sum(0) - exact).abs() <= rtol * magnitude).all()), f"{what}: {sums.sum(0)} {exact}"
 
 
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, False),

@@ -5,7 +5,8 @@ with the dispatcher for CPU and, when built with CUDA, for CUDA devices. Each me
 call, one pass over the span; the step values (``StepScalars``) go in as tensors that the kernels read
 themselves, and so do lr and rho when they live on the device (``capturable=True``: float64 tensors passed
 as the operators' last argument ``lr_tensor`` / ``rho_tensor``, which replaces the float before it) and
-LookSAM's reuse scale (``span.reused`` and ``scalars.reuse_scale`` go in as ``reused`` / ``reuse_scale``).
+LookSAM's reuse scale (``span.reused`` and ``scalars.reuse_scale`` go in as ``reused`` / ``reuse_scale``), and
+the telemetry sums buffer (``sums``, the last argument; None runs the kernels without telemetry).
 Every fused base update is one operator, ``restore_update``, told the base by its description
 (fused_sam/updates.py): its code, its state buffers, its float settings and its flags.
 Spans with master weights pass their float32 ``master`` in place of the backup (every operator takes both,
@@ -219,10 +220,10 @@ class NativeBackend(Backend):
     def restore(self, span: Span) -> None:
         _restore(span.weights, span.backup, span.master)
 
-    def restore_and_update(self, span: Span, update, scalars: StepScalars) -> None:
+    def restore_and_update(self, span: Span, update, scalars: StepScalars, sums: Optional[torch.Tensor] = None) -> None:
         lr, lr_tensor = _float_or_tensor(required(scalars, "lr"))
         _restore_update(
             span.weights, span.backup, span.master, span.grads, [span.state[name] for name in update.needed_state()],
             required(scalars, "step"), scalars.grad_scale, scalars.found_inf, span.reused, scalars.reuse_scale,
-            update.code, update.flags(), update.hyperparameters(), lr, lr_tensor,
+            update.code, update.flags(), update.hyperparameters(), lr, lr_tensor, sums,
         )

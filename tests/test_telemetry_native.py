@@ -1,0 +1,245 @@
+"""The native CPU backend's telemetry sums: ``restore_and_update(span, update, scalars, sums)`` writes per partial
+row the sums of e^2, e * g2 and g2^2 (fused_sam/backends/base.py; the oracle: reference.telemetry_sums).
+
+Each case runs the update twice from the same inputs, with and without ``sums``: the weights, the master and the
+state must come out bit for bit the same (the sums only read), and every row of the sums must match a float64
+computation of the same terms over the same chunk. Sizes around the vector width, the norm's 256-element blocks
+and CPU_NORM_CHUNK; every base; bfloat16/float16 with and without float32 master weights; GradScaler's scale and
+a skipped step; a reused LookSAM direction; the backup being the weights themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from fused_sam.backends import native as native_module
+from fused_sam.backends.base import grad_unscale, math_dtype
+from fused_sam.backends.native import NativeBackend
+from fused_sam.backends.reference import telemetry_sums
+from fused_sam.selfcheck import (
+    UPDATES, as_bits, clone_span, dtype_configs, make_span, misaligned_span, restore_point, step_scalars, with_reused,
+)
+
+# isa: runs a test under each instruction set; one_thread (autouse): one thread unless a test asks for two
+from test_native_backend import CPU, CHUNK, isa, needs_native, one_thread, restore_update_args  # noqa: F401
+
+pytestmark = needs_native
+
+# SGD with and without momentum, Adam, AdamW with AMSGrad, Adagrad: every update kernel instance's kind
+BASES = (UPDATES[0], UPDATES[3], UPDATES[4], UPDATES[7], UPDATES[9])
+# 1 element; around the AVX2 loop step (16 floats, 8 doubles) and the 256-element block; a chunk and a few
+SIZES = (1, 15, 17, 257, CHUNK - 3, 3 * CHUNK + 21)
+CONFIG_IDS = [str(dtype).replace("torch.", "") + ("-master" if master else "") for dtype, master in dtype_configs()]
+
+
+def sum_terms_exactly(span, grad_scale):
+    """Per chunk of CPU_NORM_CHUNK elements (the CPU's rows): (e.e, e.g2, g2.g2) in float64 from e and g2 as the
+    reference forms them in the math dtype, and the sums of the terms' magnitudes (what rounding errors scale
+    with)."""
+    t = math_dtype(span.weights.dtype)
+    e = span.weights.to(t) - (span.master if span.master is not None else span.backup.to(t))
+    g = span.grads.to(t)
+    if grad_scale is not None:
+        g = g * grad_unscale(grad_scale).to(t)
+    e, g = e.double(), g.double()
+    terms = torch.stack([e * e, e * g, g * g], dim=1)
+    rows = max(1, -(-span.numel // CHUNK))
+    padded = terms.new_zeros(rows * CHUNK, 3)
+    padded[:span.numel] = terms
+    chunks = padded.view(rows, CHUNK, 3)
+    return chunks.sum(1), chunks.abs().sum(1)
+
+
+# Each term is one product in the math dtype (relative error <= u); a lane adds its 16 terms of a 256-element
+# block in the math dtype (<= 15 u of their magnitudes), the 16 lanes fold in 4 levels (<= 4 u), and the block
+# sums go to double: at most ~20 u of the sum of the terms' magnitudes, u = 2^-24 (float32 math) or 2^-53.
+SUMS_RTOL = {torch.float32: 20 * 2.0**-24, torch.float64: 1e-12}
+
+
+def perturbed(span, seed):
+    """``span`` as the update receives it: w = the restore point + e (e ~ 0.01 g, rounded to the weights' dtype
+    like a perturbation), the backup (or master) the restore point."""
+    span = clone_span(span)
+    e = 0.01 * torch.randn(span.numel, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    e = e.to(span.device)
+    if span.master is not None:
+        span.weights.copy_((span.master.double() + e).to(span.weights.dtype))
+    else:
+        span.backup.copy_(span.weights)
+        span.weights.copy_((span.weights.double() + e).to(span.weights.dtype))
+    return span
+
+
+def run_with_and_without_sums(span, update, scalars, sums_dtype=torch.float64):
+    """(the sums, the span as it entered, the span after the update with the sums, after the update without)."""
+    backend = NativeBackend()
+    with_sums, without = clone_span(span), clone_span(span)
+    if span.backup is not None and span.backup.data_ptr() == span.weights.data_ptr():  # in place: keep it so
+        with_sums = dataclasses.replace(with_sums, backup=with_sums.weights)
+        without = dataclasses.replace(without, backup=without.weights)
+    sums = torch.full((backend.partials_len(span), 3), math.nan, dtype=sums_dtype, device=span.device)
+    entry = clone_span(with_sums)
+    backend.restore_and_update(with_sums, update, scalars, sums)
+    backend.restore_and_update(without, update, scalars)
+    if span.backup is not None and span.backup.data_ptr() == span.weights.data_ptr():
+        entry = dataclasses.replace(entry, backup=entry.weights)
+    return sums, entry, with_sums, without
+
+
+def assert_same_update(with_sums, without, what):
+    for name, a, b in [("weights", with_sums.weights, without.weights), ("master", with_sums.master, without.master),
+                       *((name, with_sums.state[name], without.state[name]) for name in without.state)]:
+        if b is not None:
+            assert torch.equal(as_bits(a), as_bits(b)), f"{name} differ with the sums: {what}"
+
+
+def check_case(span, update, scalars, what, sums_dtype=torch.float64):
+    sums, entry, with_sums, without = run_with_and_without_sums(span, update, scalars, sums_dtype)
+    assert_same_update(with_sums, without, what)
+    exact, magnitude = sum_terms_exactly(entry, scalars.grad_scale)
+    rtol = SUMS_RTOL[math_dtype(span.weights.dtype)]
+    if sums_dtype == torch.float32:
+        rtol += 2.0**-24  # the row's rounding to float32
+    error = (sums.double() - exact).abs()
+    assert bool((error <= rtol * magnitude).all()), (
+        f"sums off by up to {float((error / magnitude.clamp_min(1e-300)).max()):.3g} of the terms' magnitudes "
+        f"(rtol {rtol:.3g}): {what}\n{sums}\n{exact}")
+    return sums, entry
+
+
+@pytest.mark.parametrize("dtype,master", dtype_configs(), ids=CONFIG_IDS)
+def test_sums_match_the_terms_and_leave_the_update_bitwise(dtype, master, isa):
+    for numel in SIZES:
+        for k, update in enumerate(BASES):
+            span = perturbed(make_span(numel, dtype, CPU, update, seed=numel + k, master=master), seed=k)
+            for step, grad_scale in ((0, None), (3, 1024.0), (5, 2.0**-3)):
+                scalars = step_scalars(CPU, step, grad_scale, 0.0 if grad_scale else None)
+                check_case(span, update, scalars, f"{update} on {numel} {dtype}, master {master}, scale {grad_scale}")
+
+
+@pytest.mark.parametrize("dtype,master", dtype_configs(), ids=CONFIG_IDS)
+def test_sums_agree_with_the_reference_oracle(dtype, master):
+    """The rows summed against reference.telemetry_sums (one row, summed by torch in the math dtype): float64 to
+    1e-12, the float32 math to what torch's own float32 dot may lose over 100k terms."""
+    update = UPDATES[3]
+    span = perturbed(make_span(3 * CHUNK + 21, dtype, CPU, update, seed=1, master=master), seed=2)
+    scalars = step_scalars(CPU, 3, 1024.0, 0.0)
+    sums, entry = check_case(span, update, scalars, "against the reference")
+    oracle = torch.empty(1, 3, dtype=torch.float64)
+    telemetry_sums(entry, scalars.grad_scale, oracle)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(sums.sum(0), oracle[0], rtol=rtol, atol=0.0)
+
+
+def test_sums_with_a_reused_direction_skip_and_in_place(isa):
+    """g2 is the gradient without LookSAM's reused direction; a skipped step still writes the sums (and restores
+    w bit for bit); a plain step restoring from the weights themselves has e = 0."""
+    for dtype, master in dtype_configs():
+        for numel in (17, CHUNK + 300):
+            update = UPDATES[7]
+            span = perturbed(make_span(numel, dtype, CPU, update, seed=numel, master=master), seed=3)
+            reused = with_reused(span, seed=4)
+            scalars = dataclasses.replace(step_scalars(CPU, 2, 512.0, 0.0),
+                                          reuse_scale=torch.tensor([0.73], dtype=torch.float64))
+            check_case(reused, update, scalars, f"reusing g_v, {numel} {dtype}, master {master}")
+            for found_inf in (1.0, math.nan):
+                skipped = step_scalars(CPU, 2, 512.0, found_inf)
+                _, entry, after, _ = run_with_and_without_sums(span, update, skipped)
+                assert torch.equal(as_bits(after.weights), as_bits(restore_point(entry).to(dtype)))
+                for name in after.state:
+                    assert torch.equal(after.state[name], entry.state[name]), name
+                check_case(span, update, skipped, f"skipped (found_inf {found_inf}), {numel} {dtype}, master {master}")
+            if not master:
+                plain = dataclasses.replace(clone_span(span), backup=None)
+                plain = dataclasses.replace(plain, backup=plain.weights)
+                sums, *_ = check_case(plain, update, step_scalars(CPU, 2), f"in place, {numel} {dtype}")
+                assert torch.equal(sums[:, :2], torch.zeros_like(sums[:, :2]))
+                assert bool((sums[:, 2] > 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_float32_sums_misaligned_and_two_threads(dtype):
+    """A float32 sums buffer (a float32 span sharing a device with none in float64), buffers starting off a
+    vector boundary, and two threads taking chunks."""
+    torch.set_num_threads(2)  # undone by the one_thread fixture
+    update = UPDATES[4]
+    span = misaligned_span(perturbed(make_span(5 * CHUNK + 77, dtype, CPU, update, seed=8), seed=9), 3)
+    assert span.weights.data_ptr() % 32 != 0
+    check_case(span, update, step_scalars(CPU, 1, 1024.0, 0.0), f"misaligned {dtype}", sums_dtype=torch.float32)
+
+
+def test_sums_are_the_same_bits_on_every_isa_and_thread_count():
+    """Each chunk is summed by one thread in the norm's fixed lanes, whatever the instruction set."""
+    before = native_module.cpu_capability()
+    results = {}
+    try:
+        for isa_name in native_module.cpu_capabilities():
+            for n_threads in (1, 2):
+                native_module.set_cpu_capability(isa_name)
+                torch.set_num_threads(n_threads)
+                for dtype, master in dtype_configs():
+                    span = perturbed(make_span(4 * CHUNK + 333, dtype, CPU, UPDATES[7], seed=5, master=master), 6)
+                    sums, *_ = run_with_and_without_sums(span, UPDATES[7], step_scalars(CPU, 1, 1024.0, 0.0))
+                    results.setdefault((dtype, master), []).append(((isa_name, n_threads), sums))
+    finally:
+        native_module.set_cpu_capability(before)
+    for key, runs in results.items():
+        (first, expected), *others = runs
+        for which, sums in others:
+            assert torch.equal(as_bits(sums), as_bits(expected)), f"{key}: {which} differs from {first}"
+
+
+def test_empty_span_writes_a_row_of_zeros():
+    update = UPDATES[1]
+    span = make_span(0, torch.float32, CPU, update)
+    span.backup.copy_(span.weights)
+    sums = torch.full((1, 3), math.nan, dtype=torch.float64)
+    NativeBackend().restore_and_update(span, update, step_scalars(CPU, 0), sums)
+    assert torch.equal(sums, torch.zeros(1, 3, dtype=torch.float64))
+
+
+def _op_args(span, update, sums, scalars=None):
+    scalars = scalars or step_scalars(CPU, 1)
+    state = [span.state[name] for name in update.needed_state()]
+    return (*restore_update_args(update, span.weights, span.backup, span.master, span.grads, state, scalars.step),
+            sums)
+
+
+def test_bad_sums_are_refused():
+    update = UPDATES[1]
+    span = perturbed(make_span(2 * CHUNK + 1, torch.float32, CPU, update), seed=0)
+    op = torch.ops.fused_sam.restore_update
+    cases = [
+        (torch.zeros(2, 3), "sums has 2 rows; a span of 65537 elements on cpu writes 3"),
+        (torch.zeros(3, 3, dtype=torch.float16), "sums must be float32 or float64, got Half"),
+        (torch.zeros(3, 2), r"sums must be a contiguous tensor of shape \(rows, 3\), got shape \[3, 2\]"),
+        (torch.zeros(9), r"sums must be a contiguous tensor of shape \(rows, 3\), got shape \[9\]"),
+        (torch.zeros(3, 6)[:, ::2], "sums must be a contiguous tensor of shape"),
+    ]
+    for sums, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*_op_args(span, update, sums))
+    doubles = perturbed(make_span(10, torch.float64, CPU, update), seed=0)
+    with pytest.raises(RuntimeError, match="sums of float64 weights must be float64, got Float"):
+        op(*_op_args(doubles, update, torch.zeros(1, 3)))
+    with pytest.raises(RuntimeError, match="sums is on meta, the weights on cpu"):
+        op(*_op_args(span, update, torch.zeros(3, 3, device="meta")))
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["backup", "master"])
+def test_opcheck_with_sums(master):
+    """The schema's alias annotation on sums (it is written), its fake-tensor kernel, and its autograd
+    registration, for a plain and a skipped update."""
+    dtype = torch.bfloat16 if master else torch.float32
+    update = UPDATES[4]
+    span = perturbed(make_span(1000, dtype, CPU, update, seed=1, master=master), seed=2)
+    for found_inf in (0.0, 1.0):
+        scalars = step_scalars(CPU, 1, 1024.0, found_inf)
+        state = [span.state[name] for name in update.needed_state()]
+        args = (*restore_update_args(update, span.weights.clone(), span.backup, None if span.master is None else
+                                     span.master.clone(), span.grads, [s.clone() for s in state], scalars.step,
+                                     scalars.grad_scale, scalars.found_inf), torch.zeros(1, 3, dtype=torch.float64))
+        torch.library.opcheck(torch.ops.fused_sam.restore_update.default, args)
