@@ -1,6 +1,7 @@
-"""The triton backend's telemetry sums (``restore_and_update(..., sums)``, see ``Backend.restore_and_update``)
-against an exact float64 sum of the same float32 terms and against the reference backend's ``telemetry_sums``;
-the update itself is bit for bit that of the call without sums. Without a GPU the kernels run in Triton's
+"""The triton backend's telemetry sums (``restore_and_update(..., sums)``, see ``Backend.restore_and_update``,
+and ``perturb(..., sums)``, see ``Backend.perturb``) against an exact float64 sum of the same float32 terms and
+against the reference backend's ``telemetry_sums`` / ``perturbation_sums``; the update or perturbation itself
+is bit for bit that of the call without sums. Without a GPU the kernels run in Triton's
 interpreter (TRITON_INTERPRET=1, set by conftest.py), so sizes stay small; tests/test_triton_gpu.py repeats
 the comparison on CUDA tensors.
 
@@ -21,11 +22,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from fused_sam.selfcheck import UPDATES, clone_span, make_span, step_scalars, with_reused  # noqa: E402
+from fused_sam.selfcheck import (  # noqa: E402
+    PERTURBATIONS, UPDATES, clone_span, make_span, norm_partials_for, perturb_scalars, step_scalars, with_reused,
+)
 
 from fused_sam.backends import triton as triton_backend  # noqa: E402
 from fused_sam.backends.base import Span, grad_unscale  # noqa: E402
-from fused_sam.backends.reference import telemetry_sums  # noqa: E402
+from fused_sam.backends.reference import perturbation_sums, telemetry_sums  # noqa: E402
 from fused_sam.backends.triton import BLOCK  # noqa: E402
 from test_triton_backend import BACKEND, DEVICE  # noqa: E402  (skips this module where that one is skipped)
 
@@ -173,3 +176,120 @@ def test_refuses_sums_it_would_write_wrongly(bad, match):
     span = perturbed_span(BLOCK + 3, torch.float32, False, update, seed=7)
     with pytest.raises(ValueError, match=match):
         BACKEND.restore_and_update(span, update, step_scalars(DEVICE), bad(BACKEND.partials_len(span)).to(DEVICE))
+
+
+# --- perturb: e.g1, e as written to the weights -----------------------------------------------------------
+
+SAM, ASAM, USAM = PERTURBATIONS[0], PERTURBATIONS[1], PERTURBATIONS[3]
+# (GradScaler scale, sums dtype): the gradient as given is scaled; a float32 span may get a float64 buffer
+PERTURB_SCALARS = [(None, torch.float32), (1024.0, torch.float64)]
+
+
+def gradient_span(numel, dtype, master, grad_scale, seed):
+    """A span as first_step sees it, its gradient scaled by ``grad_scale`` as GradScaler leaves it."""
+    span = make_span(numel, dtype, DEVICE, seed=seed, master=master)
+    if grad_scale is not None:
+        span.grads.mul_(grad_scale)
+    return span
+
+
+def perturb_with_and_without_sums(span, perturbation, partials, scalars, sums_dtype):
+    """(sums, the perturbed copy of ``span``) of perturb with sums, checking that perturb without them gives
+    the same bits and non-finite count and that the NaN poison of the buffer is gone."""
+    with_sums, without = clone_span(span), clone_span(span)
+    counts = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    sums = torch.full((BACKEND.partials_len(span),), float("nan"), dtype=sums_dtype, device=DEVICE)
+    BACKEND.perturb(with_sums, perturbation, partials, None if partials is None else counts[0:1], scalars, sums)
+    BACKEND.perturb(without, perturbation, partials, None if partials is None else counts[1:2], scalars)
+    assert not sums.isnan().any(), "perturb left telemetry elements unwritten (NaN poison survived)"
+    assert_same_bits(with_sums, without, f"perturb({perturbation}), sums {sums_dtype}")
+    assert counts[0] == counts[1], "the non-finite count changed with sums"
+    return sums, with_sums
+
+
+def exact_perturb_terms(before, after):
+    """e.g1 per element in float64 (1 x n): e = the weights ``after`` perturb wrote them, in float32, minus the
+    restore point ``before`` it (the master, or the weights on entry), float32 as the math; g1 the gradient as
+    given (scaled)."""
+    restore = before.master if before.master is not None else before.weights
+    e = after.weights.float() - restore.float()
+    return (e.double() * before.grads.float().double()).unsqueeze(0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the interpreter's float16 cast to inf
+@pytest.mark.parametrize("perturbation", [SAM, ASAM, USAM], ids=["sam", "asam", "usam"])
+def test_perturb_sums_match_exact_and_reference_and_leave_the_perturbation_bitwise(perturbation):
+    """Every weight dtype with and without a master, three sizes, with and without a GradScaler scale."""
+    for k, ((dtype, master), numel) in enumerate([(w, n) for w in WEIGHTS for n in SIZES]):
+        for grad_scale, sums_dtype in PERTURB_SCALARS:
+            span = gradient_span(numel, dtype, master, grad_scale, seed=k)
+            partials = norm_partials_for(span, perturbation) if perturbation.normalize else None
+            what = (f"perturb({perturbation}), {dtype}{' master' if master else ''}, {numel} elements, "
+                    f"scale {grad_scale}")
+            sums, perturbed = perturb_with_and_without_sums(span, perturbation, partials,
+                                                            perturb_scalars(DEVICE, grad_scale), sums_dtype)
+            terms = exact_perturb_terms(span, perturbed)
+            assert terms.abs().sum() > 0, f"{what}: nothing was perturbed, the test would prove nothing"
+            total = sums.double().sum().reshape(1)
+            assert_sums_close(total, terms, what)
+            reference = torch.empty(1, dtype=torch.float32, device=DEVICE)
+            perturbation_sums(perturbed, reference)
+            assert_sums_close(total, terms, f"against the reference, {what}", reference, 2 * ROUNDING_DEPTH)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_perturb_sums_take_e_after_rounding(dtype):
+    """Weights of 256, where an ulp is 2 (bfloat16) or 0.25 (float16), and |e| <= rho = 0.05: every w + e
+    rounds back to w, so e as written is 0 and so are the sums, exactly (e before rounding gives rho |g1|)."""
+    span = make_span(BLOCK + 3, dtype, DEVICE, seed=8)
+    span.weights.fill_(256.0)
+    sums, perturbed = perturb_with_and_without_sums(span, SAM, norm_partials_for(span, SAM),
+                                                    perturb_scalars(DEVICE), torch.float32)
+    assert torch.equal(perturbed.weights, span.weights)
+    assert torch.equal(sums, torch.zeros_like(sums))
+
+
+@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, True)], ids=["float32", "master"])
+@pytest.mark.parametrize("extra", [float("inf"), float("nan")])
+def test_perturb_sums_with_a_non_finite_norm(dtype, master, extra):
+    """A non-finite norm: e = 0, so the weights keep their value and the sums are 0 exactly; with a master
+    the weights become the master's rounding, and e as written (that rounding minus the master) is summed."""
+    span = gradient_span(BLOCK + 3, dtype, master, 1024.0, seed=9)
+    sums, perturbed = perturb_with_and_without_sums(span, SAM, norm_partials_for(span, SAM, extra),
+                                                    perturb_scalars(DEVICE, 1024.0), torch.float64)
+    terms = exact_perturb_terms(span, perturbed)
+    if master:
+        assert terms.abs().sum() > 0
+        assert_sums_close(sums.double().sum().reshape(1), terms, f"non-finite norm ({extra}), master")
+    else:
+        assert torch.equal(perturbed.weights, span.weights)
+        assert torch.equal(sums, torch.zeros_like(sums))
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["backup", "master"])
+def test_perturb_each_program_writes_its_element_over_several_blocks(monkeypatch, master):
+    """With the row cap at 3, program k strides over blocks k, k + 3, ... and element k holds exactly those
+    blocks' e.g1."""
+    monkeypatch.setattr(triton_backend, "MAX_PARTIALS", 3)
+    numel = 7 * BLOCK + 5
+    span = gradient_span(numel, torch.bfloat16, master, 1024.0, seed=10)
+    partials = norm_partials_for(span, ASAM)
+    sums, perturbed = perturb_with_and_without_sums(span, ASAM, partials, perturb_scalars(DEVICE, 1024.0),
+                                                    torch.float32)
+    assert sums.shape == (3,)
+    block_of = torch.arange(numel, device=DEVICE) // BLOCK
+    terms = exact_perturb_terms(span, perturbed)
+    for row in range(3):
+        assert_sums_close(sums[row:row + 1], terms[:, block_of % 3 == row], f"element {row}")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda rows: torch.zeros(rows, dtype=torch.bfloat16), "float32 or float64"),
+    (lambda rows: torch.zeros(rows + 1), r"\(2,\)"),
+    (lambda rows: torch.zeros(rows, 3), r"\(2,\)"),
+    (lambda rows: torch.zeros(2 * rows)[::2], "contiguous"),
+])
+def test_perturb_refuses_sums_it_would_write_wrongly(bad, match):
+    span = make_span(BLOCK + 3, torch.float32, DEVICE, seed=11)
+    with pytest.raises(ValueError, match=match):
+        BACKEND.perturb(span, USAM, None, None, perturb_scalars(DEVICE), bad(BACKEND.partials_len(span)).to(DEVICE))

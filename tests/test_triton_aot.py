@@ -137,8 +137,14 @@ def _run_every_operation(backend):
                 bools, bools, partials_options, bools, bools, bools):
             scalars = StepScalars(rho=_scalar(torch.float64) if rho_on_device else 0.05,
                                   grad_scale=_scalar(torch.float32) if grad_scale else None)
-            backend.perturb(_span(numel, dtype, master), _perturbation(normalize, adaptive), partials,
-                            _meta(1, torch.int32) if count else None, scalars)
+            # telemetry sums: none, or a span's elements of a device's buffer: float32 at its start, or (with
+            # rho on the device, so the variants only double) float64 one element in
+            for sums in (None, (torch.float64, 1) if rho_on_device else (torch.float32, 0)):
+                span = _span(numel, dtype, master)
+                if sums is not None:
+                    sums = _meta(backend.partials_len(span), sums[0], offset=sums[1])
+                backend.perturb(span, _perturbation(normalize, adaptive), partials,
+                                _meta(1, torch.int32) if count else None, scalars, sums)
         backend.restore(_span(numel, dtype, master))
         for lr_on_device, grad_scale, found_inf, reused, step_aligned in itertools.product(bools, repeat=5):
             # telemetry sums: none, or a span's rows of a device's (rows, 3) buffer: float32 at its start, or

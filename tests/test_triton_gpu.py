@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 
 from fused_sam.selfcheck import (  # noqa: E402
     PERTURBATIONS, REFERENCE, RHO, UPDATES, check_all_ops, check_device_hyperparameters, check_perturb,
-    check_restore_and_update, clone_span, make_span, perturb_scalars, step_scalars,
+    check_restore_and_update, clone_span, make_span, norm_partials_for, perturb_scalars, step_scalars,
 )
 from models import batches, conv_net, loss_of, mlp  # noqa: E402
 import test_telemetry_triton as telemetry  # noqa: E402  (its span and sum helpers; its tests stay in it)
@@ -107,6 +107,23 @@ def test_telemetry_sums_on_cuda(numel, dtype, master):
             assert sums.shape == (BACKEND.partials_len(span), 3)
             telemetry.assert_sums_close(sums.double().sum(dim=0), telemetry.exact_terms(span, scalars.grad_scale),
                                         f"{update}, {numel} elements, grad_scale {grad_scale}")
+
+
+@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)],
+                         ids=["float32", "bf16-master", "float16"])
+@pytest.mark.parametrize("numel", [BLOCK + 3, 3 * BLOCK * 512 + 5])
+def test_perturb_sums_on_cuda(numel, dtype, master):
+    """perturb's e.g1 sums of compiled kernels, as test_telemetry_sums_on_cuda: past the row cap every
+    element written, the total within the exact sum's bound, the perturbation bit for bit the one without."""
+    for k, perturbation in enumerate((telemetry.SAM, telemetry.ASAM, telemetry.USAM)):
+        for grad_scale, sums_dtype in telemetry.PERTURB_SCALARS:
+            span = telemetry.gradient_span(numel, dtype, master, grad_scale, seed=k)
+            partials = norm_partials_for(span, perturbation) if perturbation.normalize else None
+            sums, perturbed = telemetry.perturb_with_and_without_sums(span, perturbation, partials,
+                                                                      perturb_scalars(CUDA, grad_scale), sums_dtype)
+            assert sums.shape == (BACKEND.partials_len(span),)
+            telemetry.assert_sums_close(sums.double().sum().reshape(1), telemetry.exact_perturb_terms(span, perturbed),
+                                        f"perturb({perturbation}), {numel} elements, grad_scale {grad_scale}")
 
 
 BASES = {

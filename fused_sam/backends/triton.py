@@ -11,7 +11,9 @@ Launches per span and SAM step, and why not fewer:
    L2, in a fixed order, so all programs agree bit for bit), computes rho / (sqrt(sum) + eps * s) on the
    device (s: GradScaler's scale, read from its tensor), and writes the exact backup of w and w + e in
    one pass. A separate "finalize the norm" kernel would be a fourth launch and a dependency;
-   re-reducing is cheaper than that.
+   re-reducing is cheaper than that. With telemetry (``sums``) the kernel's ``TELEMETRY`` variant also
+   writes the partial sums of e.g1 from registers (e as written), one per program (``partials_len(span)``
+   programs), moving no extra bytes per element.
 3. ``restore_and_update`` (second_step): reads backup, the gradient taken at w + e and the optimizer
    state, and writes w and the state in one pass: the restore is fused into the SGD/Adam/AdamW update.
    The step count, GradScaler's scale and found_inf are read from their device tensors by the kernel
@@ -183,24 +185,27 @@ class TritonBackend(Backend):
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
         scalars: StepScalars,
+        sums: Optional[torch.Tensor] = None,
     ) -> None:
+        if sums is not None:
+            self._check_sums(span, sums, (self.partials_len(span),))
         has_partials = partials is not None
         has_count = has_partials and nonfinite_count is not None
         unused = span.grads  # stands in for the pointers a variant never reads
         grad_scale = scalars.grad_scale
         rho_ptr, rho_bits, rho_on_device = _hyperparameter_args(required(scalars, "rho"), unused)
         with _on(span.device):
-            _k.perturb_kernel[_stream_grid(span)](
+            _k.perturb_kernel[self._grid(span, sums)](
                 span.weights, span.grads, _restore_point(span),
                 partials if has_partials else unused,
                 nonfinite_count if has_count else unused,
-                unused if grad_scale is None else grad_scale, rho_ptr,
+                unused if grad_scale is None else grad_scale, rho_ptr, unused if sums is None else sums,
                 span.numel, partials.numel() if has_partials else 0, rho_bits,
                 float(perturbation.eta), float64_bits(perturbation.eps),
                 HAS_PARTIALS=has_partials, NORMALIZE=bool(perturbation.normalize),
                 ADAPTIVE=bool(perturbation.adaptive), HAS_COUNT=has_count, HAS_GRAD_SCALE=grad_scale is not None,
-                RHO_ON_DEVICE=rho_on_device, MASTER=span.master is not None, BLOCK=BLOCK, PBLOCK=PARTIALS_BLOCK,
-                RTNE_BF16=_rtne_bf16(span), **LAUNCH_OPTIONS,
+                RHO_ON_DEVICE=rho_on_device, MASTER=span.master is not None, TELEMETRY=sums is not None,
+                BLOCK=BLOCK, PBLOCK=PARTIALS_BLOCK, RTNE_BF16=_rtne_bf16(span), **LAUNCH_OPTIONS,
             )
 
     # --- second_step -----------------------------------------------------------------------------
@@ -219,7 +224,7 @@ class TritonBackend(Backend):
             raise TypeError(f"unknown base update {type(update).__name__}")
         check_reuse_inputs(span, scalars)
         if sums is not None:
-            self._check_sums(span, sums)
+            self._check_sums(span, sums, (self.partials_len(span), 3))
         unused = span.grads  # stands in for the pointers a variant never reads
         reused = unused if span.reused is None else span.reused
         lr_ptr, lr_bits, lr_on_device = _hyperparameter_args(required(scalars, "lr"), unused)
@@ -235,21 +240,23 @@ class TritonBackend(Backend):
                        LR_ON_DEVICE=lr_on_device, REUSE=span.reused is not None, MASTER=span.master is not None,
                        TELEMETRY=sums is not None, BLOCK=BLOCK, RTNE_BF16=_rtne_bf16(span), **LAUNCH_OPTIONS)
         kernel, state, values, flags = arguments(update, [span.state[name] for name in update.needed_state()], unused)
-        # With telemetry, program k writes row k of the sums: one program per row, partials_len(span) of them,
-        # striding over the blocks as the norm kernel does (the update is elementwise: the same bits whatever
-        # the grid). Without it, the streaming grid.
-        grid = (self.partials_len(span),) if sums is not None else _stream_grid(span)
         with _on(span.device):
-            getattr(_k, kernel)[grid](
+            getattr(_k, kernel)[self._grid(span, sums)](
                 span.weights, _restore_point(span), span.grads, reused, *state, *device_scalars, span.numel, lr_bits,
                 *values, **flags, **variant,
             )
 
-    def _check_sums(self, span: Span, sums: torch.Tensor) -> None:
-        """The kernels write row k at sums + 3k in the buffer's dtype: refuse a buffer laid out otherwise."""
-        rows = self.partials_len(span)
-        if sums.shape != (rows, 3) or not sums.is_contiguous():
-            raise ValueError(f"sums must be a contiguous ({rows}, 3) tensor for this span (partials_len rows), "
+    def _grid(self, span: Span, sums: Optional[torch.Tensor]) -> tuple:
+        """With telemetry, program k writes row k of the sums: one program per row, partials_len(span) of them,
+        striding over the blocks as the norm kernel does (perturb and the updates are elementwise: the same
+        bits whatever the grid). Without it, the streaming grid."""
+        return (self.partials_len(span),) if sums is not None else _stream_grid(span)
+
+    def _check_sums(self, span: Span, sums: torch.Tensor, shape: tuple) -> None:
+        """The kernels write row k at sums + k * (its width) in the buffer's dtype: refuse a buffer laid out
+        otherwise (``shape``: partials_len rows, and the row's width for a 2-D buffer)."""
+        if sums.shape != shape or not sums.is_contiguous():
+            raise ValueError(f"sums must be a contiguous {shape} tensor for this span (partials_len rows), "
                              f"not {'a non-contiguous ' if not sums.is_contiguous() else ''}{tuple(sums.shape)}")
         if sums.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"sums must be float32 or float64, not {sums.dtype}")

@@ -35,12 +35,16 @@ are stand-ins that are never read and the kernels compile as before.
 as its rounding; nothing is backed up. It is a ``tl.constexpr``, so the variants without a master compile
 exactly as before. ``restore_ptr`` is the restore point: the backup (weights' dtype), or the master.
 
-``TELEMETRY`` (the ``sums`` of ``Backend.restore_and_update``): the updates also read the weights as they are
-on entry (w + e) before writing them, and accumulate e.e, e.g2 and g2.g2 per lane in float32 (the math dtype;
-e = w - the restore point, g2 the unscaled gradient); each program writes its sums, in the buffer's dtype, to
-row ``program_id`` of ``sums_ptr`` (the launcher runs one program per row). Without it the pointer is a
-stand-in that is never read and the kernels compile as before. It costs 4 bytes per element (2 for 16-bit
-weights), and a skipped update reads the gradient too, as the sums take it whatever found_inf says.
+``TELEMETRY`` (telemetry ``sums``; without it ``sums_ptr`` is a stand-in that is never read and the kernels
+compile as before), the launcher running one program per row of sums:
+- perturb (``Backend.perturb``) also accumulates e.g1 per lane in float32 from what it holds in registers (e
+  the rounding of w + e it writes, back in float32, minus the restore point; g1 as given, scaled) and each
+  program writes its sum, in the buffer's dtype, to element ``program_id`` of ``sums_ptr``: no extra bytes.
+- the updates (``Backend.restore_and_update``) also read the weights as they are on entry (w + e) before
+  writing them, and accumulate e.e, e.g2 and g2.g2 per lane in float32 (the math dtype; e = w - the restore
+  point, g2 the unscaled gradient); each program writes its sums, in the buffer's dtype, to row
+  ``program_id`` of ``sums_ptr``. It costs 4 bytes per element (2 for 16-bit weights), and a skipped update
+  reads the gradient too, as the sums take it whatever found_inf says.
 
 ``RTNE_BF16`` is set only under Triton's CPU interpreter and for bfloat16 weights: the interpreter
 truncates float32 -> bfloat16 instead of rounding to nearest even as the GPU (and torch) do, so there
@@ -182,13 +186,18 @@ def _telemetry_add(ee, eg, gg, w_ptr, offs, mask, restore_point, g, inv_scale, H
 
 
 @triton.jit
+def _store_sum(ptr, acc):
+    """``*ptr`` <- the sum of the per-lane accumulator ``acc``, in the buffer's dtype."""
+    tl.store(ptr, tl.sum(acc, axis=0).to(ptr.dtype.element_ty))
+
+
+@triton.jit
 def _store_telemetry_row(sums_ptr, row, ee, eg, gg):
     """Row ``row`` of the (rows, 3) sums <- the accumulators' sums, in the buffer's dtype."""
-    out_dtype = sums_ptr.dtype.element_ty
     base = sums_ptr + tl.cast(row, tl.int64) * 3
-    tl.store(base, tl.sum(ee, axis=0).to(out_dtype))
-    tl.store(base + 1, tl.sum(eg, axis=0).to(out_dtype))
-    tl.store(base + 2, tl.sum(gg, axis=0).to(out_dtype))
+    _store_sum(base, ee)
+    _store_sum(base + 1, eg)
+    _store_sum(base + 2, gg)
 
 
 @triton.jit
@@ -225,11 +234,11 @@ def sq_norm_partials_kernel(g_ptr, w_ptr, out_ptr, numel, eta, ADAPTIVE: tl.cons
 
 @triton.jit(do_not_specialize=["rho_bits", "eps_bits"])
 def perturb_kernel(
-    w_ptr, g_ptr, restore_ptr, partials_ptr, count_ptr, grad_scale_ptr, rho_ptr,
+    w_ptr, g_ptr, restore_ptr, partials_ptr, count_ptr, grad_scale_ptr, rho_ptr, sums_ptr,
     numel, n_partials, rho_bits, eta, eps_bits,
     HAS_PARTIALS: tl.constexpr, NORMALIZE: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_COUNT: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, RHO_ON_DEVICE: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr,
-    PBLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, RHO_ON_DEVICE: tl.constexpr, MASTER: tl.constexpr, TELEMETRY: tl.constexpr,
+    BLOCK: tl.constexpr, PBLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """backup <- w exactly; w <- w + e, e = scale * g (ASAM: * (|w| + eta)^2). MASTER: w is read from the
     master (left unchanged) and the weights receive the rounding of w + e; no backup.
@@ -243,6 +252,7 @@ def perturb_kernel(
     re-reduction is amortised over several blocks on large spans.
     Bytes per element: 16 (read w, g; write backup, w), plus 4 or 8 per partial per program; MASTER
     with 16-bit weights 8 (read master, g; write w).
+    TELEMETRY: see the module's docstring (no extra bytes per element).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -272,6 +282,8 @@ def perturb_kernel(
             scale = (inv_norm * rho.to(partial_dtype)).to(tl.float32)
         if HAS_COUNT:
             tl.atomic_add(count_ptr, 1, mask=(pid == 0) & (~finite))
+    if TELEMETRY:
+        eg = tl.zeros([BLOCK], dtype=tl.float32)
     lanes = tl.arange(0, BLOCK)
     for blk in range(pid, _block_count(numel, BLOCK), nprog):
         offs = tl.cast(blk, tl.int64) * BLOCK + lanes
@@ -289,7 +301,13 @@ def perturb_kernel(
             e = e * (t * t)
         if HAS_PARTIALS:
             e = tl.where(finite, e, 0.0)
-        tl.store(w_ptr + offs, _rounded_for(w_ptr, wf + e, RTNE_BF16), mask=mask)
+        w_out = w_ptr + offs  # the address before the value, as without telemetry: the same compiled code
+        perturbed = _rounded_for(w_ptr, wf + e, RTNE_BF16)
+        tl.store(w_out, perturbed, mask=mask)
+        if TELEMETRY:  # masked lanes: w, g and so e * g are 0
+            eg += (perturbed.to(tl.float32) - wf) * g
+    if TELEMETRY:
+        _store_sum(sums_ptr + pid, eg)
 
 
 @triton.jit
