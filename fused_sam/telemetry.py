@@ -15,6 +15,7 @@ over their ranks in one all-reduce of four float64 values per shard group.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
@@ -33,18 +34,19 @@ class Telemetry:
 
     def __init__(self):
         self.record: Optional[torch.Tensor] = None  # made at the first SAM step, on the home device
-        self.clock: Optional[torch.Tensor] = None  # completed steps, counted on the device (CUDA graphs)
-        self.sums_buffers: Dict[tuple, tuple] = {}
+        # Off a CPU: the completed steps counted on the device, so that a replayed CUDA graph dates its records
+        self.clock: Optional[torch.Tensor] = None
         self._began = False  # between first_step and second_step: did first_step measure?
         self._grad_sq: Optional[torch.Tensor] = None
-        self._first_scaled = False
-        self._along_g1: Dict[tuple, torch.Tensor] = {}
+        self._first_scale: Optional[torch.Tensor] = None  # the GradScaler scale first_step knew
+        self._along_g1: Dict[tuple, torch.Tensor] = {}  # per (device, shard group): e.g1 partials, g as given
         self._loss: Optional[torch.Tensor] = None
 
     def start(self, home: torch.device, completed_steps: int) -> None:
         if self.record is None or self.record.device != home:
-            self.record = torch.full((len(FIELDS) + 2,), float("nan"), dtype=torch.float64, device=home)
-            self.clock = torch.full((), float(completed_steps), dtype=torch.float64, device=home)
+            self.record = torch.full((len(FIELDS) + 2,), math.nan, dtype=torch.float64, device=home)
+            on_host = home.type == "cpu" and HOST_MATH_ON_CPU
+            self.clock = None if on_host else torch.full((), float(completed_steps), dtype=torch.float64, device=home)
 
     def tick(self) -> None:
         """A step was completed (SAM or plain, taken or skipped)."""
@@ -53,16 +55,9 @@ class Telemetry:
 
     def began(self, grad_sq: torch.Tensor, along_g1: Dict[tuple, torch.Tensor], grad_scale: Optional[torch.Tensor],
               loss) -> None:
-        """first_step, after the perturb pass: keep |g1|^2 (unscaled, the global float64 total) and e.g1 per
-        (device, shard group) from the perturb pass's partials (``along_g1``, of the gradient as given)."""
-        self._along_g1 = {}
-        for key, partials in along_g1.items():
-            total = partials.sum(dtype=torch.float64)
-            if grad_scale is not None:
-                total = total / grad_scale.to(total.device, torch.float64).reshape(())
-            self._along_g1[key] = total
-        self._grad_sq = grad_sq
-        self._first_scaled = grad_scale is not None
+        """first_step, after the perturb pass: |g1|^2 (unscaled when ``grad_scale`` is known, the global
+        float64 total) and, per (device, shard group), the perturb pass's e.g1 partials."""
+        self._grad_sq, self._along_g1, self._first_scale = grad_sq, along_g1, grad_scale
         self._loss = _as_loss(loss, grad_sq.device)
         self._began = True
 
@@ -75,19 +70,6 @@ class Telemetry:
     def measuring(self) -> bool:
         return self._began
 
-    def sums_buffer(self, key: tuple, sizes: tuple, dtype: torch.dtype) -> tuple:
-        """The (rows, 3) sums buffer of one (device, shard group) and each span's slice of it; kept while
-        the spans' sizes stay."""
-        kept = self.sums_buffers.get(key)
-        if kept is None or kept[0] != (sizes, dtype):
-            buf = torch.empty(sum(sizes), 3, dtype=dtype, device=key[0])
-            outs, start = [], 0
-            for n in sizes:
-                outs.append(buf[start:start + n])
-                start += n
-            kept = self.sums_buffers[key] = ((sizes, dtype), buf, outs)
-        return kept[1], kept[2]
-
     def finished(self, sam, sums: Dict[tuple, torch.Tensor], grad_scale: Optional[torch.Tensor],
                  found_inf: Optional[torch.Tensor], loss) -> None:
         """second_step, after the update: ``sums`` maps (device, shard group) to its (rows, 3) sums. Write
@@ -95,35 +77,41 @@ class Telemetry:
         self._began = False
         parts = {}
         for key in set(sums) | set(self._along_g1):
-            device = key[0]
-            here = sums[key].sum(0, dtype=torch.float64) if key in sums else torch.zeros(3, dtype=torch.float64,
-                                                                                       device=device)
-            along = self._along_g1.get(key)
-            if along is None:
-                along = torch.zeros((), dtype=torch.float64, device=device)
-            parts[key] = torch.cat([here, along.reshape(1)]).reshape(1, 4)
+            zeros = torch.zeros(4, dtype=torch.float64, device=key[0])
+            parts[key] = torch.cat([sums[key].sum(0, dtype=torch.float64) if key in sums else zeros[:3],
+                                    self._along_g1[key].sum(0, dtype=torch.float64).reshape(1)
+                                    if key in self._along_g1 else zeros[:1]]).reshape(1, 4)
+        if len(parts) == 1 and not sam.shard_groups:  # one device, nothing sharded: nothing to sum
+            totals = next(iter(parts.values())).reshape(4)
+        else:
+            totals = next(iter(global_sum(sam, parts, width=4).values()))
         home = self.record.device
-        totals = global_sum(sam, parts, width=4)
-        e_sq, e_g2, g2_sq, e_g1 = next(iter(totals.values())).to(home).unbind()
-        grad_sq = self._grad_sq.to(home)
-        if grad_scale is not None and not self._first_scaled:
-            # first_step did not know the GradScaler's scale: its norm and e.g1 were of the scaled gradient
-            scale = grad_scale.to(home, torch.float64).reshape(())
-            grad_sq, e_g1 = grad_sq / scale.square(), e_g1 / scale
-        e_norm, g2_norm = e_sq.sqrt(), g2_sq.sqrt()
-        loss_gap = torch.full((), float("nan"), dtype=torch.float64, device=home)
+        # first_step without the GradScaler's scale measured the scaled gradient: its norm and e.g1 divide by it
+        late_scale = grad_scale if grad_scale is not None and self._first_scale is None else None
         second_loss = _as_loss(loss, home)
-        known = torch.zeros((), dtype=torch.float64, device=home)
-        if self._loss is not None and second_loss is not None:
-            loss_gap, known = second_loss - self._loss.to(home), known + 1
+        losses_known = self._loss is not None and second_loss is not None
+        loss_pair = (self._loss, second_loss) if losses_known else None
         self._loss = None
-        step = self.clock - 1  # the update just taken ticked the clock
-        new = torch.stack([step, grad_sq.sqrt(), g2_norm, e_norm, e_g1, (e_g2 - e_g1) / e_sq,
-                           e_g2 / (e_norm * g2_norm), loss_gap, known])
-        keep = ~torch.isfinite(grad_sq)
-        if found_inf is not None:
-            keep = keep | (found_inf.to(home).reshape(()) != 0)
-        self.record.copy_(torch.where(keep, self.record, new))
+        if self.clock is None:  # on a CPU: read the few values (no sync there) and evaluate on the host
+            def value(t, default):
+                return default if t is None else t.item()
+            inputs = [float(sam.completed_steps - 1), *totals.tolist(), self._grad_sq.item(),
+                      value(self._first_scale, 1.0), value(late_scale, 1.0),
+                      *(t.item() for t in loss_pair or (_ZERO, _ZERO)), value(found_inf, 0.0) != 0]
+            keep, new = _new_record(inputs, _HostMath, losses_known)
+            if not keep:
+                self.record.copy_(torch.tensor(new, dtype=torch.float64))
+            return
+        def one(t, default):  # made on the device: a host tensor copied in would not replay in a CUDA graph
+            if t is None:
+                return torch.full((1,), default, dtype=torch.float64, device=home)
+            return t.to(home, torch.float64).reshape(1)
+        inputs = torch.cat([(self.clock - 1).reshape(1), totals.to(home), self._grad_sq.to(home).reshape(1),
+                            one(self._first_scale, 1.0), one(late_scale, 1.0),
+                            *(one(t, 0.0) for t in loss_pair or (None, None)),
+                            (one(found_inf, 0.0) != 0).double()])
+        keep, new = _new_record(inputs.unbind(), _DeviceMath, losses_known)
+        self.record.copy_(torch.where(keep, self.record, torch.stack(new)))
 
     def read(self, sync: bool) -> Optional[dict]:
         """The last record (see ``FusedSAM.telemetry``)."""
@@ -139,6 +127,51 @@ class Telemetry:
         if not values[_LOSS_KNOWN]:
             out["loss_gap"] = None
         return out
+
+
+# Evaluate the record's formula on the host where the sums live on a CPU (no sync to avoid there); False
+# makes a CPU run take the device path, as a GPU does (the tests compare the two).
+HOST_MATH_ON_CPU = True
+_ZERO = torch.zeros((), dtype=torch.float64)
+
+
+def _new_record(inputs, ops, losses_known: bool):
+    """(keep the old record?, the new record) from the step's inputs (Python floats or 0-d tensors): the
+    one formula of every field, written once for both kinds of number."""
+    step, e_sq, e_g2, g2_sq, e_g1, grad_sq, first_scale, late_scale, loss, perturbed_loss, skipped = inputs
+    grad_sq, e_g1 = ops.div(grad_sq, late_scale * late_scale), ops.div(e_g1, first_scale * late_scale)
+    e_norm, g2_norm = ops.sqrt(e_sq), ops.sqrt(g2_sq)
+    new = [step, ops.sqrt(grad_sq), g2_norm, e_norm, e_g1, ops.div(e_g2 - e_g1, e_sq), ops.div(e_g2, e_norm * g2_norm),
+           perturbed_loss - loss if losses_known else ops.nan(step), ops.one(step) if losses_known else 0 * step]
+    # a skipped update (found_inf) or a first gradient that was not finite (no perturbation) records nothing
+    keep = ops.either(skipped != 0, ops.not_finite(grad_sq))
+    return keep, new
+
+
+class _HostMath:
+    """IEEE float64 arithmetic on Python floats, as a device computes it (x / 0 is inf or NaN, not an error)."""
+
+    @staticmethod
+    def div(a: float, b: float) -> float:
+        try:
+            return a / b
+        except ZeroDivisionError:
+            return math.nan if a == 0 or a != a else math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+    sqrt = staticmethod(lambda x: math.sqrt(x) if x == x else x)
+    nan = staticmethod(lambda like: math.nan)
+    one = staticmethod(lambda like: 1.0)
+    either = staticmethod(lambda a, b: a or b)
+    not_finite = staticmethod(lambda x: not math.isfinite(x))
+
+
+class _DeviceMath:
+    div = staticmethod(torch.div)
+    sqrt = staticmethod(torch.sqrt)
+    nan = staticmethod(lambda like: torch.full_like(like, math.nan))
+    one = staticmethod(torch.ones_like)
+    either = staticmethod(torch.logical_or)
+    not_finite = staticmethod(lambda x: ~torch.isfinite(x))
 
 
 def _as_loss(loss, device: torch.device) -> Optional[torch.Tensor]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from fused_sam import FusedSAM, available_backends
+from fused_sam import FusedSAM, available_backends, telemetry
 from fused_sam.telemetry import FIELDS
 from fused_sam.variants import Every, LookSAM, MomentumSAM
 
@@ -77,6 +77,12 @@ def assert_fields(got: dict, expected: dict, tol: float) -> None:
         assert got[name] == pytest.approx(want, rel=tol, abs=tol), f"{name}: {got[name]!r} vs {want!r}"
 
 
+@pytest.fixture(params=["host", "device"])
+def record_math(request, monkeypatch):
+    """The record's formula evaluated on the host (a CPU's path) or with device ops (a GPU's path)."""
+    monkeypatch.setattr(telemetry, "HOST_MATH_ON_CPU", request.param == "host")
+
+
 def quadratic_opt(q: Quadratic, backend: str, setting: dict, base: str = "sgd", **kwargs) -> FusedSAM:
     cls, base_kwargs = BASES[base]
     groups = [{"params": [q.params[0]], "rho": RHOS[0]}, {"params": [q.params[1]], "rho": RHOS[1]}]
@@ -85,6 +91,7 @@ def quadratic_opt(q: Quadratic, backend: str, setting: dict, base: str = "sgd", 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.usefixtures("record_math")
 def test_every_field_is_its_closed_form_on_a_quadratic(backend, setting):
     q = Quadratic()
     opt = quadratic_opt(q, backend, SETTINGS[setting])
@@ -98,6 +105,7 @@ def test_every_field_is_its_closed_form_on_a_quadratic(backend, setting):
 
 
 @pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.usefixtures("record_math")
 def test_every_base_and_the_two_call_api(base):
     """first_step(loss=...) / second_step(loss=...) give the loss gap; without them it is None."""
     q = Quadratic(1)
@@ -182,6 +190,7 @@ def test_curvature_converges_to_the_hessian_rayleigh_quotient_linearly_in_rho():
     assert errors[-1] < 0.05 * abs(exact), (errors, exact)
 
 
+@pytest.mark.usefixtures("record_math")
 def test_grad_scaler_measures_the_unscaled_gradients_and_a_skipped_step_records_nothing():
     def run(scaled: bool, first_knows_scale: bool = True):
         q = Quadratic(2)
@@ -221,6 +230,7 @@ def test_grad_scaler_measures_the_unscaled_gradients_and_a_skipped_step_records_
         assert_fields(got, want, 1e-9)
 
 
+@pytest.mark.usefixtures("record_math")
 def test_a_nonfinite_first_gradient_records_nothing():
     q = Quadratic(3)
     opt = quadratic_opt(q, "auto", {})
@@ -288,6 +298,7 @@ def test_device_tensors_without_a_sync_and_frozen_parameters_left_out():
     assert torch.equal(frozen.detach(), torch.ones(4, dtype=torch.float64))
 
 
+@pytest.mark.usefixtures("record_math")
 def test_capturable_records_the_same():
     def run(capturable):
         q = Quadratic(5)
