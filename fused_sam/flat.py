@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import math
 import operator
+import struct
 import sys
 import weakref
 from itertools import groupby
@@ -196,6 +197,7 @@ class FlatSegment:
                 if p.requires_grad:
                     self._hook(i)
         self.weight_ptrs = [w.data_ptr() for w in self.weight_views]
+        self._packed_weight_ptrs = struct.pack(f"{len(self.weight_ptrs)}P", *self.weight_ptrs)  # views_intact's
         if self.has_master:
             self.master = flat_zeros(self.numel, torch.float32, self.device).copy_(self.weights)
             self.master_views = [self.param_view(self.master, i) for i in range(len(self.params))]
@@ -219,7 +221,7 @@ class FlatSegment:
     def intact(self) -> bool:
         """True if every parameter's data and gradient are still the views into this segment's buffers."""
         if _views_intact is not None and not self.sharded:
-            return _views_intact(self.params, self.weight_ptrs, self.grad_views)
+            return _views_intact(self.params, self._packed_weight_ptrs, self.grad_views)
         return self.storage_moved() is None and all(map(operator.is_, map(_GRAD, self.params), self.grad_handles))
 
     def storage_moved(self) -> Optional[str]:
