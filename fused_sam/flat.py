@@ -171,7 +171,7 @@ class FlatSegment:
         self._history: Optional[List[int]] = None
         self._steps_version = self.steps._version
         self.published = False  # optimizer.state[p] holds views into this segment's state
-        self._whole: Optional[tuple] = None  # (state names, buffers, Span): _whole_span's cache
+        self._whole: Optional[tuple] = None  # (buffers and state names, Span): _whole_span's cache
         self.weight_views = [self.param_view(self.weights, i) for i in range(len(self.params))]
         self.grad_views = [self.param_view(self.grads, i) for i in range(len(self.params))]
         # What each parameter's .grad is while linked: the view, or for a DTensor a DTensor over the view.
@@ -341,7 +341,7 @@ class FlatSegment:
         update histories (so equal step counts: ``step_of(first)``); ``flags`` holds the run's value of
         each mask (a None mask is all True)."""
         history = self._current_history()
-        if all(m is None for m in masks) and history is None:  # the usual case: one span
+        if history is None and masks.count(None) == len(masks):  # the usual case: one span
             if self.numel:
                 yield 0, len(self.params), (True,) * len(masks), self._whole_span()
             return
@@ -363,12 +363,12 @@ class FlatSegment:
         """The span of the whole segment, made once for the buffers it holds (slicing five buffers costs
         ~20 us per step): remade when any buffer was replaced or added (the cache keeps the buffers it was
         made from alive, so identity is a sound test)."""
-        names = tuple(self.state)
-        buffers = (self.weights, self.grads, self.backup, self.master, *self.state.values())
+        state = self.state
+        made_from = (self.weights, self.grads, self.backup, self.master, *state, *state.values())
         cached = self._whole
-        if cached is None or cached[0] != names or any(a is not b for a, b in zip(cached[1], buffers)):
-            cached = self._whole = (names, buffers, self._span(0, self.numel))
-        return cached[2]
+        if cached is None or len(cached[0]) != len(made_from) or not all(map(operator.is_, cached[0], made_from)):
+            cached = self._whole = (made_from, self._span(0, self.numel))
+        return cached[1]
 
     def _span(self, start: int, stop: int) -> Span:
         return Span(
