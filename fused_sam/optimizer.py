@@ -318,9 +318,10 @@ class FusedSAM(torch.optim.Optimizer):
         counter = sam.nonfinite if partials is not None else None  # incremented once per step
         scales = PerDevice(grad_scale)
         for segment, span in work:
-            owns_counter = counter is not None and span.device == counter.device
-            device_partials = None if partials is None else partials[span.device]
-            scalars = StepScalars(rho=rhos(segment.group_index, span.device), grad_scale=scales.on(span.device))
+            device = segment.device  # the span's, without making a torch.device per call
+            owns_counter = counter is not None and device == counter.device
+            device_partials = None if partials is None else partials[device]
+            scalars = StepScalars(rho=rhos(segment.group_index, device), grad_scale=scales.on(device))
             segment.backend.perturb(span, perturbations[segment.group_index], device_partials,
                                     counter if owns_counter else None, scalars)
             if owns_counter:
