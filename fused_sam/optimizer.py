@@ -18,7 +18,7 @@ from .distributed import is_dtensor, local_of, refuse_under_zero, shard_group
 from .flat import LOW_PRECISION, FlatSegment
 from .norms import nonfinite_flag, norm_partials, spans_with_gradients, squared_norm
 from .settings import MODES, SAM_KEYS, check_flag, check_params, check_sam_settings, current_scale, tensor_of
-from .step_state import PerDevice, SAMState
+from .step_state import PerDevice, SAMState, without_grad
 from .updates import fused_kind, remember, update_from_group
 from .variants import StepView, Variant, resolve as resolve_variant
 
@@ -269,7 +269,7 @@ class FusedSAM(torch.optim.Optimizer):
 
     # --- the SAM step ------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @without_grad
     def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
         """Save w exactly and move to w + e(w) using the gradients now in ``.grad``.
 
@@ -331,7 +331,7 @@ class FusedSAM(torch.optim.Optimizer):
         sam.perturbed_with_scale = grad_scale is not None
         sam.perturbed_unnormalized = any(not perturbations[segment.group_index].normalize for segment, _ in work)
 
-    @torch.no_grad()
+    @without_grad
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w exactly, then take the base optimizer's step with the gradients taken at w + e.
 
