@@ -108,15 +108,16 @@ TORCH_LIBRARY_IMPL(fused_sam, Meta, m) {
 
 // views_intact(params, data_ptrs, grad_views) -> bool: does every parameter still store its data at the
 // expected address (``data_ptrs``: the addresses packed as native void*, bytes) and hold the expected tensor as
-// its .grad? The optimizer asks this twice per SAM step for every parameter: ~7 ns per parameter with warm
+// its .grad? The optimizer asks this twice per SAM step for every parameter: ~10 ns per parameter with warm
 // caches (Python: ~150 ns). Anything unexpected answers False, and the optimizer's Python path then works out
 // what changed and reports it.
 // Between steps, the step's own buffers (and the training step's activations) evict these objects from the
 // caches, and each parameter is a chain of dependent misses (object -> TensorImpl -> storage, autograd meta
 // -> .grad). So one pass walks the parameters with each link prefetched a few parameters ahead of the one
 // that needs it (objects 3D ahead, TensorImpls 2D, storage and autograd meta D): the misses of many
-// parameters overlap. 1000 parameters on a 2-core EPYC VM, medians: after a 128 MiB copy 46 us (the three
-// separate passes this replaces: 68 us), right after a SAM step 7.7 us (15 us).
+// parameters overlap. 1000 parameters on a shared 2-core EPYC VM, medians, against the three separate passes
+// over a list of Python ints this replaces: right after a SAM step 8-11 us (15-19), after a 128 MiB copy
+// 25-46 us (37-68).
 static PyObject* views_intact(PyObject*, PyObject* args) {
   constexpr Py_ssize_t D = 8;
   PyObject *params, *data_ptrs, *grad_views;
