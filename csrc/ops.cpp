@@ -163,7 +163,8 @@ static PyObject* views_intact(PyObject*, PyObject* args) {
         Py_RETURN_FALSE;
       }
     }
-  } catch (...) {  // e.g. a tensor without storage: not our view
+  } catch (...) {  // e.g. a tensor without storage, or an isinstance that raised: not our view
+    PyErr_Clear();
     Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
