@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import math
 import operator
+import struct
 import sys
 import weakref
 from itertools import groupby
@@ -170,7 +171,7 @@ class FlatSegment:
         self._history: Optional[List[int]] = None
         self._steps_version = self.steps._version
         self.published = False  # optimizer.state[p] holds views into this segment's state
-        self._whole: Optional[tuple] = None  # (state names, buffers, Span): _whole_span's cache
+        self._whole: Optional[tuple] = None  # (buffers and state names, Span): _whole_span's cache
         self.weight_views = [self.param_view(self.weights, i) for i in range(len(self.params))]
         self.grad_views = [self.param_view(self.grads, i) for i in range(len(self.params))]
         # What each parameter's .grad is while linked: the view, or for a DTensor a DTensor over the view.
@@ -196,6 +197,7 @@ class FlatSegment:
                 if p.requires_grad:
                     self._hook(i)
         self.weight_ptrs = [w.data_ptr() for w in self.weight_views]
+        self._packed_weight_ptrs = struct.pack(f"{len(self.weight_ptrs)}P", *self.weight_ptrs)  # views_intact's
         if self.has_master:
             self.master = flat_zeros(self.numel, torch.float32, self.device).copy_(self.weights)
             self.master_views = [self.param_view(self.master, i) for i in range(len(self.params))]
@@ -219,7 +221,7 @@ class FlatSegment:
     def intact(self) -> bool:
         """True if every parameter's data and gradient are still the views into this segment's buffers."""
         if _views_intact is not None and not self.sharded:
-            return _views_intact(self.params, self.weight_ptrs, self.grad_views)
+            return _views_intact(self.params, self._packed_weight_ptrs, self.grad_views)
         return self.storage_moved() is None and all(map(operator.is_, map(_GRAD, self.params), self.grad_handles))
 
     def storage_moved(self) -> Optional[str]:
@@ -339,7 +341,7 @@ class FlatSegment:
         update histories (so equal step counts: ``step_of(first)``); ``flags`` holds the run's value of
         each mask (a None mask is all True)."""
         history = self._current_history()
-        if all(m is None for m in masks) and history is None:  # the usual case: one span
+        if history is None and masks.count(None) == len(masks):  # the usual case: one span
             if self.numel:
                 yield 0, len(self.params), (True,) * len(masks), self._whole_span()
             return
@@ -361,12 +363,12 @@ class FlatSegment:
         """The span of the whole segment, made once for the buffers it holds (slicing five buffers costs
         ~20 us per step): remade when any buffer was replaced or added (the cache keeps the buffers it was
         made from alive, so identity is a sound test)."""
-        names = tuple(self.state)
-        buffers = (self.weights, self.grads, self.backup, self.master, *self.state.values())
+        state = self.state
+        made_from = (self.weights, self.grads, self.backup, self.master, *state, *state.values())
         cached = self._whole
-        if cached is None or cached[0] != names or any(a is not b for a, b in zip(cached[1], buffers)):
-            cached = self._whole = (names, buffers, self._span(0, self.numel))
-        return cached[2]
+        if cached is None or len(cached[0]) != len(made_from) or not all(map(operator.is_, cached[0], made_from)):
+            cached = self._whole = (made_from, self._span(0, self.numel))
+        return cached[1]
 
     def _span(self, start: int, stop: int) -> Span:
         return Span(

@@ -6,6 +6,7 @@ scalar per group, in one order on every rank, so every rank perturbs with the sa
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, List, Optional
 
@@ -31,8 +32,9 @@ def norm_partials(sam, work: list, perturbations: List) -> Dict[torch.device, to
     perturbation (ASAM: ||T g||^2). With several devices, or parameters sharded over ranks, each device
     gets the global sum as a one-element float64 tensor."""
     layout: Dict[tuple, list] = {}
-    for segment, span in work:
-        layout.setdefault((span.device, segment.shard_group), []).append((segment, span))
+    for item in work:  # a span is on its segment's device (segment.device: no torch.device made per span)
+        segment = item[0]
+        layout.setdefault((segment.device, segment.shard_group), []).append(item)
     partials = {}
     for key, items in layout.items():
         buf, outs = _partials_buffer(sam, key, items)
@@ -59,8 +61,7 @@ def nonfinite_flag(sam, work: list, group_count: int, norm: Optional[torch.Tenso
     if not (work or sam.shard_groups):
         return None
     if norm is None:
-        plain = Perturbation(adaptive=False, eta=0.0, normalize=True, eps=sam.perturb_eps)
-        partials = next(iter(norm_partials(sam, work, [plain] * group_count).values()))
+        partials = next(iter(norm_partials(sam, work, [_plain_norm(sam.perturb_eps)] * group_count).values()))
     else:
         partials = norm.reshape(1)
     if partials.device.type == "cpu":  # summed on the host in double (no sync on a CPU): no tensor op if finite
@@ -69,6 +70,12 @@ def nonfinite_flag(sam, work: list, group_count: int, norm: Optional[torch.Tenso
         return torch.ones(1, dtype=torch.float32)
     total = partials.sum(dtype=torch.float64) if norm is None else norm
     return (~torch.isfinite(total)).to(torch.float32).reshape(1)
+
+
+@functools.lru_cache(maxsize=8)
+def _plain_norm(eps: float) -> Perturbation:
+    """The perturbation whose squared-norm partials are ||g||^2 (a frozen dataclass: made once, not per step)."""
+    return Perturbation(adaptive=False, eta=0.0, normalize=True, eps=eps)
 
 
 def sum_over_segments(sam, per_segment: Callable) -> torch.Tensor:
@@ -108,8 +115,12 @@ def _partials_buffer(sam, key: tuple, items: list) -> tuple:
     span's slice of it. Kept from step to step while the spans' sizes stay (every norm's partials are read,
     in stream order, before the next norm writes them): a fresh buffer and its slices cost ~3 tensor
     operations a step, ~20-40 us each on a CPU with a cold cache."""
-    sizes = tuple(segment.backend.partials_len(span) for segment, span in items)
-    dtype = torch.float64 if any(segment.dtype == torch.float64 for segment, _ in items) else torch.float32
+    sizes, dtype = [], torch.float32
+    for segment, span in items:
+        sizes.append(segment.backend.partials_len(span))
+        if segment.dtype == torch.float64:
+            dtype = torch.float64
+    sizes = tuple(sizes)
     kept = sam.partials_buffers.get(key)
     if kept is None or kept[0] != (sizes, dtype):
         buf = torch.empty(sum(sizes), dtype=dtype, device=key[0])

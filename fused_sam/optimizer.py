@@ -19,7 +19,7 @@ from .distributed import is_dtensor, local_of, refuse_under_zero, shard_group
 from .flat import LOW_PRECISION, FlatSegment
 from .norms import nonfinite_flag, norm_partials, spans_with_gradients, squared_norm
 from .settings import MODES, SAM_KEYS, check_flag, check_params, check_sam_settings, current_scale, tensor_of
-from .step_state import PerDevice, SAMState
+from .step_state import PerDevice, SAMState, without_grad
 from .telemetry import Telemetry
 from .updates import fused_kind, remember, update_from_group
 from .variants import StepView, Variant, resolve as resolve_variant
@@ -277,7 +277,7 @@ class FusedSAM(torch.optim.Optimizer):
 
     # --- the SAM step ------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @without_grad
     def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None,
                    loss=None) -> None:
         """Save w exactly and move to w + e(w) using the gradients now in ``.grad``.
@@ -340,9 +340,10 @@ class FusedSAM(torch.optim.Optimizer):
         counter = sam.nonfinite if partials is not None else None  # incremented once per step
         scales = PerDevice(grad_scale)
         for segment, span in work:
-            owns_counter = counter is not None and span.device == counter.device
-            device_partials = None if partials is None else partials[span.device]
-            scalars = StepScalars(rho=rhos(segment.group_index, span.device), grad_scale=scales.on(span.device))
+            device = segment.device  # the span's, without making a torch.device per call
+            owns_counter = counter is not None and device == counter.device
+            device_partials = None if partials is None else partials[device]
+            scalars = StepScalars(rho=rhos(segment.group_index, device), grad_scale=scales.on(device))
             args = (span, perturbations[segment.group_index], device_partials, counter if owns_counter else None,
                     scalars)
             if along_g1 is None:
@@ -359,7 +360,7 @@ class FusedSAM(torch.optim.Optimizer):
         sam.perturbed_with_scale = grad_scale is not None
         sam.perturbed_unnormalized = any(not perturbations[segment.group_index].normalize for segment, _ in work)
 
-    @torch.no_grad()
+    @without_grad
     def second_step(self, zero_grad: bool = False, loss=None) -> None:
         """Restore w exactly, then take the base optimizer's step with the gradients taken at w + e.
 

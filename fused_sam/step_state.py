@@ -1,7 +1,8 @@
 """What FusedSAM changes after construction, kept in one object that is never rebound."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import functools
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -84,3 +85,17 @@ class PerDevice:
         if device not in self._copies:
             self._copies[device] = self.value.to(device, non_blocking=True)
         return self._copies[device]
+
+
+def without_grad(method: Callable) -> Callable:
+    """``@torch.no_grad()`` for the step methods, as torch's does it (grad mode off, the caller's restored),
+    at ~0.4 us a call instead of ~2 us (torch's decorator builds three context-manager objects per call)."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+    return wrapper

@@ -288,6 +288,52 @@ def test_storage_change_between_first_and_second_step_is_an_error(view_check):
         opt.second_step()
 
 
+
+@pytest.mark.parametrize("change", ["data", "grad", "no grad"])
+@pytest.mark.parametrize("where", [0, 37, 63])
+def test_view_check_sees_a_change_at_any_parameter(change, where, view_check):
+    """64 parameters (the compiled check reads each parameter's links some parameters ahead of the one it
+    checks): one parameter whose data or .grad is no longer its view, anywhere, makes the segment not intact."""
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(64)]
+    for p in params:
+        p.grad = torch.randn(3)
+    opt = FusedSAM(params, torch.optim.SGD, lr=0.1)
+    (segment,) = opt._sam.segments
+    assert segment.intact()
+    p = params[where]
+    if change == "data":
+        p.data = p.data.clone()
+    elif change == "grad":
+        p.grad = p.grad.clone()
+    else:
+        p.grad = None
+    assert not segment.intact()
+
+
+@pytest.mark.parametrize("caller_grad_mode", [True, False])
+def test_steps_run_without_grad_and_restore_the_callers_mode(caller_grad_mode, monkeypatch):
+    """first_step and second_step run the backend with grad mode off, and leave the caller's mode as it was,
+    also when they raise."""
+    model = mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    backend = opt._sam.segments[0].backend
+    seen = []
+    for name in ("perturb", "restore_and_update"):
+        def recorded(*args, _method=getattr(backend, name), **kwargs):
+            seen.append(torch.is_grad_enabled())
+            return _method(*args, **kwargs)
+        monkeypatch.setattr(backend, name, recorded)
+    loss_of(model, *next(batches(model, 1))).backward()
+    with torch.set_grad_enabled(caller_grad_mode):
+        opt.first_step()
+        assert torch.is_grad_enabled() is caller_grad_mode
+        with pytest.raises(RuntimeError, match="first_step\\(\\) called twice"):
+            opt.first_step()
+        assert torch.is_grad_enabled() is caller_grad_mode
+        opt.second_step()
+        assert torch.is_grad_enabled() is caller_grad_mode
+    assert seen == [False, False]
+
 # --- the non-finite guard --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
