@@ -546,23 +546,38 @@ void sq_norm_partials(const NormCall& c) {
 // lanes are the same on every instruction set, so the sums are bitwise the same on each and for any thread
 // count.
 
-// The lanes of one block's three sums (e^2, e * g2, g2^2): lane j is vector j / kLanes, lane j % kLanes.
-template <typename S>
-struct TelemetryLanes {
+// The lanes of one block's K sums: lane j of sum k is lanes[k][j / kLanes], lane j % kLanes.
+template <typename S, int K>
+struct SumLanes {
   using T = math_t<S>;
   using V = value_t<T>;
   static constexpr int64_t kLanes = Mem<S>::kLanes;
   static constexpr int kVecs = NORM_LANES / kLanes;
   static constexpr int kVals = Mem<S>::kVals;
-  V ee[kVecs], eg[kVecs], gg[kVecs];
+  V lanes[K][kVecs];
 
-  TelemetryLanes() {
-    for (int q = 0; q < kVecs; ++q) ee[q] = eg[q] = gg[q] = V(T(0));
+  SumLanes() {
+    for (int k = 0; k < K; ++k) {
+      for (int q = 0; q < kVecs; ++q) lanes[k][q] = V(T(0));
+    }
   }
+
+  void fold_into(double (&totals)[K]) const {
+    for (int k = 0; k < K; ++k) totals[k] += fold_lanes<T, kLanes>(lanes[k]);
+  }
+};
+
+// restore_update's three sums (e^2, e * g2, g2^2).
+template <typename S>
+struct TelemetryLanes : SumLanes<S, 3> {
+  using V = typename SumLanes<S, 3>::V;
+  static constexpr int kVals = SumLanes<S, 3>::kVals;
 
   // One loop step's terms, its first value in lane vector q (missing elements were loaded as zeros: their
   // terms are +0, which leaves a lane as it is).
-  ALWAYS_INLINE void add(int q, const V (&now)[kVals], const V (&point)[kVals], const V (&g)[kVals], T unscale) {
+  ALWAYS_INLINE void add(int q, const V (&now)[kVals], const V (&point)[kVals], const V (&g)[kVals],
+                         math_t<S> unscale) {
+    auto& [ee, eg, gg] = this->lanes;
     for (int j = 0; j < kVals; ++j) {
       const TelemetryTerms<V> t = telemetry_terms(now[j], point[j], g[j], unscale);
       ee[q + j] = ee[q + j] + t.ee;
@@ -570,34 +585,19 @@ struct TelemetryLanes {
       gg[q + j] = gg[q + j] + t.gg;
     }
   }
-
-  void fold_into(double (&totals)[3]) const {
-    totals[0] += fold_lanes<T, kLanes>(ee);
-    totals[1] += fold_lanes<T, kLanes>(eg);
-    totals[2] += fold_lanes<T, kLanes>(gg);
-  }
 };
 
-// The lanes of one block's sum of e * g in perturb (as TelemetryLanes).
+// perturb's sum of e * g.
 template <typename S>
-struct PerturbLanes {
-  using T = math_t<S>;
-  using V = value_t<T>;
-  static constexpr int64_t kLanes = Mem<S>::kLanes;
-  static constexpr int kVecs = NORM_LANES / kLanes;
-  static constexpr int kVals = Mem<S>::kVals;
-  V eg[kVecs];
-
-  PerturbLanes() {
-    for (int q = 0; q < kVecs; ++q) eg[q] = V(T(0));
-  }
+struct PerturbLanes : SumLanes<S, 1> {
+  using V = typename SumLanes<S, 1>::V;
+  static constexpr int kVals = SumLanes<S, 1>::kVals;
 
   // As TelemetryLanes::add: ``written`` the weights as stored, ``point`` the restore point, g as given.
   ALWAYS_INLINE void add(int q, const V (&written)[kVals], const V (&point)[kVals], const V (&g)[kVals]) {
+    auto& eg = this->lanes[0];
     for (int j = 0; j < kVals; ++j) eg[q + j] = eg[q + j] + perturbation_term(written[j], point[j], g[j]);
   }
-
-  void fold_into(double (&totals)[1]) const { totals[0] += fold_lanes<T, kLanes>(eg); }
 };
 
 // Runs step(std::bool_constant<FULL>, k, count, lanes, q) over the elements [0, len) of one chunk, one loop step

@@ -100,15 +100,18 @@ def assert_same_update(with_sums, without, what):
 def check_case(span, update, scalars, what, sums_dtype=torch.float64):
     sums, entry, with_sums, without = run_with_and_without_sums(span, update, scalars, sums_dtype)
     assert_same_update(with_sums, without, what)
-    exact, magnitude = sum_terms_exactly(entry, scalars.grad_scale)
-    rtol = SUMS_RTOL[math_dtype(span.weights.dtype)]
-    if sums_dtype == torch.float32:
-        rtol += 2.0**-24  # the row's rounding to float32
+    assert_rows_within_bound(sums, *sum_terms_exactly(entry, scalars.grad_scale), span.weights.dtype, what)
+    return sums, entry
+
+
+def assert_rows_within_bound(sums, exact, magnitude, dtype, what):
+    """Each row of ``sums`` within SUMS_RTOL of the math dtype of ``dtype`` weights of the terms' ``magnitude``
+    from the ``exact`` row (and a float32 row's own rounding)."""
+    rtol = SUMS_RTOL[math_dtype(dtype)] + (2.0**-24 if sums.dtype == torch.float32 else 0.0)
     error = (sums.double() - exact).abs()
     assert bool((error <= rtol * magnitude).all()), (
         f"sums off by up to {float((error / magnitude.clamp_min(1e-300)).max()):.3g} of the terms' magnitudes "
         f"(rtol {rtol:.3g}): {what}\n{sums}\n{exact}")
-    return sums, entry
 
 
 @pytest.mark.parametrize("dtype,master", dtype_configs(), ids=CONFIG_IDS)
@@ -172,8 +175,8 @@ def test_float32_sums_misaligned_and_two_threads(dtype):
     check_case(span, update, step_scalars(CPU, 1, 1024.0, 0.0), f"misaligned {dtype}", sums_dtype=torch.float32)
 
 
-def test_sums_are_the_same_bits_on_every_isa_and_thread_count():
-    """Each chunk is summed by one thread in the norm's fixed lanes, whatever the instruction set."""
+def assert_same_bits_on_every_isa_and_thread_count(runs):
+    """``runs``: {key: run() -> sums}; each gives the same bits under every instruction set and 1 or 2 threads."""
     before = native_module.cpu_capability()
     results = {}
     try:
@@ -181,16 +184,24 @@ def test_sums_are_the_same_bits_on_every_isa_and_thread_count():
             for n_threads in (1, 2):
                 native_module.set_cpu_capability(isa_name)
                 torch.set_num_threads(n_threads)
-                for dtype, master in dtype_configs():
-                    span = perturbed(make_span(4 * CHUNK + 333, dtype, CPU, UPDATES[7], seed=5, master=master), 6)
-                    sums, *_ = run_with_and_without_sums(span, UPDATES[7], step_scalars(CPU, 1, 1024.0, 0.0))
-                    results.setdefault((dtype, master), []).append(((isa_name, n_threads), sums))
+                for key, run in runs.items():
+                    results.setdefault(key, []).append(((isa_name, n_threads), run()))
     finally:
         native_module.set_cpu_capability(before)
-    for key, runs in results.items():
-        (first, expected), *others = runs
+    for key, sums_of in results.items():
+        (first, expected), *others = sums_of
         for which, sums in others:
             assert torch.equal(as_bits(sums), as_bits(expected)), f"{key}: {which} differs from {first}"
+
+
+def test_sums_are_the_same_bits_on_every_isa_and_thread_count():
+    """Each chunk is summed by one thread in the norm's fixed lanes, whatever the instruction set."""
+    def run_of(span):
+        return lambda: run_with_and_without_sums(span, UPDATES[7], step_scalars(CPU, 1, 1024.0, 0.0))[0]
+
+    assert_same_bits_on_every_isa_and_thread_count({
+        (dtype, master): run_of(perturbed(make_span(4 * CHUNK + 333, dtype, CPU, UPDATES[7], seed=5, master=master), 6))
+        for dtype, master in dtype_configs()})
 
 
 def test_empty_span_writes_a_row_of_zeros():
@@ -288,12 +299,7 @@ def check_perturb_case(span, perturbation, grad_scale, what, sums_dtype=torch.fl
                        ("master", with_sums.master, without.master), ("count", *counts)):
         if b is not None:
             assert torch.equal(as_bits(a), as_bits(b)), f"{name} differ with the sums: {what}"
-    exact, magnitude = perturb_terms_exactly(span, with_sums)
-    rtol = SUMS_RTOL[math_dtype(span.weights.dtype)] + (2.0**-24 if sums_dtype == torch.float32 else 0.0)
-    error = (sums.double() - exact).abs()
-    assert bool((error <= rtol * magnitude).all()), (
-        f"sums off by up to {float((error / magnitude.clamp_min(1e-300)).max()):.3g} of the terms' magnitudes "
-        f"(rtol {rtol:.3g}): {what}\n{sums}\n{exact}")
+    assert_rows_within_bound(sums, *perturb_terms_exactly(span, with_sums), span.weights.dtype, what)
     return sums, with_sums
 
 
@@ -361,28 +367,17 @@ def test_perturb_sums_past_the_streaming_size():
 
 
 def test_perturb_sums_are_the_same_bits_on_every_isa_and_thread_count():
-    before = native_module.cpu_capability()
-    cases = []  # the same inputs for every run (torch's reference norm may round differently on two threads)
+    def run_of(span, perturbation):
+        # the same partials for every run (torch's reference norm may round differently on two threads)
+        partials = norm_partials_for(span, perturbation) if perturbation.normalize else None
+        return lambda: perturb_with_and_without_sums(span, perturbation, partials, 1024.0)[0]
+
+    runs = {}
     for dtype, master in dtype_configs():
         span = make_span(4 * CHUNK + 333, dtype, CPU, seed=5, master=master)
         for k, perturbation in enumerate(PERTURBATIONS):
-            partials = norm_partials_for(span, perturbation) if perturbation.normalize else None
-            cases.append(((dtype, master, k), span, perturbation, partials))
-    results = {}
-    try:
-        for isa_name in native_module.cpu_capabilities():
-            for n_threads in (1, 2):
-                native_module.set_cpu_capability(isa_name)
-                torch.set_num_threads(n_threads)
-                for key, span, perturbation, partials in cases:
-                    sums, *_ = perturb_with_and_without_sums(span, perturbation, partials, 1024.0)
-                    results.setdefault(key, []).append(((isa_name, n_threads), sums))
-    finally:
-        native_module.set_cpu_capability(before)
-    for key, runs in results.items():
-        (first, expected), *others = runs
-        for which, sums in others:
-            assert torch.equal(as_bits(sums), as_bits(expected)), f"{key}: {which} differs from {first}"
+            runs[dtype, master, k] = run_of(span, perturbation)
+    assert_same_bits_on_every_isa_and_thread_count(runs)
 
 
 def test_perturb_of_an_empty_span_writes_a_zero():
