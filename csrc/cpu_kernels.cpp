@@ -234,14 +234,30 @@ struct Mem {
 #endif
   }
 
-  // v <- the values store writes for it (rounded to S when S is bfloat16/float16), in the math type.
-  ALWAYS_INLINE static void round(V (&v)[kVals]) {
+  // store_out, and v <- the values written (rounded to S when S is bfloat16/float16) in the math type: the
+  // rounding done once, its result kept in registers.
+  template <bool FULL>
+  ALWAYS_INLINE static void store_out_rounded(S* p, int64_t count, V (&v)[kVals], bool stream) {
     if constexpr (kReduced<S>) {
 #if FUSED_SAM_SIMD
-      std::tie(v[0], v[1]) = at::vec::convert_to_float<S>(round_to<S>(v[0], v[1]));
+      const Vectorized<S> r = round_to<S>(v[0], v[1]);
+      if constexpr (FULL) {
+        if (stream) {
+          stream_store(p, r);
+        } else {
+          r.store(p);
+        }
+      } else {
+        store_partial(p, r, count);
+      }
+      std::tie(v[0], v[1]) = at::vec::convert_to_float<S>(r);
 #else
-      v[0] = to_float<S>(from_float<S>(v[0]));
+      const uint16_t bits = from_float<S>(v[0]);
+      *reinterpret_cast<uint16_t*>(p) = bits;
+      v[0] = to_float<S>(bits);
 #endif
+    } else {
+      store_out<FULL>(p, count, v, stream);
     }
   }
 
@@ -683,9 +699,10 @@ SPAN_FN void perturb_master_span(S* out, const float* master, const S* g, int64_
 }
 
 // perturb_span (MASTER: perturb_master_span) over one chunk of len elements, with its telemetry sum of
-// e * g: e = the weights as written (rounded to S in registers, then stored) minus the restore point (the
-// master, or the weights on entry), g as given. Only for a finite total (the operator zeroes the sums
-// otherwise). The buffer the pass only writes is streamed when ``stream``, as for_each_range does.
+// e * g: e = the weights as written (rounded to S once, stored, kept in registers) minus the restore point
+// (the master, or the weights on entry), g as given. Only for a finite total (the operator zeroes the sums
+// otherwise). The buffer the pass only writes (the backup; with MASTER, the weights) is streamed when
+// ``stream``, as for_each_range does.
 template <bool ADAPTIVE, bool MASTER, typename S>
 SPAN_FN void perturb_chunk_with_sums(S* w, S* backup, const float* master, const S* g, int64_t len,
                                      math_t<S> scale, math_t<S> eta, bool stream, double (&totals)[1]) {
@@ -693,7 +710,7 @@ SPAN_FN void perturb_chunk_with_sums(S* w, S* backup, const float* master, const
   using V = typename M::V;
   telemetry_blocks<S, PerturbLanes<S>>(
       len,
-      [&](auto full, int64_t k, int64_t count, PerturbLanes<S>& lanes, int q) {
+      [=](auto full, int64_t k, int64_t count, PerturbLanes<S>& lanes, int q) {  // by value, as the span functions
         constexpr bool FULL = decltype(full)::value;
         V point[M::kVals], gr[M::kVals], wv[M::kVals];
         if constexpr (MASTER) {
@@ -704,13 +721,8 @@ SPAN_FN void perturb_chunk_with_sums(S* w, S* backup, const float* master, const
         }
         M::template load<FULL>(g + k, count, gr);
         for (int j = 0; j < M::kVals; ++j) wv[j] = perturb_value(point[j], gr[j], scale, ADAPTIVE, eta, true);
-        M::round(wv);
+        M::template store_out_rounded<FULL>(w + k, count, wv, MASTER && stream);  // only written: MASTER
         lanes.add(q, wv, point, gr);
-        if constexpr (MASTER) {
-          M::template store_out<FULL>(w + k, count, wv, stream);
-        } else {
-          M::template store<FULL>(w + k, count, wv);
-        }
       },
       totals);
 }
