@@ -15,8 +15,8 @@
 // Determinism: the squared norm is one partial per CPU_NORM_CHUNK elements, each chunk summed by one thread
 // in NORM_LANES lanes (vectors holding the same lanes on every ISA), folded in a fixed order and accumulated
 // in double, so partials are bitwise identical whatever the thread count and the instruction set; so are the
-// telemetry sums of restore_update, summed the same way. The build uses -ffp-contract=off: no multiply-add is
-// contracted into an FMA on one ISA and not another.
+// telemetry sums of perturb and restore_update, summed the same way. The build uses -ffp-contract=off: no
+// multiply-add is contracted into an FMA on one ISA and not another.
 #ifndef CPU_CAPABILITY
 #define CPU_CAPABILITY DEFAULT
 #endif
@@ -232,6 +232,33 @@ struct Mem {
       *p = v[0];
     }
 #endif
+  }
+
+  // store_out, and v <- the values written (rounded to S when S is bfloat16/float16) in the math type: the
+  // rounding done once, its result kept in registers.
+  template <bool FULL>
+  ALWAYS_INLINE static void store_out_rounded(S* p, int64_t count, V (&v)[kVals], bool stream) {
+    if constexpr (kReduced<S>) {
+#if FUSED_SAM_SIMD
+      const Vectorized<S> r = round_to<S>(v[0], v[1]);
+      if constexpr (FULL) {
+        if (stream) {
+          stream_store(p, r);
+        } else {
+          r.store(p);
+        }
+      } else {
+        store_partial(p, r, count);
+      }
+      std::tie(v[0], v[1]) = at::vec::convert_to_float<S>(r);
+#else
+      const uint16_t bits = from_float<S>(v[0]);
+      *reinterpret_cast<uint16_t*>(p) = bits;
+      v[0] = to_float<S>(bits);
+#endif
+    } else {
+      store_out<FULL>(p, count, v, stream);
+    }
   }
 
   // store, for a buffer the loop only writes: a whole step with non-temporal stores when ``stream`` (then p
@@ -528,6 +555,114 @@ void sq_norm_partials(const NormCall& c) {
   });
 }
 
+// --- telemetry sums (perturb and restore_update with sums) ------------------------------------------------
+// One row of sums per CPU_NORM_CHUNK elements, like the norm's partials, each chunk summed by one thread as
+// the norm sums a chunk: blocks of CPU_NORM_BLOCK elements in NORM_LANES lanes in the math type (lane j adds
+// the block's elements j, j + NORM_LANES, ... in order), folded in a fixed order and added in double. The
+// lanes are the same on every instruction set, so the sums are bitwise the same on each and for any thread
+// count.
+
+// The lanes of one block's K sums: lane j of sum k is lanes[k][j / kLanes], lane j % kLanes.
+template <typename S, int K>
+struct SumLanes {
+  using T = math_t<S>;
+  using V = value_t<T>;
+  static constexpr int64_t kLanes = Mem<S>::kLanes;
+  static constexpr int kVecs = NORM_LANES / kLanes;
+  static constexpr int kVals = Mem<S>::kVals;
+  V lanes[K][kVecs];
+
+  SumLanes() {
+    for (int k = 0; k < K; ++k) {
+      for (int q = 0; q < kVecs; ++q) lanes[k][q] = V(T(0));
+    }
+  }
+
+  void fold_into(double (&totals)[K]) const {
+    for (int k = 0; k < K; ++k) totals[k] += fold_lanes<T, kLanes>(lanes[k]);
+  }
+};
+
+// restore_update's three sums (e^2, e * g2, g2^2).
+template <typename S>
+struct TelemetryLanes : SumLanes<S, 3> {
+  using V = typename SumLanes<S, 3>::V;
+  static constexpr int kVals = SumLanes<S, 3>::kVals;
+
+  // One loop step's terms, its first value in lane vector q (missing elements were loaded as zeros: their
+  // terms are +0, which leaves a lane as it is).
+  ALWAYS_INLINE void add(int q, const V (&now)[kVals], const V (&point)[kVals], const V (&g)[kVals],
+                         math_t<S> unscale) {
+    auto& [ee, eg, gg] = this->lanes;
+    for (int j = 0; j < kVals; ++j) {
+      const TelemetryTerms<V> t = telemetry_terms(now[j], point[j], g[j], unscale);
+      ee[q + j] = ee[q + j] + t.ee;
+      eg[q + j] = eg[q + j] + t.eg;
+      gg[q + j] = gg[q + j] + t.gg;
+    }
+  }
+};
+
+// perturb's sum of e * g.
+template <typename S>
+struct PerturbLanes : SumLanes<S, 1> {
+  using V = typename SumLanes<S, 1>::V;
+  static constexpr int kVals = SumLanes<S, 1>::kVals;
+
+  // As TelemetryLanes::add: ``written`` the weights as stored, ``point`` the restore point, g as given.
+  ALWAYS_INLINE void add(int q, const V (&written)[kVals], const V (&point)[kVals], const V (&g)[kVals]) {
+    auto& eg = this->lanes[0];
+    for (int j = 0; j < kVals; ++j) eg[q + j] = eg[q + j] + perturbation_term(written[j], point[j], g[j]);
+  }
+};
+
+// Runs step(std::bool_constant<FULL>, k, count, lanes, q) over the elements [0, len) of one chunk, one loop step
+// (kStep elements, the last one maybe fewer) at a time, block by block: ``lanes`` the block's Lanes
+// (TelemetryLanes or PerturbLanes), ``q`` the lane vector element k falls in. totals <- the chunk's sums.
+template <typename S, typename Lanes, typename Step, size_t K>
+ALWAYS_INLINE inline void telemetry_blocks(int64_t len, const Step& step, double (&totals)[K]) {
+  constexpr int64_t kStep = Mem<S>::kStep;
+  constexpr int kVals = Mem<S>::kVals;
+  static_assert(NORM_LANES % kStep == 0 && CPU_NORM_BLOCK % NORM_LANES == 0, "whole loop steps per lane group");
+  for (double& t : totals) t = 0.0;
+  for (int64_t b = 0; b < len; b += CPU_NORM_BLOCK) {
+    Lanes lanes;
+    const int64_t stop = std::min(len, b + CPU_NORM_BLOCK);
+    int64_t k = b;
+    for (; k + NORM_LANES <= stop; k += NORM_LANES) {
+      for (int t = 0; t < NORM_LANES / kStep; ++t) step(std::true_type{}, k + t * kStep, kStep, lanes, t * kVals);
+    }
+    for (int t = 0; k < stop; k += kStep, ++t) {  // the block's last lane group, not whole
+      if (k + kStep <= stop) {
+        step(std::true_type{}, k, kStep, lanes, t * kVals);
+      } else {
+        step(std::false_type{}, k, stop - k, lanes, t * kVals);
+      }
+    }
+    lanes.fold_into(totals);
+  }
+}
+
+// Runs chunk(start, len, totals) over every chunk of a span of n elements (threads take whole chunks) and
+// writes each chunk's K sums as row k of ``sums`` (float64 when sums_double, else float32).
+template <size_t K, typename Chunk>
+void for_each_chunk_with_sums(int64_t n, void* sums, bool sums_double, const Chunk& chunk) {
+  at::parallel_for(0, cpu_partials_len(n), std::max<int64_t>(1, kGrain / CPU_NORM_CHUNK), [&](int64_t cb, int64_t ce) {
+    for (int64_t k = cb; k < ce; ++k) {
+      const int64_t start = k * CPU_NORM_CHUNK;
+      double totals[K];
+      chunk(start, std::min(n, start + CPU_NORM_CHUNK) - start, totals);
+      for (size_t i = 0; i < K; ++i) {
+        if (sums_double) {
+          static_cast<double*>(sums)[K * k + i] = totals[i];
+        } else {
+          static_cast<float*>(sums)[K * k + i] = static_cast<float>(totals[i]);
+        }
+      }
+    }
+  });
+}
+
 // --- perturb ---------------------------------------------------------------------------------------------
 // The span functions below take everything by value: their loops keep pointers, coefficients and flags in
 // registers (intrinsic stores may alias anything the loop would otherwise reach through memory).
@@ -563,16 +698,58 @@ SPAN_FN void perturb_master_span(S* out, const float* master, const S* g, int64_
   });
 }
 
-// Without a master: backup <- w, w <- w + e, the backup output only. With one (MASTER): w <- the rounding of
-// master + e, and the weights are output only.
+// perturb_span (MASTER: perturb_master_span) over one chunk of len elements, with its telemetry sum of
+// e * g: e = the weights as written (rounded to S once, stored, kept in registers) minus the restore point
+// (the master, or the weights on entry), g as given. Only for a finite total (the operator zeroes the sums
+// otherwise). The buffer the pass only writes (the backup; with MASTER, the weights) is streamed when
+// ``stream``, as for_each_range does.
 template <bool ADAPTIVE, bool MASTER, typename S>
+SPAN_FN void perturb_chunk_with_sums(S* w, S* backup, const float* master, const S* g, int64_t len,
+                                     math_t<S> scale, math_t<S> eta, bool stream, double (&totals)[1]) {
+  using M = Mem<S>;
+  using V = typename M::V;
+  telemetry_blocks<S, PerturbLanes<S>>(
+      len,
+      [=](auto full, int64_t k, int64_t count, PerturbLanes<S>& lanes, int q) {  // by value, as the span functions
+        constexpr bool FULL = decltype(full)::value;
+        V point[M::kVals], gr[M::kVals], wv[M::kVals];
+        if constexpr (MASTER) {
+          Mem<float>::load<FULL>(master + k, count, point);
+        } else {
+          M::template copy_step<FULL>(backup + k, w + k, count, stream);
+          M::template load<FULL>(w + k, count, point);
+        }
+        M::template load<FULL>(g + k, count, gr);
+        for (int j = 0; j < M::kVals; ++j) wv[j] = perturb_value(point[j], gr[j], scale, ADAPTIVE, eta, true);
+        M::template store_out_rounded<FULL>(w + k, count, wv, MASTER && stream);  // only written: MASTER
+        lanes.add(q, wv, point, gr);
+      },
+      totals);
+}
+
+// Without a master: backup <- w, w <- w + e, the backup output only. With one (MASTER): w <- the rounding of
+// master + e, and the weights are output only. SUMS: with the telemetry sums (a separate instance: the loops
+// without them are unchanged), chunk by chunk.
+template <bool ADAPTIVE, bool MASTER, bool SUMS, typename S>
 void perturb_loop(const PerturbCall& c) {
   using T = math_t<S>;
   const T scale = static_cast<T>(c.scale), eta = static_cast<T>(c.eta);
   const bool finite = c.finite;
   auto* w = static_cast<S*>(c.weights);
   const auto* g = static_cast<const S*>(c.grads);
-  if constexpr (MASTER) {
+  if constexpr (SUMS) {
+    auto* backup = static_cast<S*>(c.backup);
+    const S* written_only = MASTER ? w : backup;
+    const bool stream = use_streaming(c.n);
+    for_each_chunk_with_sums<1>(c.n, c.sums, c.sums_double, [&](int64_t i, int64_t len, double (&totals)[1]) {
+      // a chunk starting on a 32-byte boundary has every whole step on one, as streaming needs
+      const bool stream_chunk = stream && (reinterpret_cast<uintptr_t>(written_only + i) & 31) == 0;
+      perturb_chunk_with_sums<ADAPTIVE, MASTER, S>(w + i, MASTER ? nullptr : backup + i,
+                                                   MASTER ? c.master + i : nullptr, g + i, len, scale, eta,
+                                                   stream_chunk, totals);
+      if (stream_chunk) stream_fence();
+    });
+  } else if constexpr (MASTER) {
     for_each_range(w, c.n, [&](int64_t i, int64_t len, bool stream) {
       perturb_master_span<ADAPTIVE, S>(w + i, c.master + i, g + i, len, scale, eta, finite, stream);
     });
@@ -588,12 +765,12 @@ void perturb(const PerturbCall& c) {
   dispatch(c.dtype, [&](auto type) {
     using S = typename decltype(type)::type;
     with_flags(
-        [&](auto adaptive, auto master) {
+        [&](auto adaptive, auto master, auto sums) {
           if constexpr (!decltype(master)::value || kReduced<S>) {
-            perturb_loop<decltype(adaptive)::value, decltype(master)::value, S>(c);
+            perturb_loop<decltype(adaptive)::value, decltype(master)::value, decltype(sums)::value, S>(c);
           }
         },
-        c.adaptive, c.master != nullptr);
+        c.adaptive, c.master != nullptr, c.sums != nullptr);
   });
 }
 
@@ -667,76 +844,13 @@ SPAN_FN void update_span(S* out, point_t<S, MASTER>* point, const S* g, const ma
   });
 }
 
-// --- telemetry sums (restore_update with sums) ------------------------------------------------------------
-// One row of sums per CPU_NORM_CHUNK elements, like the norm's partials, each chunk summed by one thread as
-// the norm sums a chunk: blocks of CPU_NORM_BLOCK elements in NORM_LANES lanes in the math type (lane j adds
-// the block's elements j, j + NORM_LANES, ... in order), folded in a fixed order and added in double. The
-// lanes are the same on every instruction set, so the sums are bitwise the same on each and for any thread
-// count. The pass reads the weights before it writes them and stores them plainly (their lines are in the
-// cache already: streaming would save nothing).
-
-// The lanes of one block's three sums (e^2, e * g2, g2^2): lane j is vector j / kLanes, lane j % kLanes.
-template <typename S>
-struct TelemetryLanes {
-  using T = math_t<S>;
-  using V = value_t<T>;
-  static constexpr int64_t kLanes = Mem<S>::kLanes;
-  static constexpr int kVecs = NORM_LANES / kLanes;
-  static constexpr int kVals = Mem<S>::kVals;
-  V ee[kVecs], eg[kVecs], gg[kVecs];
-
-  TelemetryLanes() {
-    for (int q = 0; q < kVecs; ++q) ee[q] = eg[q] = gg[q] = V(T(0));
-  }
-
-  // One loop step's terms, its first value in lane vector q (missing elements were loaded as zeros: their
-  // terms are +0, which leaves a lane as it is).
-  ALWAYS_INLINE void add(int q, const V (&now)[kVals], const V (&point)[kVals], const V (&g)[kVals], T unscale) {
-    for (int j = 0; j < kVals; ++j) {
-      const TelemetryTerms<V> t = telemetry_terms(now[j], point[j], g[j], unscale);
-      ee[q + j] = ee[q + j] + t.ee;
-      eg[q + j] = eg[q + j] + t.eg;
-      gg[q + j] = gg[q + j] + t.gg;
-    }
-  }
-
-  void fold_into(double (&totals)[3]) const {
-    totals[0] += fold_lanes<T, kLanes>(ee);
-    totals[1] += fold_lanes<T, kLanes>(eg);
-    totals[2] += fold_lanes<T, kLanes>(gg);
-  }
-};
-
-// Runs step(std::bool_constant<FULL>, k, count, lanes, q) over the elements [0, len) of one chunk, one loop step
-// (kStep elements, the last one maybe fewer) at a time, block by block: ``lanes`` the block's TelemetryLanes,
-// ``q`` the lane vector element k falls in. totals <- the chunk's sums.
-template <typename S, typename Step>
-ALWAYS_INLINE inline void telemetry_blocks(int64_t len, const Step& step, double (&totals)[3]) {
-  constexpr int64_t kStep = Mem<S>::kStep;
-  constexpr int kVals = Mem<S>::kVals;
-  static_assert(NORM_LANES % kStep == 0 && CPU_NORM_BLOCK % NORM_LANES == 0, "whole loop steps per lane group");
-  for (double& t : totals) t = 0.0;
-  for (int64_t b = 0; b < len; b += CPU_NORM_BLOCK) {
-    TelemetryLanes<S> lanes;
-    const int64_t stop = std::min(len, b + CPU_NORM_BLOCK);
-    int64_t k = b;
-    for (; k + NORM_LANES <= stop; k += NORM_LANES) {
-      for (int t = 0; t < NORM_LANES / kStep; ++t) step(std::true_type{}, k + t * kStep, kStep, lanes, t * kVals);
-    }
-    for (int t = 0; k < stop; k += kStep, ++t) {  // the block's last lane group, not whole
-      if (k + kStep <= stop) {
-        step(std::true_type{}, k, kStep, lanes, t * kVals);
-      } else {
-        step(std::false_type{}, k, stop - k, lanes, t * kVals);
-      }
-    }
-    lanes.fold_into(totals);
-  }
-}
+// --- restore + a base update with telemetry sums --------------------------------------------------------
 
 // update_span over one chunk (len elements), with its telemetry sums: e = the weights on entry minus the
 // restore point, g2 = the unscaled gradient. The loop step is update_span's plus the sums (update_span keeps
-// its own copy: sharing one inline step function changed how GCC compiles the loop without the sums).
+// its own copy: sharing one inline step function changed how GCC compiles the loop without the sums). The
+// pass reads the weights before it writes them and stores them plainly (their lines are in the cache
+// already: streaming would save nothing).
 template <typename Kind, int NSTATE, bool MASTER, bool REUSE, typename S>
 SPAN_FN void update_chunk_with_sums(S* out, point_t<S, MASTER>* point, const S* g, const math_t<S>* gv,
                                     math_t<S>* const* state, int64_t len,
@@ -747,7 +861,7 @@ SPAN_FN void update_chunk_with_sums(S* out, point_t<S, MASTER>* point, const S* 
   using V = typename M::V;
   T* s[kMaxStateBuffers] = {};
   for (int k = 0; k < NSTATE; ++k) s[k] = state[k];
-  telemetry_blocks<S>(
+  telemetry_blocks<S, TelemetryLanes<S>>(
       len,
       [&](auto full, int64_t k, int64_t count, TelemetryLanes<S>& lanes, int q) {
         constexpr bool FULL = decltype(full)::value;
@@ -779,7 +893,7 @@ SPAN_FN void restore_chunk_with_sums(S* out, point_t<S, MASTER>* point, const S*
   using M = Mem<S>;
   using PMem = Mem<std::remove_const_t<point_t<S, MASTER>>>;
   using V = typename M::V;
-  telemetry_blocks<S>(
+  telemetry_blocks<S, TelemetryLanes<S>>(
       len,
       [&](auto full, int64_t k, int64_t count, TelemetryLanes<S>& lanes, int q) {
         constexpr bool FULL = decltype(full)::value;
@@ -797,26 +911,6 @@ SPAN_FN void restore_chunk_with_sums(S* out, point_t<S, MASTER>* point, const S*
       totals);
 }
 
-// Runs chunk(start, len, totals) over every chunk of the span (threads take whole chunks) and writes each
-// chunk's row of sums.
-template <typename Chunk>
-void for_each_chunk_with_sums(const UpdateCall& c, const Chunk& chunk) {
-  at::parallel_for(0, cpu_partials_len(c.n), std::max<int64_t>(1, kGrain / CPU_NORM_CHUNK), [&](int64_t cb, int64_t ce) {
-    for (int64_t k = cb; k < ce; ++k) {
-      const int64_t start = k * CPU_NORM_CHUNK;
-      double totals[3];
-      chunk(start, std::min(c.n, start + CPU_NORM_CHUNK) - start, totals);
-      for (int i = 0; i < 3; ++i) {
-        if (c.sums_double) {
-          static_cast<double*>(c.sums)[3 * k + i] = totals[i];
-        } else {
-          static_cast<float*>(c.sums)[3 * k + i] = static_cast<float>(totals[i]);
-        }
-      }
-    }
-  });
-}
-
 // --- restore + a base update: the loops -------------------------------------------------------------------
 
 // SUMS: with the telemetry sums (a separate instance: the loop without them is unchanged).
@@ -832,7 +926,7 @@ void update_loop(const UpdateCall& c) {
     for (int b = 0; b < NSTATE; ++b) state[b] = static_cast<T*>(c.state[b]) + i;
   };
   if constexpr (SUMS) {
-    for_each_chunk_with_sums(c, [&](int64_t i, int64_t len, double (&totals)[3]) {
+    for_each_chunk_with_sums<3>(c.n, c.sums, c.sums_double, [&](int64_t i, int64_t len, double (&totals)[3]) {
       T* state[kMaxStateBuffers] = {};
       state_at(i, state);
       update_chunk_with_sums<Kind, NSTATE, MASTER, REUSE, S>(w + i, point + i, g + i, REUSE ? gv + i : nullptr, state,
@@ -855,7 +949,7 @@ void restore_loop_with_sums(const UpdateCall& c) {
   point_t<S, MASTER>* point = restore_point<S, MASTER>(c);
   const auto* g = static_cast<const S*>(c.grads);
   auto* w = static_cast<S*>(c.weights);
-  for_each_chunk_with_sums(c, [&](int64_t i, int64_t len, double (&totals)[3]) {
+  for_each_chunk_with_sums<3>(c.n, c.sums, c.sums_double, [&](int64_t i, int64_t len, double (&totals)[3]) {
     restore_chunk_with_sums<MASTER, S>(w + i, point + i, g + i, len, unscale, totals);
   });
 }

@@ -28,6 +28,7 @@ struct NormCall {
 };
 
 // The perturbation's scale is computed by the operator (in the math type, then widened to double: exact).
+// With ``sums`` (only when ``finite``: the operator zeroes them otherwise) it also writes the telemetry sums.
 struct PerturbCall {
   at::ScalarType dtype;
   int64_t n;
@@ -39,6 +40,8 @@ struct PerturbCall {
   bool finite;
   bool adaptive;
   double eta;
+  void* sums;        // telemetry: cpu_partials_len(n) sums of e * g (e as written), or null
+  bool sums_double;  // float64 sums, else float32
 };
 
 // w <- the backup bit for bit, or the rounding of the master (exactly one of them given).

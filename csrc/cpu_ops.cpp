@@ -157,13 +157,14 @@ void perturb_cpu(const at::Tensor& weights, const at::Tensor& grads, const std::
                  const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
                  const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
                  bool adaptive, double eta, bool normalize, double eps, double rho_arg,
-                 const std::optional<at::Tensor>& rho_tensor) {
-  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor);
+                 const std::optional<at::Tensor>& rho_tensor, const std::optional<at::Tensor>& sums) {
+  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor, sums,
+                     cpu_partials_len(weights.numel()));
   const float* scale_of_grads = optional_float_ptr(grad_scale);
   const double rho = hyperparameter(optional_double_ptr(rho_tensor), rho_arg);
   PerturbCall call{weights.scalar_type(), weights.numel(), weights.mutable_data_ptr(), grads.const_data_ptr(),
                    backup.has_value() ? backup->mutable_data_ptr() : nullptr, optional_float_ptr(master),
-                   0.0, true, adaptive, eta};
+                   0.0, true, adaptive, eta, nullptr, false};
   // In the math type (float64 for float64 weights, else float32); widening it to double is exact.
   if (weights.scalar_type() == at::kDouble) {
     const auto r = perturbation_scale<double>(partials, rho, eps, normalize, scale_of_grads);
@@ -176,6 +177,14 @@ void perturb_cpu(const at::Tensor& weights, const at::Tensor& grads, const std::
   }
   if (partials.has_value() && !call.finite && nonfinite_count.has_value()) {
     nonfinite_count->mutable_data_ptr<int32_t>()[0] += 1;
+  }
+  if (sums.has_value()) {
+    if (call.finite) {
+      call.sums = sums->mutable_data_ptr();
+      call.sums_double = sums->scalar_type() == at::kDouble;
+    } else {  // no perturbation: the sums are 0 (not a master's rounding error, nor 0 * a non-finite g)
+      sums->zero_();
+    }
   }
   kernels().perturb(call);
 }

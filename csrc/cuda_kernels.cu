@@ -11,8 +11,8 @@
 //   (capturable=True), and LookSAM's reuse_scale are read through pointers inside the kernels: no host
 //   sync, and CUDA-graph capture records the tensors, not their values. A skipped update (found_inf)
 //   restores the weights in the same launch and leaves the optimizer state untouched.
-// - Telemetry sums (restore_update's sums): the SUMS instances of the update kernel, on a grid of at most
-//   cuda_partials_len(n) blocks, one row per block, deterministic like the norm.
+// - Telemetry sums (perturb's and restore_update's sums): the SUMS instances of the perturb and update
+//   kernels, on a grid of at most cuda_partials_len(n) blocks, one row per block, deterministic like the norm.
 // - Master weights: each kernel has a MASTER variant (bfloat16/float16 only) that reads w from the float32
 //   master (see point_t); the updates write it back, and the weights receive its rounding (round to
 //   nearest even, c10's conversions as torch's .to()).
@@ -234,16 +234,47 @@ void sq_norm_partials_cuda(const at::Tensor& grads, const at::Tensor& weights,
   });
 }
 
+// --- telemetry sums: where they go -------------------------------------------------------------------------
+// One row of sums per block of the pass's grid, which then has at most cuda_partials_len(n) blocks (rows past
+// the grid are written as zeros): each thread sums its elements' terms (fused_sam_math.h, in the math type)
+// in double, each block reduces them in a fixed order, as the norm does.
+
+// Where the sums go: ``rows`` rows (of three for restore_update, of one for perturb), float64 or float32.
+struct SumsOut {
+  void* data;
+  bool is_double;
+  int64_t rows;
+};
+
+// perturb's: the block's sum of e * g (``eg``, this thread's part), and block 0 zeroes the rows past the grid
+// (every thread of the block calls this).
+__device__ __forceinline__ void write_perturb_sum(double eg, const SumsOut& out) {
+  const double total = block_sum(eg);
+  auto store = [&](int64_t row, double v) {
+    if (out.is_double) {
+      static_cast<double*>(out.data)[row] = v;
+    } else {
+      static_cast<float*>(out.data)[row] = static_cast<float>(v);
+    }
+  };
+  if (threadIdx.x == 0) store(blockIdx.x, total);
+  if (blockIdx.x == 0) {
+    for (int64_t row = gridDim.x + threadIdx.x; row < out.rows; row += blockDim.x) store(row, 0.0);
+  }
+}
+
 // --- perturb ---------------------------------------------------------------------------------------------
 
 // Without a master: backup <- w, w <- w + e. With one (MASTER): w <- the rounding of master + e; no backup.
-template <typename scalar_t, bool ADAPTIVE, bool MASTER, int N, typename P>
+// SUMS: also the telemetry sums of e * g (perturbation_term: e the weights as written, rounded to scalar_t,
+// minus the restore point), zeros when the norm is not finite; the grid has at most sums.rows blocks.
+template <typename scalar_t, bool ADAPTIVE, bool MASTER, int N, typename P, bool SUMS>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ g, scalar_t* __restrict__ backup,
                    const float* __restrict__ master, int64_t n, const P* __restrict__ partials, int64_t npartials,
                    int* __restrict__ counter, const float* __restrict__ grad_scale,
                    const double* __restrict__ rho_on_device, double rho_arg, double eps, bool normalize,
-                   math_t<scalar_t> eta) {
+                   math_t<scalar_t> eta, const SumsOut sums) {
   using T = math_t<scalar_t>;
   const double rho = hyperparameter(rho_on_device, rho_arg);  // one load per thread, before the loop
   ScaleResult<T> r;
@@ -258,6 +289,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const T scale = r.scale;
   const bool finite = r.finite;
+  double eg = 0.0;  // SUMS: this thread's sum of e * g
   for_each_vec<N>(n, [&](auto width, int64_t i) {
     constexpr int M = decltype(width)::value;
     scalar_t gv[M], out[M];
@@ -275,30 +307,38 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < M; ++j) {
       out[j] = static_cast<scalar_t>(perturb_value<T>(wv[j], static_cast<T>(gv[j]), scale, ADAPTIVE, eta, finite));
+      if constexpr (SUMS) {
+        eg += static_cast<double>(perturbation_term(static_cast<T>(out[j]), wv[j], static_cast<T>(gv[j])));
+      }
     }
     store_vec<M>(w + i, out);
   });
+  if constexpr (SUMS) write_perturb_sum(finite ? eg : 0.0, sums);  // no perturbation: 0, not 0 * a non-finite g
 }
 
-template <bool MASTER, typename scalar_t, typename P>
+// SUMS: the grid has at most sums.rows blocks, one row each.
+template <bool MASTER, bool SUMS, typename scalar_t, typename P>
 void launch_perturb(scalar_t* w, const scalar_t* g, scalar_t* bk, const float* master, int64_t n, const P* partials,
                     int64_t np, int* counter, const float* grad_scale, const double* rho_on_device, double rho,
-                    bool adaptive, double eta, bool normalize, double eps, int device, cudaStream_t stream) {
+                    bool adaptive, double eta, bool normalize, double eps, const SumsOut& sums, int device,
+                    cudaStream_t stream) {
   using T = math_t<scalar_t>;
   constexpr int N = vec_elems<scalar_t>();
   const bool vec = vectors_aligned<N>(w, g, bk, master);
   const int64_t work = vec ? (n + N - 1) / N : n;
   const T e = static_cast<T>(eta);
   auto launch = [&](auto kernel) {
-    kernel<<<elementwise_blocks(kernel, work, device), kThreads, 0, stream>>>(
-        w, g, bk, master, n, partials, np, counter, grad_scale, rho_on_device, rho, eps, normalize, e);
+    unsigned int blocks = elementwise_blocks(kernel, work, device);
+    if (SUMS) blocks = static_cast<unsigned int>(std::min<int64_t>(blocks, sums.rows));
+    kernel<<<blocks, kThreads, 0, stream>>>(w, g, bk, master, n, partials, np, counter, grad_scale, rho_on_device,
+                                            rho, eps, normalize, e, sums);
   };
   if (adaptive) {
-    if (vec) launch(perturb_kernel<scalar_t, true, MASTER, N, P>);
-    else launch(perturb_kernel<scalar_t, true, MASTER, 1, P>);
+    if (vec) launch(perturb_kernel<scalar_t, true, MASTER, N, P, SUMS>);
+    else launch(perturb_kernel<scalar_t, true, MASTER, 1, P, SUMS>);
   } else {
-    if (vec) launch(perturb_kernel<scalar_t, false, MASTER, N, P>);
-    else launch(perturb_kernel<scalar_t, false, MASTER, 1, P>);
+    if (vec) launch(perturb_kernel<scalar_t, false, MASTER, N, P, SUMS>);
+    else launch(perturb_kernel<scalar_t, false, MASTER, 1, P, SUMS>);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -307,13 +347,19 @@ void perturb_cuda(const at::Tensor& weights, const at::Tensor& grads, const std:
                   const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
                   const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
                   bool adaptive, double eta, bool normalize, double eps, double rho,
-                  const std::optional<at::Tensor>& rho_tensor) {
-  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor);
+                  const std::optional<at::Tensor>& rho_tensor, const std::optional<at::Tensor>& sums) {
+  const int64_t n = weights.numel();
+  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor, sums,
+                     cuda_partials_len(n));
   const c10::cuda::CUDAGuard guard(weights.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t n = weights.numel();
   // An empty span still counts a non-finite norm, as the CPU op does: one block sums the partials.
-  if (n == 0 && !(partials.has_value() && nonfinite_count.has_value())) return;
+  if (n == 0 && !(partials.has_value() && nonfinite_count.has_value())) {
+    if (sums.has_value()) sums->zero_();
+    return;
+  }
+  const SumsOut sums_out{sums.has_value() ? sums->mutable_data_ptr() : nullptr,
+                         sums.has_value() && sums->scalar_type() == at::kDouble, cuda_partials_len(n)};
   int* counter = nonfinite_count.has_value() ? nonfinite_count->mutable_data_ptr<int32_t>() : nullptr;
   const float* scale_of_grads = optional_float_ptr(grad_scale);
   const double* rho_on_device = optional_double_ptr(rho_tensor);
@@ -325,15 +371,25 @@ void perturb_cuda(const at::Tensor& weights, const at::Tensor& grads, const std:
     auto* bk = backup.has_value() ? backup->mutable_data_ptr<scalar_t>() : nullptr;
     with_master<scalar_t>(master.has_value(), [&](auto has_master) {
       constexpr bool MASTER = decltype(has_master)::value;
-      if (!partials.has_value()) {
-        launch_perturb<MASTER>(w, g, bk, m, n, static_cast<const float*>(nullptr), 0, nullptr, scale_of_grads,
-                               rho_on_device, rho, adaptive, eta, normalize, eps, device, stream);
-      } else if (partials->scalar_type() == at::kDouble) {
-        launch_perturb<MASTER>(w, g, bk, m, n, partials->const_data_ptr<double>(), partials->numel(), counter,
-                               scale_of_grads, rho_on_device, rho, adaptive, eta, normalize, eps, device, stream);
+      auto run = [&](auto with_sums) {
+        constexpr bool SUMS = decltype(with_sums)::value;
+        if (!partials.has_value()) {
+          launch_perturb<MASTER, SUMS>(w, g, bk, m, n, static_cast<const float*>(nullptr), 0, nullptr, scale_of_grads,
+                                       rho_on_device, rho, adaptive, eta, normalize, eps, sums_out, device, stream);
+        } else if (partials->scalar_type() == at::kDouble) {
+          launch_perturb<MASTER, SUMS>(w, g, bk, m, n, partials->const_data_ptr<double>(), partials->numel(), counter,
+                                       scale_of_grads, rho_on_device, rho, adaptive, eta, normalize, eps, sums_out,
+                                       device, stream);
+        } else {
+          launch_perturb<MASTER, SUMS>(w, g, bk, m, n, partials->const_data_ptr<float>(), partials->numel(), counter,
+                                       scale_of_grads, rho_on_device, rho, adaptive, eta, normalize, eps, sums_out,
+                                       device, stream);
+        }
+      };
+      if (sums.has_value()) {
+        run(std::true_type{});
       } else {
-        launch_perturb<MASTER>(w, g, bk, m, n, partials->const_data_ptr<float>(), partials->numel(), counter,
-                               scale_of_grads, rho_on_device, rho, adaptive, eta, normalize, eps, device, stream);
+        run(std::false_type{});
       }
     });
   });
@@ -359,16 +415,7 @@ __device__ __forceinline__ void restore_from(scalar_t* __restrict__ w,
 }
 
 // --- telemetry sums (restore_update with sums) -------------------------------------------------------------
-// One row of (e^2, e * g2, g2^2) per block of the update's grid, which then has at most cuda_partials_len(n)
-// blocks (rows past the grid are written as zeros): each thread sums its elements' terms (fused_sam_math.h's
-// telemetry_terms, in the math type) in double, each block reduces them in a fixed order, as the norm does.
-
-// Where the sums go: ``rows`` rows of three, float64 or float32.
-struct SumsOut {
-  void* data;
-  bool is_double;
-  int64_t rows;
-};
+// One row of (e^2, e * g2, g2^2) per block of the update's grid, as perturb's (above).
 
 // One thread's sums.
 struct TelemetryAcc {

@@ -204,7 +204,7 @@ HOST_DEVICE ALWAYS_INLINE inline V update_gradient(V g, V g_v, T c, T unscale) {
   return (REUSE ? g + c * g_v : g) * unscale;
 }
 
-// --- telemetry (restore_update's sums) ------------------------------------------------------------------
+// --- telemetry (the sums of restore_update and perturb) ----------------------------------------------------
 // One element's terms of the telemetry sums e^2, e * g2, g2^2, as fused_sam/backends/reference.py's
 // telemetry_sums forms them: e = the weights as the model saw them (w + e, read before the update writes
 // them) minus the restore point, g2 = the gradient times GradScaler's unscale factor (1 without a scaler:
@@ -219,6 +219,14 @@ HOST_DEVICE ALWAYS_INLINE inline TelemetryTerms<V> telemetry_terms(V w_now, V po
   const V e = w_now - point;
   const V g2 = g * unscale;
   return {e * e, e * g2, g2 * g2};
+}
+
+// One element's term of perturb's telemetry sum e * g, as fused_sam/backends/reference.py's perturbation_sums
+// forms it: e = the weight as perturb writes it (rounded to the weights' dtype, back in the math type) minus
+// the restore point (the master, or the weight on entry), g the gradient as given (scaled under a GradScaler).
+template <typename V>
+HOST_DEVICE ALWAYS_INLINE inline V perturbation_term(V w_written, V point, V g) {
+  return (w_written - point) * g;
 }
 
 // ===================================== the fused base updates =========================================

@@ -156,12 +156,27 @@ inline void check_sq_norm_args(const at::Tensor& grads, const at::Tensor& weight
               " writes ", expected_len, " partials");
 }
 
+// Telemetry sums (perturb's, restore_update's): float32 or float64 (float64 for float64 weights), on the
+// weights' device.
+inline void check_sums_device_and_dtype(const at::Tensor& sums, const at::Tensor& weights, const char* op) {
+  TORCH_CHECK(sums.device() == weights.device(), "fused_sam::", op, ": sums is on ", sums.device(),
+              ", the weights on ", weights.device());
+  TORCH_CHECK(sums.scalar_type() == at::kFloat || sums.scalar_type() == at::kDouble, "fused_sam::", op,
+              ": sums must be float32 or float64, got ", sums.scalar_type());
+  TORCH_CHECK(weights.scalar_type() != at::kDouble || sums.scalar_type() == at::kDouble, "fused_sam::", op,
+              ": sums of float64 weights must be float64, got ", sums.scalar_type());
+}
+
+// perturb's arguments; ``sums`` (telemetry), if given, a contiguous 1-D float32 or float64 tensor (float64 for
+// float64 weights) on the weights' device of ``sums_len`` elements, the span's partials count (not checked
+// when negative: the Meta kernel does not know the device the span will run on).
 inline void check_perturb_args(const at::Tensor& weights, const at::Tensor& grads,
                                const std::optional<at::Tensor>& backup, const std::optional<at::Tensor>& master,
                                const std::optional<at::Tensor>& partials,
                                const std::optional<at::Tensor>& nonfinite_count,
                                const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& rho_tensor) {
+                               const std::optional<at::Tensor>& rho_tensor, const std::optional<at::Tensor>& sums,
+                               int64_t sums_len) {
   check_weights(weights, "perturb");
   check_optional_step_scalar(grad_scale, weights, "grad_scale", "perturb");
   check_optional_hyperparameter(rho_tensor, weights, "rho_tensor", "perturb");
@@ -178,6 +193,15 @@ inline void check_perturb_args(const at::Tensor& weights, const at::Tensor& grad
     TORCH_CHECK(c.device() == weights.device(), "fused_sam::perturb: nonfinite_count is on ", c.device(),
                 ", the weights on ", weights.device());
   }
+  if (sums.has_value()) {
+    const at::Tensor& t = *sums;
+    check_sums_device_and_dtype(t, weights, "perturb");
+    TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), "fused_sam::perturb: sums must be a contiguous 1-D tensor, got "
+                "shape ", t.sym_sizes(), " strides ", t.sym_strides());
+    TORCH_CHECK(sums_len < 0 || t.sym_numel() == sums_len, "fused_sam::perturb: sums has ", t.sym_numel(),
+                " elements; a span of ", weights.sym_numel(), " elements on ", weights.device(), " writes ",
+                sums_len);
+  }
 }
 
 inline void check_restore_args(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
@@ -186,16 +210,11 @@ inline void check_restore_args(const at::Tensor& weights, const std::optional<at
   check_restore_point(weights, backup, master, "restore");
 }
 
-// restore_update's telemetry sums: a contiguous (rows, 3) float32 or float64 tensor (float64 for float64
-// weights) on the weights' device, ``rows`` the span's partials count (not checked when negative: the Meta
-// kernel does not know the device the span will run on).
+// restore_update's telemetry sums: a contiguous (rows, 3) tensor as check_sums_device_and_dtype says, ``rows``
+// the span's partials count (not checked when negative: the Meta kernel does not know the device the span
+// will run on).
 inline void check_telemetry_sums(const at::Tensor& sums, const at::Tensor& weights, int64_t rows, const char* op) {
-  TORCH_CHECK(sums.device() == weights.device(), "fused_sam::", op, ": sums is on ", sums.device(),
-              ", the weights on ", weights.device());
-  TORCH_CHECK(sums.scalar_type() == at::kFloat || sums.scalar_type() == at::kDouble, "fused_sam::", op,
-              ": sums must be float32 or float64, got ", sums.scalar_type());
-  TORCH_CHECK(weights.scalar_type() != at::kDouble || sums.scalar_type() == at::kDouble, "fused_sam::", op,
-              ": sums of float64 weights must be float64, got ", sums.scalar_type());
+  check_sums_device_and_dtype(sums, weights, op);
   TORCH_CHECK(sums.dim() == 2 && sums.sym_size(1) == 3 && sums.is_contiguous(), "fused_sam::", op,
               ": sums must be a contiguous tensor of shape (rows, 3), got shape ", sums.sym_sizes(), " strides ",
               sums.sym_strides());

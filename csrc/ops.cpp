@@ -19,6 +19,8 @@
 // to the math dtype), formed in registers: grads is not written. Its optional ``sums`` (telemetry, last) receives
 // per partial row the sums of e^2, e * g2 and g2^2 (e the weights on entry minus the restore point, g2 the
 // unscaled gradient), whatever found_inf says; without it the kernels are the ones without telemetry.
+// perturb's optional ``sums`` (telemetry, last) receives per partial the sum of e * g (e the weights as it
+// writes them minus the restore point, g the gradient as given), zeros when the norm is not finite.
 // CPU implementations: cpu_ops.cpp (kernels: cpu_kernels.cpp, one build per instruction set); CUDA:
 // cuda_kernels.cu.
 #include <Python.h>
@@ -46,8 +48,9 @@ void sq_norm_partials_meta(const at::Tensor& grads, const at::Tensor& weights,
 void perturb_meta(const at::Tensor& weights, const at::Tensor& grads, const std::optional<at::Tensor>& backup,
                   const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& partials,
                   const std::optional<at::Tensor>& nonfinite_count, const std::optional<at::Tensor>& grad_scale,
-                  bool, double, bool, double, double, const std::optional<at::Tensor>& rho_tensor) {
-  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor);
+                  bool, double, bool, double, double, const std::optional<at::Tensor>& rho_tensor,
+                  const std::optional<at::Tensor>& sums) {
+  check_perturb_args(weights, grads, backup, master, partials, nonfinite_count, grad_scale, rho_tensor, sums, -1);
 }
 
 void restore_meta(const at::Tensor& weights, const std::optional<at::Tensor>& backup,
@@ -76,7 +79,7 @@ TORCH_LIBRARY(fused_sam, m) {
   m.def(
       "perturb(Tensor(a!) weights, Tensor grads, Tensor(b!)? backup, Tensor? master, Tensor? partials, "
       "Tensor(c!)? nonfinite_count, Tensor? grad_scale, bool adaptive, float eta, bool normalize, float eps, "
-      "float rho, Tensor? rho_tensor) -> ()");
+      "float rho, Tensor? rho_tensor, Tensor(d!)? sums=None) -> ()");
   m.def("restore(Tensor(a!) weights, Tensor? backup, Tensor? master) -> ()");
   m.def(
       "restore_update(Tensor(a!) weights, Tensor? backup, Tensor(b!)? master, Tensor grads, Tensor(c!)[] state, "

@@ -520,7 +520,7 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
             return [out]
         return run
 
-    def perturb(perturbation, extra, grad_scale):
+    def perturb(perturbation, extra, grad_scale, telemetry=False):
         def run(backend, device):
             span, count = span_for(device), torch.zeros(1, dtype=torch.int32, device=device)
             partials = None
@@ -528,6 +528,10 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
                 if perturbation not in norms:
                     norms[perturbation] = norm_partials_for(span_for("cpu"), perturbation)[:1]
                 partials = torch.cat([norms[perturbation], norms[perturbation].new_tensor([extra])]).to(device)
+            if telemetry:
+                sums = torch.full((backend.partials_len(span),), math.nan, dtype=torch.float64, device=device)
+                backend.perturb(span, perturbation, partials, count, perturb_scalars(device, grad_scale), sums)
+                return [span.weights, restore_point(span), count, sums]
             backend.perturb(span, perturbation, partials, count, perturb_scalars(device, grad_scale))
             return [span.weights, restore_point(span), count]
         return run
@@ -568,6 +572,9 @@ def _op_cases(numel: int, dtype: torch.dtype, master: bool, updates, perturbatio
                     perturbation, extra, grad_scale)
         else:
             yield f"perturb({perturbation})", perturb(perturbation, None, None)
+        if not elementwise_only:  # the sums' rows differ between devices
+            yield f"perturb({perturbation}, with telemetry sums)", perturb(
+                perturbation, 0.0 if perturbation.normalize else None, 1024.0, telemetry=True)
     yield "restore", restore
     for upd in updates:
         for step, grad_scale, found_inf in (SCALARS[0], SCALARS[2], SCALARS[5]):

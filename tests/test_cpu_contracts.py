@@ -6,8 +6,8 @@ tests, under every instruction set it has.
 
 The build is made here, once per session, into a temporary folder (FUSED_SAM_CHECK_CONTRACTS=1, CPU only:
 about a minute on 2 cores), and exercised in a fresh interpreter (a process holds one fused_sam._C): every
-operation of the native backend against the reference (restore_and_update with telemetry sums too), every
-dtype with and without master weights, awkward sizes, misaligned starts and two threads.
+operation of the native backend against the reference (perturb and restore_and_update with telemetry sums
+too), every dtype with and without master weights, awkward sizes, misaligned starts and two threads.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ _EXERCISE = textwrap.dedent("""
     from fused_sam.backends import native
     from fused_sam.selfcheck import SELF_CHECK_SIZES, check_all_ops, dtype_configs, misaligned_span, make_span
     from fused_sam.selfcheck import check_restore_and_update, check_sq_norm, PERTURBATIONS, UPDATES, step_scalars
-    from fused_sam.selfcheck import clone_span
+    from fused_sam.selfcheck import check_perturb_sums, clone_span, norm_partials_for
     from fused_sam.backends.reference import telemetry_sums
     assert native._C is checked
 
@@ -85,6 +85,8 @@ _EXERCISE = textwrap.dedent("""
             span = misaligned_span(make_span(4 * chunk + 77, dtype, "cpu", UPDATES[6], master=master), 3)
             for perturbation in PERTURBATIONS:
                 check_sq_norm(backend, span, perturbation)
+                partials = norm_partials_for(span, perturbation) if perturbation.normalize else None
+                check_perturb_sums(backend, span, perturbation, partials, 1024.0)
             check_restore_and_update(backend, span, UPDATES[6], step_scalars("cpu", 3))
             check_telemetry(backend, span, UPDATES[6], step_scalars("cpu", 3, 1024.0, 0.0))
         print("checked", isa)

@@ -223,5 +223,9 @@ def test_cuda_kernels_contract_no_multiply_add(tmp_path):
         for sums in (0, 1):  # without and with the telemetry sums: the last template flag, SUMS
             assert any("update_kernel" in name and f"{len(base)}{base}E" in name and f"Lb{sums}EEEv" in name
                        for name in entries), f"no {base} update with SUMS = {sums}"
+    for sums in (0, 1):  # perturb's too (SUMS its last template flag, after the partials' type)
+        for partials in "fd":
+            assert any("perturb_kernel" in name and f"E{partials}Lb{sums}EEEv" in name for name in entries), (
+                f"no perturb with {partials} partials and SUMS = {sums}")
     fmas = _fmas_by_function(ptx)
     assert all("pow" in name for name in fmas), f"multiply-adds contracted outside pow: {fmas}"

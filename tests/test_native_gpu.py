@@ -24,7 +24,7 @@ import torch
 
 from fused_sam.selfcheck import (
     PERTURBATIONS, RHO, TOLERANCE, UPDATES, check_all_ops, check_device_hyperparameters, check_master_roundings,
-    clone_span, device_hyperparameter, make_span, perturb_scalars, restore_point, step_scalars,
+    clone_span, device_hyperparameter, make_span, norm_partials_for, perturb_scalars, restore_point, step_scalars,
 )
 from models import batches, loss_of, mlp
 from test_native_backend import (
@@ -228,6 +228,37 @@ def _same_span_bits(gpu: Span, cpu: Span, what: str) -> None:
     for k in cpu.state:
         _same_bits(gpu.state[k], cpu.state[k], f"{what}: {k}")
 
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, False),
+                                          (torch.float16, False), (torch.bfloat16, True), (torch.float16, True)],
+                         ids=["float32", "float64", "bfloat16", "float16", "bfloat16-master", "float16-master"])
+def test_perturb_telemetry_sums(dtype, master):
+    """perturb's sums of e * g on CUDA (e as written): one element per block of a grid of at most partials_len
+    blocks (the rest zeros), every one written, their total the exact sum of the terms within the CPU's bound
+    (float32 sums too); the perturbation bit for bit the one without sums; zeros for a non-finite norm; the
+    vector loop and the tail, one block and the 1024 rows of a span of 2^24 + 3 elements."""
+    for numel in (1, 7, BLOCK + 1, 1_000_003, (1 << 24) + 3):
+        span = make_span(numel, dtype, CUDA, seed=numel, master=master)
+        perturbations = PERTURBATIONS if numel < 1 << 24 else PERTURBATIONS[:1]
+        for perturbation in perturbations:
+            for sums_dtype in {span.state_dtype, torch.float64}:
+                partials = norm_partials_for(span, perturbation) if perturbation.normalize else None
+                what = f"{perturbation} on {numel} {dtype}, master {master}, {sums_dtype} sums"
+                sums, with_sums, without, counts = telemetry.perturb_with_and_without_sums(
+                    span, perturbation, partials, 1024.0, sums_dtype)
+                for a, b in ((with_sums.weights, without.weights), (with_sums.backup, without.backup)):
+                    if b is not None:
+                        _same_bits(a, b, what)
+                assert sums.shape == (NATIVE.partials_len(span),) and bool(torch.isfinite(sums).all()), what
+                exact, magnitude = (t.sum() for t in telemetry.perturb_terms_exactly(span, with_sums))
+                rtol = telemetry.SUMS_RTOL[span.state_dtype] + (2.0**-24 if sums_dtype == torch.float32 else 0.0)
+                assert float((sums.double().sum() - exact).abs()) <= rtol * float(magnitude), (
+                    f"{what}: {sums.sum()} {exact}")
+        span.grads[numel // 2] = math.inf  # 0 * inf would be NaN
+        sums, *_ = telemetry.perturb_with_and_without_sums(
+            span, PERTURBATIONS[0], norm_partials_for(span, PERTURBATIONS[0], math.nan), None)
+        assert torch.equal(sums, torch.zeros_like(sums)), f"non-finite norm on {numel} {dtype}, master {master}"
 
 
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, False),

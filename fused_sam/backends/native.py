@@ -6,7 +6,8 @@ call, one pass over the span; the step values (``StepScalars``) go in as tensors
 themselves, and so do lr and rho when they live on the device (``capturable=True``: float64 tensors passed
 as the operators' last argument ``lr_tensor`` / ``rho_tensor``, which replaces the float before it) and
 LookSAM's reuse scale (``span.reused`` and ``scalars.reuse_scale`` go in as ``reused`` / ``reuse_scale``), and
-the telemetry sums buffer (``sums``, the last argument; None runs the kernels without telemetry).
+the telemetry sums buffers of perturb and restore_update (``sums``, the last argument; None runs the kernels
+without telemetry).
 Every fused base update is one operator, ``restore_update``, told the base by its description
 (fused_sam/updates.py): its code, its state buffers, its float settings and its flags.
 Spans with master weights pass their float32 ``master`` in place of the backup (every operator takes both,
@@ -209,12 +210,13 @@ class NativeBackend(Backend):
         partials: Optional[torch.Tensor],
         nonfinite_count: Optional[torch.Tensor],
         scalars: StepScalars,
+        sums: Optional[torch.Tensor] = None,
     ) -> None:
         rho, rho_tensor = _float_or_tensor(required(scalars, "rho"))
         _perturb(
             span.weights, span.grads, span.backup, span.master, partials,
             nonfinite_count if partials is not None else None, scalars.grad_scale,
-            perturbation.adaptive, perturbation.eta, perturbation.normalize, perturbation.eps, rho, rho_tensor,
+            perturbation.adaptive, perturbation.eta, perturbation.normalize, perturbation.eps, rho, rho_tensor, sums,
         )
 
     def restore(self, span: Span) -> None:
