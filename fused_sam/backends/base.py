@@ -206,8 +206,9 @@ class Backend(ABC):
         device, float32 or float64 (float64 whenever the span is), every element of which the call writes:
         partial sums of e * g over the span, e the perturbation as applied ((the weights written, in the math
         dtype) - (the restore point: ``master``, or the weights on entry)), g ``span.grads`` in the math dtype
-        as given (scaled, under a GradScaler: the caller unscales). Without ``sums`` the backend runs exactly
-        the code it runs without telemetry; with it, no more bytes move.
+        as given (scaled, under a GradScaler: the caller unscales). With a non-finite total (e = 0) they may
+        hold anything: the optimizer records nothing for that step. Without ``sums`` the backend runs
+        exactly the code it runs without telemetry; with it, no more bytes move.
         """
 
     @abstractmethod
