@@ -12,15 +12,15 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import capture, checkpoint
-from .backends import KernelLaunches, Perturbation, StepScalars, check_backend_name, resolve_backend
-from .backends.base import Hyperparameter, grad_unscale, math_dtype
+from .backends import KernelLaunches, Perturbation, StepScalars, resolve_backend
+from .backends.base import Hyperparameter, grad_unscale
 from .backends.reference import telemetry_sums
 from .distributed import is_dtensor, local_of, refuse_under_zero, shard_group
 from .flat import LOW_PRECISION, FlatSegment
 from .norms import nonfinite_flag, norm_partials, spans_with_gradients, squared_norm
-from .settings import MODES, SAM_KEYS, check_flag, check_params, check_sam_settings, current_scale, tensor_of
+from .settings import SAM_KEYS, check_options, check_params, check_sam_settings, current_scale, tensor_of
 from .step_state import PerDevice, SAMState, without_grad
-from .telemetry import Telemetry
+from .telemetry import Telemetry, reference_sums, telemetry_out
 from .updates import fused_kind, remember, update_from_group
 from .variants import StepView, Variant, resolve as resolve_variant
 
@@ -86,8 +86,8 @@ class FusedSAM(torch.optim.Optimizer):
         **base_kwargs,
     ):
         self.variant = resolve_variant(variant)
-        self._check_options(base_optimizer, rho, eta, perturb_eps, mode, master_weights, capturable,
-                            skip_nonfinite, telemetry, backend)
+        check_options(self.variant, base_optimizer, rho, eta, perturb_eps, mode, master_weights, capturable,
+                      skip_nonfinite, telemetry, backend)
         refuse_under_zero(FusedSAM)
         groups = check_params(params)
         if master_weights and not any(tensor_of(p).dtype in LOW_PRECISION for g in groups for p in g["params"]):
@@ -115,27 +115,6 @@ class FusedSAM(torch.optim.Optimizer):
                              f"{base_optimizer.__name__}, whose own step() reads found_inf on the host")
         self._build_segments(range(len(self.param_groups)))
         self.variant.check(self.param_groups, self._momentum_states())
-
-    def _check_options(self, base_optimizer, rho, eta, perturb_eps, mode, master_weights, capturable,
-                       skip_nonfinite, telemetry, backend) -> None:
-        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
-            hint = " (pass the class, not an instance)" if isinstance(base_optimizer, torch.optim.Optimizer) else ""
-            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass{hint}, got {base_optimizer!r}")
-        check_backend_name(backend)
-        check_sam_settings({"rho": rho, "eta": eta}, "constructor")
-        if isinstance(perturb_eps, bool) or not isinstance(perturb_eps, (int, float)) or not perturb_eps > 0:
-            raise ValueError(f"perturb_eps must be a positive number, got {perturb_eps!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        for value, name in ((master_weights, "master_weights"), (capturable, "capturable"),
-                            (skip_nonfinite, "skip_nonfinite"), (telemetry, "telemetry")):
-            check_flag(value, name)
-        if capturable and mode != "paired":
-            raise ValueError("capturable=True needs mode='paired': in alternate mode each step() call is one half "
-                             "of a SAM step, chosen on the host, and a captured graph would replay one half forever")
-        if type(self.variant) is not Variant and (mode != "paired" or capturable):
-            raise ValueError(f"variant={self.variant!r} needs mode='paired' and capturable=False: it decides on the "
-                             "host, per step, whether the second pass runs")
 
     # --- layout -----------------------------------------------------------------------------------
 
@@ -349,7 +328,7 @@ class FusedSAM(torch.optim.Optimizer):
             if along_g1 is None:
                 segment.backend.perturb(*args)
             else:
-                segment.backend.perturb(*args, self._sums_out(along_g1, segment, span, columns=None))
+                segment.backend.perturb(*args, telemetry_out(along_g1, segment, span, columns=None))
             if owns_counter:
                 counter = None
         if along_g1 is not None:
@@ -417,7 +396,7 @@ class FusedSAM(torch.optim.Optimizer):
             self._fused_update(active, scales, PerDevice(found_inf), PerDevice(reuse_scale, torch.float64), sums)
         else:
             if sums is not None:
-                self._reference_sums(active, scales, sums)
+                reference_sums(sam, active, scales, sums)
             self._restore_all()
             self._unfused_base_step(scales, found_inf)
         sam.perturbed = None
@@ -457,54 +436,22 @@ class FusedSAM(torch.optim.Optimizer):
                     if sums is None:
                         segment.backend.restore_and_update(span, update, scalars)
                     else:
-                        out = self._sums_out(sums, segment, span)
+                        out = telemetry_out(sums, segment, span)
                         segment.backend.restore_and_update(span, update, scalars, out)
                 elif was_perturbed:
                     if sums is not None:  # e counts in |e|^2, with no second gradient
-                        telemetry_sums(span, None, self._sums_out(sums, segment, span, 1), has_grads=False)
+                        telemetry_sums(span, None, telemetry_out(sums, segment, span, 1), has_grads=False)
                     segment.backend.restore(span)
             taken = None if device_inf is None else (device_inf.reshape(()) == 0).to(torch.float32)
             segment.advance_steps(has_grad, taken)
             segment.publish_weights()
 
-    @staticmethod
-    def _sums_out(sums: Dict[tuple, list], segment: FlatSegment, span, rows: Optional[int] = None,
-                  columns: Optional[int] = 3) -> torch.Tensor:
-        """A fresh telemetry sums tensor for ``span`` ((rows, columns), or (rows,) for ``columns=None``),
-        listed under its (device, shard group)."""
-        rows = segment.backend.partials_len(span) if rows is None else rows
-        shape = (rows,) if columns is None else (rows, columns)
-        out = torch.empty(shape, dtype=math_dtype(span.weights.dtype), device=span.device)
-        sums.setdefault((span.device, segment.shard_group), []).append(out)
-        return out
-
-    def _reference_sums(self, active, scales: PerDevice, sums: Dict[tuple, list]) -> None:
-        """Telemetry's sums before a base optimizer that is not fused restores and steps itself."""
-        for segment, perturbed, has_grad in zip(self._sam.segments, self._sam.perturbed, active):
-            for _, _, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
-                if not (was_perturbed or updated):
-                    continue
-                if not was_perturbed and span.master is None:
-                    span = dataclasses.replace(span, backup=span.weights)
-                telemetry_sums(span, scales.on(segment.device) if updated else None,
-                               self._sums_out(sums, segment, span, 1), has_grads=updated)
-
     def telemetry(self, sync: bool = True) -> Optional[dict]:
-        """What the last recorded SAM step measured (``FusedSAM(..., telemetry=True)``), None before one.
-
-        Keys: ``step`` (the optimizer step it was measured at, 0-based, counting plain and skipped steps),
-        ``grad_norm`` |g1| (ASAM: |T g1|, the norm SAM used), ``sam_grad_norm`` |g2|, ``perturbation_norm``
-        |e| as applied to the weights, ``directional_derivative`` e.g1, ``curvature`` (e.g2 - e.g1) / |e|^2
-        (the Hessian's Rayleigh quotient along e, to first order in |e|), ``cosine`` e.g2 / (|e| |g2|) (for
-        SAM and USAM the cosine of g1 and g2), ``loss_gap`` L(w + e) - L(w) (None unless both losses were
-        given: ``step(closure)`` gives them, or ``first_step(loss=...)`` and ``second_step(loss=...)``).
-        Gradients are unscaled (GradScaler); a skipped step (found_inf, a non-finite first gradient) and a
-        variant's plain step record nothing, so the last record stays.
-
-        ``sync=True`` reads the record to the host: one synchronisation, Python floats. ``sync=False``
-        returns 0-d float64 device tensors (a copy of the record, no sync; ``step`` is NaN while nothing
-        was recorded, ``loss_gap`` NaN when not measured).
-        """
+        """What the last recorded SAM step measured (``FusedSAM(..., telemetry=True)``), None before one:
+        ``step`` (when, 0-based) and ``fused_sam.telemetry.FIELDS`` (README, "Telemetry"). A skipped step
+        and a variant's plain step record nothing. ``sync=True``: Python floats, one host synchronisation;
+        ``sync=False``: 0-d float64 device tensors, no sync (``step`` NaN before a record, ``loss_gap`` NaN
+        when its losses were not given)."""
         telemetry = self._sam.telemetry
         if telemetry is None:
             raise RuntimeError("telemetry() needs FusedSAM(..., telemetry=True)")

@@ -6,8 +6,10 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .backends import check_backend_name
 from .distributed import is_dtensor, local_of, shard_group
 from .flat import is_dense
+from .variants import Variant
 
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")  # SAM's settings, per param group
 MODES = ("paired", "alternate")
@@ -57,6 +59,29 @@ def check_params(params, seen: Optional[Dict[int, str]] = None, first_index: int
     if not any(entries for entries in (g["params"] for g in groups)):
         raise ValueError("FusedSAM got an empty parameter list")
     return groups
+
+
+def check_options(variant, base_optimizer, rho, eta, perturb_eps, mode, master_weights, capturable,
+                  skip_nonfinite, telemetry, backend) -> None:
+    """FusedSAM's constructor arguments, each refused with what to do instead."""
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        hint = " (pass the class, not an instance)" if isinstance(base_optimizer, torch.optim.Optimizer) else ""
+        raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass{hint}, got {base_optimizer!r}")
+    check_backend_name(backend)
+    check_sam_settings({"rho": rho, "eta": eta}, "constructor")
+    if isinstance(perturb_eps, bool) or not isinstance(perturb_eps, (int, float)) or not perturb_eps > 0:
+        raise ValueError(f"perturb_eps must be a positive number, got {perturb_eps!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for value, name in ((master_weights, "master_weights"), (capturable, "capturable"),
+                        (skip_nonfinite, "skip_nonfinite"), (telemetry, "telemetry")):
+        check_flag(value, name)
+    if capturable and mode != "paired":
+        raise ValueError("capturable=True needs mode='paired': in alternate mode each step() call is one half "
+                         "of a SAM step, chosen on the host, and a captured graph would replay one half forever")
+    if type(variant) is not Variant and (mode != "paired" or capturable):
+        raise ValueError(f"variant={variant!r} needs mode='paired' and capturable=False: it decides on the "
+                         "host, per step, whether the second pass runs")
 
 
 def _check_tensor(p, where: str, seen: Dict[int, str]) -> None:

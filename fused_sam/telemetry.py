@@ -15,11 +15,14 @@ over their ranks in one all-reduce of four float64 values per shard group.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, Optional
 
 import torch
 
+from .backends.base import math_dtype
+from .backends.reference import telemetry_sums
 from .norms import global_sum
 
 FIELDS = ("grad_norm", "sam_grad_norm", "perturbation_norm", "directional_derivative", "curvature", "cosine",
@@ -127,6 +130,30 @@ class Telemetry:
         if not values[_LOSS_KNOWN]:
             out["loss_gap"] = None
         return out
+
+
+def telemetry_out(sums: Dict[tuple, list], segment, span, rows: Optional[int] = None,
+                  columns: Optional[int] = 3) -> torch.Tensor:
+    """A fresh sums tensor for ``span`` ((rows, columns), or (rows,) for ``columns=None``; rows: the backend's
+    ``partials_len``), listed in ``sums`` under the span's (device, shard group)."""
+    rows = segment.backend.partials_len(span) if rows is None else rows
+    shape = (rows,) if columns is None else (rows, columns)
+    out = torch.empty(shape, dtype=math_dtype(span.weights.dtype), device=span.device)
+    sums.setdefault((span.device, segment.shard_group), []).append(out)
+    return out
+
+
+def reference_sums(sam, active: list, scales, sums: Dict[tuple, list]) -> None:
+    """The restore pass's sums taken by the reference, before a base optimizer that is not fused restores and
+    steps itself (``active``: per segment, which parameters have a gradient now)."""
+    for segment, perturbed, has_grad in zip(sam.segments, sam.perturbed, active):
+        for _, _, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
+            if not (was_perturbed or updated):
+                continue
+            if not was_perturbed and span.master is None:  # w itself is the restore point
+                span = dataclasses.replace(span, backup=span.weights)
+            telemetry_sums(span, scales.on(segment.device) if updated else None,
+                           telemetry_out(sums, segment, span, 1), has_grads=updated)
 
 
 # Evaluate the record's formula on the host where the sums live on a CPU (no sync to avoid there); False
