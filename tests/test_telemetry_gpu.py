@@ -33,6 +33,15 @@ def test_sums_match_the_reference_on_the_gpu(dtype, master, numel):
                 check_telemetry_sums(backend, span, update, step_scalars(CUDA, 3, grad_scale))
 
 
+def sam_step(model, opt, x, y) -> None:
+    loss = loss_of(model, x, y)
+    loss.backward()
+    opt.first_step(zero_grad=True, loss=loss)
+    perturbed = loss_of(model, x, y)
+    perturbed.backward()
+    opt.second_step(zero_grad=True, loss=perturbed)
+
+
 def _train(backend, telemetry, capturable=False, steps=5):
     model = mlp().cuda()
     lr = torch.tensor(1e-2, dtype=torch.float64, device=CUDA) if capturable else 1e-2
@@ -41,13 +50,7 @@ def _train(backend, telemetry, capturable=False, steps=5):
                    capturable=capturable)
     records = []
     for x, y in batches(model, steps):
-        x, y = x.cuda(), y.cuda()
-        loss = loss_of(model, x, y)
-        loss.backward()
-        opt.first_step(zero_grad=True, loss=loss)
-        perturbed = loss_of(model, x, y)
-        perturbed.backward()
-        opt.second_step(zero_grad=True, loss=perturbed)
+        sam_step(model, opt, x.cuda(), y.cuda())
         records.append(opt.telemetry() if telemetry else None)
     return model, records
 
@@ -73,25 +76,17 @@ def test_a_captured_step_records_on_replay():
     data = [(x.cuda(), y.cuda()) for x, y in batches(model, 5)]
     static_x, static_y = (t.clone() for t in data[0])
 
-    def step():
-        loss = loss_of(model, static_x, static_y)
-        loss.backward()
-        opt.first_step(zero_grad=True, loss=loss)
-        perturbed = loss_of(model, static_x, static_y)
-        perturbed.backward()
-        opt.second_step(zero_grad=True, loss=perturbed)
-
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # the first two steps eager, on a side stream as CUDA graphs require
         for x, y in data[:2]:
             static_x.copy_(x), static_y.copy_(y)
-            step()
+            sam_step(model, opt, static_x, static_y)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     static_x.copy_(data[2][0]), static_y.copy_(data[2][1])
     with torch.cuda.graph(graph):
-        step()
+        sam_step(model, opt, static_x, static_y)
     graph.replay()  # step 2 (the capture itself ran nothing)
     records = [opt.telemetry()]
     for x, y in data[3:]:
