@@ -323,12 +323,12 @@ def test_refusals():
         opt.first_step(loss=torch.ones(2))
 
 
-def _fsdp_records(rank: int, world_size: int) -> list:
+def _fsdp_records(rank: int, world_size: int, mesh_shape: tuple = ()) -> list:
     from test_distributed_fsdp import _sharded
 
     from distributed_harness import rank_part
 
-    model = _sharded(torch.float64)
+    model = _sharded(torch.float64, mesh_shape)
     return _awkward_records(model, FusedSAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.05,
                                             telemetry=True), rank, world_size, rank_part)
 
@@ -347,13 +347,15 @@ def _awkward_records(model, opt, rank, world_size, part) -> list:
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with the gloo backend")
-def test_fsdp2_measures_the_whole_model(tmp_path):
-    """Sharded over 2 gloo ranks, every rank records what SAM on the unsharded model measures."""
+@pytest.mark.parametrize("world_size,mesh_shape", [(2, ()), (4, (2, 2))], ids=["fsdp2", "hsdp-2x2"])
+def test_fsdp2_measures_the_whole_model(tmp_path, world_size, mesh_shape):
+    """Sharded over gloo ranks (HSDP: replicated over the first mesh dimension, its sums taken over the
+    second only), every rank records what SAM on the unsharded model measures."""
     from test_distributed_fsdp import Awkward
 
     from distributed_harness import run_on_ranks
 
-    results = run_on_ranks(_fsdp_records, (2,), tmp_path)
+    results = run_on_ranks(_fsdp_records, (world_size, mesh_shape), tmp_path, world_size)
     model = Awkward(torch.float64)
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.05, telemetry=True)
     expected = _awkward_records(model, opt, 0, 1, lambda x, y, rank, world_size: (x, y))
