@@ -5,8 +5,8 @@
 #      native CPU, bit for bit), before anything else trusts them,
 #   3. run the GPU tests (triton and native backends, CUDA-graph capture, >2^31-element span if it fits,
 #      FSDP2 fully_shard on one GPU with NCCL, whole SAM steps captured in CUDA graphs),
-#   4. time every method with `fused-sam bench` (end-to-end rows eager and graphed) and each triton
-#      operation with bench/gpu_triton.py,
+#   4. time every method with `fused-sam bench` (end-to-end rows eager and graphed), each triton
+#      operation with bench/gpu_triton.py, and telemetry on against off (bench/telemetry_cost.py),
 #   5. print a short summary table last.
 # Logs and JSON go to $OUT (default /tmp/fused_sam_gpu). Usage: bash bench/gpu_check.sh
 set -uo pipefail
@@ -50,8 +50,13 @@ start=$SECONDS
 timeout 150 $PY bench/gpu_triton.py >"$OUT/triton_ops.txt" 2>&1
 status "bench/gpu_triton.py" "exit $? ($((SECONDS - start)) s)"
 
+start=$SECONDS
+timeout 90 $PY bench/telemetry_cost.py --device cuda --backend auto --rounds 3 >"$OUT/telemetry_cost.txt" 2>&1
+status "bench/telemetry_cost.py (cuda)" "exit $? ($((SECONDS - start)) s)"
+
 echo
 echo "===== fused-sam check ====="; cat "$OUT/check.txt"
 echo "===== fused-sam bench ====="; cat "$OUT/bench.txt"
 echo "===== triton operations ====="; tail -25 "$OUT/triton_ops.txt"
+echo "===== telemetry on/off ====="; cat "$OUT/telemetry_cost.txt"
 echo "===== summary ====="; cat "$OUT/summary.txt"

@@ -2,6 +2,7 @@
 second_step, no forward or backward) with telemetry off and on, side by side in interleaved rounds.
 
     python bench/telemetry_cost.py [--backend native] [--threads N] [--rounds 5] [--iters 10]
+    python bench/telemetry_cost.py --device cuda --backend auto     # on a GPU (bench/gpu_check.sh)
 
 Sets: ResNet-50 parameter shapes (161 tensors, 25.6 M float32 parameters) and 1000 tensors of 1,000
 elements; bases SGD with momentum and AdamW. Telemetry adds one read of the perturbed weights to the
@@ -28,23 +29,36 @@ BASES = {"sgd-momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_dec
 BYTES_PER_PARAM = {"sgd-momentum": (44, 48), "adamw": (52, 56)}
 
 
+def on_device(p: torch.nn.Parameter, device: torch.device) -> torch.nn.Parameter:
+    if device.type == "cpu":
+        return p
+    moved = torch.nn.Parameter(p.detach().to(device))
+    moved.grad = p.grad.to(device)
+    return moved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="native")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"backend {args.backend}, {args.threads} threads, {args.rounds} interleaved rounds of {args.iters} steps")
+    device = torch.device(args.device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"backend {args.backend} on {device}, {args.threads} threads, {args.rounds} interleaved rounds of "
+          f"{args.iters} steps")
     print(f"{'set':10} {'base':13} {'off ms':>8} {'on ms':>8} {'on/off':>7}  bytes/param off -> on")
     for set_name, shapes in SETS.items():
         for base_name, (cls, kwargs) in BASES.items():
             steps = {}
             for telemetry in (False, True):
-                opt = FusedSAM(make_params(shapes()), cls, rho=0.05, backend=args.backend, telemetry=telemetry,
-                               **kwargs)
-                steps[telemetry] = sam_step(opt)
+                params = [on_device(p, device) for p in make_params(shapes())]
+                opt = FusedSAM(params, cls, rho=0.05, backend=args.backend, telemetry=telemetry, **kwargs)
+                step = sam_step(opt)
+                steps[telemetry] = lambda step=step: (step(), synchronize())
             times = {False: [], True: []}
             for _ in range(args.rounds):
                 for telemetry, step in steps.items():
