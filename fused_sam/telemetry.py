@@ -9,9 +9,11 @@ The pieces come from the passes a step makes anyway:
   large gradients) carries no rounding mismatch;
 - |e|^2, e.g2 and |g2|^2 from the restore-and-update pass (``Backend.restore_and_update(..., sums)``), with
   e read as the weights hold it (16-bit weights minus the float32 master with master weights).
-Everything stays on the device: a record is a float64 vector written in place each SAM step (kept as it
-was when the step is skipped), read by the host only in ``read``. The sums of sharded parameters are summed
-over their ranks in one all-reduce of four float64 values per shard group.
+The record is a float64 vector on the first segment's device, written in place each SAM step (kept as it was
+when the step is skipped). Off a CPU everything stays on the device (no sync; a CUDA graph replays it) and
+the host reads it only in ``read``; on a CPU, where reading costs no sync, the few summed values are read
+and the record's formula evaluated on the host (a handful of operations instead of ~25). The sums of
+sharded parameters are summed over their ranks in one all-reduce of four float64 values per shard group.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class Telemetry:
         self._began = True
 
     def abandon(self) -> None:
-        """The SAM step under way ends without a record (restored for an error, or a plain step)."""
+        """Forget what an earlier first_step gathered (its step ended in an error before second_step)."""
         self._began = False
         self._loss = None
 
