@@ -140,7 +140,7 @@ def test_curvature_is_recorded_every_sam_step_and_is_the_secant_autograd_compute
     eigenvalue of the same batch Hessian (a Rayleigh quotient; 2% for the power iteration's shortfall).
     kappa itself is a secant over |e| = rho = 0.3 and has no such bound (see the small-rho test)."""
     pytest.importorskip("sklearn")
-    argv = ["--quick", "--curvature", "--backend", "torch", "--out", str(tmp_path), "--no-progress"]
+    argv = ["--quick", "--curvature", "--out", str(tmp_path), "--no-progress"]
     assert main(argv) == 0
     result = json.loads((tmp_path / "study.json").read_text())
     assert "curvature along e" in (tmp_path / "study.md").read_text()
@@ -178,7 +178,7 @@ def test_at_a_small_rho_the_curvature_is_the_hessian_rayleigh_quotient_below_its
     at rho = 1e-3 it is within 3% of it and at most the same batch Hessian's top eigenvalue."""
     if task == "digits":
         pytest.importorskip("sklearn")
-    cfg = dataclasses.replace(StudyConfig.quick(), rho=1e-3, curvature=True, backend="torch")
+    cfg = dataclasses.replace(StudyConfig.quick(), rho=1e-3, curvature=True)
     run = Run(TASKS[task](0), "sam", 0, cfg)
     for _ in range(cfg.epochs):
         run.epoch()
