@@ -44,10 +44,10 @@ class _SgdSignFlipped(ReferenceBackend):
 
     name = "sgd-maximize-ignored"
 
-    def restore_and_update(self, span, update, scalars):
+    def restore_and_update(self, span, update, scalars, sums=None):
         if getattr(update, "maximize", False):
             update = type(update)(**dict(vars(update), maximize=False))
-        super().restore_and_update(span, update, scalars)
+        super().restore_and_update(span, update, scalars, sums)
 
 
 def test_a_wrong_backend_fails_the_command_with_what_to_do(small_sizes, monkeypatch, capsys):
