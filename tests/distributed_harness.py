@@ -32,6 +32,9 @@ def _rank_main(rank: int, world_size: int, backend: str, port: int, out_dir: Pat
                             world_size=world_size, timeout=timedelta(seconds=60))
     try:
         torch.save(job(rank, *job_args), out_dir / f"rank{rank}.pt")
+        # Rank 0 hosts the store every rank's group creation rendezvous through: none may exit (taking the
+        # store with it) while another still sets up a group of its own, e.g. a mesh's size-1 dimension.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     os._exit(0)  # skips the interpreter's teardown of torch (seconds on two cores); nothing is left to clean up
