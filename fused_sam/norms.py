@@ -6,13 +6,12 @@ scalar per group, in one order on every rank, so every rank perturbs with the sa
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .backends.base import Perturbation
+from .backends.base import perturbation_of
 from .distributed import sum_over_ranks
 
 
@@ -61,7 +60,8 @@ def nonfinite_flag(sam, work: list, group_count: int, norm: Optional[torch.Tenso
     if not (work or sam.shard_groups):
         return None
     if norm is None:
-        partials = next(iter(norm_partials(sam, work, [_plain_norm(sam.perturb_eps)] * group_count).values()))
+        plain = perturbation_of(adaptive=False, eta=0.0, normalize=True, eps=sam.perturb_eps)
+        partials = next(iter(norm_partials(sam, work, [plain] * group_count).values()))
     else:
         partials = norm.reshape(1)
     if partials.device.type == "cpu":  # summed on the host in double (no sync on a CPU): no tensor op if finite
@@ -70,12 +70,6 @@ def nonfinite_flag(sam, work: list, group_count: int, norm: Optional[torch.Tenso
         return torch.ones(1, dtype=torch.float32)
     total = partials.sum(dtype=torch.float64) if norm is None else norm
     return (~torch.isfinite(total)).to(torch.float32).reshape(1)
-
-
-@functools.lru_cache(maxsize=8)
-def _plain_norm(eps: float) -> Perturbation:
-    """The perturbation whose squared-norm partials are ||g||^2 (a frozen dataclass: made once, not per step)."""
-    return Perturbation(adaptive=False, eta=0.0, normalize=True, eps=eps)
 
 
 def sum_over_segments(sam, per_segment: Callable) -> torch.Tensor:

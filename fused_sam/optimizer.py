@@ -13,19 +13,15 @@ import torch
 
 from . import capture, checkpoint
 from .backends import KernelLaunches, Perturbation, StepScalars, resolve_backend
-from .backends.base import Hyperparameter, grad_unscale
-from .backends.reference import telemetry_sums
+from .backends.base import Hyperparameter, grad_unscale, perturbation_of
 from .distributed import is_dtensor, local_of, refuse_under_zero, shard_group
 from .flat import LOW_PRECISION, FlatSegment
 from .norms import nonfinite_flag, norm_partials, spans_with_gradients, squared_norm
 from .settings import SAM_KEYS, check_options, check_params, check_sam_settings, current_scale, tensor_of
 from .step_state import PerDevice, SAMState, without_grad
-from .telemetry import Telemetry, reference_sums, telemetry_out
-from .updates import fused_kind, remember, update_from_group
+from .telemetry import Telemetry, reference_sums, telemetry_out, unfused_sums
+from .updates import fused_kind, update_from_group
 from .variants import StepView, Variant, resolve as resolve_variant
-
-_PERTURBATIONS: Dict[tuple, Perturbation] = {}  # by their settings: a step reads every group's
-
 
 class FusedSAM(torch.optim.Optimizer):
     """SAM (Foret et al., 2021), ASAM and un-normalized SAM, fused over flat parameter buffers.
@@ -218,11 +214,8 @@ class FusedSAM(torch.optim.Optimizer):
             check_sam_settings(g, f"param group {gi}")
             if isinstance(g["rho"], torch.Tensor) and not self.capturable:
                 raise ValueError(f"rho of param group {gi} is a tensor: that needs FusedSAM(..., capturable=True)")
-            key = (bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]), self._sam.perturb_eps)
-            perturbation = _PERTURBATIONS.get(key)
-            if perturbation is None:  # a frozen dataclass costs ~1 us to build: once per distinct setting
-                perturbation = remember(_PERTURBATIONS, key, Perturbation(*key))
-            out.append(perturbation)
+            out.append(perturbation_of(bool(g["adaptive"]), float(g["eta"]), bool(g["normalize"]),
+                                       self._sam.perturb_eps))
         return out
 
     def _step_hyperparameters(self, name: str) -> Callable[[int, torch.device], Hyperparameter]:
@@ -333,7 +326,7 @@ class FusedSAM(torch.optim.Optimizer):
                 counter = None
         if along_g1 is not None:
             telemetry.start(sam.segments[0].device, sam.completed_steps)
-            telemetry.began(grad_sq, {key: torch.cat(outs) for key, outs in along_g1.items()}, grad_scale, loss)
+            telemetry.began(grad_sq, along_g1, grad_scale, loss)
         for segment in sam.segments:
             segment.publish_weights()
         sam.perturbed_with_scale = grad_scale is not None
@@ -382,7 +375,7 @@ class FusedSAM(torch.optim.Optimizer):
             return
         sums: Dict[tuple, list] = {}
         self._update(active, grad_scale, found_inf, sums=sums)
-        telemetry.finished(sam, {key: torch.cat(outs) for key, outs in sums.items()}, grad_scale, found_inf, loss)
+        telemetry.finished(sam, sums, grad_scale, found_inf, loss)
 
     def _update(self, active, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                 reuse_scale: Optional[torch.Tensor] = None, sums: Optional[Dict[tuple, list]] = None) -> None:
@@ -396,7 +389,7 @@ class FusedSAM(torch.optim.Optimizer):
             self._fused_update(active, scales, PerDevice(found_inf), PerDevice(reuse_scale, torch.float64), sums)
         else:
             if sums is not None:
-                reference_sums(sam, active, scales, sums)
+                unfused_sums(sam, active, scales, sums)
             self._restore_all()
             self._unfused_base_step(scales, found_inf)
         sam.perturbed = None
@@ -440,7 +433,7 @@ class FusedSAM(torch.optim.Optimizer):
                         segment.backend.restore_and_update(span, update, scalars, out)
                 elif was_perturbed:
                     if sums is not None:  # e counts in |e|^2, with no second gradient
-                        telemetry_sums(span, None, telemetry_out(sums, segment, span, 1), has_grads=False)
+                        reference_sums(sums, segment, span, None, has_grads=False)
                     segment.backend.restore(span)
             taken = None if device_inf is None else (device_inf.reshape(()) == 0).to(torch.float32)
             segment.advance_steps(has_grad, taken)

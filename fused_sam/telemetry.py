@@ -44,7 +44,7 @@ class Telemetry:
         self._began = False  # between first_step and second_step: did first_step measure?
         self._grad_sq: Optional[torch.Tensor] = None
         self._first_scale: Optional[torch.Tensor] = None  # the GradScaler scale first_step knew
-        self._along_g1: Dict[tuple, torch.Tensor] = {}  # per (device, shard group): e.g1 partials, g as given
+        self._along_g1: Dict[tuple, list] = {}  # per (device, shard group): e.g1 partials, g as given
         self._loss: Optional[torch.Tensor] = None
 
     def start(self, home: torch.device, completed_steps: int) -> None:
@@ -58,10 +58,10 @@ class Telemetry:
         if self.clock is not None:
             self.clock += 1
 
-    def began(self, grad_sq: torch.Tensor, along_g1: Dict[tuple, torch.Tensor], grad_scale: Optional[torch.Tensor],
+    def began(self, grad_sq: torch.Tensor, along_g1: Dict[tuple, list], grad_scale: Optional[torch.Tensor],
               loss) -> None:
         """first_step, after the perturb pass: |g1|^2 (unscaled when ``grad_scale`` is known, the global
-        float64 total) and, per (device, shard group), the perturb pass's e.g1 partials."""
+        float64 total) and, per (device, shard group), the perturb pass's e.g1 partials (one tensor a span)."""
         self._grad_sq, self._along_g1, self._first_scale = grad_sq, along_g1, grad_scale
         self._loss = _as_loss(loss, grad_sq.device)
         self._began = True
@@ -75,17 +75,13 @@ class Telemetry:
     def measuring(self) -> bool:
         return self._began
 
-    def finished(self, sam, sums: Dict[tuple, torch.Tensor], grad_scale: Optional[torch.Tensor],
+    def finished(self, sam, sums: Dict[tuple, list], grad_scale: Optional[torch.Tensor],
                  found_inf: Optional[torch.Tensor], loss) -> None:
-        """second_step, after the update: ``sums`` maps (device, shard group) to its (rows, 3) sums. Write
-        the record unless the update was skipped or the first gradient was not finite."""
+        """second_step, after the update: ``sums`` maps (device, shard group) to its spans' (rows, 3) sums.
+        Write the record unless the update was skipped or the first gradient was not finite."""
         self._began = False
-        parts = {}
-        for key in set(sums) | set(self._along_g1):
-            zeros = torch.zeros(4, dtype=torch.float64, device=key[0])
-            parts[key] = torch.cat([sums[key].sum(0, dtype=torch.float64) if key in sums else zeros[:3],
-                                    self._along_g1[key].sum(0, dtype=torch.float64).reshape(1)
-                                    if key in self._along_g1 else zeros[:1]]).reshape(1, 4)
+        parts = {key: torch.cat([_total(sums.get(key), 3, key[0]), _total(self._along_g1.get(key), 1, key[0])])
+                 .reshape(1, 4) for key in set(sums) | set(self._along_g1)}
         if len(parts) == 1 and not sam.shard_groups:  # one device, nothing sharded: nothing to sum
             totals = next(iter(parts.values())).reshape(4)
         else:
@@ -145,17 +141,30 @@ def telemetry_out(sums: Dict[tuple, list], segment, span, rows: Optional[int] = 
     return out
 
 
-def reference_sums(sam, active: list, scales, sums: Dict[tuple, list]) -> None:
-    """The restore pass's sums taken by the reference, before a base optimizer that is not fused restores and
-    steps itself (``active``: per segment, which parameters have a gradient now)."""
+def reference_sums(sums: Dict[tuple, list], segment, span, grad_scale: Optional[torch.Tensor],
+                   has_grads: bool = True) -> None:
+    """The restore pass's sums of ``span``, taken by the reference: where no backend pass takes them (a
+    perturbed span restored without a second gradient: ``has_grads`` False)."""
+    telemetry_sums(span, grad_scale if has_grads else None, telemetry_out(sums, segment, span, 1), has_grads)
+
+
+def unfused_sums(sam, active: list, scales, sums: Dict[tuple, list]) -> None:
+    """The restore pass's sums before a base optimizer that is not fused restores and steps itself
+    (``active``: per segment, which parameters have a gradient now)."""
     for segment, perturbed, has_grad in zip(sam.segments, sam.perturbed, active):
         for _, _, (was_perturbed, updated), span in segment.spans(perturbed, has_grad):
             if not (was_perturbed or updated):
                 continue
             if not was_perturbed and span.master is None:  # w itself is the restore point
                 span = dataclasses.replace(span, backup=span.weights)
-            telemetry_sums(span, scales.on(segment.device) if updated else None,
-                           telemetry_out(sums, segment, span, 1), has_grads=updated)
+            reference_sums(sums, segment, span, scales.on(segment.device), has_grads=updated)
+
+
+def _total(partials: Optional[list], width: int, device: torch.device) -> torch.Tensor:
+    """The float64 sum over the rows of a (device, shard group)'s partials (one tensor a span), or zeros."""
+    if not partials:
+        return torch.zeros(width, dtype=torch.float64, device=device)
+    return torch.cat(partials).sum(0, dtype=torch.float64).reshape(width)
 
 
 # Evaluate the record's formula on the host where the sums live on a CPU (no sync to avoid there); False
